@@ -1,0 +1,190 @@
+"""Save and load checkpoints so that none is ever half-written as "latest".
+
+Layout of a run's ``checkpoints/`` directory::
+
+    step_000100/             one complete checkpoint
+        (dist_checkpointing files: model + optimizer, sharded, reshardable)
+        phoenix_state.pt     trainer state: step, consumed samples, scheduler, data
+        rng/rank_00003.pt    per-rank RNG states (restored when the layout matches)
+        config.yaml          the resolved config that wrote it
+    latest                   text file: the name of the newest complete checkpoint
+
+A save writes everything into ``.tmp-step_000100`` first; only after every rank has
+finished does rank 0 rename it to ``step_000100`` (atomic on a POSIX filesystem) and
+then replace ``latest`` (write-then-rename). A kill at any moment therefore leaves
+either the previous checkpoint as latest or the new one fully written. Resume takes the
+newest ``step_*`` directory that holds ``phoenix_state.pt`` (written last, inside the
+temporary directory). Multi-node runs need a filesystem shared by all nodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "phoenix_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d{6,})$")
+# The distributed optimizer's canonical (per-parameter) layout: loadable at any TP/PP/DP.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete or incompatible; the message names it."""
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / STATE_FILE).is_file() and (path / "metadata.json").is_file()
+
+
+def find_latest(root: str | os.PathLike) -> Path | None:
+    """Newest complete ``step_*`` checkpoint under ``root`` (None if there is none)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    steps = []
+    for child in root.iterdir():
+        m = _STEP_DIR.match(child.name)
+        if m and child.is_dir() and _is_complete(child):
+            steps.append((int(m.group(1)), child))
+    return max(steps)[1] if steps else None
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint directory, or a run/checkpoints directory whose latest is taken."""
+    path = Path(path)
+    if _is_complete(path):
+        return path
+    for root in (path, path / "checkpoints"):
+        latest = find_latest(root)
+        if latest is not None:
+            return latest
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    raise CheckpointError(f"no complete checkpoint in {path} (a complete one holds {STATE_FILE} "
+                          f"and metadata.json)")
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def _model_sharded_state_dict(model_chunks) -> dict:
+    if len(model_chunks) != 1:
+        raise NotImplementedError("virtual pipeline chunks are not supported yet")
+    return _unwrap(model_chunks[0]).sharded_state_dict()
+
+
+def _rng_state() -> dict:
+    from megatron.core import tensor_parallel
+
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+class CheckpointManager:
+    """Saves/loads this run's checkpoints under ``root``; every rank calls every method."""
+
+    def __init__(self, root: str | os.PathLike, rank: int, world_size: int, keep_last: int = 0):
+        self.root = Path(root)
+        self.rank, self.world_size = rank, world_size
+        self.keep_last = keep_last
+
+    # -- save ----------------------------------------------------------------------
+    def save(self, step: int, model_chunks, optimizer, trainer_state: dict, config_yaml: str) -> Path:
+        from megatron.core import dist_checkpointing
+
+        name = f"step_{step:06d}"
+        final, tmp = self.root / name, self.root / f".tmp-{name}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a crash during an earlier save of this step
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        dist.barrier()
+
+        model_sd = _model_sharded_state_dict(model_chunks)
+        sharded = {"model": model_sd}
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False,
+                                                             metadata=_OPTIM_METADATA)
+        dist_checkpointing.save(sharded, str(tmp))
+        (tmp / "rng").mkdir(exist_ok=True)  # after the save: megatron wants an empty dir
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
+        dist.barrier()
+        if self.rank == 0:
+            (tmp / "config.yaml").write_text(config_yaml)
+            state = dict(trainer_state, world_size=self.world_size)
+            torch.save(state, tmp / STATE_FILE)  # written last: marks the directory complete
+            if final.exists():  # an older save of the same step (e.g. after a rollback)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            latest_tmp = self.root / ".latest.tmp"
+            latest_tmp.write_text(name + "\n")
+            os.replace(latest_tmp, self.root / "latest")
+            self._prune()
+        dist.barrier()
+        return final
+
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        steps = sorted(p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and _is_complete(p))
+        for old in steps[: -self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # -- load ----------------------------------------------------------------------
+    def latest(self) -> Path | None:
+        return find_latest(self.root)
+
+    def load(self, path: Path, model_chunks, optimizer, load_rng: bool = True) -> dict:
+        """Load model + optimizer (resharding as needed) and return the trainer state."""
+        from megatron.core import dist_checkpointing
+
+        if not _is_complete(path):
+            raise CheckpointError(f"checkpoint {path} is incomplete")
+        state = torch.load(path / STATE_FILE, weights_only=False)
+        model_sd = _model_sharded_state_dict(model_chunks)
+        sharded = {"model": model_sd}
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                             metadata=_OPTIM_METADATA)
+        loaded = dist_checkpointing.load(sharded, str(path))
+        _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(loaded["optimizer"])
+        rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
+        if load_rng and state.get("world_size") == self.world_size and rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        elif load_rng and self.rank == 0:
+            log.info("checkpoint: saved on %s ranks, loading on %s: RNG states are reseeded, "
+                     "not restored", state.get("world_size"), self.world_size)
+        return state
+
+    def load_weights(self, path: Path, model_chunks) -> dict:
+        """Model weights only (continual pretraining / comparisons from a fixed start)."""
+        from megatron.core import dist_checkpointing
+
+        model_sd = _model_sharded_state_dict(model_chunks)
+        loaded = dist_checkpointing.load({"model": model_sd}, str(path))
+        _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+        return torch.load(path / STATE_FILE, weights_only=False)

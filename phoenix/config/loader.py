@@ -1,0 +1,86 @@
+"""Load a run config from YAML plus dotted ``key=value`` overrides.
+
+Order of precedence (later wins): model preset file < recipe YAML < command-line
+overrides. Values of overrides are parsed as YAML scalars, so ``train.steps=100`` is an
+int and ``checkpoint.init_from=null`` is None. Relative paths are kept as written and
+resolved against the working directory of the run, as in Megatron-LM.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Iterable
+
+import yaml
+
+from phoenix.config.schema import RunConfig
+from phoenix.config.typed import ConfigError, apply_override, from_dict, to_dict
+
+# configs/ sits next to the phoenix package in a source checkout.
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+def _read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def resolve_model_preset(preset: str) -> Path:
+    """A preset is a path to a YAML file or the name of one in configs/model/."""
+    candidate = Path(preset)
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    named = CONFIGS_DIR / "model" / f"{preset}.yaml"
+    if named.is_file():
+        return named
+    known = sorted(p.stem for p in (CONFIGS_DIR / "model").glob("*.yaml"))
+    raise ConfigError(f"model.preset: unknown preset '{preset}' (known: {', '.join(known)})")
+
+
+def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, object]]:
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key.startswith("-"):
+            raise ConfigError(f"override '{item}': expected dotted.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.strip(), value))
+    return parsed
+
+
+def build_config(data: dict, overrides: Iterable[str] = ()) -> RunConfig:
+    """Build a validated RunConfig from plain data and dotted overrides."""
+    data = copy.deepcopy(data)
+    for key, value in parse_overrides(overrides):
+        apply_override(data, key, value)
+    model = data.get("model")
+    if isinstance(model, dict) and model.get("preset"):
+        preset = _read_yaml(resolve_model_preset(model["preset"]))
+        data["model"] = {**preset, **model}
+    return from_dict(RunConfig, data)
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunConfig:
+    """Load ``path`` (a recipe YAML), apply overrides, validate, return the typed config."""
+    try:
+        return build_config(_read_yaml(path), overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The fully resolved config as YAML (what is saved next to checkpoints)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,1 @@
+"""Data: indexed-dataset checks, sample sources, the plan and the loader."""

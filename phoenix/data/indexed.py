@@ -1,0 +1,60 @@
+"""Checks on megatron-core ``.bin/.idx`` prefixes, run before any training work."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """Training data is missing or inconsistent; the message names the file."""
+
+
+def check_prefix(prefix: str) -> dict:
+    """Verify that ``prefix.bin``/``prefix.idx`` exist and agree; return basic facts.
+
+    The ``.idx`` records each sequence's byte offset and length in the ``.bin``; the
+    ``.bin`` must be exactly as long as its last sequence's end, otherwise the pair was
+    mixed up or truncated (a partial copy, a rerun that rewrote only one file).
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    bin_path, idx_path = Path(prefix + ".bin"), Path(prefix + ".idx")
+    for path in (idx_path, bin_path):
+        if not path.is_file():
+            raise DataError(f"data prefix '{prefix}': missing file {path}")
+    try:
+        ds = IndexedDataset(prefix, mmap=True)
+    except Exception as e:  # a corrupt header raises assorted errors inside megatron
+        raise DataError(f"data prefix '{prefix}': cannot read {idx_path}: {e}") from None
+    lengths = ds.sequence_lengths
+    num_sequences = len(lengths)
+    if num_sequences == 0:
+        raise DataError(f"data prefix '{prefix}': {idx_path} holds no sequences")
+    itemsize = np.dtype(ds.index.dtype).itemsize
+    end = int(ds.index.sequence_pointers[-1]) + int(lengths[-1]) * itemsize
+    actual = os.path.getsize(bin_path)
+    if actual != end:
+        raise DataError(
+            f"data prefix '{prefix}': {bin_path} has {actual} bytes but {idx_path} describes "
+            f"{end} bytes; the .idx does not belong to this .bin (rebuild both)")
+    return {
+        "num_sequences": num_sequences,
+        "num_documents": len(ds.document_indices) - 1,
+        "num_tokens": int(lengths.sum(dtype=np.int64)),
+        "dtype": np.dtype(ds.index.dtype).name,
+    }
+
+
+def read_meta(prefix: str) -> dict | None:
+    """``prefix.meta.json`` written by tools/preprocess_data.py, if present."""
+    path = Path(prefix + ".meta.json")
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"data prefix '{prefix}': {path} is not valid JSON: {e}") from None

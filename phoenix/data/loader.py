@@ -1,0 +1,123 @@
+"""Global batch -> this DP rank's micro-batches, with background prefetch.
+
+The loader knows only the sample source, batch sizes and ``(dp_rank, dp_size)``. A
+global batch ``k`` is the samples ``[k*G, (k+1)*G)`` of the source; it is cut into
+micro-batches the way Megatron-LM's pretraining sampler does (within each group of
+``micro_batch_size * dp_size`` consecutive samples, rank ``r`` takes the ``r``-th run of
+``micro_batch_size``), so every layout trains on the same global batches. Its state is
+the number of global batches consumed, so a resume continues at the next sample.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+
+class SampleSource(Protocol):
+    """Random access to training samples by global position (0, 1, 2, ...)."""
+
+    def __len__(self) -> int: ...
+
+    def sample(self, index: int) -> dict[str, np.ndarray | int]: ...
+
+
+def rank_sample_indices(step: int, global_batch_size: int, micro_batch_size: int,
+                        dp_rank: int, dp_size: int) -> np.ndarray:
+    """Global sample positions of ``dp_rank``'s micro-batches at ``step``.
+
+    Returns an int64 array of shape ``(num_micro_batches, micro_batch_size)``.
+    """
+    per_round = micro_batch_size * dp_size
+    num_micro = global_batch_size // per_round
+    base = step * global_batch_size
+    rounds = base + np.arange(num_micro, dtype=np.int64)[:, None] * per_round
+    return rounds + dp_rank * micro_batch_size + np.arange(micro_batch_size, dtype=np.int64)[None, :]
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack per-sample fields into a micro-batch (int fields become 1-D tensors)."""
+    return {key: torch.as_tensor(np.stack([np.asarray(s[key]) for s in samples]))
+            for key in samples[0]}
+
+
+class DataLoader:
+    """Yields, per optimizer step, the list of this rank's micro-batches."""
+
+    def __init__(self, source: SampleSource, global_batch_size: int, micro_batch_size: int,
+                 dp_rank: int, dp_size: int, num_steps: int, prefetch: int = 2):
+        self.source = source
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.num_steps = num_steps
+        self.step = 0  # next global batch to hand out
+        self.prefetch = prefetch
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # -- state ---------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "consumed_samples": self.step * self.global_batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.close()
+        self.step = int(state["step"])
+
+    @property
+    def consumed_samples(self) -> int:
+        return self.step * self.global_batch_size
+
+    # -- reading -------------------------------------------------------------------
+    def _load(self, step: int) -> list[dict[str, torch.Tensor]]:
+        positions = rank_sample_indices(step, self.global_batch_size, self.micro_batch_size,
+                                        self.dp_rank, self.dp_size)
+        return [collate([self.source.sample(int(i)) for i in row]) for row in positions]
+
+    def _worker(self, start: int) -> None:
+        for step in range(start, self.num_steps):
+            if self._stop.is_set():
+                return
+            try:
+                item = (step, self._load(step), None)
+            except BaseException as e:  # surface reader errors in the training thread
+                item = (step, None, e)
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if item[2] is not None:
+                return
+
+    def next_batch(self) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of the next global batch (prefetched in the background)."""
+        if self.step >= self.num_steps:
+            raise StopIteration(f"data loader exhausted after {self.num_steps} steps")
+        if self.prefetch <= 0:
+            batch = self._load(self.step)
+        else:
+            if self._thread is None:
+                self._stop.clear()
+                self._queue = queue.Queue(maxsize=self.prefetch)
+                self._thread = threading.Thread(target=self._worker, args=(self.step,),
+                                                daemon=True, name="phoenix-prefetch")
+                self._thread.start()
+            step, batch, error = self._queue.get()
+            if error is not None:
+                raise error
+            assert step == self.step, f"prefetch out of order: got {step}, expected {self.step}"
+        self.step += 1
+        return batch
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=10)
+            self._thread, self._queue = None, None

@@ -1,0 +1,58 @@
+"""megatron-core optimizer (Adam, optionally distributed) and its LR/WD scheduler.
+
+The scheduler counts optimizer steps (increment 1 per step), so the LR at step ``s`` is
+a pure function of ``s`` and a resume is exact.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from phoenix.config import RunConfig
+
+
+def build_optimizer(cfg: RunConfig, model_chunks, layout):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    o, precision = cfg.optim, cfg.train.precision
+    config = OptimizerConfig(
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+    )
+    # megatron's own process groups (parallel_state) are used: passing the collection
+    # explicitly would disable the gloo side groups its checkpointing relies on.
+    return get_megatron_optimizer(config, model_chunks)
+
+
+def build_scheduler(cfg: RunConfig, optimizer):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optim
+    decay_steps = o.decay_steps or cfg.train.steps
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=o.lr,
+        min_lr=o.min_lr,
+        lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(decay_steps, o.warmup_steps + 1),
+        lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay,
+        end_wd=o.weight_decay,
+        wd_incr_steps=max(decay_steps, 1),
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False,
+        wsd_decay_steps=o.wsd_decay_steps,
+        lr_wsd_decay_style=o.wsd_decay_style,
+    )

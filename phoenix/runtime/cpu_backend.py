@@ -1,0 +1,202 @@
+"""CPU emulation of the CUDA touchpoints megatron-core relies on.
+
+megatron-core assumes a GPU in a handful of places: literal ``device="cuda"`` and
+``torch.cuda.current_device()`` in tensor factories, ``Tensor.cuda()``, string checks
+against ``'torch.cuda.FloatTensor'``, the CUDA RNG (``torch.cuda.manual_seed`` and the
+model-parallel RNG tracker), streams/events/synchronize, and one missing-TE fallback
+in the MoE router. This module makes those work on CPU so that every phoenix feature,
+TP/PP/DP included, runs and is tested with gloo on a machine without a GPU.
+
+It is entered once per process (:func:`enable`) before megatron-core builds anything,
+and it refuses to activate when CUDA is available, so it can never change a GPU run.
+
+The emulated "CUDA generator" *is* the CPU default generator: on CPU every random op
+(dropout, init) draws from it, so the model-parallel RNG tracker's ``fork()`` swaps the
+state the ops actually use, exactly as it swaps the device generator on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import types
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+log = logging.getLogger(__name__)
+
+_CPU = torch.device("cpu")
+_ENABLED = False
+
+
+def _to_cpu_device(device):
+    """Map any CUDA device spec (str, int ordinal, torch.device) to the CPU device."""
+    if device is None:
+        return None
+    if isinstance(device, int):  # an ordinal means a CUDA device to torch
+        return _CPU
+    if isinstance(device, str):
+        return _CPU if device.startswith("cuda") else device
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return _CPU
+    return device
+
+
+_TENSOR_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+    torch.float64: "torch.cuda.DoubleTensor",
+}
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA devices to CPU in every torch call made while it is active."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1:
+            args = (args[0], _to_cpu_device(args[1])) + tuple(args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's distributed optimizer dispatches on the CUDA type string.
+            name = _TENSOR_TYPE_NAMES.get(args[0].dtype)
+            if name is not None:
+                return name
+        return func(*args, **kwargs)
+
+
+class _Event:
+    """Stand-in for ``torch.cuda.Event``: timing falls back to wall-clock."""
+
+    def __init__(self, *args, **kwargs):
+        self._t = None
+
+    def record(self, *args, **kwargs):
+        import time
+
+        self._t = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def wait(self, *args, **kwargs):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return (other._t - self._t) * 1000.0
+
+
+class _Stream:
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, event=None):
+        return event or _Event()
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    gen = torch.default_generator
+
+    def get_rng_state(device="cuda"):
+        return gen.get_state()
+
+    def set_rng_state(state, device="cuda"):
+        gen.set_state(state)
+
+    def manual_seed(seed):
+        # Must not call torch.manual_seed: that calls back into torch.cuda.manual_seed_all.
+        gen.manual_seed(int(seed))
+
+    patches = {
+        "get_rng_state": get_rng_state,
+        "set_rng_state": set_rng_state,
+        "manual_seed": manual_seed,
+        "manual_seed_all": manual_seed,
+        "current_device": lambda: 0,
+        "set_device": lambda *a, **k: None,
+        "device_count": lambda: 1,
+        "synchronize": lambda *a, **k: None,
+        "empty_cache": lambda: None,
+        "memory_allocated": lambda *a, **k: 0,
+        "max_memory_allocated": lambda *a, **k: 0,
+        "memory_reserved": lambda *a, **k: 0,
+        "max_memory_reserved": lambda *a, **k: 0,
+        "reset_peak_memory_stats": lambda *a, **k: None,
+        "Event": _Event,
+        "Stream": _Stream,
+        "current_stream": lambda *a, **k: _Stream(),
+        "default_stream": lambda *a, **k: _Stream(),
+        "stream": lambda *a, **k: contextlib.nullcontext(),
+    }
+    for name, fn in patches.items():
+        setattr(cuda, name, fn)
+    cuda.random.get_rng_state = get_rng_state
+    cuda.random.set_rng_state = set_rng_state
+    cuda.nvtx = types.SimpleNamespace(
+        range_push=lambda *a, **k: None,
+        range_pop=lambda *a, **k: None,
+        range=lambda *a, **k: contextlib.nullcontext(),
+        mark=lambda *a, **k: None,
+    )
+
+
+def _patch_megatron() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.default_generator.get_state()
+    )
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: (
+        torch.default_generator.set_state(new_state)
+    )
+    # The MoE router references te_general_gemm without defining it when TE is absent;
+    # None selects its torch path.
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def enable() -> None:
+    """Activate the CPU emulation for this process (idempotent)."""
+    global _ENABLED
+    if _ENABLED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError(
+            "phoenix: the cpu device backend was requested on a machine with CUDA; "
+            "set runtime.device=cuda (the cpu emulation never runs on a GPU machine)"
+        )
+    # On CPU, TE and apex never exist; megatron warns about it once per module. Say it
+    # once here instead (the CUDA path keeps megatron's warnings).
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+    _patch_torch_cuda()
+    _patch_megatron()
+    _CudaToCpuMode().__enter__()  # stays active for the life of the process
+    _ENABLED = True
+    log.info("phoenix: cpu device backend (gloo; megatron-core CUDA calls emulated; no TE/apex: "
+             "local layer spec and torch optimizers)")
+
+
+def is_enabled() -> bool:
+    return _ENABLED

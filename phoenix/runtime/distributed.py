@@ -1,0 +1,143 @@
+"""One object owns the parallel layout: degrees, ranks and megatron-core's groups.
+
+:func:`init_runtime` is called once per process. It selects the device backend (NCCL on
+CUDA, gloo plus the CPU emulation otherwise), initialises ``torch.distributed`` from the
+torchrun environment, builds megatron-core's model-parallel groups and seeds every RNG.
+Phoenix code receives the resulting :class:`ParallelLayout` instead of reaching for
+``parallel_state`` getters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from phoenix.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Degrees and this process's coordinates in the TP x PP x DP grid."""
+
+    world_size: int
+    rank: int
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+    pg_collection: object  # megatron.core.process_groups_config.ProcessGroupCollection
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The rank that writes TensorBoard and the console: last stage, TP 0, DP 0
+        (it holds the loss), which is global rank world_size-1 in megatron's ordering."""
+        return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
+
+    def describe(self) -> str:
+        return (f"world={self.world_size} tp={self.tp_size} pp={self.pp_size} dp={self.dp_size} "
+                f"device={self.device.type}")
+
+
+def _init_process_group(device: str, timeout_minutes: int) -> None:
+    if dist.is_initialized():
+        return
+    # torchrun sets these; a plain `python -m phoenix.train` is a world of one.
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        from phoenix.testing.ports import free_port
+
+        os.environ["MASTER_PORT"] = str(free_port())
+    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def seed_everything(seed: int, pp_rank: int) -> None:
+    """Seed python/numpy/torch and megatron's model-parallel CUDA RNG tracker.
+
+    As in Megatron-LM, each pipeline stage gets its own seed so that stages do not draw
+    identical dropout masks; TP ranks are separated by the tracker itself.
+    """
+    from megatron.core import tensor_parallel
+
+    seed = seed + 100 * pp_rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def init_runtime(cfg: RunConfig) -> ParallelLayout:
+    """Initialise the device backend, process groups and RNGs for this process."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    device = cfg.runtime.device
+    if device == "cpu":
+        from phoenix.runtime import cpu_backend
+
+        cpu_backend.enable()
+    elif not torch.cuda.is_available():
+        raise RuntimeError("runtime.device is 'cuda' but no GPU is visible; use runtime.device=cpu "
+                           "to run on CPU")
+    _init_process_group(device, cfg.runtime.distributed_timeout_minutes)
+    world_size = dist.get_world_size()
+    cfg.validate_layout(world_size)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.parallel.tensor,
+            pipeline_model_parallel_size=cfg.parallel.pipeline,
+            context_parallel_size=cfg.parallel.context,
+            expert_model_parallel_size=cfg.parallel.expert,
+            distributed_timeout_minutes=cfg.runtime.distributed_timeout_minutes,
+        )
+    layout = ParallelLayout(
+        world_size=world_size,
+        rank=dist.get_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_size=ps.get_data_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        device=torch.device("cuda", torch.cuda.current_device()) if device == "cuda"
+        else torch.device("cpu"),
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+    seed_everything(cfg.train.seed, layout.pp_rank)
+    return layout
+
+
+def shutdown_runtime() -> None:
+    """Tear down megatron's groups and the process group (tests reuse processes)."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""The training loop and its entry point (``python -m phoenix.train CONFIG``)."""

@@ -1,0 +1,67 @@
+"""Entry point of a training run: ``torchrun ... -m phoenix.train CONFIG.yaml [k=v ...]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from phoenix.config import ConfigError, dump_config, load_config
+
+log = logging.getLogger("phoenix")
+
+
+def setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # Every rank reports warnings; progress comes from rank 0 and the logging rank.
+    tag = f"[rank {rank}] " if world > 1 else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {tag}%(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    if rank not in (0, world - 1):
+        logging.getLogger().setLevel(logging.WARNING)
+    for noisy in ("megatron", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def train(cfg) -> "Trainer":  # noqa: F821
+    """Run a whole training job in this process (one rank of the torchrun world)."""
+    from phoenix.runtime import init_runtime
+    from phoenix.train.trainer import Trainer
+
+    layout = init_runtime(cfg)
+    trainer = Trainer(cfg, layout)
+    trainer.setup()
+    trainer.train()
+    return trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="phoenix train",
+        description="Train from a YAML recipe; launch under torchrun for several processes.")
+    parser.add_argument("config", help="recipe YAML")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and check the layout, then exit")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            cfg.validate_layout(int(os.environ.get("WORLD_SIZE", "1")))
+            print(dump_config(cfg), end="")
+            return 0
+        train(cfg)
+    except ConfigError as e:
+        print(f"phoenix: config error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from phoenix.runtime import shutdown_runtime
+
+        try:
+            shutdown_runtime()
+        except Exception:
+            pass
+    return 0

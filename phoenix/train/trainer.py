@@ -1,0 +1,256 @@
+"""The training loop, top to bottom: set-up, resume, steps, checkpoints.
+
+Everything a run needs is built in :meth:`Trainer.setup` from the typed config and the
+:class:`ParallelLayout`; :meth:`Trainer.train` is the loop. Logging and monitoring are
+callbacks and only read what the step produced, so they cannot change the numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from phoenix.checkpoint import CheckpointManager
+from phoenix.checkpoint.manager import CheckpointError, resolve_checkpoint
+from phoenix.config import ConfigError, RunConfig, dump_config
+from phoenix.data.indexed import check_prefix, read_meta
+from phoenix.data.loader import DataLoader
+from phoenix.data.megatron_blend import MegatronBlendSource
+from phoenix.model import build_model
+from phoenix.monitor import ConsoleLogger, TensorBoardLogger
+from phoenix.optim import build_optimizer, build_scheduler
+from phoenix.runtime import ParallelLayout
+from phoenix.train.callbacks import Callback, StepMetrics
+from phoenix.train.step import forward_step, reduce_loss
+
+log = logging.getLogger("phoenix.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/Inf; the last good checkpoint is left untouched."""
+
+
+@dataclass
+class TrainState:
+    """The trainer's own resumable state (model/optimizer live in the checkpoint)."""
+
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    skipped_steps: int = 0
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def check_inputs(cfg: RunConfig):
+    """Tokenizer and data checks that must fail before any model is built."""
+    from phoenix.tokenizer import SentencePieceTokenizer
+
+    try:
+        tokenizer = SentencePieceTokenizer(cfg.tokenizer.model)
+    except (FileNotFoundError, OSError) as e:
+        raise ConfigError(f"tokenizer.model: {e}") from None
+    if cfg.model.vocab_size is not None and tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: the tokenizer {cfg.tokenizer.model} has {tokenizer.vocab_size} "
+            f"tokens, more than the model's vocab_size {cfg.model.vocab_size}")
+    for i, entry in enumerate(cfg.data.datasets):
+        check_prefix(entry.prefix)
+        meta = read_meta(entry.prefix)
+        fingerprint = (meta or {}).get("tokenizer_fingerprint")
+        if fingerprint and fingerprint != tokenizer.fingerprint:
+            raise ConfigError(
+                f"data.datasets[{i}]: '{entry.prefix}' was tokenised with a different tokenizer "
+                f"than tokenizer.model {cfg.tokenizer.model} (fingerprints differ)")
+    return tokenizer
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, layout: ParallelLayout, callbacks: list[Callback] | None = None):
+        self.cfg, self.layout = cfg, layout
+        self.out_dir = Path(cfg.output_dir)
+        self.config_yaml = dump_config(cfg)
+        self.state = TrainState()
+        self.losses: list[tuple[int, float]] = []
+        """(step, loss) of the steps this process ran: for tests and the run summary."""
+        self.callbacks = callbacks if callbacks is not None else [
+            ConsoleLogger(cfg.train.steps, cfg.logging.log_interval),
+            *([TensorBoardLogger(self.out_dir / "tensorboard", cfg.logging.log_interval,
+                                 self.config_yaml)] if cfg.logging.tensorboard else []),
+        ]
+
+    # -- set-up ----------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg, layout = self.cfg, self.layout
+        tokenizer = check_inputs(cfg)
+        vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+        if layout.rank == 0:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.out_dir / "config.yaml", self.config_yaml)
+            log.info("run '%s': %s -> %s", cfg.name, layout.describe(), self.out_dir)
+        dist.barrier()
+
+        self.model = build_model(cfg, layout, vocab_size)
+        self.optimizer = build_optimizer(cfg, self.model, layout)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self._wire_megatron_hooks()
+
+        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", layout.rank,
+                                             layout.world_size, cfg.checkpoint.keep_last)
+        data_state = self._restore()
+
+        d = cfg.data
+        source = MegatronBlendSource(
+            prefixes=[e.prefix for e in d.datasets], weights=[e.weight for e in d.datasets],
+            names=[e.name or Path(e.prefix).name for e in d.datasets], seq_length=d.seq_length,
+            num_samples=cfg.train.steps * cfg.train.global_batch_size, seed=cfg.train.seed,
+            vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod_id,
+            cache_dir=d.cache_dir or str(self.out_dir / "data_cache"))
+        self.loader = DataLoader(source, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+                                 layout.dp_rank, layout.dp_size, cfg.train.steps,
+                                 prefetch=d.num_workers and 2)
+        if data_state is not None:
+            self.loader.load_state_dict(data_state)
+
+    def _wire_megatron_hooks(self) -> None:
+        from megatron.core.distributed import finalize_model_grads
+
+        config = self.model[0].config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        config.no_sync_func = self.model[0].no_sync
+
+    def _restore(self) -> dict | None:
+        """Resume from this run's latest checkpoint, else init weights from another run."""
+        ckpt = self.cfg.checkpoint
+        latest = self.checkpoints.latest() if ckpt.resume else None
+        if latest is not None:
+            saved = self.checkpoints.load(latest, self.model, self.optimizer)
+            self.scheduler.load_state_dict(saved["scheduler"])
+            self.state = TrainState(**saved["trainer"])
+            self._log0(f"resumed from {latest} at step {self.state.step}")
+            return saved["data"]
+        if ckpt.init_from:
+            source = resolve_checkpoint(ckpt.init_from)
+            if source.resolve().is_relative_to(self.out_dir.resolve()):
+                raise CheckpointError(f"checkpoint.init_from {source} lies inside this run's "
+                                      f"output_dir; use resume instead")
+            self.checkpoints.load_weights(source, self.model)
+            self._log0(f"initialised weights from {source} (optimizer and schedule start fresh)")
+        return None
+
+    # -- the loop --------------------------------------------------------------------
+    def train(self) -> TrainState:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        cfg, layout, state = self.cfg, self.layout, self.state
+        forward_backward = get_forward_backward_func()
+        for cb in self.callbacks:
+            cb.on_train_start(self)
+        if cfg.checkpoint.save_initial and state.step == 0:
+            self.save()
+        try:
+            while state.step < cfg.train.steps:
+                t0 = time.perf_counter()
+                micro_batches = self.loader.next_batch()
+                t_data = time.perf_counter() - t0
+
+                for chunk in self.model:
+                    chunk.zero_grad_buffer()
+                self.optimizer.zero_grad()
+                losses = forward_backward(
+                    forward_step_func=forward_step, data_iterator=iter(micro_batches),
+                    model=self.model, num_microbatches=len(micro_batches),
+                    seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                    forward_only=False)
+                loss, tokens = self._global_loss(losses)
+
+                skipped = not math.isfinite(loss)
+                if skipped and cfg.train.on_nonfinite_loss == "stop":
+                    raise NonFiniteLossError(
+                        f"non-finite loss ({loss}) at step {state.step + 1}; stopping without "
+                        f"saving (last good checkpoint: {self.checkpoints.latest()})")
+                if skipped:
+                    grad_norm = float("nan")
+                    state.skipped_steps += 1
+                else:
+                    _, grad_norm, _ = self.optimizer.step()
+                self.scheduler.step(increment=1)
+
+                state.step += 1
+                state.consumed_samples += cfg.train.global_batch_size
+                state.consumed_tokens += tokens
+                self.losses.append((state.step, loss))
+                metrics = StepMetrics(
+                    step=state.step, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
+                    grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+                    tokens=tokens, consumed_samples=state.consumed_samples,
+                    consumed_tokens=state.consumed_tokens, step_time=time.perf_counter() - t0,
+                    data_time=t_data, skipped=skipped, loss_scale=self._loss_scale())
+                for cb in self.callbacks:
+                    cb.on_step_end(self, metrics)
+                every = cfg.checkpoint.save_interval
+                if every and state.step % every == 0 and state.step < cfg.train.steps:
+                    self.save()
+            if cfg.checkpoint.save_at_end and (self.checkpoints.latest() is None or
+                                               self._latest_step() != state.step):
+                self.save()
+        finally:
+            self.loader.close()
+            for cb in self.callbacks:
+                cb.on_train_end(self)
+        return state
+
+    def _global_loss(self, losses: list[dict]) -> tuple[float, int]:
+        """Token-mean loss of the global batch, known on every rank (for the NaN check)."""
+        from megatron.core import parallel_state as ps
+
+        report = torch.zeros(2, dtype=torch.float64)
+        if self.layout.is_last_stage:
+            loss, tokens = reduce_loss(losses, ps.get_data_parallel_group())
+            report = torch.tensor([loss, tokens], dtype=torch.float64)
+        # The last global rank is on the last stage; it tells the other stages.
+        dist.broadcast(report, src=self.layout.world_size - 1)
+        return float(report[0]), int(report[1])
+
+    def _loss_scale(self) -> float | None:
+        if self.cfg.train.precision != "fp16":
+            return None
+        return float(self.optimizer.get_loss_scale())
+
+    def _latest_step(self) -> int | None:
+        latest = self.checkpoints.latest()
+        return int(latest.name.split("_")[1]) if latest else None
+
+    # -- checkpoints -----------------------------------------------------------------
+    def save(self) -> Path:
+        trainer_state = asdict(self.state)
+        path = self.checkpoints.save(
+            self.state.step, self.model, self.optimizer,
+            {"trainer": trainer_state, "scheduler": self.scheduler.state_dict(),
+             "data": self.loader_state(), "config": self.config_yaml},
+            self.config_yaml)
+        self._log0(f"saved checkpoint {path}")
+        for cb in self.callbacks:
+            cb.on_checkpoint_saved(self, path)
+        return path
+
+    def loader_state(self) -> dict:
+        if hasattr(self, "loader"):
+            return self.loader.state_dict()
+        return {"step": self.state.step}
+
+    def _log0(self, msg: str) -> None:
+        if self.layout.rank == 0:
+            log.info(msg)
