@@ -133,7 +133,8 @@ class CheckpointManager:
         dist.barrier()
         if self.rank == 0:
             (tmp / "config.yaml").write_text(config_yaml)
-            state = dict(trainer_state, world_size=self.world_size)
+            state = dict(trainer_state, world_size=self.world_size,
+                         has_optimizer=optimizer is not None)
             torch.save(state, tmp / STATE_FILE)  # written last: marks the directory complete
             if final.exists():  # an older save of the same step (e.g. after a rollback)
                 shutil.rmtree(final)
@@ -163,9 +164,14 @@ class CheckpointManager:
         if not _is_complete(path):
             raise CheckpointError(f"checkpoint {path} is incomplete")
         state = torch.load(path / STATE_FILE, weights_only=False)
+        if not state.get("has_optimizer", True):
+            optimizer = None  # e.g. the step-0 checkpoint: Adam has no state before step 1
         model_sd = _model_sharded_state_dict(model_chunks)
         sharded = {"model": model_sd}
         if optimizer is not None:
+            from phoenix.optim.builder import ensure_optimizer_state
+
+            ensure_optimizer_state(optimizer)
             sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                              metadata=_OPTIM_METADATA)
         loaded = dist_checkpointing.load(sharded, str(path))

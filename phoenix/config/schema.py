@@ -172,12 +172,15 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     """bf16 is the GPU default; the cpu device always trains in fp32."""
     seed: int = 1234
+    stop_at_step: Optional[int] = None
+    """End this job after this step (saving a checkpoint if save_at_end), e.g. to fit a
+    cluster time slot; the LR schedule and data still span ``steps``."""
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     """What a NaN/Inf loss does: stop the run (keeping the last good checkpoint) or skip the step."""
 
     def __post_init__(self):
         _positive("train", steps=self.steps, global_batch_size=self.global_batch_size,
-                  micro_batch_size=self.micro_batch_size)
+                  micro_batch_size=self.micro_batch_size, stop_at_step=self.stop_at_step)
 
 
 @dataclass(kw_only=True)

@@ -14,6 +14,10 @@ from phoenix.config import RunConfig
 def build_optimizer(cfg: RunConfig, model_chunks, layout):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from phoenix.optim.compat import patch_distributed_optimizer_for_torch_adam
+
+    patch_distributed_optimizer_for_torch_adam()
+
     o, precision = cfg.optim, cfg.train.precision
     config = OptimizerConfig(
         optimizer="adam",
@@ -56,3 +60,25 @@ def build_scheduler(cfg: RunConfig, optimizer):
         wsd_decay_steps=o.wsd_decay_steps,
         lr_wsd_decay_style=o.wsd_decay_style,
     )
+
+
+def ensure_optimizer_state(optimizer) -> None:
+    """Give every parameter an (empty) Adam state before a checkpoint is loaded into it.
+
+    megatron-core's distributed optimizer builds its load template from the current
+    state, and with torch's Adam (no apex/TE, e.g. on CPU) a fresh optimizer has none:
+    no ``step`` entry, so the template cannot be built. Zero moments and step 0 are what
+    Adam would create lazily; the loaded checkpoint then overwrites them.
+    """
+    inner = [getattr(o, "optimizer", None) for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    for opt in inner:
+        if opt is None:
+            continue
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state[p]
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(p.data)
+                    state["exp_avg_sq"] = torch.zeros_like(p.data)
+                if "step" not in state:
+                    state["step"] = torch.tensor(0.0)

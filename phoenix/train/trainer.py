@@ -160,8 +160,9 @@ class Trainer:
             cb.on_train_start(self)
         if cfg.checkpoint.save_initial and state.step == 0:
             self.save()
+        last_step = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
         try:
-            while state.step < cfg.train.steps:
+            while state.step < last_step:
                 t0 = time.perf_counter()
                 micro_batches = self.loader.next_batch()
                 t_data = time.perf_counter() - t0
@@ -201,7 +202,7 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
                 every = cfg.checkpoint.save_interval
-                if every and state.step % every == 0 and state.step < cfg.train.steps:
+                if every and state.step % every == 0 and state.step < last_step:
                     self.save()
             if cfg.checkpoint.save_at_end and (self.checkpoints.latest() is None or
                                                self._latest_step() != state.step):
@@ -236,8 +237,10 @@ class Trainer:
     # -- checkpoints -----------------------------------------------------------------
     def save(self) -> Path:
         trainer_state = asdict(self.state)
+        # Before the first step Adam has no state to save: a step-0 checkpoint is weights only.
+        optimizer = self.optimizer if self.state.step > 0 else None
         path = self.checkpoints.save(
-            self.state.step, self.model, self.optimizer,
+            self.state.step, self.model, optimizer,
             {"trainer": trainer_state, "scheduler": self.scheduler.state_dict(),
              "data": self.loader_state(), "config": self.config_yaml},
             self.config_yaml)

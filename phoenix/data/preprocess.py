@@ -1,0 +1,343 @@
+"""JSONL -> megatron-core indexed dataset, plus Phoenix sidecar files.
+
+For an output prefix ``P``:
+
+* ``P.bin``/``P.idx``: megatron-core ``IndexedDataset``; one input document is one sequence
+  *and* one document, tokens as ``DType.optimal_dtype(vocab_size)`` (uint16 if vocab < 65500,
+  else int32, as megatron does), each followed by the EOD id unless ``append_eod=False``.
+* ``P.groups.npy`` (with ``group_key``): int64 group id per document, ids ``0..G-1`` in order
+  of first appearance; a group's documents are adjacent (enforced).
+* ``P.meta.json``: counts and provenance (see :func:`preprocess`).
+
+Atomicity: all files are written as ``.P.tmp-*`` in the output directory and renamed into
+place only when the whole run succeeded (meta last: its presence means the set is complete).
+A failure removes the temporaries and leaves no ``P.*``.
+
+Unusable lines (blank, invalid JSON/UTF-8, not an object, text missing / not a string / only
+whitespace, group key missing) are skipped, counted and reported as ``file:line`` (1-based)
+in a warning and in the meta file; never silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import numpy as np
+from tqdm import tqdm
+
+from phoenix.tokenizer import SentencePieceTokenizer
+
+logger = logging.getLogger(__name__)
+
+MAX_REPORTED_SKIPS = 20
+# Rename order on success; meta.json goes last so it marks a complete output set.
+_SUFFIXES = (".bin", ".idx", ".groups.npy", ".meta.json")
+
+# (tokens, canonical group value or "") for a document, or (None, reason) for a skipped line.
+_Encoded = tuple[np.ndarray | None, str]
+# (source file index, 1-based line number of the first line, per-line payload)
+_Chunk = tuple[int, int, list[bytes]]
+_EncodedChunk = tuple[int, int, list[_Encoded]]
+
+
+class GroupAdjacencyError(ValueError):
+    """A group value reappeared after another group started."""
+
+
+class EmptyOutputError(ValueError):
+    """No input line produced a document."""
+
+
+class _Encoder:
+    """Parses and tokenizes raw JSONL lines. Runs in the main process or in a pool worker.
+
+    Carries no state between lines, so the output is the same however lines are chunked.
+    """
+
+    def __init__(
+        self, tokenizer: SentencePieceTokenizer, text_key: str, group_key: str | None, eod: bool
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.text_key = text_key
+        self.group_key = group_key
+        self.eod = tokenizer.eod_id if eod else None
+
+    def __call__(self, chunk: _Chunk) -> _EncodedChunk:
+        src, first, lines = chunk
+        return src, first, [self._encode_line(line) for line in lines]
+
+    def _encode_line(self, raw: bytes) -> _Encoded:
+        if not raw.strip():
+            return None, "blank line"
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            return None, f"invalid JSON ({e.msg})"
+        except ValueError:  # UnicodeDecodeError
+            return None, "invalid UTF-8"
+        if not isinstance(obj, dict):
+            return None, f"not a JSON object ({type(obj).__name__})"
+        if self.text_key not in obj:
+            return None, f"missing key {self.text_key!r}"
+        text = obj[self.text_key]
+        if not isinstance(text, str):
+            return None, f"key {self.text_key!r} is {type(text).__name__}, not a string"
+        if not text.strip():
+            return None, f"empty text in key {self.text_key!r}"
+        group = ""
+        if self.group_key is not None:
+            value = obj.get(self.group_key)
+            if value is None or isinstance(value, (dict, list)):
+                return None, f"missing or non-scalar group key {self.group_key!r}"
+            # Canonical JSON keeps 1 and "1" distinct and is hashable.
+            group = json.dumps(value)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (JSON "\ud800" escapes) make spm raise
+            return None, f"key {self.text_key!r} is not valid Unicode (lone surrogate)"
+        ids = self.tokenizer.encode(text)
+        if self.eod is not None:
+            ids.append(self.eod)
+        return np.asarray(ids, dtype=np.int32), group
+
+
+_WORKER_ENCODER: _Encoder | None = None
+
+
+def _init_worker(*encoder_args: Any) -> None:
+    # Build the tokenizer once per worker, not once per chunk.
+    global _WORKER_ENCODER
+    _WORKER_ENCODER = _Encoder(*encoder_args)
+
+
+def _encode_in_worker(chunk: _Chunk) -> _EncodedChunk:
+    assert _WORKER_ENCODER is not None, "worker not initialised"
+    return _WORKER_ENCODER(chunk)
+
+
+def _open_binary(path: str) -> IO[bytes]:
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+
+
+def _read_chunks(paths: Sequence[str], chunk_lines: int) -> Iterator[_Chunk]:
+    # Binary mode: lines split on b"\n" only, and bad UTF-8 is reported per line.
+    for src, path in enumerate(paths):
+        with _open_binary(path) as f:
+            buf: list[bytes] = []
+            first = 1
+            for line_no, line in enumerate(f, start=1):
+                buf.append(line)
+                if len(buf) == chunk_lines:
+                    yield src, first, buf
+                    buf, first = [], line_no + 1
+            if buf:
+                yield src, first, buf
+
+
+def _encode_ordered(
+    chunks: Iterable[_Chunk], encoder: _Encoder, workers: int
+) -> Iterator[_EncodedChunk]:
+    """Encode chunks in input order, in-process or with a ``workers``-process pool.
+
+    The pool is fed through a bounded window of ``4 * workers`` chunks rather than
+    ``Pool.imap``: imap's feeder thread would read the whole input into memory ahead of us.
+    "spawn" avoids forking a parent that holds torch / tqdm threads.
+    """
+    if workers == 1:
+        yield from map(encoder, chunks)
+        return
+    args = (encoder.tokenizer, encoder.text_key, encoder.group_key, encoder.eod is not None)
+    with mp.get_context("spawn").Pool(workers, _init_worker, args) as pool:
+        pending: deque[Any] = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            if len(pending) >= 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+@dataclass
+class _Stats:
+    """Running totals; ``groups[i]`` is the group id of document ``i``."""
+
+    group_key: str | None
+    num_documents: int = 0
+    num_tokens: int = 0
+    num_skipped: int = 0
+    skipped_examples: list[str] = field(default_factory=list)
+    groups: list[int] = field(default_factory=list)
+    group_ids: dict[str, int] = field(default_factory=dict)
+    current_group: str | None = None
+
+    def skip(self, where: str, reason: str) -> None:
+        self.num_skipped += 1
+        if len(self.skipped_examples) < MAX_REPORTED_SKIPS:
+            self.skipped_examples.append(f"{where}: {reason}")
+
+    def add(self, where: str, num_tokens: int, group: str) -> None:
+        if self.group_key is not None and group != self.current_group:
+            if group in self.group_ids:
+                raise GroupAdjacencyError(
+                    f"{where}: group {group} (key {self.group_key!r}) reappears after group "
+                    f"{self.current_group} started; a group's documents must be adjacent"
+                )
+            self.group_ids[group] = len(self.group_ids)
+            self.current_group = group
+        if self.group_key is not None:
+            self.groups.append(self.group_ids[group])
+        self.num_documents += 1
+        self.num_tokens += num_tokens
+
+
+def _write_dataset(
+    paths: Sequence[str], tmp: dict[str, str], encoder: _Encoder, dtype: type[np.number],
+    workers: int, chunk_lines: int, progress: bool | None,
+) -> _Stats:  # fmt: skip
+    # Lazy: only the writer needs torch / megatron; pool workers stay light.
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    stats = _Stats(encoder.group_key)
+    start = time.perf_counter()
+    chunks = _encode_ordered(_read_chunks(paths, chunk_lines), encoder, workers)
+    builder = IndexedDatasetBuilder(tmp[".bin"], dtype=dtype)
+    try:
+        with (
+            tqdm(unit="doc", disable=None if progress is None else not progress) as bar,
+            contextlib.closing(chunks),  # closing() shuts the pool down on errors
+        ):
+            for src, first, results in chunks:
+                docs_before = stats.num_documents
+                for offset, (tokens, info) in enumerate(results):
+                    where = f"{paths[src]}:{first + offset}"
+                    if tokens is None:
+                        stats.skip(where, info)
+                        continue
+                    stats.add(where, len(tokens), info)
+                    # One sequence per document: Phoenix packs documents itself downstream.
+                    builder.add_item(torch.from_numpy(tokens))
+                    builder.end_document()
+                bar.update(stats.num_documents - docs_before)
+                tokens_per_s = stats.num_tokens / max(time.perf_counter() - start, 1e-9)
+                bar.set_postfix(tokens_per_s=f"{tokens_per_s:,.0f}", refresh=False)
+        builder.finalize(tmp[".idx"])
+    finally:
+        # megatron's builder has no close(); finalize() closes the file, but not on error.
+        builder.data_file.close()
+    return stats
+
+
+def preprocess(
+    inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    output_prefix: str | os.PathLike[str],
+    tokenizer_model: str | os.PathLike[str],
+    *,
+    text_key: str = "text",
+    append_eod: bool = True,
+    group_key: str | None = None,
+    workers: int = 1,
+    name: str | None = None,
+    tags: Iterable[str] | str = (),
+    chunk_lines: int = 256,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Tokenize JSONL files (plain or ``.gz``) into ``output_prefix.{bin,idx,meta.json}``.
+
+    Output is byte-identical for any ``workers``/``chunk_lines``. ``progress=None`` shows a
+    progress bar only on a terminal. Returns the meta dict also written to ``.meta.json``:
+    ``name, tags, num_documents, num_tokens, dtype, tokenizer_model, tokenizer_fingerprint,
+    tokenizer_vocab_size, eod_id, append_eod, text_key, group_key, num_groups, source_files,
+    skipped_lines, skipped_examples`` (first ``MAX_REPORTED_SKIPS`` as ``"file:line: why"``).
+
+    Raises:
+        FileNotFoundError: an input file or the tokenizer model is missing (before any work).
+        GroupAdjacencyError: a group's documents are not adjacent.
+        EmptyOutputError: no line produced a document (no files are written).
+    """
+    paths = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
+    if not paths:
+        raise ValueError("no input files given")
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"input file not found: {path}")
+    tokenizer = SentencePieceTokenizer(tokenizer_model)
+    encoder = _Encoder(tokenizer, text_key, group_key, append_eod)  # fails early without EOS
+    if workers < 1 or chunk_lines < 1:
+        raise ValueError(f"workers and chunk_lines must be >= 1, got {workers}, {chunk_lines}")
+    tag_list = [t.strip() for t in (tags.split(",") if isinstance(tags, str) else tags)]
+
+    # Lazy: importing megatron.core takes seconds, and pool workers never need it.
+    from megatron.core.datasets.indexed_dataset import DType
+
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    prefix = os.fspath(output_prefix)
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    # Same directory as the outputs, so the final os.replace is an atomic rename.
+    tmp_prefix = os.path.join(out_dir, f".{os.path.basename(prefix)}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = {suffix: tmp_prefix + suffix for suffix in _SUFFIXES}
+    start = time.perf_counter()
+    try:
+        stats = _write_dataset(paths, tmp, encoder, dtype, workers, chunk_lines, progress)
+        if stats.num_skipped:
+            logger.warning(
+                "skipped %d malformed input line(s) (first %d listed):\n  %s",
+                stats.num_skipped, len(stats.skipped_examples), "\n  ".join(stats.skipped_examples),
+            )  # fmt: skip
+        if stats.num_documents == 0:
+            raise EmptyOutputError(
+                f"no documents produced from {paths} ({stats.num_skipped} line(s) skipped); "
+                f"nothing written to {prefix}.*"
+            )
+        meta: dict[str, Any] = {
+            "name": name or os.path.basename(prefix),
+            "tags": [t for t in tag_list if t],
+            "num_documents": stats.num_documents,
+            "num_tokens": stats.num_tokens,
+            "dtype": np.dtype(dtype).name,
+            "tokenizer_model": os.path.abspath(tokenizer.model_file),
+            "tokenizer_fingerprint": tokenizer.fingerprint,
+            "tokenizer_vocab_size": tokenizer.vocab_size,
+            "eod_id": encoder.eod,
+            "append_eod": append_eod,
+            "text_key": text_key,
+            "group_key": group_key,
+            "num_groups": len(stats.group_ids) if group_key is not None else None,
+            "source_files": [os.path.abspath(p) for p in paths],
+            "skipped_lines": stats.num_skipped,
+            "skipped_examples": stats.skipped_examples,
+        }
+        if group_key is not None:
+            with open(tmp[".groups.npy"], "wb") as f:
+                np.save(f, np.asarray(stats.groups, dtype=np.int64))
+        with open(tmp[".meta.json"], "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+        for suffix in _SUFFIXES:
+            if os.path.exists(tmp[suffix]):
+                os.replace(tmp[suffix], prefix + suffix)
+        if group_key is None and os.path.exists(prefix + ".groups.npy"):
+            os.remove(prefix + ".groups.npy")  # stale sidecar from an earlier grouped run
+    finally:
+        for path in tmp.values():
+            if os.path.exists(path):
+                os.remove(path)
+    secs = max(time.perf_counter() - start, 1e-9)
+    logger.info(
+        "wrote %s.{bin,idx}: %d documents, %d tokens (%s), %s groups, %d skipped lines; "
+        "%.1fs, %.0f docs/s, %.0f tokens/s",
+        prefix, stats.num_documents, stats.num_tokens, meta["dtype"], meta["num_groups"],
+        stats.num_skipped, secs, stats.num_documents / secs, stats.num_tokens / secs,
+    )  # fmt: skip
+    return meta

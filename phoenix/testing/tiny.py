@@ -1,0 +1,73 @@
+"""A tiny corpus, tokenizer, tokenised prefix and config: for tests and smoke runs.
+
+Everything is generated locally (no downloads) and cached per directory, so a test
+session builds it once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from phoenix.config import RunConfig, build_config
+
+
+@dataclass(frozen=True)
+class TinyData:
+    tokenizer_model: str
+    prefixes: dict[str, str]
+    """Dataset name -> ``.bin/.idx`` prefix."""
+
+
+def make_tiny_data(root: str | Path, num_docs: int = 300, vocab_size: int = 512) -> TinyData:
+    """Synthetic web + code corpora, a sentencepiece model, and their tokenised prefixes."""
+    from phoenix.data.preprocess import preprocess
+    from phoenix.data.synthetic import write_corpus
+    from phoenix.tokenizer import train_sentencepiece
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    corpora = {"web": ("web", 1), "code": ("code", 2)}
+    for name, (domain, seed) in corpora.items():
+        path = root / f"{name}.jsonl"
+        if not path.exists():
+            write_corpus(path, num_docs, seed, domain=domain)
+    model = root / "tokenizer.model"
+    if not model.exists():
+        train_sentencepiece([str(root / f"{n}.jsonl") for n in corpora], str(root / "tokenizer"),
+                            vocab_size)
+    prefixes = {}
+    for name in corpora:
+        prefix = root / name
+        if not Path(str(prefix) + ".idx").exists():
+            preprocess([str(root / f"{name}.jsonl")], str(prefix), str(model), name=name)
+        prefixes[name] = str(prefix)
+    return TinyData(str(model), prefixes)
+
+
+def tiny_config_dict(data: TinyData, output_dir: str | Path, **sections) -> dict:
+    """Plain config data for a tiny fp32 CPU run; ``sections`` update top-level sections."""
+    cfg = {
+        "name": "tiny",
+        "output_dir": str(output_dir),
+        "runtime": {"device": "cpu"},
+        "model": {"preset": "tiny"},
+        "tokenizer": {"model": data.tokenizer_model},
+        "data": {"seq_length": 64, "num_workers": 0,
+                 "datasets": [{"prefix": data.prefixes["web"], "weight": 0.7, "name": "web"},
+                              {"prefix": data.prefixes["code"], "weight": 0.3, "name": "code"}]},
+        "train": {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "seed": 1234},
+        "optim": {"warmup_steps": 2, "lr": 3.0e-3},
+        "checkpoint": {"save_at_end": False},
+        "logging": {"log_interval": 1, "tensorboard": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def tiny_config(data: TinyData, output_dir: str | Path, overrides=(), **sections) -> RunConfig:
+    return build_config(tiny_config_dict(data, output_dir, **sections), overrides)

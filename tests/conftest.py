@@ -1,0 +1,17 @@
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process or end-to-end test (CI runs them all)")
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped on CPU machines)")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    from phoenix.testing.tiny import make_tiny_data
+
+    return make_tiny_data(tmp_path_factory.mktemp("tiny_data"))

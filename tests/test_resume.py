@@ -1,0 +1,77 @@
+"""Resume is exact; checkpoints reshard across TP/PP; a NaN loss never overwrites a good one."""
+
+import shutil
+
+import pytest
+
+from phoenix.checkpoint import find_latest
+from phoenix.testing.distributed import run_distributed
+from phoenix.testing.tiny import tiny_config_dict
+from phoenix.testing.workers import train_and_record
+
+pytestmark = pytest.mark.slow
+
+
+def test_resume_is_exact(tiny_data, tmp_path):
+    full = tiny_config_dict(tiny_data, tmp_path / "full", train={"steps": 6})
+    (uninterrupted,) = run_distributed(train_and_record, 1, full)
+
+    split = tiny_config_dict(tiny_data, tmp_path / "split", train={"steps": 6},
+                             checkpoint={"save_interval": 3, "save_at_end": False})
+    (first,) = run_distributed(train_and_record, 1, split, ["train.stop_at_step=3", "checkpoint.save_at_end=true"])
+    assert first["step"] == 3
+    assert find_latest(tmp_path / "split" / "checkpoints").name == "step_000003"
+    (second,) = run_distributed(train_and_record, 1, split)  # a fresh process resumes
+    assert [s["step"] for s in second["steps"]] == [4, 5, 6]
+
+    resumed = first["steps"] + second["steps"]
+    for a, b in zip(uninterrupted["steps"], resumed):
+        assert a["step"] == b["step"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * max(1.0, a["grad_norm"]), (a, b)
+        assert a["lr"] == b["lr"]
+    assert second["consumed_samples"] == uninterrupted["consumed_samples"] == 6 * 8
+
+
+@pytest.mark.parametrize("saved,loaded", [
+    ((2, ["parallel.tensor=2"]), (1, [])),
+    ((2, ["parallel.pipeline=2"]), (1, [])),
+])
+def test_resharding_resume(saved, loaded, tiny_data, tmp_path):
+    """Save at TP=2 (PP=2), resume at TP=1 (PP=1): the continuation matches the
+    uninterrupted run at the saving layout."""
+    world, overrides = saved
+    cfg = tiny_config_dict(tiny_data, tmp_path / "saved", train={"steps": 6},
+                           checkpoint={"save_interval": 3, "save_at_end": False})
+    reference = run_distributed(train_and_record, world, cfg, overrides)[0]
+
+    resumed_dir = tmp_path / "resharded" / "checkpoints"
+    resumed_dir.mkdir(parents=True)
+    shutil.copytree(tmp_path / "saved" / "checkpoints" / "step_000003", resumed_dir / "step_000003")
+    cfg2 = tiny_config_dict(tiny_data, tmp_path / "resharded", train={"steps": 6})
+    world2, overrides2 = loaded
+    (resumed,) = run_distributed(train_and_record, world2, cfg2, overrides2)
+
+    assert [s["step"] for s in resumed["steps"]] == [4, 5, 6]
+    for a, b in zip(reference["steps"][3:], resumed["steps"]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a, b)
+    assert resumed["consumed_samples"] == reference["consumed_samples"]
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tiny_data, tmp_path):
+    cfg = tiny_config_dict(tiny_data, tmp_path / "nan", train={"steps": 6},
+                           checkpoint={"save_interval": 2, "save_at_end": True})
+    with pytest.raises(RuntimeError, match=r"non-finite loss \(nan\) at step 3"):
+        run_distributed(train_and_record, 1, cfg, [], 3)
+    latest = find_latest(tmp_path / "nan" / "checkpoints")
+    assert latest.name == "step_000002"  # no save at the failing step, none at "end"
+    assert sorted(p.name for p in (tmp_path / "nan" / "checkpoints").iterdir()) == [
+        "latest", "step_000002"]
+
+
+def test_nonfinite_loss_skip_policy(tiny_data, tmp_path):
+    cfg = tiny_config_dict(tiny_data, tmp_path / "skip", train={"steps": 4,
+                                                                  "on_nonfinite_loss": "skip"})
+    (result,) = run_distributed(train_and_record, 1, cfg, [], 2)
+    assert [s["skipped"] for s in result["steps"]] == [False, True, False, False]
+    assert result["skipped"] == 1 and result["step"] == 4
