@@ -93,15 +93,15 @@ def seed_everything(seed: int, pp_rank: int) -> None:
 
 def init_runtime(cfg: RunConfig) -> ParallelLayout:
     """Initialise the device backend, process groups and RNGs for this process."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
     device = cfg.runtime.device
-    if device == "cpu":
+    if device == "cpu":  # before megatron is imported: its import-time checks look at CUDA
         from phoenix.runtime import cpu_backend
 
         cpu_backend.enable()
-    elif not torch.cuda.is_available():
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device is 'cuda' but no GPU is visible; use runtime.device=cpu "
                            "to run on CPU")
     _init_process_group(device, cfg.runtime.distributed_timeout_minutes)

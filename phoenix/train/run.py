@@ -12,6 +12,17 @@ from phoenix.config import ConfigError, dump_config, load_config
 log = logging.getLogger("phoenix")
 
 
+# Deprecation notices raised inside megatron-core and torch.distributed on every run;
+# nothing a user can act on, and they bury the progress lines.
+_INTERNAL_WARNINGS = (
+    r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*",
+    r".*deprecating ShardedTensor.*",
+    r".*`load_state_dict` is deprecated.*",
+    r".*\.grad attribute of a Tensor that is not a leaf Tensor.*",
+    r".*full scope is deprecated.*",
+)
+
+
 def setup_logging() -> None:
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -21,6 +32,10 @@ def setup_logging() -> None:
                         datefmt="%H:%M:%S", stream=sys.stdout, force=True)
     if rank not in (0, world - 1):
         logging.getLogger().setLevel(logging.WARNING)
+    import warnings
+
+    for pattern in _INTERNAL_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
     for noisy in ("megatron", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

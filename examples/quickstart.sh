@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Phoenix quickstart on CPU: corpus -> tokenizer -> .bin/.idx -> torchrun pretraining
+# (2 processes, pipeline parallel) -> resume from the checkpoint for the last steps.
+# Usage: examples/quickstart.sh [PYTHON]   (default: .venv/bin/python)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${1:-.venv/bin/python}
+RUN=runs/quickstart
+DATA=$RUN/data
+export OMP_NUM_THREADS=1
+mkdir -p "$DATA"
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+say "1/5 synthetic corpus (web + code)"
+[ -f $DATA/web.jsonl ] || $PY tools/make_corpus.py --output $DATA/web.jsonl --num-docs 3000 --seed 1 --domain web
+[ -f $DATA/code.jsonl ] || $PY tools/make_corpus.py --output $DATA/code.jsonl --num-docs 1500 --seed 2 --domain code --group-key repo
+
+say "2/5 sentencepiece tokenizer"
+[ -f $DATA/tokenizer.model ] || $PY tools/train_tokenizer.py --input $DATA/web.jsonl $DATA/code.jsonl \
+    --text-key text --model-prefix $DATA/tokenizer --vocab-size 1024
+
+say "3/5 tokenise into megatron-core .bin/.idx"
+[ -f $DATA/web.idx ] || $PY tools/preprocess_data.py --input $DATA/web.jsonl --output-prefix $DATA/web \
+    --tokenizer-model $DATA/tokenizer.model --workers 2 --name web --tags web,en
+[ -f $DATA/code.idx ] || $PY tools/preprocess_data.py --input $DATA/code.jsonl --output-prefix $DATA/code \
+    --tokenizer-model $DATA/tokenizer.model --workers 2 --group-key repo --name code --tags code
+
+TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node 2"
+say "4/5 pretrain 30 of 40 steps (torchrun, 2 processes, PP=2), checkpoint every 10"
+$TORCHRUN -m phoenix.train configs/quickstart.yaml train.stop_at_step=30
+
+say "5/5 resume from the latest checkpoint and finish the run"
+$TORCHRUN -m phoenix.train configs/quickstart.yaml
+
+latest=$(cat $RUN/checkpoints/latest)
+cat <<MSG
+
+Done.
+  checkpoints : $RUN/checkpoints/ (latest: $latest)
+  TensorBoard : $RUN/tensorboard/
+  config      : $RUN/config.yaml
+Open TensorBoard with:
+  $(dirname $PY)/tensorboard --logdir $RUN/tensorboard
+MSG
