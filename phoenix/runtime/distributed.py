@@ -134,6 +134,8 @@ def init_runtime(cfg: RunConfig) -> ParallelLayout:
 
 def shutdown_runtime() -> None:
     """Tear down megatron's groups and the process group (tests reuse processes)."""
+    if not dist.is_initialized():
+        return  # e.g. a dry run: nothing was started, and megatron need not be imported
     from megatron.core import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
