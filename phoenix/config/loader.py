@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -22,12 +23,29 @@ from phoenix.config.typed import ConfigError, apply_override, from_dict, to_dict
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-3`` as a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)
+                |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def _read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     if not isinstance(data, dict):
@@ -54,7 +72,7 @@ def parse_overrides(overrides: Iterable[str]) -> list[tuple[str, object]]:
         if not sep or not key or key.startswith("-"):
             raise ConfigError(f"override '{item}': expected dotted.key=value")
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = _yaml_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
         parsed.append((key.strip(), value))

@@ -7,6 +7,7 @@ that relate sections (and the world size) live in :meth:`RunConfig.validate_layo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -15,7 +16,7 @@ from phoenix.config.typed import ConfigError
 
 def _positive(section: str, **values) -> None:
     for name, value in values.items():
-        if value is not None and value <= 0:
+        if value is not None and not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{section}.{name}: must be > 0, got {value}")
 
 

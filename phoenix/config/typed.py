@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -124,15 +125,36 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+_INDEXED = re.compile(r"^(\w+)\[(\d+)\]$")
+
+
 def apply_override(data: dict, dotted_key: str, value: Any) -> None:
-    """Set ``a.b.c=value`` inside nested dict ``data`` (creating sections as needed)."""
+    """Set ``a.b.c=value`` inside nested dict ``data`` (creating sections as needed).
+
+    A list item is addressed by index: ``data.datasets[1].weight=0.2``.
+    """
     parts = dotted_key.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
+    node: Any = data
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        m = _INDEXED.match(part)
+        if m:
+            name, index = m.group(1), int(m.group(2))
+            items = node.get(name) if isinstance(node, dict) else None
+            if not isinstance(items, list) or index >= len(items):
+                size = len(items) if isinstance(items, list) else 0
+                raise ConfigError(f"override '{dotted_key}': '{name}' has no item {index} "
+                                  f"(it has {size})")
+            if last:
+                items[index] = value
+                return
+            node = items[index]
+        elif last:
+            node[part] = value
+        else:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            node = child
+        if not last and not isinstance(node, dict):
             raise ConfigError(f"override '{dotted_key}': '{part}' is not a section")
-        node = child
-    node[parts[-1]] = value

@@ -45,17 +45,17 @@ def make_tiny_data(root: str | Path, num_docs: int = 300, vocab_size: int = 512)
     return TinyData(str(model), prefixes)
 
 
-def tiny_config_dict(data: TinyData, output_dir: str | Path, **sections) -> dict:
+def tiny_config_dict(files: TinyData, output_dir: str | Path, **sections) -> dict:
     """Plain config data for a tiny fp32 CPU run; ``sections`` update top-level sections."""
     cfg = {
         "name": "tiny",
         "output_dir": str(output_dir),
         "runtime": {"device": "cpu"},
         "model": {"preset": "tiny"},
-        "tokenizer": {"model": data.tokenizer_model},
+        "tokenizer": {"model": files.tokenizer_model},
         "data": {"seq_length": 64, "num_workers": 0,
-                 "datasets": [{"prefix": data.prefixes["web"], "weight": 0.7, "name": "web"},
-                              {"prefix": data.prefixes["code"], "weight": 0.3, "name": "code"}]},
+                 "datasets": [{"prefix": files.prefixes["web"], "weight": 0.7, "name": "web"},
+                              {"prefix": files.prefixes["code"], "weight": 0.3, "name": "code"}]},
         "train": {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "seed": 1234},
         "optim": {"warmup_steps": 2, "lr": 3.0e-3},
         "checkpoint": {"save_at_end": False},
@@ -69,5 +69,5 @@ def tiny_config_dict(data: TinyData, output_dir: str | Path, **sections) -> dict
     return cfg
 
 
-def tiny_config(data: TinyData, output_dir: str | Path, overrides=(), **sections) -> RunConfig:
-    return build_config(tiny_config_dict(data, output_dir, **sections), overrides)
+def tiny_config(files: TinyData, output_dir: str | Path, overrides=(), **sections) -> RunConfig:
+    return build_config(tiny_config_dict(files, output_dir, **sections), overrides)

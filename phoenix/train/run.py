@@ -7,7 +7,9 @@ import logging
 import os
 import sys
 
+from phoenix.checkpoint.manager import CheckpointError
 from phoenix.config import ConfigError, dump_config, load_config
+from phoenix.data.indexed import DataError
 
 log = logging.getLogger("phoenix")
 
@@ -71,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg)
     except ConfigError as e:
         print(f"phoenix: config error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError) as e:
+        print(f"phoenix: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     finally:
         from phoenix.runtime import shutdown_runtime

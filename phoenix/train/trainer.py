@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from phoenix.checkpoint import CheckpointManager
-from phoenix.checkpoint.manager import CheckpointError, resolve_checkpoint
+from phoenix.checkpoint.manager import find_latest, resolve_checkpoint
 from phoenix.config import ConfigError, RunConfig, dump_config
 from phoenix.data.indexed import check_prefix, read_meta
 from phoenix.data.loader import DataLoader
@@ -59,8 +59,8 @@ def check_inputs(cfg: RunConfig):
 
     try:
         tokenizer = SentencePieceTokenizer(cfg.tokenizer.model)
-    except (FileNotFoundError, OSError) as e:
-        raise ConfigError(f"tokenizer.model: {e}") from None
+    except (OSError, RuntimeError) as e:  # sentencepiece raises RuntimeError on a bad file
+        raise ConfigError(f"tokenizer.model: cannot load {cfg.tokenizer.model}: {e}") from None
     if cfg.model.vocab_size is not None and tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size: the tokenizer {cfg.tokenizer.model} has {tokenizer.vocab_size} "
@@ -73,6 +73,13 @@ def check_inputs(cfg: RunConfig):
             raise ConfigError(
                 f"data.datasets[{i}]: '{entry.prefix}' was tokenised with a different tokenizer "
                 f"than tokenizer.model {cfg.tokenizer.model} (fingerprints differ)")
+    ckpt = cfg.checkpoint
+    resuming = ckpt.resume and find_latest(Path(cfg.output_dir) / "checkpoints") is not None
+    if ckpt.init_from and not resuming:
+        source = resolve_checkpoint(ckpt.init_from)  # raises CheckpointError naming the path
+        if source.resolve().is_relative_to(Path(cfg.output_dir).resolve()):
+            raise ConfigError(f"checkpoint.init_from: {source} lies inside this run's output_dir "
+                              f"(it would be resumed, not initialised from); use checkpoint.resume")
     return tokenizer
 
 
@@ -141,11 +148,8 @@ class Trainer:
             self.state = TrainState(**saved["trainer"])
             self._log0(f"resumed from {latest} at step {self.state.step}")
             return saved["data"]
-        if ckpt.init_from:
+        if ckpt.init_from:  # validated by check_inputs
             source = resolve_checkpoint(ckpt.init_from)
-            if source.resolve().is_relative_to(self.out_dir.resolve()):
-                raise CheckpointError(f"checkpoint.init_from {source} lies inside this run's "
-                                      f"output_dir; use resume instead")
             self.checkpoints.load_weights(source, self.model)
             self._log0(f"initialised weights from {source} (optimizer and schedule start fresh)")
         return None

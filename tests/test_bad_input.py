@@ -1,0 +1,307 @@
+"""Bad inputs stop a run with an error naming what is wrong and where, before any model is built.
+
+Uses the session's tiny data (``tiny_data``); everything that is damaged is a copy in
+``tmp_path``. No training runs: the one CLI test fails in ``check_inputs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import yaml
+
+from phoenix.checkpoint import CheckpointError, find_latest
+from phoenix.checkpoint.manager import STATE_FILE, resolve_checkpoint
+from phoenix.config import ConfigError, build_config
+from phoenix.data.indexed import DataError, check_prefix, read_meta
+from phoenix.testing.tiny import tiny_config, tiny_config_dict
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Transformer Engine and Apex:UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+]
+
+
+def check_inputs(cfg):
+    from phoenix.train.trainer import check_inputs as _check_inputs
+
+    return _check_inputs(cfg)
+
+
+def copy_prefix(prefix: str, dest_dir: Path, name: str | None = None) -> str:
+    """Copy ``prefix.{bin,idx,meta.json}`` into ``dest_dir``; return the new prefix."""
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    new = str(dest_dir / (name or Path(prefix).name))
+    for suffix in (".bin", ".idx", ".meta.json"):
+        if os.path.exists(prefix + suffix):
+            shutil.copy(prefix + suffix, new + suffix)
+    return new
+
+
+def dict_with_datasets(tiny_data, out_dir, *prefixes) -> dict:
+    # (tiny_config_dict's first parameter is called ``data``, so the data section is set here)
+    cfg = tiny_config_dict(tiny_data, out_dir)
+    cfg["data"]["datasets"] = [{"prefix": p, "weight": 1.0, "name": f"d{i}"}
+                               for i, p in enumerate(prefixes)]
+    return cfg
+
+
+def with_datasets(tiny_data, tmp_path, *prefixes):
+    return build_config(dict_with_datasets(tiny_data, tmp_path / "run", *prefixes))
+
+
+def test_tiny_inputs_are_fine(tiny_data, tmp_path):
+    tokenizer = check_inputs(tiny_config(tiny_data, tmp_path / "run"))
+    assert tokenizer.vocab_size == 512
+    facts = check_prefix(tiny_data.prefixes["web"])
+    assert facts["num_sequences"] > 0 and facts["num_tokens"] > 0
+
+
+# -- data prefixes ------------------------------------------------------------------------
+
+def test_missing_prefix(tiny_data, tmp_path):
+    missing = str(tmp_path / "nowhere" / "web")
+    cfg = with_datasets(tiny_data, tmp_path, tiny_data.prefixes["code"], missing)
+    with pytest.raises(DataError, match=re.escape(f"data prefix '{missing}': missing file {missing}.idx")):
+        check_inputs(cfg)
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".idx"])
+def test_missing_bin_or_idx(tiny_data, tmp_path, suffix):
+    prefix = copy_prefix(tiny_data.prefixes["web"], tmp_path / "data")
+    os.remove(prefix + suffix)
+    cfg = with_datasets(tiny_data, tmp_path, prefix)
+    with pytest.raises(DataError, match=re.escape(f"missing file {prefix}{suffix}")):
+        check_inputs(cfg)
+
+
+def test_bin_swapped_with_another_dataset(tiny_data, tmp_path):
+    prefix = copy_prefix(tiny_data.prefixes["web"], tmp_path / "data")
+    shutil.copy(tiny_data.prefixes["code"] + ".bin", prefix + ".bin")
+    with pytest.raises(DataError) as e:
+        check_prefix(prefix)
+    msg = str(e.value)
+    assert f"{prefix}.bin" in msg and f"{prefix}.idx" in msg
+    assert "does not belong to this .bin" in msg
+    # and through check_inputs, as a run would see it
+    with pytest.raises(DataError, match=re.escape(f"{prefix}.bin has")):
+        check_inputs(with_datasets(tiny_data, tmp_path, prefix))
+
+
+def test_truncated_bin(tiny_data, tmp_path):
+    prefix = copy_prefix(tiny_data.prefixes["web"], tmp_path / "data")
+    size = os.path.getsize(prefix + ".bin")
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(size - 2)
+    with pytest.raises(DataError, match=re.escape(
+            f"{prefix}.bin has {size - 2} bytes but {prefix}.idx describes {size} bytes")):
+        check_prefix(prefix)
+
+
+def test_idx_from_another_dataset(tiny_data, tmp_path):
+    prefix = copy_prefix(tiny_data.prefixes["web"], tmp_path / "data")
+    shutil.copy(tiny_data.prefixes["code"] + ".idx", prefix + ".idx")
+    with pytest.raises(DataError, match=re.escape(f"{prefix}.bin has")) as e:
+        check_prefix(prefix)
+    assert f"{prefix}.idx describes" in str(e.value)
+
+
+def test_corrupt_idx(tiny_data, tmp_path):
+    prefix = copy_prefix(tiny_data.prefixes["web"], tmp_path / "data")
+    Path(prefix + ".idx").write_bytes(b"this is not an index" * 4)
+    with pytest.raises(DataError, match=re.escape(f"data prefix '{prefix}': cannot read {prefix}.idx")):
+        check_prefix(prefix)
+
+
+def test_meta_json_not_json(tiny_data, tmp_path):
+    prefix = copy_prefix(tiny_data.prefixes["web"], tmp_path / "data")
+    Path(prefix + ".meta.json").write_text("{not json")
+    with pytest.raises(DataError, match=re.escape(f"{prefix}.meta.json is not valid JSON")):
+        check_inputs(with_datasets(tiny_data, tmp_path, prefix))
+
+
+# -- tokenizer ----------------------------------------------------------------------------
+
+def test_tokenizer_larger_than_model_vocab(tiny_data, tmp_path):
+    cfg = tiny_config(tiny_data, tmp_path / "run", model={"preset": "tiny", "vocab_size": 100})
+    with pytest.raises(ConfigError, match=re.escape(
+            f"model.vocab_size: the tokenizer {tiny_data.tokenizer_model} has 512 tokens, "
+            f"more than the model's vocab_size 100")):
+        check_inputs(cfg)
+    # equal (or larger, e.g. padded) model vocab is fine
+    check_inputs(tiny_config(tiny_data, tmp_path / "run", model={"preset": "tiny", "vocab_size": 512}))
+
+
+def test_missing_tokenizer_model(tiny_data, tmp_path):
+    missing = str(tmp_path / "nope" / "tokenizer.model")
+    cfg = tiny_config(tiny_data, tmp_path / "run", tokenizer={"model": missing})
+    with pytest.raises(ConfigError, match=re.escape(f"tokenizer.model: tokenizer model not found: {missing}")):
+        check_inputs(cfg)
+
+
+def test_unreadable_tokenizer_model(tiny_data, tmp_path):
+    vocab = str(Path(tiny_data.tokenizer_model).with_suffix(".vocab"))
+    assert os.path.isfile(vocab)
+    cfg = tiny_config(tiny_data, tmp_path / "run", tokenizer={"model": vocab})
+    with pytest.raises(ConfigError, match=re.escape("tokenizer.model") + ".*" + re.escape(vocab)):
+        check_inputs(cfg)
+
+
+def test_data_from_a_different_tokenizer(tiny_data, tmp_path):
+    prefix = copy_prefix(tiny_data.prefixes["code"], tmp_path / "data")
+    meta = read_meta(prefix)
+    assert meta["tokenizer_fingerprint"]
+    check_inputs(with_datasets(tiny_data, tmp_path, prefix))  # the untouched copy is fine
+    meta["tokenizer_fingerprint"] = "0" * 64
+    Path(prefix + ".meta.json").write_text(json.dumps(meta))
+    cfg = with_datasets(tiny_data, tmp_path, tiny_data.prefixes["web"], prefix)
+    with pytest.raises(ConfigError, match=re.escape(
+            f"data.datasets[1]: '{prefix}' was tokenised with a different tokenizer than "
+            f"tokenizer.model {tiny_data.tokenizer_model}")):
+        check_inputs(cfg)
+
+
+# -- checkpoints --------------------------------------------------------------------------
+
+def make_ckpt(path: Path, complete: bool = True, state: bool = True, metadata: bool = True) -> Path:
+    path.mkdir(parents=True)
+    if complete or state:
+        (path / STATE_FILE).write_bytes(b"state")
+    if complete or metadata:
+        (path / "metadata.json").write_text("{}")
+    return path
+
+
+def test_init_from_missing_directory(tmp_path):
+    missing = tmp_path / "no_such_run"
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint not found: {missing}")):
+        resolve_checkpoint(missing)
+
+
+@pytest.mark.parametrize("layout,point_at", [
+    (layout, point_at)
+    for layout in ("empty_step", "only_tmp", "state_only", "metadata_only")
+    for point_at in ("run", "checkpoints", "step")
+    if (layout, point_at) != ("only_tmp", "step")  # naming a .tmp-* dir explicitly is not covered
+])
+def test_init_from_without_complete_checkpoint(tmp_path, layout, point_at):
+    run = tmp_path / "run"
+    ckpts = run / "checkpoints"
+    if layout == "empty_step":
+        step = ckpts / "step_000003"
+        step.mkdir(parents=True)
+    elif layout == "only_tmp":
+        make_ckpt(ckpts / ".tmp-step_000003")  # complete files, but never renamed
+        step = ckpts / ".tmp-step_000003"
+    elif layout == "state_only":
+        step = make_ckpt(ckpts / "step_000003", complete=False, metadata=False)
+    else:
+        step = make_ckpt(ckpts / "step_000003", complete=False, state=False)
+    target = {"run": run, "checkpoints": ckpts, "step": step}[point_at]
+    with pytest.raises(CheckpointError, match=re.escape(f"no complete checkpoint in {target}")) as e:
+        resolve_checkpoint(target)
+    assert STATE_FILE in str(e.value) and "metadata.json" in str(e.value)
+
+
+def test_resolve_checkpoint_finds_complete_ones(tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    make_ckpt(ckpts / "step_000002")
+    make_ckpt(ckpts / "step_000004")
+    (ckpts / "step_000006").mkdir()
+    assert resolve_checkpoint(tmp_path / "run") == ckpts / "step_000004"
+    assert resolve_checkpoint(ckpts) == ckpts / "step_000004"
+    assert resolve_checkpoint(ckpts / "step_000002") == ckpts / "step_000002"
+
+
+def test_find_latest_ignores_incomplete_and_tmp(tmp_path):
+    root = tmp_path / "checkpoints"
+    assert find_latest(root) is None  # missing directory
+    root.mkdir()
+    assert find_latest(root) is None  # empty directory
+    make_ckpt(root / "step_000002")
+    make_ckpt(root / ".tmp-step_000009")                          # unfinished save
+    make_ckpt(root / "step_000008", complete=False, metadata=False)  # no metadata.json
+    make_ckpt(root / "step_000007", complete=False, state=False)     # no phoenix_state.pt
+    (root / "step_000006").mkdir()                                 # empty
+    make_ckpt(root / "step_5")                                     # not a step_NNNNNN name
+    make_ckpt(root / "backup_step_000010")
+    (root / "step_000011").write_text("a file, not a directory")
+    (root / "latest").write_text("step_000009\n")                 # latest file is not trusted
+    assert find_latest(root) == root / "step_000002"
+    make_ckpt(root / "step_000003")
+    assert find_latest(root) == root / "step_000003"
+
+
+def test_find_latest_orders_numerically(tmp_path):
+    make_ckpt(tmp_path / "step_999999")
+    make_ckpt(tmp_path / "step_1000000")
+    assert find_latest(tmp_path) == tmp_path / "step_1000000"
+
+
+# -- the trainer fails before building the model -------------------------------------------
+
+class ModelBuilt(Exception):
+    pass
+
+
+@pytest.fixture
+def trainer_without_model(monkeypatch):
+    """A Trainer whose setup() raises ModelBuilt where it would build the model."""
+    import phoenix.train.trainer as trainer_mod
+
+    def no_model(*args, **kwargs):
+        raise ModelBuilt("setup reached build_model")
+
+    monkeypatch.setattr(trainer_mod, "build_model", no_model)
+    monkeypatch.setattr(trainer_mod.dist, "barrier", lambda *a, **k: None)
+    layout = types.SimpleNamespace(rank=0, world_size=1, describe=lambda: "fake layout")
+    return lambda cfg: trainer_mod.Trainer(cfg, layout, callbacks=[])
+
+
+def test_setup_checks_data_before_model(tiny_data, tmp_path, trainer_without_model):
+    missing = str(tmp_path / "nowhere" / "web")
+    cfg = with_datasets(tiny_data, tmp_path, missing)
+    with pytest.raises(DataError, match=re.escape(f"missing file {missing}.idx")):
+        trainer_without_model(cfg).setup()
+    assert not (tmp_path / "run" / "config.yaml").exists()
+    # with good inputs the same harness does get to the model (so the check above can fail)
+    with pytest.raises(ModelBuilt):
+        trainer_without_model(tiny_config(tiny_data, tmp_path / "run")).setup()
+
+
+@pytest.mark.parametrize("kind", ["missing", "empty_step"])
+def test_setup_checks_init_from_before_model(tiny_data, tmp_path, trainer_without_model, kind):
+    source = tmp_path / "other_run"
+    if kind == "empty_step":
+        (source / "checkpoints" / "step_000003").mkdir(parents=True)
+    cfg = tiny_config(tiny_data, tmp_path / "run", checkpoint={"init_from": str(source)})
+    with pytest.raises(CheckpointError, match=re.escape(str(source))):
+        trainer_without_model(cfg).setup()
+
+
+# -- the CLI ------------------------------------------------------------------------------
+
+def test_cli_missing_data_prefix(tiny_data, tmp_path):
+    missing = str(tmp_path / "nowhere" / "web")
+    out_dir = tmp_path / "run"
+    data = dict_with_datasets(tiny_data, out_dir, missing)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "phoenix.train", str(recipe), "train.steps=1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert f"missing file {missing}.idx" in output
+    assert not (out_dir / "config.yaml").exists()  # stopped before the run directory was set up
