@@ -35,6 +35,13 @@ class Callback:
     def on_train_start(self, trainer) -> None:
         pass
 
+    def on_before_optimizer_step(self, trainer) -> None:
+        """Gradients are final (reduced over DP, scaled by 1/tokens) but not yet clipped
+        or applied; ``trainer.state.step`` is the number of steps completed before this one."""
+
+    def on_after_optimizer_step(self, trainer, grad_norm: float) -> None:
+        """Parameters hold the updated values; ``grad_norm`` is megatron's global norm."""
+
     def on_step_end(self, trainer, metrics: StepMetrics) -> None:
         pass
 

@@ -190,7 +190,11 @@ class Trainer:
                     grad_norm = float("nan")
                     state.skipped_steps += 1
                 else:
+                    for cb in self.callbacks:
+                        cb.on_before_optimizer_step(self)
                     _, grad_norm, _ = self.optimizer.step()
+                    for cb in self.callbacks:
+                        cb.on_after_optimizer_step(self, grad_norm)
                 self.scheduler.step(increment=1)
 
                 state.step += 1
