@@ -1,4 +1,4 @@
-"""``phoenix`` command: ``phoenix train CONFIG [k=v ...]``."""
+"""``phoenix`` command: ``phoenix train CONFIG [k=v ...]``, ``phoenix lr-plot CONFIG --out DIR``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "train": "phoenix.train.run",
+    "lr-plot": "phoenix.optim.lr_plot",
 }
 
 

@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+# A module import (not `from ... import`): phoenix.optim.schedule imports phoenix.config,
+# so the class may not exist yet here; the annotation is resolved when a config is built.
+import phoenix.optim.schedule as optim_schedule
 from phoenix.config.typed import ConfigError
 
 
@@ -100,10 +103,25 @@ class DatasetEntry:
     weight: float = 1.0
     name: Optional[str] = None
     """Short name used in logs; defaults to the prefix's file name."""
+    min_share: float = 0.0
+    """If the weight is below this share, the dataset comes in bursts: it fills
+    round(min_share * global_batch_size) samples of a batch, in a weight/min_share fraction
+    of the batches (evenly spaced), and is absent in between. 0 disables."""
+    group_mode: Literal["none", "batch"] = "none"
+    """``batch``: keep each group of ``PREFIX.groups.npy`` (a repository, a book) inside one
+    global batch (consecutive batches when larger); samples never cross groups."""
 
     def __post_init__(self):
-        if self.weight < 0:
-            raise ConfigError(f"weight: must be >= 0, got {self.weight} for dataset '{self.prefix}'")
+        if self.weight < 0 or not math.isfinite(self.weight):
+            raise ConfigError(f"weight: must be >= 0 and finite, got {self.weight} for "
+                              f"dataset '{self.prefix}'")
+        if not 0 <= self.min_share < 1:
+            raise ConfigError(f"min_share: must be in [0, 1), got {self.min_share} for dataset "
+                              f"'{self.prefix}'")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or self.prefix.rstrip("/").split("/")[-1]
 
 
 @dataclass(kw_only=True)
@@ -111,8 +129,12 @@ class DataConfig:
     datasets: list[DatasetEntry]
     seq_length: int
     """Tokens per training sample."""
+    sampler: Literal["plan", "megatron"] = "plan"
+    """``plan``: phoenix's data plan (exact per-batch mixture, min_share bursts, whole
+    groups). ``megatron``: megatron-core's BlendedDataset/GPTDataset (for comparison;
+    ignores min_share and group_mode)."""
     cache_dir: Optional[str] = None
-    """Where sample indices are cached; default ``<output_dir>/data_cache``."""
+    """Where data plans and sample indices are cached; default ``<output_dir>/data_cache``."""
     num_workers: int = 1
     """Background threads that prefetch the next global batches."""
 
@@ -121,6 +143,11 @@ class DataConfig:
             raise ConfigError("data.datasets: at least one dataset is required")
         if sum(d.weight for d in self.datasets) <= 0:
             raise ConfigError("data.datasets: the weights sum to zero")
+        names = [d.display_name for d in self.datasets]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ConfigError(f"data.datasets[{i}].name: '{name}' is used twice; give each "
+                                  f"dataset its own name")
         _positive("data", seq_length=self.seq_length)
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
@@ -150,8 +177,24 @@ class OptimConfig:
     """Steps from 0 to the end of the decay; default train.steps."""
     wsd_decay_steps: Optional[int] = None
     wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
+    schedule: Optional[optim_schedule.ScheduleConfig] = None
+    """Multi-phase LR schedule (warmup/constant/decay phases, see phoenix.optim.schedule).
+    When set it defines the LR: lr and min_lr come from its peak_lr and min_lr, and
+    warmup_steps, decay_steps and wsd_decay_steps must be left unset."""
 
     def __post_init__(self):
+        if self.schedule is not None:
+            for key, value in (("lr", self.schedule.peak_lr), ("min_lr", self.schedule.min_lr)):
+                mine = getattr(self, key)
+                if mine is not None and mine != value:
+                    name = "peak_lr" if key == "lr" else key
+                    raise ConfigError(f"optim.{key}: {mine} conflicts with optim.schedule.{name} "
+                                      f"{value}; set it in the schedule only")
+            self.lr, self.min_lr = self.schedule.peak_lr, self.schedule.min_lr
+            for key in ("warmup_steps", "decay_steps", "wsd_decay_steps"):
+                if getattr(self, key):
+                    raise ConfigError(f"optim.{key}: not used with optim.schedule "
+                                      f"(its phases define the schedule)")
         _positive("optim", lr=self.lr, decay_steps=self.decay_steps)
         if self.min_lr is not None and self.min_lr < 0:
             raise ConfigError(f"optim.min_lr: must be >= 0, got {self.min_lr}")
@@ -253,6 +296,9 @@ class RunConfig:
                               f"model.max_seq_length {self.model.max_seq_length}")
         if self.runtime.device == "cpu":
             self.train.precision = "fp32"
+        if self.optim.schedule is not None:  # tokens -> steps; phases must cover train.steps
+            optim_schedule.resolve(self.optim.schedule, optim_schedule.tokens_per_step_of(self),
+                                   total_steps=self.train.steps, prefix="optim.schedule")
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor * self.parallel.pipeline * self.parallel.context)

@@ -13,6 +13,20 @@ class DataError(ValueError):
     """Training data is missing or inconsistent; the message names the file."""
 
 
+def indexed_dataset_module():
+    """megatron-core's ``indexed_dataset`` module, imported without its GPU-kernel notices.
+
+    Importing it pulls in megatron.core, which warns that Transformer Engine and apex are
+    missing; data tools never run GPU kernels, so those warnings only mislead here.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+        from megatron.core.datasets import indexed_dataset
+    return indexed_dataset
+
+
 def check_prefix(prefix: str) -> dict:
     """Verify that ``prefix.bin``/``prefix.idx`` exist and agree; return basic facts.
 
@@ -20,8 +34,7 @@ def check_prefix(prefix: str) -> dict:
     ``.bin`` must be exactly as long as its last sequence's end, otherwise the pair was
     mixed up or truncated (a partial copy, a rerun that rewrote only one file).
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
+    IndexedDataset = indexed_dataset_module().IndexedDataset
     bin_path, idx_path = Path(prefix + ".bin"), Path(prefix + ".idx")
     for path in (idx_path, bin_path):
         if not path.is_file():

@@ -37,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from phoenix.tokenizer import SentencePieceTokenizer
+from phoenix.data.indexed import indexed_dataset_module
 
 logger = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def _write_dataset(
 ) -> _Stats:  # fmt: skip
     # Lazy: only the writer needs torch / megatron; pool workers stay light.
     import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    IndexedDatasetBuilder = indexed_dataset_module().IndexedDatasetBuilder
 
     stats = _Stats(encoder.group_key)
     start = time.perf_counter()
@@ -279,7 +280,7 @@ def preprocess(
     tag_list = [t.strip() for t in (tags.split(",") if isinstance(tags, str) else tags)]
 
     # Lazy: importing megatron.core takes seconds, and pool workers never need it.
-    from megatron.core.datasets.indexed_dataset import DType
+    DType = indexed_dataset_module().DType
 
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     prefix = os.fspath(output_prefix)

@@ -6,9 +6,12 @@ a pure function of ``s`` and a resume is exact.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from phoenix.config import RunConfig
+if TYPE_CHECKING:  # phoenix.config imports phoenix.optim.schedule: avoid the cycle
+    from phoenix.config import RunConfig
 
 
 def build_optimizer(cfg: RunConfig, model_chunks, layout):
@@ -39,6 +42,11 @@ def build_optimizer(cfg: RunConfig, model_chunks, layout):
 
 
 def build_scheduler(cfg: RunConfig, optimizer):
+    """The multi-phase schedule when ``optim.schedule`` is set, else megatron's scheduler."""
+    if cfg.optim.schedule is not None:
+        from phoenix.optim.schedule import build_multi_phase_scheduler
+
+        return build_multi_phase_scheduler(cfg, optimizer)
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     o = cfg.optim

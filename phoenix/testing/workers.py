@@ -48,3 +48,24 @@ def train_and_record(config: dict, overrides: list[str] = (), inject_nan_at: int
     return {"steps": recorder.steps, "step": state.step,
             "consumed_samples": state.consumed_samples, "skipped": state.skipped_steps,
             "rank": layout.rank, "layout": layout.describe()}
+
+
+def train_with_norms(config: dict, overrides: list[str] = (), norm_interval: int = 1) -> dict:
+    """Like :func:`train_and_record`, with exactly one ``NormMonitor(norm_interval)`` in the
+    callbacks (none when ``norm_interval`` is 0), whatever the trainer's defaults are."""
+    from phoenix.monitor.norms import NormMonitor
+    from phoenix.runtime import init_runtime
+    from phoenix.train.trainer import Trainer
+
+    cfg = build_config(config, overrides)
+    layout = init_runtime(cfg)
+    recorder = Recorder()
+    trainer = Trainer(cfg, layout)
+    trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, NormMonitor)]
+    if norm_interval:
+        trainer.callbacks.append(NormMonitor(norm_interval))
+    trainer.callbacks.append(recorder)
+    trainer.setup()
+    state = trainer.train()
+    return {"steps": recorder.steps, "step": state.step, "rank": layout.rank,
+            "layout": layout.describe(), "is_logging_rank": layout.is_logging_rank}

@@ -22,12 +22,12 @@ from phoenix.checkpoint.manager import find_latest, resolve_checkpoint
 from phoenix.config import ConfigError, RunConfig, dump_config
 from phoenix.data.indexed import check_prefix, read_meta
 from phoenix.data.loader import DataLoader
-from phoenix.data.megatron_blend import MegatronBlendSource
 from phoenix.model import build_model
 from phoenix.monitor import ConsoleLogger, TensorBoardLogger
 from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.runtime import ParallelLayout
 from phoenix.train.callbacks import Callback, StepMetrics
+from phoenix.train.data_setup import build_source
 from phoenix.train.step import forward_step, reduce_loss
 
 log = logging.getLogger("phoenix.train")
@@ -117,16 +117,10 @@ class Trainer:
                                              layout.world_size, cfg.checkpoint.keep_last)
         data_state = self._restore()
 
-        d = cfg.data
-        source = MegatronBlendSource(
-            prefixes=[e.prefix for e in d.datasets], weights=[e.weight for e in d.datasets],
-            names=[e.name or Path(e.prefix).name for e in d.datasets], seq_length=d.seq_length,
-            num_samples=cfg.train.steps * cfg.train.global_batch_size, seed=cfg.train.seed,
-            vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod_id,
-            cache_dir=d.cache_dir or str(self.out_dir / "data_cache"))
+        source = build_source(cfg, layout.rank, tokenizer)
         self.loader = DataLoader(source, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                  layout.dp_rank, layout.dp_size, cfg.train.steps,
-                                 prefetch=d.num_workers and 2)
+                                 prefetch=cfg.data.num_workers and 2)
         if data_state is not None:
             self.loader.load_state_dict(data_state)
 
@@ -181,6 +175,7 @@ class Trainer:
                     forward_only=False)
                 loss, tokens = self._global_loss(losses)
 
+                lr = self.optimizer.param_groups[0]["lr"]  # the LR this step trains with
                 skipped = not math.isfinite(loss)
                 if skipped and cfg.train.on_nonfinite_loss == "stop":
                     raise NonFiniteLossError(
@@ -202,7 +197,7 @@ class Trainer:
                 state.consumed_tokens += tokens
                 self.losses.append((state.step, loss))
                 metrics = StepMetrics(
-                    step=state.step, loss=loss, lr=self.optimizer.param_groups[0]["lr"],
+                    step=state.step, loss=loss, lr=lr,
                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                     tokens=tokens, consumed_samples=state.consumed_samples,
                     consumed_tokens=state.consumed_tokens, step_time=time.perf_counter() - t0,

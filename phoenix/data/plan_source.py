@@ -1,0 +1,105 @@
+"""Training samples in the order of phoenix's data plan (the default sample source).
+
+For every dataset of the run a :class:`SampleIndex` cuts its token stream into samples
+(at group boundaries when the dataset is grouped). The plan then says, for every global
+batch, which (dataset, sample) pairs it holds; it is built once and cached on disk under
+a fingerprint of all its inputs, so a restart or another parallel layout loads the same
+plan (tools/build_data_plan.py builds it ahead of the job).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs, build_plan, load_plan, plan_fingerprint, save_plan
+from phoenix.data.samples import SampleIndex, SampleReader, build_sample_index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PlanDatasetSpec:
+    """What the plan needs to know about one dataset of the run (from the data config)."""
+
+    name: str
+    prefix: str
+    weight: float
+    min_share: float = 0.0
+    group_mode: str = "none"
+
+
+def plan_inputs(specs: list[PlanDatasetSpec], indices: list[SampleIndex], global_batch_size: int,
+                num_batches: int, seed: int, start_offsets: list[int] | None = None) -> PlanInputs:
+    datasets = [PlanDataset(name=s.name, num_samples=len(ix), weight=s.weight, min_share=s.min_share,
+                            group_mode=s.group_mode,
+                            group_ids=ix.group_ids if s.group_mode == "batch" else None)
+                for s, ix in zip(specs, indices)]
+    return PlanInputs(datasets=datasets, global_batch_size=global_batch_size,
+                      num_batches=num_batches, seed=seed, start_offsets=start_offsets)
+
+
+def build_indices(specs: list[PlanDatasetSpec], seq_length: int) -> list[SampleIndex]:
+    return [build_sample_index(s.prefix, seq_length, use_groups=s.group_mode == "batch")
+            for s in specs]
+
+
+def load_or_build_plan(inputs: PlanInputs, cache_dir: str | Path, *, build: bool = True) -> tuple[DataPlan, Path]:
+    """The cached plan for ``inputs`` (verified by fingerprint), building it if missing.
+
+    With ``build=False`` a missing plan is an error (ranks other than the builder).
+    """
+    cache_dir = Path(cache_dir)
+    fingerprint = plan_fingerprint(inputs)
+    path = cache_dir / f"plan-{fingerprint[:16]}.npz"
+    if path.is_file():
+        t0 = time.perf_counter()
+        plan = load_plan(str(path), fingerprint)
+        log.info("data plan: loaded %s (%.1fs)", path, time.perf_counter() - t0)
+        return plan, path
+    if not build:
+        raise FileNotFoundError(f"data plan {path} is missing (it is built by rank 0)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    plan = build_plan(inputs)
+    save_plan(plan, str(path))
+    log.info("data plan: built %d batches x %d samples in %.1fs -> %s", plan.num_batches,
+             plan.global_batch_size, time.perf_counter() - t0, path)
+    return plan, path
+
+
+class PlanSource:
+    """``sample(i)``: the ``i``-th sample of the run in plan order (``i = k*B + j``)."""
+
+    def __init__(self, plan: DataPlan, indices: list[SampleIndex], eod_id: int):
+        self.plan = plan
+        self.readers = [SampleReader(ix, eod_id) for ix in indices]
+
+    def __len__(self) -> int:
+        return len(self.plan.dataset_ids)
+
+    def sample(self, index: int) -> dict:
+        d = int(self.plan.dataset_ids[index])
+        item = self.readers[d].read(int(self.plan.sample_ids[index]))
+        item["dataset_id"] = d
+        return item
+
+
+def summary_table(plan: DataPlan) -> str:
+    """The plan summary as a fixed-width table (printed by tools/build_data_plan.py)."""
+    header = ("dataset", "weight", "burst", "samples", "epochs", "batches", "min/b", "max/b",
+              "groups whole")
+    rows = [header]
+    for r in plan.summary():
+        groups = f"{r['groups_kept_whole']}/{r['groups_total']}" if r["groups_total"] else "-"
+        rows.append((r["name"], f"{r['weight']:.4f}", "yes" if r["burst"] else "", str(r["samples_used"]),
+                     f"{r['epochs_consumed']:.2f}", str(r["batches_present"]), str(r["min_per_batch"]),
+                     str(r["max_per_batch"]), groups))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,127 @@
+"""Fixed-length training samples of one tokenised prefix, read straight from its ``.bin``.
+
+Documents are stored back to back in the ``.bin`` (one sequence per document, as
+tools/preprocess_data.py writes them), so the dataset is one token stream and a sample
+is a slice of it: ``seq_length + 1`` tokens starting at a multiple of ``seq_length``
+(inputs and shifted labels share the extra token, as in megatron's GPTDataset). Without
+groups the stream is cut regardless of document boundaries (standard packing; the EOD
+tokens mark them). With groups (``PREFIX.groups.npy``), each group is cut on its own so
+that no sample crosses a group boundary; a group's last, short sample is padded with EOD
+tokens that carry no loss.
+
+Reading a sample is one slice of a memory map: no per-document assembly, no copies
+beyond the sample itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from phoenix.data.indexed import DataError, check_prefix, indexed_dataset_module
+
+
+@dataclass
+class SampleIndex:
+    """Where each sample of a dataset starts and ends in its token stream."""
+
+    prefix: str
+    seq_length: int
+    starts: np.ndarray
+    """int64 [num_samples]: token offset of the sample's first token."""
+    lengths: np.ndarray
+    """int32 [num_samples]: real tokens in the sample (seq_length + 1 unless padded)."""
+    group_ids: np.ndarray | None
+    """int64 [num_samples]: the group of each sample (non-decreasing), or None."""
+    doc_starts: np.ndarray
+    """int64 [num_documents + 1]: token offset where each document starts (and the end)."""
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def document_of(self, token_offset: int) -> int:
+        return int(np.searchsorted(self.doc_starts, token_offset, side="right") - 1)
+
+
+def _cut(begin: int, end: int, seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Samples covering tokens [begin, end): starts every seq_length, >= 2 tokens each."""
+    if end - begin < 2:
+        return np.empty(0, np.int64), np.empty(0, np.int32)
+    starts = np.arange(begin, end - 1, seq_length, dtype=np.int64)
+    lengths = np.minimum(end - starts, seq_length + 1).astype(np.int32)
+    return starts, lengths
+
+
+def build_sample_index(prefix: str, seq_length: int, use_groups: bool) -> SampleIndex:
+    """Index the samples of ``prefix``; with ``use_groups``, cut at group boundaries."""
+    IndexedDataset = indexed_dataset_module().IndexedDataset
+    check_prefix(prefix)
+    ds = IndexedDataset(prefix, mmap=True)
+    lengths = ds.sequence_lengths.astype(np.int64)
+    # One sequence per document is what preprocess writes; the token stream is the .bin.
+    doc_starts = np.concatenate([[0], np.cumsum(lengths)])
+    total = int(doc_starts[-1])
+    if not use_groups:
+        starts, sample_lengths = _cut(0, total, seq_length)
+        if len(starts) == 0:
+            raise DataError(f"data prefix '{prefix}': {total} tokens is too few for one sample")
+        return SampleIndex(prefix, seq_length, starts, sample_lengths, None, doc_starts)
+
+    groups_path = Path(prefix + ".groups.npy")
+    if not groups_path.is_file():
+        raise DataError(f"data prefix '{prefix}': group_mode needs {groups_path} "
+                        f"(preprocess with --group-key)")
+    doc_groups = np.load(groups_path)
+    if len(doc_groups) != len(lengths):
+        raise DataError(f"data prefix '{prefix}': {groups_path} has {len(doc_groups)} entries "
+                        f"but the dataset has {len(lengths)} documents")
+    if len(doc_groups) and np.any(np.diff(doc_groups) < 0):
+        raise DataError(f"data prefix '{prefix}': {groups_path} is not sorted; the documents of "
+                        f"a group must be adjacent")
+    # Token range of each group: from its first document's start to its last's end.
+    boundaries = np.flatnonzero(np.diff(doc_groups)) + 1
+    group_doc_starts = np.concatenate([[0], boundaries, [len(doc_groups)]])
+    all_starts, all_lengths, all_groups = [], [], []
+    for g in range(len(group_doc_starts) - 1):
+        s, e = _cut(int(doc_starts[group_doc_starts[g]]), int(doc_starts[group_doc_starts[g + 1]]),
+                    seq_length)
+        all_starts.append(s)
+        all_lengths.append(e)
+        all_groups.append(np.full(len(s), g, dtype=np.int64))
+    starts = np.concatenate(all_starts)
+    if len(starts) == 0:
+        raise DataError(f"data prefix '{prefix}': no group has enough tokens for a sample")
+    return SampleIndex(prefix, seq_length, starts, np.concatenate(all_lengths),
+                       np.concatenate(all_groups), doc_starts)
+
+
+class SampleReader:
+    """Reads samples of one :class:`SampleIndex` from the memory-mapped ``.bin``."""
+
+    def __init__(self, index: SampleIndex, eod_id: int):
+        dtype = indexed_dataset_module().IndexedDataset(index.prefix, mmap=True).index.dtype
+        self.index = index
+        self.eod_id = eod_id
+        self.tokens = np.memmap(index.prefix + ".bin", dtype=dtype, mode="r")
+
+    def read(self, sample_id: int) -> dict:
+        """tokens/labels/position_ids int64 [seq], loss_mask float32 [seq], and provenance."""
+        seq = self.index.seq_length
+        start = int(self.index.starts[sample_id])
+        n = int(self.index.lengths[sample_id])
+        text = np.full(seq + 1, self.eod_id, dtype=np.int64)
+        text[:n] = self.tokens[start:start + n]
+        loss_mask = np.zeros(seq, dtype=np.float32)
+        loss_mask[: n - 1] = 1.0  # label positions that are real tokens
+        group = -1 if self.index.group_ids is None else int(self.index.group_ids[sample_id])
+        return {
+            "tokens": text[:-1],
+            "labels": text[1:],
+            "loss_mask": loss_mask,
+            "position_ids": np.arange(seq, dtype=np.int64),
+            "sample_id": sample_id,
+            "group_id": group,
+            "document_id": self.index.document_of(start),
+        }

@@ -1,0 +1,140 @@
+"""The plan-driven loader: samples read from the .bin match megatron's own reader, no
+sample crosses a group, and what the loader yields (counted directly, over all DP ranks)
+has the exact per-batch mixture, min_share bursts and whole groups the plan promises."""
+
+import numpy as np
+import pytest
+
+from phoenix.data.loader import DataLoader
+from phoenix.data.plan_source import PlanDatasetSpec, PlanSource, build_indices, load_or_build_plan, plan_inputs
+from phoenix.data.samples import build_sample_index
+
+SEQ = 32
+B = 16
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def grouped_data(tiny_data, tmp_path_factory):
+    from phoenix.data.preprocess import preprocess
+    from phoenix.data.synthetic import write_corpus
+
+    root = tmp_path_factory.mktemp("grouped")
+    write_corpus(root / "repos.jsonl", 400, 7, domain="code", group_key="repo",
+                 docs_per_group=(1, 2), min_words=5, max_words=20)
+    write_corpus(root / "math.jsonl", 60, 8, domain="math")
+    preprocess([str(root / "repos.jsonl")], str(root / "repos"), tiny_data.tokenizer_model,
+               group_key="repo")
+    preprocess([str(root / "math.jsonl")], str(root / "math"), tiny_data.tokenizer_model)
+    return {"web": tiny_data.prefixes["web"], "repos": str(root / "repos"), "math": str(root / "math")}
+
+
+def _megatron_stream(prefix):
+    from phoenix.data.indexed import indexed_dataset_module
+
+    ds = indexed_dataset_module().IndexedDataset(prefix)
+    return np.concatenate([ds.get(i) for i in range(len(ds))]).astype(np.int64)
+
+
+def test_ungrouped_samples_are_slices_of_the_document_stream(tiny_data):
+    prefix = tiny_data.prefixes["web"]
+    index = build_sample_index(prefix, SEQ, use_groups=False)
+    stream = _megatron_stream(prefix)
+    assert len(index) == (len(stream) - 2) // SEQ + 1
+    from phoenix.data.samples import SampleReader
+
+    reader = SampleReader(index, eod_id=2)
+    for s in [0, 1, len(index) // 2, len(index) - 1]:
+        item = reader.read(s)
+        n = int(index.lengths[s])
+        expected = stream[s * SEQ: s * SEQ + n]
+        assert np.array_equal(np.append(item["tokens"], item["labels"][-1])[:n], expected)
+        assert np.array_equal(item["labels"][: n - 1], expected[1:])
+        assert item["loss_mask"].sum() == n - 1
+
+
+def test_grouped_samples_never_cross_a_group(grouped_data):
+    prefix = grouped_data["repos"]
+    index = build_sample_index(prefix, SEQ, use_groups=True)
+    doc_groups = np.load(prefix + ".groups.npy")
+    for start, length, group in zip(index.starts, index.lengths, index.group_ids):
+        first = index.document_of(int(start))
+        last = index.document_of(int(start) + int(length) - 1)
+        assert doc_groups[first] == doc_groups[last] == group
+    # every token of every group is covered exactly once (plus one shared label token)
+    covered = sum(int(n) - 1 for n in index.lengths)
+    group_sizes = np.diff(np.concatenate([[0], np.flatnonzero(np.diff(doc_groups)) + 1,
+                                          [len(doc_groups)]]))
+    tokens_per_group = np.add.reduceat(np.diff(index.doc_starts), np.cumsum(group_sizes)[:-1].tolist()
+                                       and np.concatenate([[0], np.cumsum(group_sizes)[:-1]]))
+    assert covered == int(np.sum(tokens_per_group - 1))
+
+
+def _yielded(plan, indices, dp_size, mbs):
+    """(dataset_id, group_id, sample_id) of every sample the loaders of all ranks yield, by step."""
+    per_step = [[] for _ in range(STEPS)]
+    for rank in range(dp_size):
+        loader = DataLoader(PlanSource(plan, indices, eod_id=2), B, mbs, rank, dp_size, STEPS,
+                            prefetch=2)
+        for step in range(STEPS):
+            for mb in loader.next_batch():
+                per_step[step] += list(zip(mb["dataset_id"].tolist(), mb["group_id"].tolist(),
+                                           mb["sample_id"].tolist()))
+        loader.close()
+    return per_step
+
+
+@pytest.mark.parametrize("dp_size,mbs", [(1, 4), (2, 2), (4, 1)])
+def test_loader_yields_exact_mixture_bursts_and_whole_groups(grouped_data, tmp_path, dp_size, mbs):
+    specs = [PlanDatasetSpec("web", grouped_data["web"], 0.6),
+             PlanDatasetSpec("repos", grouped_data["repos"], 0.35, group_mode="batch"),
+             PlanDatasetSpec("math", grouped_data["math"], 0.05, min_share=0.25)]
+    indices = build_indices(specs, SEQ)
+    plan, _ = load_or_build_plan(plan_inputs(specs, indices, B, STEPS, seed=3), tmp_path)
+    per_step = _yielded(plan, indices, dp_size, mbs)
+
+    counts = np.zeros((STEPS, 3), dtype=np.int64)
+    for k, samples in enumerate(per_step):
+        assert len(samples) == B
+        assert len(set((d, s) for d, _, s in samples)) == B  # no sample twice in a batch
+        for d, _, _ in samples:
+            counts[k, d] += 1
+    # min_share bursts: math fills round(0.25*B) = 4 slots in 1/5 of the batches, else 0
+    burst = round(0.25 * B)
+    assert set(counts[:, 2]) <= {0, burst}
+    assert (counts[:, 2] > 0).sum() == round(STEPS * 0.05 / 0.25)
+    # exact mixture of the others over the free slots, for every prefix of batches
+    free = B - counts[:, 2]
+    for d, w in ((0, 0.6), (1, 0.35)):
+        target = np.cumsum(free * w / 0.95)
+        assert np.all(np.abs(np.cumsum(counts[:, d]) - target) <= 1.0 + 1e-9), d
+    # whole groups: with groups up to half the per-batch count, >= 99% sit in one batch
+    where = {}
+    for k, samples in enumerate(per_step):
+        for d, g, _ in samples:
+            if d == 1:
+                where.setdefault(g, set()).add(k)
+    group_len = np.bincount(indices[1].group_ids)
+    small = [g for g in where if group_len[g] <= counts[:, 1].min() // 2]
+    assert small, "the test needs groups that fit a batch"
+    whole = sum(len(where[g]) == 1 for g in small)
+    assert whole >= 0.99 * len(small), (whole, len(small))
+    # consecutive batches for the rest
+    for g, ks in where.items():
+        assert max(ks) - min(ks) == len(ks) - 1
+
+
+def test_loader_is_layout_independent(grouped_data, tmp_path):
+    specs = [PlanDatasetSpec("web", grouped_data["web"], 0.7),
+             PlanDatasetSpec("repos", grouped_data["repos"], 0.3, group_mode="batch")]
+    indices = build_indices(specs, SEQ)
+    plan, _ = load_or_build_plan(plan_inputs(specs, indices, B, STEPS, seed=5), tmp_path)
+    one = _yielded(plan, indices, 1, 4)
+    four = _yielded(plan, indices, 4, 1)
+    assert [sorted(s) for s in one] == [sorted(s) for s in four]
+    # a rank never gets a whole dataset: both datasets appear on more than one rank
+    loader = [DataLoader(PlanSource(plan, indices, 2), B, 1, r, 4, STEPS, prefetch=0) for r in range(4)]
+    batch = [loader[r].next_batch() for r in range(4)]
+    for d in (0, 1):
+        ranks = {r for r in range(4) for mb in batch[r] if d in mb["dataset_id"].tolist()}
+        assert len(ranks) > 1, d

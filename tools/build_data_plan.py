@@ -1,0 +1,65 @@
+#!/usr/bin/env python
+"""Build (and cache) the data plan of a recipe before the training job starts.
+
+    python tools/build_data_plan.py CONFIG.yaml [dotted.key=value ...] [--dump-batch K]
+
+Prints, per dataset: weight, whether it comes in bursts (min_share), samples used,
+epochs consumed, batches present, min/max samples per batch and groups kept whole.
+The plan is written to the run's data cache (``data.cache_dir``, default
+``OUTPUT_DIR/data_cache``) under a fingerprint of its inputs; the trainer then loads it.
+``--dump-batch K`` also lists the samples of global batch K (dataset, sample, group,
+first document).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+
+from phoenix.config import ConfigError, load_config  # noqa: E402
+from phoenix.data.indexed import DataError  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--dump-batch", type=int, action="append", default=[],
+                        help="list the samples of this global batch (repeatable)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from phoenix.data.plan_source import load_or_build_plan, summary_table
+        from phoenix.train.data_setup import cache_dir, run_plan_inputs
+
+        specs, indices, inputs = run_plan_inputs(cfg)
+        plan, path = load_or_build_plan(inputs, cache_dir(cfg))
+    except (ConfigError, DataError, ValueError) as e:
+        print(f"build_data_plan: error: {e}", file=sys.stderr)
+        return 2
+    print(f"plan: {path}  ({plan.num_batches} batches x {plan.global_batch_size} samples, "
+          f"seq_length {cfg.data.seq_length}, allocator {plan.allocator})")
+    print(summary_table(plan))
+    for k in args.dump_batch:
+        if not 0 <= k < plan.num_batches:
+            print(f"build_data_plan: error: batch {k} is not in [0, {plan.num_batches})",
+                  file=sys.stderr)
+            return 2
+        print(f"\nbatch {k}: position dataset sample group document")
+        ds_ids, sample_ids = plan.batch(k)
+        for j, (d, s) in enumerate(zip(ds_ids, sample_ids)):
+            ix = indices[int(d)]
+            group = int(ix.group_ids[s]) if ix.group_ids is not None else -1
+            print(f"  {j:4d} {specs[int(d)].name:>12} {int(s):8d} {group:6d} "
+                  f"{ix.document_of(int(ix.starts[s])):8d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
