@@ -38,7 +38,7 @@ setup(
         "tqdm",
         "einops",
     ],
-    extras_require={"test": ["pytest", "transformers"]},
+    extras_require={"test": ["pytest", "hypothesis", "matplotlib"], "plot": ["matplotlib"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": build_ext},
     entry_points={"console_scripts": ["phoenix=phoenix.cli:main"]},
