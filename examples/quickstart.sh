@@ -14,7 +14,7 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "1/6 synthetic corpus (web, code grouped by repository, a small math set)"
 [ -f $DATA/web.jsonl ] || $PY tools/make_corpus.py --output $DATA/web.jsonl --num-docs 3000 --seed 1 --domain web
-[ -f $DATA/code.jsonl ] || $PY tools/make_corpus.py --output $DATA/code.jsonl --num-docs 1500 --seed 2 --domain code --group-key repo
+[ -f $DATA/code.jsonl ] || $PY tools/make_corpus.py --output $DATA/code.jsonl --num-docs 1500 --seed 2 --domain code --group-key repo --docs-per-group 1 3
 [ -f $DATA/math.jsonl ] || $PY tools/make_corpus.py --output $DATA/math.jsonl --num-docs 300 --seed 3 --domain math
 
 say "2/6 sentencepiece tokenizer"

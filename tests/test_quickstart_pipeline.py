@@ -1,6 +1,6 @@
 """The quickstart pipeline end to end, through the command-line tools and torchrun:
-corpus -> tokenizer -> preprocess -> 2-process training -> resume; then the TensorBoard
-event files are read back with TensorBoard's own reader."""
+corpus -> tokenizer -> preprocess -> data plan -> 2-process training -> resume; then the
+TensorBoard event files are read back with TensorBoard's own reader."""
 
 import os
 import subprocess
@@ -28,10 +28,14 @@ def test_quickstart_pipeline(tmp_path):
     _run(ROOT / "tools/make_corpus.py", "--output", data / "web.jsonl", "--num-docs", 400,
          "--seed", 1, cwd=tmp_path)
     _run(ROOT / "tools/make_corpus.py", "--output", data / "code.jsonl.gz", "--num-docs", 200,
-         "--seed", 2, "--domain", "code", "--group-key", "repo", cwd=tmp_path)
+         "--seed", 2, "--domain", "code", "--group-key", "repo", "--docs-per-group", 1, 2,
+         "--max-words", 60, cwd=tmp_path)
+    _run(ROOT / "tools/make_corpus.py", "--output", data / "math.jsonl", "--num-docs", 100,
+         "--seed", 3, "--domain", "math", cwd=tmp_path)
     _run(ROOT / "tools/train_tokenizer.py", "--input", data / "web.jsonl", data / "code.jsonl.gz",
          "--text-key", "text", "--model-prefix", data / "tok", "--vocab-size", 512, cwd=tmp_path)
-    for name, src, extra in (("web", "web.jsonl", []), ("code", "code.jsonl.gz", ["--group-key", "repo"])):
+    for name, src, extra in (("web", "web.jsonl", []), ("code", "code.jsonl.gz", ["--group-key", "repo"]),
+                             ("math", "math.jsonl", [])):
         _run(ROOT / "tools/preprocess_data.py", "--input", data / src, "--output-prefix", data / name,
              "--tokenizer-model", data / "tok.model", "--workers", 2, "--no-progress", *extra,
              cwd=tmp_path)
@@ -50,9 +54,15 @@ def test_quickstart_pipeline(tmp_path):
     cfg = tmp_path / "quickstart.yaml"
     cfg.write_text(yaml.safe_dump(recipe))
 
+    plan = _run(ROOT / "tools/build_data_plan.py", cfg, cwd=tmp_path)
+    for name in ("web", "code", "math"):
+        assert name in plan
+    assert len(list((tmp_path / "run" / "data_cache").glob("plan-*.npz"))) == 1
+
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
                 "-m", "phoenix.train", cfg]
     first = _run(*torchrun, "train.stop_at_step=5", cwd=tmp_path)
+    assert "data plan: loaded" in first  # built upstream, not again by the trainer
     assert "step      5/8" in first and "step      6/8" not in first
     second = _run(*torchrun, cwd=tmp_path)
     assert "resumed from" in second and "step_000005" in second
@@ -76,5 +86,20 @@ def test_quickstart_pipeline(tmp_path):
     losses = {e.step: e.value for e in acc.Scalars("train/loss")}
     assert losses[8] < losses[1]
     consumed = {e.step: e.value for e in acc.Scalars("train/consumed_tokens")}
-    assert consumed[8] == 8 * 8 * 64  # every token of the 8 global batches carries loss
+    # Loss-bearing tokens of the 8 planned batches, counted from the plan file and the
+    # sample lengths (grouped code samples end short at group boundaries).
+    import numpy as np
+
+    from phoenix.data.samples import build_sample_index
+
+    (plan_file,) = (run / "data_cache").glob("plan-*.npz")
+    with np.load(plan_file) as z:
+        ds_ids, sample_ids = z["dataset_ids"][: 8 * 8], z["sample_ids"][: 8 * 8]
+    lengths = [build_sample_index(str(data / n), 64, use_groups=n == "code").lengths
+               for n in ("web", "code", "math")]
+    expected = sum(int(lengths[d][s]) - 1 for d, s in zip(ds_ids, sample_ids))
+    assert consumed[8] == expected and expected <= 8 * 8 * 64
     assert "config" in " ".join(acc.Tags().get("tensors", []))
+    for layer in range(4):  # per-layer norms, layers numbered globally across the 2 stages
+        assert f"grad_norm/layer_{layer:02d}" in tags
+    assert {"grad_norm/global", "param_norm/embedding", "update_ratio/output_layer"} <= tags

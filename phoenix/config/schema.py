@@ -252,9 +252,17 @@ class LoggingConfig:
     log_interval: int = 1
     """Console and TensorBoard scalars every N steps."""
     tensorboard: bool = True
+    norm_interval: Optional[int] = None
+    """Per-layer grad/param/update norms in TensorBoard every N steps (default: every
+    log_interval steps; 0: off). Costs one fp32 copy of this rank's owned weights and one
+    all-reduce on those steps only."""
 
     def __post_init__(self):
         _positive("logging", log_interval=self.log_interval)
+        if self.norm_interval is None:
+            self.norm_interval = self.log_interval
+        if self.norm_interval < 0:
+            raise ConfigError(f"logging.norm_interval: must be >= 0, got {self.norm_interval}")
 
 
 @dataclass(kw_only=True)

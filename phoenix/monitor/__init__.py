@@ -1,6 +1,7 @@
-"""Training observability: console progress and TensorBoard scalars."""
+"""Training observability: console progress, TensorBoard scalars, per-layer norms."""
 
 from phoenix.monitor.console import ConsoleLogger
+from phoenix.monitor.norms import NormMonitor
 from phoenix.monitor.tensorboard import TensorBoardLogger
 
-__all__ = ["ConsoleLogger", "TensorBoardLogger"]
+__all__ = ["ConsoleLogger", "NormMonitor", "TensorBoardLogger"]

@@ -23,7 +23,7 @@ from phoenix.config import ConfigError, RunConfig, dump_config
 from phoenix.data.indexed import check_prefix, read_meta
 from phoenix.data.loader import DataLoader
 from phoenix.model import build_model
-from phoenix.monitor import ConsoleLogger, TensorBoardLogger
+from phoenix.monitor import ConsoleLogger, NormMonitor, TensorBoardLogger
 from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.runtime import ParallelLayout
 from phoenix.train.callbacks import Callback, StepMetrics
@@ -95,6 +95,8 @@ class Trainer:
             ConsoleLogger(cfg.train.steps, cfg.logging.log_interval),
             *([TensorBoardLogger(self.out_dir / "tensorboard", cfg.logging.log_interval,
                                  self.config_yaml)] if cfg.logging.tensorboard else []),
+            *([NormMonitor(cfg.logging.norm_interval)]
+              if cfg.logging.tensorboard and cfg.logging.norm_interval else []),
         ]
 
     # -- set-up ----------------------------------------------------------------------

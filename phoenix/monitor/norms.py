@@ -1,0 +1,302 @@
+"""Per-layer gradient, parameter and update norms in TensorBoard, under any TP/PP/DP layout.
+
+Every ``interval`` optimizer steps :class:`NormMonitor` logs L2 norms, reduced over the
+whole world, so that the numbers are those of the full (unsharded) model:
+
+``grad_norm/<key>``
+    Gradients as the optimizer is about to use them: reduced over data parallel,
+    scaled by 1/tokens, fp16 loss scale removed, **before** clipping.
+``param_norm/<key>``
+    The weights those gradients were computed at, i.e. before this step's update
+    (the optimizer's fp32 main copy when it keeps one, e.g. bf16 training).
+``update_norm/<key>``
+    The change this step applied to the (main) weights: ``param_after - param_before``.
+``update_ratio/<key>``
+    ``update_norm / param_norm`` (not logged for a part whose weights are all zero).
+
+Keys, with layers numbered globally (megatron's 1-based ``layer_number`` minus one,
+zero-padded to at least two digits, whatever the pipeline stage that holds them)::
+
+    layer_07                          the whole transformer layer
+    layer_07/attention/qkv            linear_qkv (and its bias; q/kv projections of MLA)
+    layer_07/attention/proj           linear_proj
+    layer_07/mlp/fc1   layer_07/mlp/fc2
+    layer_07/norms                    the layer's RMSNorm/LayerNorm weights (also qk-norm
+                                      and Transformer Engine's fused layer_norm_weight)
+    layer_07/other                    anything else in the layer (only if present)
+    embedding   final_norm   output_layer   other (only if present)
+    global                            all parameters
+
+The step index is the one ``train/loss`` uses (steps completed after the step).
+
+How the values are reduced (as megatron's own ``get_grad_norm_fp32`` does for the
+global norm): each rank adds the squares of the elements it *owns* into a fixed-order
+vector of per-key sums, and one ``all_reduce(SUM)`` over the world gathers them.
+
+* Tensor parallel: a parameter with ``tensor_model_parallel=True`` is a shard, every
+  TP rank adds its own; a duplicated one (norm weights) is added by TP rank 0 only.
+* Pipeline parallel: each stage owns different layers; keys come from the module
+  structure (``layer_number`` is global) and are agreed on by all ranks once at start.
+* Data parallel with the distributed optimizer: after ``finalize_model_grads`` only this
+  rank's shard of each grad-buffer bucket holds reduced gradients (the rest holds local,
+  unreduced partial sums), so each DP rank adds the slice of every parameter it owns
+  (``param_range_map["param"]`` of the optimizer's ``gbuf_ranges``); the slices are
+  disjoint and cover every parameter once. Parameter and update norms use the same
+  slices (of the fp32 main shards). Without it, every DP rank holds full reduced
+  gradients and weights, and each parameter is added by one DP rank (round robin).
+* Weights marked ``shared`` (the last stage's copy of a tied embedding) are skipped,
+  as megatron does, so they are counted once (under ``embedding``).
+
+Nothing is done outside logging steps. On logging steps the monitor only reads
+gradients and weights (one snapshot of this rank's owned main-weight slices is kept
+between the two hooks to measure the update), so it cannot change training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.distributed as dist
+
+from phoenix.train.callbacks import Callback, StepMetrics
+
+log = logging.getLogger(__name__)
+
+FAMILIES = ("grad_norm", "param_norm", "update_norm", "update_ratio")
+_ATTENTION = ("self_attention", "cross_attention")
+
+
+def layer_part(name: str) -> str:
+    """The part of a transformer layer a parameter belongs to, from its name inside the
+    layer (e.g. ``self_attention.linear_qkv.weight`` -> ``attention/qkv``)."""
+    parts = name.split(".")
+    if "norm" in name.lower():  # input_layernorm, pre_mlp_layernorm, q/k_layernorm,
+        return "norms"          # TE's linear_qkv.layer_norm_weight, linear_fc1.layer_norm_bias
+    if parts[0] in _ATTENTION:
+        return "attention/proj" if "linear_proj" in parts else "attention/qkv"
+    if parts[0] == "mlp":
+        for fc in ("fc1", "fc2"):
+            if f"linear_{fc}" in parts:
+                return f"mlp/{fc}"
+    return "other"
+
+
+def layer_key(layer_index: int, num_layers: int) -> str:
+    """``layer_07``: the global 0-based index, zero-padded to the width of the largest."""
+    width = max(2, len(str(max(num_layers - 1, 0))))
+    return f"layer_{layer_index:0{width}d}"
+
+
+def named_parameter_keys(module, num_layers: int) -> list[tuple[str, str, torch.nn.Parameter]]:
+    """``(key, name, param)`` for every trainable parameter of one GPTModel chunk.
+
+    The layer of a parameter comes from its TransformerLayer's ``layer_number`` (global,
+    1-based), never from the per-stage index in the parameter's name.
+    """
+    keyed: dict[int, str] = {}
+    decoder = getattr(module, "decoder", None)
+    for layer in getattr(decoder, "layers", None) or []:
+        prefix = layer_key(int(layer.layer_number) - 1, num_layers)
+        for name, p in layer.named_parameters():
+            keyed.setdefault(id(p), f"{prefix}/{layer_part(name)}")
+    for attr, key in (("embedding", "embedding"), ("output_layer", "output_layer")):
+        sub = getattr(module, attr, None)
+        if sub is not None:
+            for p in sub.parameters():
+                keyed.setdefault(id(p), key)
+    for attr in ("final_layernorm", "final_norm"):
+        sub = getattr(decoder, attr, None)
+        if sub is not None:
+            for p in sub.parameters():
+                keyed.setdefault(id(p), "final_norm")
+    return [(keyed.get(id(p), "other"), name, p)
+            for name, p in module.named_parameters() if p.requires_grad]
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):  # DDP (and Float16Module) wrappers
+        chunk = chunk.module
+    return chunk
+
+
+class NormMonitor(Callback):
+    """Logs ``grad_norm/``, ``param_norm/``, ``update_norm/``, ``update_ratio/`` scalars.
+
+    ``interval``: every N optimizer steps (0 disables); like the TensorBoard logger the
+    last step of the run is always included. The scalars are written through the
+    ``TensorBoardLogger`` callback's writer (found in ``trainer.callbacks``) on the
+    logging rank; all ranks must have the monitor (its reduction is collective).
+    After a logged step, ``last`` holds ``{tag: value}`` on the logging rank.
+    """
+
+    def __init__(self, interval: int, log_last_step: bool = True):
+        if interval < 0:
+            raise ValueError(f"NormMonitor: interval must be >= 0, got {interval}")
+        self.interval, self.log_last_step = interval, log_last_step
+        self.keys: list[str] = []
+        self.last: dict[str, float] = {}
+        self._entries = None  # [(key, name, param)] of this rank, from the model
+        self._active_step = None
+        self._pending = None  # (step, {tag: value}) to write at on_step_end
+        self._warned = False
+
+    # -- hooks ------------------------------------------------------------------------
+    def on_train_start(self, trainer) -> None:
+        if not self.interval:
+            return
+        num_layers = trainer.model[0].config.num_layers
+        self._entries = [e for chunk in trainer.model
+                         for e in named_parameter_keys(_unwrap(chunk), num_layers)]
+        # Every rank must reduce the same fixed-order vector: agree on the union of keys.
+        local = sorted({key for key, _, _ in self._entries})
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, local)
+        self.keys = sorted(set().union(*map(set, gathered)))
+        self._index = {key: i for i, key in enumerate(self.keys)}
+
+    def _is_logging_step(self, trainer, step: int) -> bool:
+        if not self.interval or self._entries is None:
+            return False
+        return step % self.interval == 0 or (self.log_last_step and step == trainer.cfg.train.steps)
+
+    def on_before_optimizer_step(self, trainer) -> None:
+        step = trainer.state.step + 1
+        self._active_step = None
+        if not self._is_logging_step(trainer, step):
+            return
+        self._active_step = step
+        with torch.no_grad():
+            owned = self._owned(trainer)
+            self._idx = torch.tensor([self._index[k] for k, _, _ in owned], dtype=torch.long,
+                                     device=trainer.layout.device)
+            self._weights = [w for _, _, w in owned]
+            self._snapshot = [w.detach().clone() for w in self._weights]
+            grad_sq = self._sums([g for _, g, _ in owned], trainer.layout.device)
+            scale = self._loss_scale(trainer)
+            if scale != 1.0:  # fp16: the grads still carry the loss scale
+                grad_sq = grad_sq / (scale * scale)
+            self._grad_sq = grad_sq
+            self._param_sq = self._sums(self._snapshot, trainer.layout.device)
+
+    def on_after_optimizer_step(self, trainer, grad_norm) -> None:
+        if self._active_step is None:
+            return
+        with torch.no_grad():
+            for before, after in zip(self._snapshot, self._weights):
+                before.sub_(after)  # in place on our own copy only: before - after
+            update_sq = self._sums(self._snapshot, trainer.layout.device)
+            vector = torch.cat([self._grad_sq, self._param_sq, update_sq])
+            self._snapshot = self._weights = None
+            dist.all_reduce(vector, op=dist.ReduceOp.SUM)  # the whole world: TP x PP x DP
+        if trainer.layout.is_logging_rank:
+            self.last = self._tags(vector.cpu().tolist())
+            self._pending = (self._active_step, self.last)
+
+    def on_step_end(self, trainer, metrics: StepMetrics) -> None:
+        if self._pending is None:
+            return
+        step, values = self._pending
+        self._pending = None
+        if step != metrics.step:
+            return
+        writer = self._writer(trainer)
+        if writer is None:
+            return
+        for tag, value in values.items():
+            writer.add_scalar(tag, value, step)
+
+    # -- what this rank owns ----------------------------------------------------------
+    def _owned(self, trainer) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        """``(key, grad, weight)`` for the elements this rank adds, as 1-D views/tensors.
+
+        ``weight`` is the tensor the optimizer updates in place (fp32 main weights when
+        it keeps them, else the model parameter); ``grad`` the reduced gradient of the
+        same elements.
+        """
+        from megatron.core import parallel_state as ps
+
+        layout = trainer.layout
+        optimizers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
+        sharded = [o for o in optimizers if hasattr(o, "model_param_gbuf_map")]
+        dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+        dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+        owned = []
+        for i, (key, _, p) in enumerate(self._entries):
+            if getattr(p, "shared", False):
+                continue  # the last stage's copy of a tied embedding: counted at the first
+            if not getattr(p, "tensor_model_parallel", False) and layout.tp_rank != 0:
+                continue  # duplicated on every TP rank: count once
+            grad = getattr(p, "main_grad", None)
+            if grad is None:
+                grad = p.grad
+            if grad is None:
+                continue
+            if sharded:  # distributed optimizer: only the slice this DP rank owns
+                opt = next((o for o in sharded if p in o.model_param_gbuf_map), None)
+                if opt is None:
+                    continue  # no element of p falls in this rank's shard
+                r = opt._get_model_param_range_map(p)["param"]
+                main = getattr(p, "main_param", None)
+                weight = main if main is not None else p.detach().view(-1)[r.start:r.end]
+                owned.append((key, grad.view(-1)[r.start:r.end], weight.view(-1)))
+            elif i % dp_size == dp_rank:  # full and all-reduced on every DP rank: each
+                # parameter is added by one DP rank (round robin, to share the work)
+                main = getattr(p, "main_param", None)
+                weight = main if main is not None else p.detach()
+                owned.append((key, grad.view(-1), weight.view(-1)))
+        return owned
+
+    def _sums(self, tensors, device) -> torch.Tensor:
+        """Per-key sums of squares (float64) of ``tensors`` (one per owned entry)."""
+        out = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
+        if tensors:
+            norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32)
+                                 for t in tensors]).double()
+            out.index_add_(0, self._idx, norms * norms)
+        return out
+
+    @staticmethod
+    def _loss_scale(trainer) -> float:
+        try:
+            return float(trainer.optimizer.get_loss_scale())
+        except Exception:
+            return 1.0
+
+    # -- output -----------------------------------------------------------------------
+    def _tags(self, vector: list[float]) -> dict[str, float]:
+        k = len(self.keys)
+        sq = {fam: dict(zip(self.keys, vector[i * k:(i + 1) * k]))
+              for i, fam in enumerate(("grad_norm", "param_norm", "update_norm"))}
+        # Whole layers and the global value are sums of their parts' squares.
+        for fam, values in sq.items():
+            groups: dict[str, float] = {}
+            for key, v in values.items():
+                if key.startswith("layer_"):
+                    layer = key.split("/", 1)[0]
+                    groups[layer] = groups.get(layer, 0.0) + v
+                groups["global"] = groups.get("global", 0.0) + v
+            values.update(groups)
+        tags = {}
+        for key in sq["grad_norm"]:
+            grad, param, update = (math.sqrt(max(sq[f][key], 0.0))
+                                   for f in ("grad_norm", "param_norm", "update_norm"))
+            tags[f"grad_norm/{key}"] = grad
+            tags[f"param_norm/{key}"] = param
+            tags[f"update_norm/{key}"] = update
+            if param > 0:
+                tags[f"update_ratio/{key}"] = update / param
+        return tags
+
+    def _writer(self, trainer):
+        from phoenix.monitor.tensorboard import TensorBoardLogger
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, TensorBoardLogger) and cb.writer is not None:
+                return cb.writer
+        if not self._warned:
+            log.warning("NormMonitor: no TensorBoard writer (logging.tensorboard is off?); "
+                        "norms are computed but not written")
+            self._warned = True
+        return None
