@@ -305,3 +305,21 @@ def test_cli_missing_data_prefix(tiny_data, tmp_path):
     assert proc.returncode != 0, output
     assert f"missing file {missing}.idx" in output
     assert not (out_dir / "config.yaml").exists()  # stopped before the run directory was set up
+
+
+def test_cli_plan_error_stops_before_the_model(tiny_data, tmp_path):
+    """A data input error found while building the plan (here: group_mode on a dataset
+    preprocessed without --group-key) exits 2 with the file named, no traceback."""
+    data = dict_with_datasets(tiny_data, tmp_path / "run", tiny_data.prefixes["web"])
+    data["data"]["datasets"][0]["group_mode"] = "batch"  # web was preprocessed without groups
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "phoenix.train", str(recipe), "train.steps=1"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2, output
+    assert "group_mode needs" in output and ".groups.npy" in output
+    assert "Traceback" not in output

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from phoenix.config import RunConfig
+from phoenix.data.indexed import DataError
 from phoenix.data.megatron_blend import MegatronBlendSource
 from phoenix.data.plan_source import (
     PlanDatasetSpec,
@@ -50,9 +51,17 @@ def build_source(cfg: RunConfig, rank: int, tokenizer):
             num_samples=cfg.train.steps * cfg.train.global_batch_size, seed=cfg.train.seed,
             vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod_id, cache_dir=str(cache_dir(cfg)))
     _, indices, inputs = run_plan_inputs(cfg)
+    error = None
     if rank == 0:
-        plan, _ = load_or_build_plan(inputs, cache_dir(cfg))
-    dist.barrier()
+        try:
+            plan, _ = load_or_build_plan(inputs, cache_dir(cfg))
+        except ValueError as e:  # the plan's input checks (weights, groups, min_share, ...)
+            error = e
+    # Every rank learns whether rank 0 could build the plan, so all stop together.
+    failed = [error is not None]
+    dist.broadcast_object_list(failed, src=0)
+    if failed[0]:
+        raise DataError(f"data plan: {error}" if error else "data plan: rank 0 could not build it")
     if rank != 0:
         plan, _ = load_or_build_plan(inputs, cache_dir(cfg), build=False)
     return PlanSource(plan, indices, tokenizer.eod_id)

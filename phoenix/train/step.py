@@ -13,14 +13,24 @@ from functools import partial
 import torch
 
 
-def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """``output_tensor``: per-token losses [b, s] from GPTModel; returns summed loss."""
-    losses = output_tensor.float().reshape(-1)
-    mask = loss_mask.reshape(-1).float()
-    loss_sum = torch.sum(losses * mask)
+# Per-sample provenance carried from the loader into the loss report (when present).
+PROVENANCE = ("dataset_id", "sample_id", "group_id", "document_id")
+
+
+def loss_func(loss_mask: torch.Tensor, provenance: dict, output_tensor: torch.Tensor):
+    """``output_tensor``: per-token losses [b, s] from GPTModel; returns summed loss.
+
+    Besides the total, the report carries each sample's (loss sum, tokens) and its
+    provenance, so monitors can split the loss by dataset or trace a spike to its data.
+    """
+    token_losses = output_tensor.float()
+    mask = loss_mask.float()
+    per_sample = torch.stack([(token_losses * mask).sum(dim=1), mask.sum(dim=1)], dim=1).detach()
+    loss_sum = torch.sum(token_losses * mask)
     num_tokens = mask.sum().to(torch.int)
-    report = torch.stack([loss_sum.detach(), num_tokens.float()])
-    return loss_sum, num_tokens, {"lm loss": report}
+    report = {"lm loss": torch.stack([loss_sum.detach(), num_tokens.float()]),
+              "per_sample": per_sample.double(), **provenance}
+    return loss_sum, num_tokens, report
 
 
 def forward_step(data_iterator, model):
@@ -32,7 +42,18 @@ def forward_step(data_iterator, model):
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
     output = model(tokens, position_ids, attention_mask=None, labels=labels)
-    return output, partial(loss_func, loss_mask)
+    provenance = {k: batch[k] for k in PROVENANCE if k in batch}
+    return output, partial(loss_func, loss_mask, provenance)
+
+
+def batch_report(losses_reduced: list[dict]) -> dict[str, torch.Tensor]:
+    """This rank's micro-batch reports joined: ``per_sample`` [n, 2] (loss sum, tokens)
+    and the provenance fields [n], in training order. Empty off the last stage."""
+    if not losses_reduced:
+        return {}
+    keys = ["per_sample", *[k for k in PROVENANCE if k in losses_reduced[0]]]
+    return {k: torch.cat([r[k].reshape(len(r["per_sample"]), -1).squeeze(1) if k != "per_sample"
+                          else r[k] for r in losses_reduced]) for k in keys}
 
 
 def reduce_loss(losses_reduced: list[dict], dp_group) -> tuple[float, int]:

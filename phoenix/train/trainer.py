@@ -28,7 +28,7 @@ from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.runtime import ParallelLayout
 from phoenix.train.callbacks import Callback, StepMetrics
 from phoenix.train.data_setup import build_source
-from phoenix.train.step import forward_step, reduce_loss
+from phoenix.train.step import batch_report, forward_step, reduce_loss
 
 log = logging.getLogger("phoenix.train")
 
@@ -89,6 +89,9 @@ class Trainer:
         self.out_dir = Path(cfg.output_dir)
         self.config_yaml = dump_config(cfg)
         self.state = TrainState()
+        self.batch_report: dict = {}
+        """This rank's per-sample losses and provenance of the latest step (last stage only;
+        see phoenix.train.step.batch_report): what per-dataset loss and spike logs read."""
         self.losses: list[tuple[int, float]] = []
         """(step, loss) of the steps this process ran: for tests and the run summary."""
         self.callbacks = callbacks if callbacks is not None else [
@@ -110,6 +113,8 @@ class Trainer:
             log.info("run '%s': %s -> %s", cfg.name, layout.describe(), self.out_dir)
         dist.barrier()
 
+        # The data plan first: its input errors must stop the run before a model is built.
+        source = build_source(cfg, layout.rank, tokenizer)
         self.model = build_model(cfg, layout, vocab_size)
         self.optimizer = build_optimizer(cfg, self.model, layout)
         self.scheduler = build_scheduler(cfg, self.optimizer)
@@ -119,7 +124,6 @@ class Trainer:
                                              layout.world_size, cfg.checkpoint.keep_last)
         data_state = self._restore()
 
-        source = build_source(cfg, layout.rank, tokenizer)
         self.loader = DataLoader(source, cfg.train.global_batch_size, cfg.train.micro_batch_size,
                                  layout.dp_rank, layout.dp_size, cfg.train.steps,
                                  prefetch=cfg.data.num_workers and 2)
@@ -176,6 +180,7 @@ class Trainer:
                     seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                     forward_only=False)
                 loss, tokens = self._global_loss(losses)
+                self.batch_report = batch_report(losses)
 
                 lr = self.optimizer.param_groups[0]["lr"]  # the LR this step trains with
                 skipped = not math.isfinite(loss)
