@@ -263,6 +263,8 @@ def trainer_without_model(monkeypatch):
 
     monkeypatch.setattr(trainer_mod, "build_model", no_model)
     monkeypatch.setattr(trainer_mod.dist, "barrier", lambda *a, **k: None)
+    # A world of one: rank 0's word on the data plan needs no broadcast.
+    monkeypatch.setattr(trainer_mod.dist, "broadcast_object_list", lambda *a, **k: None)
     layout = types.SimpleNamespace(rank=0, world_size=1, describe=lambda: "fake layout")
     return lambda cfg: trainer_mod.Trainer(cfg, layout, callbacks=[])
 
