@@ -37,7 +37,9 @@ class Callback:
 
     def on_before_optimizer_step(self, trainer) -> None:
         """Gradients are final (reduced over DP, scaled by 1/tokens) but not yet clipped
-        or applied; ``trainer.state.step`` is the number of steps completed before this one."""
+        or applied; ``trainer.state.step`` is the number of steps completed before this one,
+        ``trainer.loss`` this step's global loss. ``trainer.request_skip(reason)`` vetoes
+        the update (e.g. on a loss spike)."""
 
     def on_after_optimizer_step(self, trainer, grad_norm: float) -> None:
         """Parameters hold the updated values; ``grad_norm`` is megatron's global norm."""

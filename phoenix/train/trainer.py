@@ -89,6 +89,9 @@ class Trainer:
         self.out_dir = Path(cfg.output_dir)
         self.config_yaml = dump_config(cfg)
         self.state = TrainState()
+        self.loss: float = float("nan")
+        """Global loss of the step in progress (set before on_before_optimizer_step)."""
+        self.skip_reason: str | None = None
         self.batch_report: dict = {}
         """This rank's per-sample losses and provenance of the latest step (last stage only;
         see phoenix.train.step.batch_report): what per-dataset loss and spike logs read."""
@@ -165,6 +168,7 @@ class Trainer:
         if cfg.checkpoint.save_initial and state.step == 0:
             self.save()
         last_step = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+        t_callbacks = 0.0  # time the callbacks of the previous step took (logging cost)
         try:
             while state.step < last_step:
                 t0 = time.perf_counter()
@@ -181,23 +185,29 @@ class Trainer:
                     forward_only=False)
                 loss, tokens = self._global_loss(losses)
                 self.batch_report = batch_report(losses)
+                t_fwd_bwd = time.perf_counter() - t0 - t_data
 
                 lr = self.optimizer.param_groups[0]["lr"]  # the LR this step trains with
-                skipped = not math.isfinite(loss)
-                if skipped and cfg.train.on_nonfinite_loss == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({loss}) at step {state.step + 1}; stopping without "
-                        f"saving (last good checkpoint: {self.checkpoints.latest()})")
-                if skipped:
+                self.loss, self.skip_reason = loss, None
+                if not math.isfinite(loss):
+                    if cfg.train.on_nonfinite_loss == "stop":
+                        raise NonFiniteLossError(
+                            f"non-finite loss ({loss}) at step {state.step + 1}; stopping without "
+                            f"saving (last good checkpoint: {self.checkpoints.latest()})")
+                    self.skip_reason = "non-finite loss"
+                else:
+                    for cb in self.callbacks:  # may call request_skip()
+                        cb.on_before_optimizer_step(self)
+                t1 = time.perf_counter()
+                if self._agree_on_skip():
                     grad_norm = float("nan")
                     state.skipped_steps += 1
                 else:
-                    for cb in self.callbacks:
-                        cb.on_before_optimizer_step(self)
                     _, grad_norm, _ = self.optimizer.step()
                     for cb in self.callbacks:
                         cb.on_after_optimizer_step(self, grad_norm)
                 self.scheduler.step(increment=1)
+                t_optimizer = time.perf_counter() - t1
 
                 state.step += 1
                 state.consumed_samples += cfg.train.global_batch_size
@@ -208,9 +218,15 @@ class Trainer:
                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                     tokens=tokens, consumed_samples=state.consumed_samples,
                     consumed_tokens=state.consumed_tokens, step_time=time.perf_counter() - t0,
-                    data_time=t_data, skipped=skipped, loss_scale=self._loss_scale())
+                    data_time=t_data, skipped=self.skip_reason is not None,
+                    loss_scale=self._loss_scale(),
+                    extra={"time/forward_backward": t_fwd_bwd, "time/optimizer": t_optimizer,
+                           "time/callbacks_prev_step": t_callbacks,
+                           "skip_reason": self.skip_reason})
+                t2 = time.perf_counter()
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
+                t_callbacks = time.perf_counter() - t2
                 every = cfg.checkpoint.save_interval
                 if every and state.step % every == 0 and state.step < last_step:
                     self.save()
@@ -222,6 +238,20 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_train_end(self)
         return state
+
+    def request_skip(self, reason: str) -> None:
+        """Called by a callback in ``on_before_optimizer_step``: do not apply this step's
+        update (the batch is still consumed and the schedule still advances)."""
+        self.skip_reason = reason
+
+    def _agree_on_skip(self) -> bool:
+        """All ranks skip together if any asks (the decision inputs are global, but a
+        rank-local bug must not desynchronise the optimizer step)."""
+        flag = torch.tensor([1.0 if self.skip_reason is not None else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.skip_reason is None:
+            self.skip_reason = "requested by another rank"
+        return bool(flag.item())
 
     def _global_loss(self, losses: list[dict]) -> tuple[float, int]:
         """Token-mean loss of the global batch, known on every rank (for the NaN check)."""
