@@ -292,18 +292,23 @@ def test_setup_checks_init_from_before_model(tiny_data, tmp_path, trainer_withou
 
 # -- the CLI ------------------------------------------------------------------------------
 
-def test_cli_missing_data_prefix(tiny_data, tmp_path):
-    missing = str(tmp_path / "nowhere" / "web")
-    out_dir = tmp_path / "run"
-    data = dict_with_datasets(tiny_data, out_dir, missing)
+def _train_cli(recipe_data: dict, tmp_path):
+    """Run `python -m phoenix.train RECIPE train.steps=1` as a single process."""
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(data))
+    recipe.write_text(yaml.safe_dump(recipe_data))
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "phoenix.train", str(recipe), "train.steps=1"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
+    return proc, proc.stdout + proc.stderr
+
+
+def test_cli_missing_data_prefix(tiny_data, tmp_path):
+    missing = str(tmp_path / "nowhere" / "web")
+    out_dir = tmp_path / "run"
+    data = dict_with_datasets(tiny_data, out_dir, missing)
+    proc, output = _train_cli(data, tmp_path)
     assert proc.returncode != 0, output
     assert f"missing file {missing}.idx" in output
     assert not (out_dir / "config.yaml").exists()  # stopped before the run directory was set up
@@ -314,14 +319,7 @@ def test_cli_plan_error_stops_before_the_model(tiny_data, tmp_path):
     preprocessed without --group-key) exits 2 with the file named, no traceback."""
     data = dict_with_datasets(tiny_data, tmp_path / "run", tiny_data.prefixes["web"])
     data["data"]["datasets"][0]["group_mode"] = "batch"  # web was preprocessed without groups
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(data))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "phoenix.train", str(recipe), "train.steps=1"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    output = proc.stdout + proc.stderr
+    proc, output = _train_cli(data, tmp_path)
     assert proc.returncode == 2, output
     assert "group_mode needs" in output and ".groups.npy" in output
     assert "Traceback" not in output

@@ -69,3 +69,160 @@ def train_with_norms(config: dict, overrides: list[str] = (), norm_interval: int
     state = trainer.train()
     return {"steps": recorder.steps, "step": state.step, "rank": layout.rank,
             "layout": layout.describe(), "is_logging_rank": layout.is_logging_rank}
+
+
+class _SpikeRecorder(Recorder):
+    """Recorder that also keeps a checksum of this rank's weights after each step and the
+    batch report (as rows) of one chosen step."""
+
+    def __init__(self, report_step: int | None):
+        super().__init__()
+        self.report_step, self.report_rows = report_step, None
+
+    def on_step_end(self, trainer, metrics) -> None:
+        import torch
+
+        from phoenix.monitor.spikes import report_rows
+
+        super().on_step_end(trainer, metrics)
+        with torch.no_grad():
+            self.steps[-1]["param_sum"] = float(sum(p.detach().double().abs().sum()
+                                                    for chunk in trainer.model
+                                                    for p in chunk.parameters()))
+        if metrics.step == self.report_step:
+            self.report_rows = report_rows(trainer.batch_report)
+
+
+def train_with_spike(config: dict, spikes: dict, overrides: list[str] = (),
+                     spike_at: int | None = None, factor: float = 20.0,
+                     norm_interval: int = 1) -> dict:
+    """Train with a :class:`~phoenix.monitor.spikes.SpikeMonitor` (config ``spikes``, a
+    ``SpikeConfig`` as a dict) and a ``NormMonitor``; the loss of step ``spike_at``
+    (1-based) is multiplied by ``factor`` (the per-token losses are scaled before the
+    loss function, so per-sample losses and gradients scale with it).
+
+    Returns the recorded steps (with ``param_sum``), this rank's batch report rows of
+    ``spike_at``, the spike records written by this rank and the final state.
+    """
+    from phoenix.monitor.norms import NormMonitor
+    from phoenix.monitor.spikes import SpikeConfig, SpikeMonitor
+    from phoenix.runtime import init_runtime
+    from phoenix.train import trainer as trainer_mod
+    from phoenix.train.trainer import Trainer
+
+    cfg = build_config(config, overrides)
+    layout = init_runtime(cfg)
+    trainer = Trainer(cfg, layout)
+    trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, SpikeMonitor)]
+    if norm_interval and not any(isinstance(cb, NormMonitor) for cb in trainer.callbacks):
+        trainer.callbacks.append(NormMonitor(norm_interval))
+    monitor = SpikeMonitor(SpikeConfig(**spikes), cfg.output_dir)
+    recorder = _SpikeRecorder(spike_at)
+    trainer.callbacks += [monitor, recorder]
+    trainer.setup()
+    if spike_at is not None:
+        real_step = trainer_mod.forward_step
+
+        def spiked(data_iterator, model):
+            output, loss_fn = real_step(data_iterator, model)
+            if trainer.state.step + 1 == spike_at:
+                output = output * factor
+            return output, loss_fn
+
+        trainer_mod.forward_step = spiked
+    state = trainer.train()
+    return {"steps": recorder.steps, "report_rows": recorder.report_rows,
+            "records": monitor.records, "count": monitor.count, "step": state.step,
+            "skipped": state.skipped_steps, "rank": layout.rank,
+            "is_logging_rank": layout.is_logging_rank, "layout": layout.describe()}
+
+
+# -- held-out evaluation (tests/test_eval.py) ------------------------------------------
+def train_with_eval(config: dict, overrides: list[str] = (), eval_section: dict | None = None,
+                    direct_reference: bool = False, cli_argv: list[str] | None = None) -> dict:
+    """Train with ``config``; with ``eval_section`` (an ``eval`` config mapping) exactly one
+    :class:`~phoenix.eval.EvalCallback` evaluates, else none does (whatever the trainer's
+    defaults are). Returns the losses and every evaluation's results (plain dicts).
+
+    After training, in the same process: ``direct_reference`` computes the eval metrics
+    directly in plain torch from the full logits of the trained ``GPTModel`` (the same
+    weights as the end-of-training evaluation), and ``cli_argv`` runs ``phoenix eval
+    ARGV`` (it builds a fresh model and loads the weights from the saved checkpoint; it
+    ends the runtime, so it comes last)."""
+    from phoenix.config.typed import from_dict
+    from phoenix.eval.callback import EvalCallback
+    from phoenix.eval.config import EvalConfig
+    from phoenix.runtime import init_runtime
+    from phoenix.train.trainer import Trainer
+
+    cfg = build_config(config, overrides)
+    layout = init_runtime(cfg)
+    trainer = Trainer(cfg, layout)
+    trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, EvalCallback)]
+    evaluator = None
+    if eval_section is not None:
+        evaluator = EvalCallback(from_dict(EvalConfig, eval_section, "eval"))
+        trainer.callbacks.append(evaluator)
+    trainer.setup()
+    trainer.train()
+    evals = [] if evaluator is None else [
+        (step, {name: r.to_dict() for name, r in results.items()})
+        for step, results in evaluator.history]
+    result = {"losses": list(trainer.losses), "evals": evals, "rank": layout.rank,
+              "layout": layout.describe()}
+    if direct_reference:
+        result["direct"] = direct_eval_metrics(trainer.model[0].module, cfg, evaluator.cfg)
+    if cli_argv is not None:
+        result["cli_rc"] = run_eval_cli(cli_argv)
+    return result
+
+
+def direct_eval_metrics(gpt, cfg, eval_cfg) -> dict:
+    """The eval metrics of ``gpt`` (a single-process ``GPTModel``) computed directly in
+    plain torch from its full logits: the reference for :class:`phoenix.eval.Evaluator`."""
+    import numpy as np
+    import torch
+
+    from phoenix.data.samples import SampleReader, build_sample_index
+    from phoenix.tokenizer import SentencePieceTokenizer
+
+    tokenizer = SentencePieceTokenizer(cfg.tokenizer.model)
+    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    was_training = gpt.training
+    gpt.eval()
+    direct = {}
+    for s in eval_cfg.sets:
+        index = build_sample_index(s.prefix, cfg.data.seq_length, use_groups=False)
+        reader = SampleReader(index, tokenizer.eod_id)
+        m = min(eval_cfg.max_samples, len(index))
+        samples = [reader.read(int(i)) for i in np.arange(m) * len(index) // m]
+        tokens = torch.as_tensor(np.stack([x["tokens"] for x in samples]))
+        labels = torch.as_tensor(np.stack([x["labels"] for x in samples]))
+        mask = torch.as_tensor(np.stack([x["loss_mask"] for x in samples])) > 0
+        positions = torch.as_tensor(np.stack([x["position_ids"] for x in samples]))
+        with torch.no_grad():
+            logits = gpt(tokens, positions, attention_mask=None).double()  # [b, s, padded]
+        token_loss = -torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]
+        real = logits.clone()
+        real[..., vocab:] = float("-inf")  # padding ids are never predictions
+        top1 = real.argmax(dim=-1) == labels
+        top5 = (real.topk(5, dim=-1).indices == labels[..., None]).any(dim=-1)
+        n = int(mask.sum())
+        direct[s.display_name] = {
+            "loss": float(token_loss[mask].sum()) / n, "tokens": n,
+            "top1": int(top1[mask].sum()) / n, "top5": int(top5[mask].sum()) / n,
+            "padded_vocab": logits.size(-1), "vocab": vocab}
+    gpt.train(was_training)
+    return direct
+
+
+def run_eval_cli(argv: list[str]) -> int:
+    """``phoenix eval ARGV`` in this rank; returns its exit status."""
+    from phoenix.cli import COMMANDS
+
+    if "eval" in COMMANDS:  # wired into the ``phoenix`` command
+        from phoenix.cli import main
+        return main(["eval", *argv])
+    from phoenix.eval.run import main
+
+    return main(argv)
