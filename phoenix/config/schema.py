@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 # A module import (not `from ... import`): phoenix.optim.schedule imports phoenix.config,
 # so the class may not exist yet here; the annotation is resolved when a config is built.
+import phoenix.monitor.spikes as monitor_spikes
 import phoenix.optim.schedule as optim_schedule
 from phoenix.config.typed import ConfigError
 
@@ -256,6 +257,10 @@ class LoggingConfig:
     """Per-layer grad/param/update norms in TensorBoard every N steps (default: every
     log_interval steps; 0: off). Costs one fp32 copy of this rank's owned weights and one
     all-reduce on those steps only."""
+
+    spikes: monitor_spikes.SpikeConfig = field(default_factory=lambda: monitor_spikes.SpikeConfig())
+    """Loss / grad-norm spike detection, spikes.jsonl with the batch's provenance, and
+    optionally skipping the update on a loss spike (see phoenix.monitor.spikes)."""
 
     def __post_init__(self):
         _positive("logging", log_interval=self.log_interval)

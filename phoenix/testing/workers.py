@@ -184,6 +184,7 @@ def direct_eval_metrics(gpt, cfg, eval_cfg) -> dict:
     import torch
 
     from phoenix.data.samples import SampleReader, build_sample_index
+    from phoenix.eval.metrics import token_stats
     from phoenix.tokenizer import SentencePieceTokenizer
 
     tokenizer = SentencePieceTokenizer(cfg.tokenizer.model)
@@ -202,18 +203,33 @@ def direct_eval_metrics(gpt, cfg, eval_cfg) -> dict:
         positions = torch.as_tensor(np.stack([x["position_ids"] for x in samples]))
         with torch.no_grad():
             logits = gpt(tokens, positions, attention_mask=None).double()  # [b, s, padded]
-        token_loss = -torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]
-        real = logits.clone()
-        real[..., vocab:] = float("-inf")  # padding ids are never predictions
-        top1 = real.argmax(dim=-1) == labels
-        top5 = (real.topk(5, dim=-1).indices == labels[..., None]).any(dim=-1)
-        n = int(mask.sum())
-        direct[s.display_name] = {
-            "loss": float(token_loss[mask].sum()) / n, "tokens": n,
-            "top1": int(top1[mask].sum()) / n, "top5": int(top5[mask].sum()) / n,
-            "padded_vocab": logits.size(-1), "vocab": vocab}
+        direct[s.display_name] = _direct_metrics(logits, labels, mask, vocab)
+        # Padding rows are trained down, so a trained model never ranks them high: boost
+        # them above every real id to check that token_stats excludes them.
+        boosted = logits.clone()
+        boosted[..., vocab:] += 100.0
+        stats = token_stats(boosted.float(), labels, mask.float(), vocab).tolist()
+        direct[s.display_name]["boosted"] = {
+            "direct": _direct_metrics(boosted, labels, mask, vocab),
+            "token_stats": {"loss": stats[0] / stats[1], "tokens": int(stats[1]),
+                            "top1": stats[2] / stats[1], "top5": stats[3] / stats[1]}}
     gpt.train(was_training)
     return direct
+
+
+def _direct_metrics(logits, labels, mask, vocab: int) -> dict:
+    """Plain torch: loss over the whole (padded) vocab, top-k over the real ids only."""
+    import torch
+
+    token_loss = -torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]
+    real = logits.clone()
+    real[..., vocab:] = float("-inf")  # padding ids are never predictions
+    top1 = real.argmax(dim=-1) == labels
+    top5 = (real.topk(5, dim=-1).indices == labels[..., None]).any(dim=-1)
+    n = int(mask.sum())
+    return {"loss": float(token_loss[mask].sum()) / n, "tokens": n,
+            "top1": int(top1[mask].sum()) / n, "top5": int(top5[mask].sum()) / n,
+            "padded_vocab": logits.size(-1), "vocab": vocab}
 
 
 def run_eval_cli(argv: list[str]) -> int:
@@ -226,3 +242,92 @@ def run_eval_cli(argv: list[str]) -> int:
     from phoenix.eval.run import main
 
     return main(argv)
+
+
+# -- per-dataset loss / throughput monitors (tests/test_dataset_loss.py) ---------------
+class WeightSnapshots(Callback):
+    """Copies of this rank's weights before every step (``snapshots[k]``: the weights
+    step ``k + 1`` trained from), for oracles that replay a step with a plain forward."""
+
+    def __init__(self):
+        self.snapshots = []
+
+    @staticmethod
+    def _copy(trainer) -> dict:
+        module = trainer.model[0]
+        while hasattr(module, "module"):
+            module = module.module
+        return {k: v.detach().clone() if hasattr(v, "detach") else v
+                for k, v in module.state_dict().items()}
+
+    def on_train_start(self, trainer) -> None:
+        self.snapshots = [self._copy(trainer)]
+
+    def on_step_end(self, trainer, metrics) -> None:
+        self.snapshots.append(self._copy(trainer))
+
+
+def per_dataset_loss_oracle(trainer, snapshots: list[dict], steps: int) -> list[dict]:
+    """Replay each global batch through a plain forward from the weights it trained at
+    (single process, one pipeline stage) and compute, independently of the loss function
+    and ``batch_report``: ``[{name: (loss_sum, loss_tokens)}]`` per step (float64 cross
+    entropy over the full padded logits; datasets absent from a batch are left out)."""
+    import torch
+
+    from phoenix.data.loader import collate
+
+    cfg = trainer.cfg
+    names = [e.display_name for e in cfg.data.datasets]
+    module = trainer.model[0]
+    while hasattr(module, "module"):
+        module = module.module
+    G = cfg.train.global_batch_size
+    out = []
+    with torch.no_grad():
+        for k in range(steps):
+            module.load_state_dict(snapshots[k])
+            batch = collate([trainer.loader.source.sample(i) for i in range(k * G, (k + 1) * G)])
+            logits = module(batch["tokens"], batch["position_ids"], attention_mask=None)
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            nll = -logp.gather(-1, batch["labels"].long().unsqueeze(-1)).squeeze(-1)
+            mask = batch["loss_mask"].double()
+            per = {}
+            for d, loss_sum, tokens in zip(batch["dataset_id"].tolist(), (nll * mask).sum(1).tolist(),
+                                           mask.sum(1).tolist()):
+                s, t = per.get(names[d], (0.0, 0.0))
+                per[names[d]] = (s + loss_sum, t + tokens)
+            out.append({n: v for n, v in per.items() if v[1] > 0})
+    return out
+
+
+def train_with_dataset_monitors(config: dict, overrides: list[str] = (), interval: int = 1,
+                                oracle: bool = False, peak_tflops: float | None = None) -> dict:
+    """Train with a ``DatasetLossMonitor`` and a ``ThroughputMonitor`` (every ``interval``
+    steps; the trainer's NormMonitor removed to save time). ``oracle`` (single process):
+    also return :func:`per_dataset_loss_oracle` of every step. Returns the recorded steps,
+    the monitor's (collective) ``state_dict()`` and the layout."""
+    from phoenix.monitor.dataset_loss import DatasetLossMonitor
+    from phoenix.monitor.norms import NormMonitor
+    from phoenix.monitor.throughput import ThroughputMonitor
+    from phoenix.runtime import init_runtime
+    from phoenix.train.trainer import Trainer
+
+    cfg = build_config(config, overrides)
+    layout = init_runtime(cfg)
+    recorder, snapshots = Recorder(), WeightSnapshots()
+    trainer = Trainer(cfg, layout)
+    monitor = DatasetLossMonitor(interval)
+    # Exactly one of each monitor, whatever the trainer's defaults become.
+    trainer.callbacks = [cb for cb in trainer.callbacks
+                         if not isinstance(cb, (NormMonitor, DatasetLossMonitor, ThroughputMonitor))]
+    trainer.callbacks += [monitor, ThroughputMonitor(interval, peak_tflops=peak_tflops), recorder]
+    if oracle:
+        trainer.callbacks.append(snapshots)
+    trainer.setup()
+    state = trainer.train()
+    result = {"steps": recorder.steps, "step": state.step, "rank": layout.rank,
+              "layout": layout.describe(), "is_logging_rank": layout.is_logging_rank,
+              "dataset_state": monitor.state_dict(), "last": monitor.last}
+    if oracle:
+        result["oracle"] = per_dataset_loss_oracle(trainer, snapshots.snapshots, state.step)
+    return result

@@ -24,6 +24,7 @@ from phoenix.data.indexed import check_prefix, read_meta
 from phoenix.data.loader import DataLoader
 from phoenix.model import build_model
 from phoenix.monitor import ConsoleLogger, NormMonitor, TensorBoardLogger
+from phoenix.monitor.spikes import SpikeMonitor
 from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.runtime import ParallelLayout
 from phoenix.train.callbacks import Callback, StepMetrics
@@ -103,6 +104,7 @@ class Trainer:
                                  self.config_yaml)] if cfg.logging.tensorboard else []),
             *([NormMonitor(cfg.logging.norm_interval)]
               if cfg.logging.tensorboard and cfg.logging.norm_interval else []),
+            *([SpikeMonitor(cfg.logging.spikes, self.out_dir)] if cfg.logging.spikes.enabled else []),
         ]
 
     # -- set-up ----------------------------------------------------------------------

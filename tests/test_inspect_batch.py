@@ -1,0 +1,99 @@
+"""tools/inspect_batch.py: the documents of a global batch, from the run's data plan alone."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import inspect_batch  # noqa: E402
+
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_data, tmp_path_factory):
+    """A run directory as the trainer leaves it (config.yaml + cached plan), no training."""
+    from phoenix.config import dump_config
+    from phoenix.data.plan_source import load_or_build_plan
+    from phoenix.testing.tiny import tiny_config
+    from phoenix.train.data_setup import cache_dir, run_plan_inputs
+
+    out = tmp_path_factory.mktemp("inspect_run")
+    cfg = tiny_config(tiny_data, out, train={"steps": STEPS})
+    (out / "config.yaml").write_text(dump_config(cfg))
+    _, _, inputs = run_plan_inputs(cfg)
+    plan, _ = load_or_build_plan(inputs, cache_dir(cfg))
+    return out, cfg, plan
+
+
+def _expected(cfg, plan, step):
+    """Decode the plan's batch STEP-1 straight from the .bin files."""
+    from phoenix.data.samples import build_sample_index
+    from phoenix.tokenizer import SentencePieceTokenizer
+
+    tok = SentencePieceTokenizer(cfg.tokenizer.model)
+    out = []
+    ds, ss = plan.batch(step - 1)
+    for d, s in zip(ds.tolist(), ss.tolist()):
+        entry = cfg.data.datasets[d]
+        ix = build_sample_index(entry.prefix, cfg.data.seq_length, use_groups=False)
+        stream = np.memmap(entry.prefix + ".bin", dtype=np.uint16, mode="r") \
+            if tok.vocab_size < 65500 else None
+        start, n = int(ix.starts[s]), int(ix.lengths[s])
+        ids = stream[start:start + n].tolist()
+        parts, cur = [], []
+        for t in ids:
+            if t == tok.eod_id:
+                parts.append(cur)
+                cur = []
+            else:
+                cur.append(t)
+        parts.append(cur)
+        first = int(np.searchsorted(ix.doc_starts, start, side="right") - 1)
+        last = int(np.searchsorted(ix.doc_starts, start + n - 1, side="right") - 1)
+        out.append({"dataset": entry.name, "sample_id": s, "documents": list(range(first, last + 1)),
+                    "text": inspect_batch.EOD_MARK.join(tok.decode(p) for p in parts)})
+    return out
+
+
+def test_prints_the_batch_of_a_step(run_dir, capsys):
+    out, cfg, plan = run_dir
+    step = 3
+    assert inspect_batch.main([str(out), str(step), "--json", "--chars", "0"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    expected = _expected(cfg, plan, step)
+    assert len(shown) == cfg.train.global_batch_size == len(expected)
+    for got, want in zip(shown, expected):
+        assert (got["dataset"], got["sample_id"], got["document_ids"]) == \
+            (want["dataset"], want["sample_id"], want["documents"])
+        assert got["text"] == want["text"] and len(got["text"]) > 20
+        assert got["step"] == step
+    # step STEP is plan batch STEP-1: a neighbouring batch would not match
+    assert [s["sample_id"] for s in shown] != [w["sample_id"] for w in _expected(cfg, plan, step + 1)]
+
+    # human-readable form: header with the plan's counts, truncated text
+    assert inspect_batch.main([str(out), str(step), "--samples", "2", "--chars", "40"]) == 0
+    text = capsys.readouterr().out
+    counts = {n: int(plan.counts[step - 1, d]) for d, n in enumerate(plan.names)}
+    assert text.startswith(f"step {step} = plan batch {step - 1} of {STEPS} (web {counts['web']}, "
+                           f"code {counts['code']})")
+    assert text.count("\n[") == 2 and f"sample {expected[1]['sample_id']}" in text
+    assert expected[0]["text"][:40] + "..." in text.replace("\n    ", "\n")
+
+
+@pytest.mark.parametrize("step", [0, STEPS + 1, -1])
+def test_step_out_of_range(run_dir, capsys, step):
+    out, _, _ = run_dir
+    assert inspect_batch.main([str(out), str(step)]) == 2
+    err = capsys.readouterr().err
+    assert f"step {step} is not in [1, {STEPS}]" in err
+
+
+def test_missing_run_dir_or_config(tmp_path, capsys):
+    assert inspect_batch.main([str(tmp_path / "nope"), "1"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert inspect_batch.main([str(tmp_path), "1"]) == 2
+    assert "config.yaml does not exist" in capsys.readouterr().err
