@@ -1,4 +1,4 @@
-"""``phoenix`` command: ``phoenix train CONFIG [k=v ...]``, ``phoenix lr-plot CONFIG --out DIR``."""
+"""``phoenix`` command: ``train CONFIG [k=v ...]``, ``eval CHECKPOINT CONFIG``, ``lr-plot CONFIG --out DIR``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import sys
 COMMANDS = {
     "train": "phoenix.train.run",
     "lr-plot": "phoenix.optim.lr_plot",
+    "eval": "phoenix.eval.run",
 }
 
 

@@ -13,6 +13,7 @@ from typing import Literal, Optional
 
 # A module import (not `from ... import`): phoenix.optim.schedule imports phoenix.config,
 # so the class may not exist yet here; the annotation is resolved when a config is built.
+import phoenix.eval.config as eval_config
 import phoenix.monitor.spikes as monitor_spikes
 import phoenix.optim.schedule as optim_schedule
 from phoenix.config.typed import ConfigError
@@ -258,16 +259,26 @@ class LoggingConfig:
     log_interval steps; 0: off). Costs one fp32 copy of this rank's owned weights and one
     all-reduce on those steps only."""
 
+    dataset_loss_interval: Optional[int] = None
+    """Per-dataset loss/tokens in TensorBoard every N steps (default log_interval; 0: off)."""
+    throughput_interval: Optional[int] = None
+    """throughput/* (TFLOP/s, MFU, time split) and memory/* every N steps (default
+    log_interval; 0: off)."""
+    peak_tflops: Optional[float] = None
+    """Per-GPU peak TFLOP/s for throughput/mfu; default from the GPU name (bf16 dense,
+    e.g. H100/H200 989); on CPU MFU is logged only when this is set."""
     spikes: monitor_spikes.SpikeConfig = field(default_factory=lambda: monitor_spikes.SpikeConfig())
     """Loss / grad-norm spike detection, spikes.jsonl with the batch's provenance, and
     optionally skipping the update on a loss spike (see phoenix.monitor.spikes)."""
 
     def __post_init__(self):
         _positive("logging", log_interval=self.log_interval)
-        if self.norm_interval is None:
-            self.norm_interval = self.log_interval
-        if self.norm_interval < 0:
-            raise ConfigError(f"logging.norm_interval: must be >= 0, got {self.norm_interval}")
+        for key in ("norm_interval", "dataset_loss_interval", "throughput_interval"):
+            if getattr(self, key) is None:
+                setattr(self, key, self.log_interval)
+            if getattr(self, key) < 0:
+                raise ConfigError(f"logging.{key}: must be >= 0, got {getattr(self, key)}")
+        _positive("logging", peak_tflops=self.peak_tflops)
 
 
 @dataclass(kw_only=True)
@@ -294,6 +305,9 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: Optional[eval_config.EvalConfig] = None
+    """Held-out evaluation (loss, perplexity, top-1/top-5 accuracy per set); see
+    phoenix.eval.config. None: no evaluation."""
 
     def __post_init__(self):
         if self.optim.lr is None:

@@ -21,10 +21,18 @@ from phoenix.checkpoint import CheckpointManager
 from phoenix.checkpoint.manager import find_latest, resolve_checkpoint
 from phoenix.config import ConfigError, RunConfig, dump_config
 from phoenix.data.indexed import check_prefix, read_meta
+from phoenix.eval.callback import EvalCallback
+from phoenix.eval.config import check_eval_inputs
 from phoenix.data.loader import DataLoader
 from phoenix.model import build_model
-from phoenix.monitor import ConsoleLogger, NormMonitor, TensorBoardLogger
-from phoenix.monitor.spikes import SpikeMonitor
+from phoenix.monitor import (
+    ConsoleLogger,
+    DatasetLossMonitor,
+    NormMonitor,
+    SpikeMonitor,
+    TensorBoardLogger,
+    ThroughputMonitor,
+)
 from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.runtime import ParallelLayout
 from phoenix.train.callbacks import Callback, StepMetrics
@@ -74,6 +82,8 @@ def check_inputs(cfg: RunConfig):
             raise ConfigError(
                 f"data.datasets[{i}]: '{entry.prefix}' was tokenised with a different tokenizer "
                 f"than tokenizer.model {cfg.tokenizer.model} (fingerprints differ)")
+    for warning in check_eval_inputs(cfg.eval, tokenizer, [e.prefix for e in cfg.data.datasets]):
+        log.warning(warning)
     ckpt = cfg.checkpoint
     resuming = ckpt.resume and find_latest(Path(cfg.output_dir) / "checkpoints") is not None
     if ckpt.init_from and not resuming:
@@ -104,7 +114,12 @@ class Trainer:
                                  self.config_yaml)] if cfg.logging.tensorboard else []),
             *([NormMonitor(cfg.logging.norm_interval)]
               if cfg.logging.tensorboard and cfg.logging.norm_interval else []),
+            *([DatasetLossMonitor(cfg.logging.dataset_loss_interval)]
+              if cfg.logging.tensorboard and cfg.logging.dataset_loss_interval else []),
+            *([ThroughputMonitor(cfg.logging.throughput_interval, cfg.logging.peak_tflops)]
+              if cfg.logging.tensorboard and cfg.logging.throughput_interval else []),
             *([SpikeMonitor(cfg.logging.spikes, self.out_dir)] if cfg.logging.spikes.enabled else []),
+            *([EvalCallback(cfg.eval)] if cfg.eval is not None else []),
         ]
 
     # -- set-up ----------------------------------------------------------------------
@@ -151,6 +166,10 @@ class Trainer:
             saved = self.checkpoints.load(latest, self.model, self.optimizer)
             self.scheduler.load_state_dict(saved["scheduler"])
             self.state = TrainState(**saved["trainer"])
+            for cb in self.callbacks:
+                state = saved.get("callbacks", {}).get(type(cb).__name__)
+                if state is not None and hasattr(cb, "load_state_dict"):
+                    cb.load_state_dict(state)
             self._log0(f"resumed from {latest} at step {self.state.step}")
             return saved["data"]
         if ckpt.init_from:  # validated by check_inputs
@@ -281,10 +300,14 @@ class Trainer:
         trainer_state = asdict(self.state)
         # Before the first step Adam has no state to save: a step-0 checkpoint is weights only.
         optimizer = self.optimizer if self.state.step > 0 else None
+        # Monitors with running totals (e.g. tokens per dataset); collective: every rank saves.
+        callback_states = {type(cb).__name__: cb.state_dict() for cb in self.callbacks
+                           if hasattr(cb, "state_dict")}
         path = self.checkpoints.save(
             self.state.step, self.model, optimizer,
             {"trainer": trainer_state, "scheduler": self.scheduler.state_dict(),
-             "data": self.loader_state(), "config": self.config_yaml},
+             "data": self.loader_state(), "config": self.config_yaml,
+             "callbacks": callback_states},
             self.config_yaml)
         self._log0(f"saved checkpoint {path}")
         for cb in self.callbacks:

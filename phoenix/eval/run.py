@@ -1,0 +1,148 @@
+"""``phoenix eval CHECKPOINT CONFIG [k=v ...]``: evaluate a checkpoint on held-out sets.
+
+Loads the model weights of ``CHECKPOINT`` (a ``step_*`` directory, or a run directory /
+``checkpoints`` directory whose latest checkpoint is taken) into the model of ``CONFIG``
+at the config's parallel layout (launch under torchrun with as many processes as the
+layout needs; the checkpoint reshards), evaluates the config's ``eval.sets`` (or the
+``--set NAME=PREFIX`` options, which replace them) exactly as training does
+(:class:`phoenix.eval.Evaluator`), prints a table on rank 0 and, with ``--out FILE``,
+writes the numbers as JSON::
+
+    {"checkpoint": ".../step_000100", "step": 100, "layout": "world=2 tp=2 ...",
+     "sets": {"web_val": {"name": "web_val", "prefix": "...", "samples": 256,
+                          "tokens": 1048320, "loss": 2.91, "ppl": 18.4,
+                          "top1": 0.43, "top5": 0.66}}}
+
+The run's own ``config.yaml`` (in the run directory and in every checkpoint) is a valid
+CONFIG. Exit status: 0, or 2 on a config, data or checkpoint error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("phoenix.eval")
+
+
+def _parse_set(text: str):
+    from phoenix.config import ConfigError
+    from phoenix.eval.config import EvalSetConfig
+
+    name, sep, prefix = text.partition("=")
+    if not sep:
+        name, prefix = None, text
+    try:
+        return EvalSetConfig(prefix=prefix, name=name or None)
+    except ConfigError as e:
+        raise ConfigError(f"--set {text}: {e}") from None
+
+
+def eval_config_of(cfg, sets=(), max_samples=None, micro_batch_size=None):
+    """The run config's ``eval`` section with the command-line replacements applied."""
+    from phoenix.config import ConfigError
+    from phoenix.eval.config import EvalConfig
+
+    base = getattr(cfg, "eval", None)
+    if not sets and base is None:
+        raise ConfigError("eval.sets: no eval sets; add an eval section to the config or pass "
+                          "--set NAME=PREFIX")
+    try:
+        return EvalConfig(
+            sets=list(sets) or base.sets,
+            interval=base.interval if base else 0,
+            at_end=base.at_end if base else True,
+            max_samples=max_samples if max_samples is not None
+            else (base.max_samples if base else EvalConfig.max_samples),
+            micro_batch_size=micro_batch_size or (base.micro_batch_size if base else None))
+    except ConfigError as e:
+        raise ConfigError(f"eval.{e}") from None
+
+
+def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
+    """Collective: load ``checkpoint``'s weights into ``cfg``'s model on this rank and
+    evaluate; returns the JSON-ready report (the same on every rank)."""
+    from phoenix.checkpoint import CheckpointManager
+    from phoenix.checkpoint.manager import resolve_checkpoint
+    from phoenix.eval.config import check_eval_inputs
+    from phoenix.eval.evaluator import Evaluator
+    from phoenix.model import build_model
+    from phoenix.runtime import init_runtime
+    from phoenix.tokenizer import SentencePieceTokenizer
+
+    path = resolve_checkpoint(checkpoint)
+    tokenizer = SentencePieceTokenizer(cfg.tokenizer.model)
+    check_eval_inputs(eval_cfg, tokenizer)
+    layout = init_runtime(cfg)
+    vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+    model = build_model(cfg, layout, vocab_size, wrap_ddp=False)  # no grad buffers needed
+    manager = CheckpointManager(path.parent, layout.rank, layout.world_size)
+    state = manager.load_weights(path, model)
+    step = (state.get("trainer") or {}).get("step")
+    if layout.rank == 0:
+        log.info("eval: %s (step %s) on %s", path, step, layout.describe())
+    results = Evaluator.from_run_config(model, layout, cfg, eval_cfg, tokenizer).evaluate()
+    return {"checkpoint": str(path), "step": step, "layout": layout.describe(),
+            "sets": {name: r.to_dict() for name, r in results.items()}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="phoenix eval",
+        description="Evaluate a checkpoint on held-out sets: loss, perplexity, top-1/top-5 "
+                    "next-token accuracy. Launch under torchrun for a parallel layout.")
+    parser.add_argument("checkpoint", help="checkpoint directory (step_*), or a run directory")
+    parser.add_argument("config", help="run config YAML (e.g. the run's config.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=2")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=PREFIX",
+                        help="an eval set (repeatable); replaces the config's eval.sets")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="samples per set (default: eval.max_samples; 0: whole set)")
+    parser.add_argument("--micro-batch-size", type=int, default=None)
+    parser.add_argument("--out", default=None, help="write the results as JSON to this file")
+    args = parser.parse_intermixed_args(argv)
+
+    from phoenix.checkpoint.manager import CheckpointError
+    from phoenix.config import ConfigError, load_config
+    from phoenix.data.indexed import DataError
+    from phoenix.eval.evaluator import EvalResult, format_table
+    from phoenix.train.run import setup_logging
+
+    setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        eval_cfg = eval_config_of(cfg, [_parse_set(s) for s in args.sets], args.max_samples,
+                                  args.micro_batch_size)
+        report = evaluate_checkpoint(args.checkpoint, cfg, eval_cfg)
+    except ConfigError as e:
+        print(f"phoenix: config error: {e}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError) as e:
+        print(f"phoenix: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    finally:
+        from phoenix.runtime import shutdown_runtime
+
+        try:
+            shutdown_runtime()
+        except Exception:
+            pass
+    if int(os.environ.get("RANK", "0")) == 0:
+        results = {name: EvalResult(**r) for name, r in report["sets"].items()}
+        print(f"checkpoint {report['checkpoint']} (step {report['step']}), {report['layout']}")
+        print(format_table(results), flush=True)
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.name}.tmp")
+            tmp.write_text(json.dumps(report, indent=2) + "\n")
+            os.replace(tmp, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

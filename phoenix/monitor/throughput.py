@@ -1,0 +1,236 @@
+"""Throughput, model FLOPs utilisation and memory in TensorBoard.
+
+:func:`model_flops_per_token` counts the matrix-multiply FLOPs of one training token
+from the architecture. Convention (PaLM appendix B / Megatron-LM's
+``num_floating_point_operations``):
+
+* 2 FLOPs per multiply-accumulate; only matrix multiplies are counted (norms, RoPE,
+  softmax, activations, the embedding lookup and the optimizer are left out);
+* forward + backward = 3 x forward (the backward computes gradients of both the
+  activations and the weights);
+* attention scores ``Q K^T`` and ``softmax(.) V`` are counted over the **full**
+  ``seq_length x seq_length`` square (non-causal), as PaLM and Megatron-LM do, so the
+  numbers compare with published MFU; ``causal=True`` halves that term instead;
+* per layer and token: q/k/v projections ``h x (n_q d + 2 n_kv d)`` (grouped-query
+  attention with ``n_kv = num_query_groups``), output projection ``n_q d x h``, MLP
+  ``3 h f`` (SwiGLU: gate, up, down) or ``2 h f`` (GeLU); plus the logits ``h x V``
+  once per token (pass the *padded* vocabulary: that is the matrix multiplied).
+* MoE (not built yet): only the active parameters count, ``top_k`` experts of
+  ``moe_ffn_hidden_size`` each plus the ``h x num_experts`` router.
+
+In closed form (forward, per token)::
+
+    2 L [h (n_q d + 2 n_kv d) + n_q d h + m h f] + 2 L (2 s n_q d) [x 1/2 if causal] + 2 h V
+
+:class:`ThroughputMonitor` writes, on the logging rank and through the
+``TensorBoardLogger``'s writer, every ``interval`` steps (and the last step):
+
+``throughput/tokens_per_sec_per_gpu``
+    ``train/``'s loss-bearing tokens per second (as ``throughput/tokens_per_sec``,
+    which the TensorBoard logger writes) divided by the world size.
+``throughput/forward_backward_time``, ``throughput/optimizer_time``
+    Seconds of this step on the logging rank (``StepMetrics.extra``).
+``throughput/logging_time``
+    Seconds the callbacks of the *previous* step took (not written at a process's
+    first step, which has no previous one).
+``throughput/tflops_per_gpu``
+    ``3 x forward FLOPs per token x global_batch_size x seq_length / step_time /
+    world_size`` (every position of every sample is computed, masked or not).
+``throughput/mfu``
+    ``tflops_per_gpu / peak_tflops``: against the configured peak, else a default for
+    the GPU (:data:`PEAK_TFLOPS`, bf16/fp16 dense); not written when neither is known
+    (e.g. on CPU without a configured peak).
+``memory/allocated_gb``, ``memory/reserved_gb``, ``memory/max_allocated_gb``
+    CUDA only: ``torch.cuda`` memory statistics in GiB, the maximum over all ranks (the
+    rank closest to running out); ``max_allocated`` is the peak since the process
+    started.
+
+``throughput/tokens_per_sec``, ``throughput/step_time`` and ``throughput/data_time``
+are written by :class:`~phoenix.monitor.tensorboard.TensorBoardLogger`, not here.
+On logging steps with CUDA the monitor does one 3-element ``all_reduce(MAX)`` over the
+world, so every rank must have it; it does nothing else outside the logging rank.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from phoenix.train.callbacks import Callback, StepMetrics
+
+log = logging.getLogger(__name__)
+
+# Dense bf16/fp16 tensor-core peak (TFLOP/s, no sparsity) by a substring of
+# torch.cuda.get_device_name(); the first match wins, so specific names come first.
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("GH200", 989.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),   # SXM
+    ("H800", 989.0),
+    ("H20", 148.0),
+    ("B200", 2250.0),
+    ("B100", 1750.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+    ("MI300X", 1307.0),
+)
+
+GIB = 1024 ** 3
+
+
+def model_flops_per_token(model_cfg, seq_length: int, vocab_size: int, *, causal: bool = False,
+                          num_experts: int | None = None, top_k: int | None = None,
+                          moe_ffn_hidden_size: int | None = None, training: bool = True) -> float:
+    """Matrix-multiply FLOPs of one token (forward+backward when ``training``).
+
+    ``model_cfg``: anything with ``num_layers``, ``hidden_size``, ``ffn_hidden_size``,
+    ``num_attention_heads``, ``num_query_groups`` (None = multi-head) and ``activation``
+    (``swiglu``/``gelu``), e.g. :class:`phoenix.config.ModelConfig`. ``vocab_size``: the
+    padded vocabulary of the output layer. ``num_experts``/``top_k``: a MoE MLP in every
+    layer (default ``num_experts``/``top_k``/``moe_ffn_hidden_size`` read from
+    ``model_cfg`` when it has them); only the ``top_k`` active experts are counted.
+    See the module docstring for the convention.
+    """
+    L = model_cfg.num_layers
+    h = model_cfg.hidden_size
+    n_q = model_cfg.num_attention_heads
+    n_kv = model_cfg.num_query_groups or n_q
+    d = h // n_q  # kv_channels
+    activation = getattr(model_cfg, "activation", "swiglu")
+    mlp_matrices = {"swiglu": 3, "gelu": 2}[activation]
+    if num_experts is None:
+        num_experts = getattr(model_cfg, "num_experts", None)
+    if top_k is None:
+        top_k = getattr(model_cfg, "moe_router_topk", None) or getattr(model_cfg, "top_k", None)
+    if moe_ffn_hidden_size is None:
+        moe_ffn_hidden_size = getattr(model_cfg, "moe_ffn_hidden_size", None)
+
+    attn_proj = h * (n_q * d + 2 * n_kv * d) + n_q * d * h  # weights touched per token
+    if num_experts:
+        if not top_k or top_k > num_experts:
+            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+        f = moe_ffn_hidden_size or model_cfg.ffn_hidden_size
+        mlp = top_k * mlp_matrices * h * f + h * num_experts  # active experts + router
+    else:
+        mlp = mlp_matrices * h * model_cfg.ffn_hidden_size
+    scores = 2 * seq_length * n_q * d  # Q K^T and A V: s*d MACs each, per head and token
+    if causal:
+        scores /= 2
+    forward = 2 * L * (attn_proj + mlp) + 2 * L * scores + 2 * h * vocab_size
+    return float(3 * forward if training else forward)
+
+
+def default_peak_tflops(device_name: str | None, precision: str = "bf16") -> float | None:
+    """Dense bf16/fp16 peak of a known GPU, else None (also for fp32 training)."""
+    if not device_name or precision not in ("bf16", "fp16"):
+        return None
+    for key, peak in PEAK_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+class ThroughputMonitor(Callback):
+    """Writes the ``throughput/`` and ``memory/`` tags listed in the module docstring.
+
+    ``interval``: every N steps (0 disables); the run's last step is always included.
+    ``peak_tflops``: the per-GPU peak that ``throughput/mfu`` is measured against;
+    None takes :func:`default_peak_tflops` of the CUDA device (none on CPU).
+    ``flops_per_token``: override the architecture count (tests, exotic models).
+    After a logged step, ``last`` holds ``{tag: value}`` on the logging rank.
+    """
+
+    def __init__(self, interval: int, peak_tflops: float | None = None,
+                 flops_per_token: float | None = None, log_last_step: bool = True):
+        if interval < 0:
+            raise ValueError(f"ThroughputMonitor: interval must be >= 0, got {interval}")
+        if peak_tflops is not None and not peak_tflops > 0:
+            raise ValueError(f"ThroughputMonitor: peak_tflops must be > 0, got {peak_tflops}")
+        self.interval, self.log_last_step = interval, log_last_step
+        self.peak_tflops, self.flops_per_token = peak_tflops, flops_per_token
+        self.last: dict[str, float] = {}
+        self._first_step = None
+        self._warned = False
+
+    def on_train_start(self, trainer) -> None:
+        cfg, layout = trainer.cfg, trainer.layout
+        self._first_step = trainer.state.step + 1
+        self._cuda = layout.device.type == "cuda"
+        if self.flops_per_token is None:
+            # The padded vocabulary of the output layer (GPTModel keeps it on every stage).
+            vocab = _unwrap(trainer.model[0]).vocab_size
+            self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_length, vocab)
+        if self.peak_tflops is None and self._cuda:
+            name = torch.cuda.get_device_name(layout.device)
+            self.peak_tflops = default_peak_tflops(name, cfg.train.precision)
+            if self.peak_tflops is None and layout.is_logging_rank:
+                log.info("ThroughputMonitor: no peak TFLOP/s known for '%s' (%s); set "
+                         "logging.peak_tflops to log throughput/mfu", name, cfg.train.precision)
+
+    def _is_logging_step(self, trainer, step: int) -> bool:
+        if not self.interval:
+            return False
+        return step % self.interval == 0 or (self.log_last_step and step == trainer.cfg.train.steps)
+
+    def on_step_end(self, trainer, m: StepMetrics) -> None:
+        if self._first_step is None or not self._is_logging_step(trainer, m.step):
+            return
+        layout = trainer.layout
+        memory = self._memory(layout) if self._cuda else None  # collective: every rank
+        if not layout.is_logging_rank:
+            return
+        world = layout.world_size
+        tags = {"throughput/tokens_per_sec_per_gpu": m.tokens_per_second / world}
+        extra = m.extra or {}
+        for key, tag in (("time/forward_backward", "throughput/forward_backward_time"),
+                         ("time/optimizer", "throughput/optimizer_time")):
+            if extra.get(key) is not None:
+                tags[tag] = float(extra[key])
+        if m.step != self._first_step and extra.get("time/callbacks_prev_step") is not None:
+            tags["throughput/logging_time"] = float(extra["time/callbacks_prev_step"])
+        if m.step_time > 0:
+            tokens = trainer.cfg.train.global_batch_size * trainer.cfg.data.seq_length
+            tflops = self.flops_per_token * tokens / m.step_time / world / 1e12
+            tags["throughput/tflops_per_gpu"] = tflops
+            if self.peak_tflops:
+                tags["throughput/mfu"] = tflops / self.peak_tflops
+        if memory is not None:
+            tags.update(memory)
+        self.last = tags
+        writer = self._writer(trainer)
+        if writer is not None:
+            for tag, value in tags.items():
+                writer.add_scalar(tag, value, m.step)
+
+    @staticmethod
+    def _memory(layout) -> dict[str, float]:
+        stats = torch.tensor([torch.cuda.memory_allocated(), torch.cuda.memory_reserved(),
+                              torch.cuda.max_memory_allocated()], dtype=torch.float64,
+                             device=layout.device)
+        if layout.world_size > 1:
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX)
+        allocated, reserved, peak = (v / GIB for v in stats.tolist())
+        return {"memory/allocated_gb": allocated, "memory/reserved_gb": reserved,
+                "memory/max_allocated_gb": peak}
+
+    def _writer(self, trainer):
+        from phoenix.monitor.tensorboard import TensorBoardLogger
+
+        for cb in trainer.callbacks:
+            if isinstance(cb, TensorBoardLogger) and cb.writer is not None:
+                return cb.writer
+        if not self._warned:
+            log.warning("ThroughputMonitor: no TensorBoard writer (logging.tensorboard is off?)")
+            self._warned = True
+        return None
