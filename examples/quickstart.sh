@@ -16,6 +16,7 @@ say "1/6 synthetic corpus (web, code grouped by repository, a small math set)"
 [ -f $DATA/web.jsonl ] || $PY tools/make_corpus.py --output $DATA/web.jsonl --num-docs 3000 --seed 1 --domain web
 [ -f $DATA/code.jsonl ] || $PY tools/make_corpus.py --output $DATA/code.jsonl --num-docs 1500 --seed 2 --domain code --group-key repo --docs-per-group 1 3
 [ -f $DATA/math.jsonl ] || $PY tools/make_corpus.py --output $DATA/math.jsonl --num-docs 300 --seed 3 --domain math
+[ -f $DATA/heldout_web.jsonl ] || $PY tools/make_corpus.py --output $DATA/heldout_web.jsonl --num-docs 200 --seed 99 --domain web
 
 say "2/6 sentencepiece tokenizer"
 [ -f $DATA/tokenizer.model ] || $PY tools/train_tokenizer.py --input $DATA/web.jsonl $DATA/code.jsonl $DATA/math.jsonl \
@@ -28,6 +29,8 @@ say "3/6 tokenise into megatron-core .bin/.idx"
     --tokenizer-model $DATA/tokenizer.model --workers 2 --group-key repo --name code --tags code
 [ -f $DATA/math.idx ] || $PY tools/preprocess_data.py --input $DATA/math.jsonl --output-prefix $DATA/math \
     --tokenizer-model $DATA/tokenizer.model --workers 2 --name math --tags math
+[ -f $DATA/heldout_web.idx ] || $PY tools/preprocess_data.py --input $DATA/heldout_web.jsonl \
+    --output-prefix $DATA/heldout_web --tokenizer-model $DATA/tokenizer.model --name heldout_web --tags eval
 
 say "4/6 build the data plan upstream (exact per-batch mixture, whole repositories, math bursts)"
 $PY tools/build_data_plan.py configs/quickstart.yaml
@@ -46,6 +49,7 @@ Done.
   checkpoints : $RUN/checkpoints/ (latest: $latest)
   TensorBoard : $RUN/tensorboard/
   config      : $RUN/config.yaml
+  spikes      : $RUN/spikes.jsonl (if any step spiked)
 Open TensorBoard with:
   $(dirname $PY)/tensorboard --logdir $RUN/tensorboard
 MSG

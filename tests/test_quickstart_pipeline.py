@@ -32,10 +32,12 @@ def test_quickstart_pipeline(tmp_path):
          "--max-words", 60, cwd=tmp_path)
     _run(ROOT / "tools/make_corpus.py", "--output", data / "math.jsonl", "--num-docs", 100,
          "--seed", 3, "--domain", "math", cwd=tmp_path)
+    _run(ROOT / "tools/make_corpus.py", "--output", data / "heldout_web.jsonl", "--num-docs", 60,
+         "--seed", 99, cwd=tmp_path)
     _run(ROOT / "tools/train_tokenizer.py", "--input", data / "web.jsonl", data / "code.jsonl.gz",
          "--text-key", "text", "--model-prefix", data / "tok", "--vocab-size", 512, cwd=tmp_path)
     for name, src, extra in (("web", "web.jsonl", []), ("code", "code.jsonl.gz", ["--group-key", "repo"]),
-                             ("math", "math.jsonl", [])):
+                             ("math", "math.jsonl", []), ("heldout_web", "heldout_web.jsonl", [])):
         _run(ROOT / "tools/preprocess_data.py", "--input", data / src, "--output-prefix", data / name,
              "--tokenizer-model", data / "tok.model", "--workers", 2, "--no-progress", *extra,
              cwd=tmp_path)
@@ -47,6 +49,8 @@ def test_quickstart_pipeline(tmp_path):
     recipe["tokenizer"]["model"] = str(data / "tok.model")
     for entry in recipe["data"]["datasets"]:
         entry["prefix"] = str(data / entry["name"])
+    recipe["eval"]["sets"][0]["prefix"] = str(data / "heldout_web")
+    recipe["eval"].update(interval=4, max_samples=16)
     recipe["data"]["seq_length"] = 64
     recipe["train"].update(steps=8, global_batch_size=8)
     recipe["checkpoint"].update(save_interval=3)
@@ -103,3 +107,9 @@ def test_quickstart_pipeline(tmp_path):
     for layer in range(4):  # per-layer norms, layers numbered globally across the 2 stages
         assert f"grad_norm/layer_{layer:02d}" in tags
     assert {"grad_norm/global", "param_norm/embedding", "update_ratio/output_layer"} <= tags
+    # every tag family of the quickstart: per-dataset loss/tokens, throughput, eval, spikes
+    assert {"loss/by_dataset/web", "tokens/by_dataset/code", "throughput/tflops_per_gpu",
+            "throughput/forward_backward_time", "spikes/count"} <= tags, tags
+    for metric in ("loss", "ppl", "top1", "top5"):
+        steps = [e.step for e in acc.Scalars(f"eval/heldout_web/{metric}")]
+        assert steps == [4, 5, 8], (metric, steps)  # every 4 steps and at the end of each job
