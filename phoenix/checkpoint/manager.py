@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from phoenix.io import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "phoenix_state.pt"
@@ -139,9 +141,7 @@ class CheckpointManager:
             if final.exists():  # an older save of the same step (e.g. after a rollback)
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            latest_tmp = self.root / ".latest.tmp"
-            latest_tmp.write_text(name + "\n")
-            os.replace(latest_tmp, self.root / "latest")
+            atomic_write_text(self.root / "latest", name + "\n")
             self._prune()
         dist.barrier()
         return final

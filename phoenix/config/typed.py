@@ -105,7 +105,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         # __post_init__ checks name keys relative to their own section; prefix them.
         msg = str(e)
         raise ConfigError(f"{prefix}.{msg}" if prefix and not msg.startswith(prefix) else msg) from None
-    except TypeError as e:
+    except TypeError:
         missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                    and f.default_factory is dataclasses.MISSING]
         if missing:

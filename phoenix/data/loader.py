@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch

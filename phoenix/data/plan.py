@@ -67,12 +67,13 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from fractions import Fraction
 
 import numpy as np
+
+from phoenix.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -426,18 +427,8 @@ def save_plan(plan: DataPlan, path: str) -> None:
     meta = dict(format=FORMAT_VERSION, fingerprint=plan.fingerprint, names=plan.names,
                 global_batch_size=plan.global_batch_size, num_batches=plan.num_batches,
                 violations=plan.violations, allocator=plan.allocator)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".plan-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(meta)), **{k: getattr(plan, k) for k in _ARRAYS})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)),
+                                          **{k: getattr(plan, k) for k in _ARRAYS}))
 
 
 def load_plan(path: str, expected_fingerprint: str) -> DataPlan:

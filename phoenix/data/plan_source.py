@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs, build_plan, load_plan, plan_fingerprint, save_plan
 from phoenix.data.samples import SampleIndex, SampleReader, build_sample_index
 

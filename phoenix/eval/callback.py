@@ -76,11 +76,11 @@ class EvalCallback(Callback):
         return self.history[-1][1] if self.history else None
 
     def _writer(self, trainer):
-        from phoenix.monitor.tensorboard import TensorBoardLogger
+        from phoenix.monitor.tensorboard import find_writer
 
-        for cb in trainer.callbacks:
-            if isinstance(cb, TensorBoardLogger) and cb.writer is not None:
-                return cb.writer
+        writer = find_writer(trainer)
+        if writer is not None:
+            return writer
         if not self._warned and trainer.cfg.logging.tensorboard:
             log.warning("eval: no TensorBoard writer found; eval metrics go to the console only")
         self._warned = True

@@ -26,6 +26,8 @@ import os
 import sys
 from pathlib import Path
 
+from phoenix.io import atomic_write_text
+
 log = logging.getLogger("phoenix.eval")
 
 
@@ -106,31 +108,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON to this file")
     args = parser.parse_intermixed_args(argv)
 
-    from phoenix.checkpoint.manager import CheckpointError
-    from phoenix.config import ConfigError, load_config
-    from phoenix.data.indexed import DataError
+    from phoenix.config import load_config
     from phoenix.eval.evaluator import EvalResult, format_table
-    from phoenix.train.run import setup_logging
+    from phoenix.train.run import run_command, setup_logging
 
     setup_logging()
-    try:
+    result = {}
+
+    def body():
         cfg = load_config(args.config, args.overrides)
         eval_cfg = eval_config_of(cfg, [_parse_set(s) for s in args.sets], args.max_samples,
                                   args.micro_batch_size)
-        report = evaluate_checkpoint(args.checkpoint, cfg, eval_cfg)
-    except ConfigError as e:
-        print(f"phoenix: config error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError) as e:
-        print(f"phoenix: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    finally:
-        from phoenix.runtime import shutdown_runtime
+        result["report"] = evaluate_checkpoint(args.checkpoint, cfg, eval_cfg)
 
-        try:
-            shutdown_runtime()
-        except Exception:
-            pass
+    code = run_command(body)
+    if code:
+        return code
+    report = result["report"]
     if int(os.environ.get("RANK", "0")) == 0:
         results = {name: EvalResult(**r) for name, r in report["sets"].items()}
         print(f"checkpoint {report['checkpoint']} (step {report['step']}), {report['layout']}")
@@ -138,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             out = Path(args.out)
             out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text(json.dumps(report, indent=2) + "\n")
-            os.replace(tmp, out)
+            atomic_write_text(out, json.dumps(report, indent=2) + "\n")
     return 0
 
 

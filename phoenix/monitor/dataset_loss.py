@@ -175,11 +175,11 @@ class DatasetLossMonitor(Callback):
                 writer.add_scalar(tag, value, metrics.step)
 
     def _writer(self, trainer):
-        from phoenix.monitor.tensorboard import TensorBoardLogger
+        from phoenix.monitor.tensorboard import find_writer
 
-        for cb in trainer.callbacks:
-            if isinstance(cb, TensorBoardLogger) and cb.writer is not None:
-                return cb.writer
+        writer = find_writer(trainer)
+        if writer is not None:
+            return writer
         if not self._warned_writer:
             log.warning("DatasetLossMonitor: no TensorBoard writer (logging.tensorboard is off?); "
                         "per-dataset losses are computed but not written")

@@ -290,11 +290,11 @@ class NormMonitor(Callback):
         return tags
 
     def _writer(self, trainer):
-        from phoenix.monitor.tensorboard import TensorBoardLogger
+        from phoenix.monitor.tensorboard import find_writer
 
-        for cb in trainer.callbacks:
-            if isinstance(cb, TensorBoardLogger) and cb.writer is not None:
-                return cb.writer
+        writer = find_writer(trainer)
+        if writer is not None:
+            return writer
         if not self._warned:
             log.warning("NormMonitor: no TensorBoard writer (logging.tensorboard is off?); "
                         "norms are computed but not written")

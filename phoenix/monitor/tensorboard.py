@@ -13,6 +13,15 @@ from pathlib import Path
 from phoenix.train.callbacks import Callback, StepMetrics
 
 
+def find_writer(trainer):
+    """The run's SummaryWriter (held by its TensorBoardLogger on the logging rank), or None
+    on other ranks and when TensorBoard is off. Other monitors write through it."""
+    for cb in trainer.callbacks:
+        if isinstance(cb, TensorBoardLogger) and cb.writer is not None:
+            return cb.writer
+    return None
+
+
 class TensorBoardLogger(Callback):
     def __init__(self, log_dir: str | Path, interval: int, config_yaml: str):
         self.log_dir, self.interval, self.config_yaml = Path(log_dir), interval, config_yaml

@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from phoenix.config.typed import ConfigError
+from phoenix.io import atomic_write
 from phoenix.optim.schedule import (
     ResolvedSchedule,
     ScheduleConfig,
@@ -57,25 +57,10 @@ def rows(resolved: ResolvedSchedule, num_steps: int) -> list[tuple[int, float, s
     return out
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same directory + os.replace: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_csv(path: Path, table: list[tuple[int, float, str]]) -> None:
     lines = ["step,lr,phase"] + [f"{s},{lr!r},{label}" for s, lr, label in table]
     data = ("\n".join(lines) + "\n").encode()
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def write_png(path: Path, resolved: ResolvedSchedule, table: list[tuple[int, float, str]],
@@ -108,7 +93,7 @@ def write_png(path: Path, resolved: ResolvedSchedule, table: list[tuple[int, flo
         fig.savefig(f, format="png", dpi=120)
 
     try:
-        _atomic_write(path, save)
+        atomic_write(path, save)
     finally:
         plt.close(fig)
     return True

@@ -42,7 +42,7 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def train(cfg) -> "Trainer":  # noqa: F821
+def train(cfg):
     """Run a whole training job in this process (one rank of the torchrun world)."""
     from phoenix.runtime import init_runtime
     from phoenix.train.trainer import Trainer
@@ -54,23 +54,11 @@ def train(cfg) -> "Trainer":  # noqa: F821
     return trainer
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="phoenix train",
-        description="Train from a YAML recipe; launch under torchrun for several processes.")
-    parser.add_argument("config", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
-    parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config and check the layout, then exit")
-    args = parser.parse_args(argv)
-    setup_logging()
+def run_command(body) -> int:
+    """Run a command's ``body()``: input errors become one line on stderr and exit code 2
+    (no traceback on every rank), and the process groups are always torn down."""
     try:
-        cfg = load_config(args.config, args.overrides)
-        if args.dry_run:
-            cfg.validate_layout(int(os.environ.get("WORLD_SIZE", "1")))
-            print(dump_config(cfg), end="")
-            return 0
-        train(cfg)
+        return body() or 0
     except ConfigError as e:
         print(f"phoenix: config error: {e}", file=sys.stderr)
         return 2
@@ -84,4 +72,25 @@ def main(argv: list[str] | None = None) -> int:
             shutdown_runtime()
         except Exception:
             pass
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="phoenix train",
+        description="Train from a YAML recipe; launch under torchrun for several processes.")
+    parser.add_argument("config", help="recipe YAML")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the resolved config and check the layout, then exit")
+    args = parser.parse_args(argv)
+    setup_logging()
+
+    def body():
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            cfg.validate_layout(int(os.environ.get("WORLD_SIZE", "1")))
+            print(dump_config(cfg), end="")
+            return 0
+        train(cfg)
+
+    return run_command(body)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from phoenix.config import ConfigError, RunConfig, dump_config
 from phoenix.data.indexed import check_prefix, read_meta
 from phoenix.eval.callback import EvalCallback
 from phoenix.eval.config import check_eval_inputs
+from phoenix.io import atomic_write_text
 from phoenix.data.loader import DataLoader
 from phoenix.model import build_model
 from phoenix.monitor import (
@@ -54,12 +54,6 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     skipped_steps: int = 0
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def check_inputs(cfg: RunConfig):
@@ -129,7 +123,7 @@ class Trainer:
         vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
         if layout.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(self.out_dir / "config.yaml", self.config_yaml)
+            atomic_write_text(self.out_dir / "config.yaml", self.config_yaml)
             log.info("run '%s': %s -> %s", cfg.name, layout.describe(), self.out_dir)
         dist.barrier()
 
@@ -182,7 +176,7 @@ class Trainer:
     def train(self) -> TrainState:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        cfg, layout, state = self.cfg, self.layout, self.state
+        cfg, state = self.cfg, self.state
         forward_backward = get_forward_backward_func()
         for cb in self.callbacks:
             cb.on_train_start(self)
