@@ -138,14 +138,19 @@ def _code_block(rng: random.Random, t: _Topic) -> str:
     )
 
 
-def _code_doc(rng: random.Random, t: _Topic, n_words: int) -> str:
-    blocks: list[str] = []
+def _lines_doc(part, rng: random.Random, t: _Topic, n_words: int) -> str:
+    """Newline-joined ``part(rng, t)`` pieces until the document holds ``n_words`` words."""
+    pieces: list[str] = []
     words = 0
     while words < n_words:
-        block = _code_block(rng, t)
-        words += len(block.split())
-        blocks.append(block)
-    return "\n".join(blocks)
+        piece = part(rng, t)
+        words += len(piece.split())
+        pieces.append(piece)
+    return "\n".join(pieces)
+
+
+def _code_doc(rng: random.Random, t: _Topic, n_words: int) -> str:
+    return _lines_doc(_code_block, rng, t, n_words)
 
 
 def _math_sentence(rng: random.Random, t: _Topic) -> str:
@@ -166,13 +171,7 @@ def _math_sentence(rng: random.Random, t: _Topic) -> str:
 
 
 def _math_doc(rng: random.Random, t: _Topic, n_words: int) -> str:
-    lines: list[str] = []
-    words = 0
-    while words < n_words:
-        line = _math_sentence(rng, t)
-        words += len(line.split())
-        lines.append(line)
-    return "\n".join(lines)
+    return _lines_doc(_math_sentence, rng, t, n_words)
 
 
 _GENERATORS = {"web": _web_doc, "code": _code_doc, "math": _math_doc}

@@ -19,13 +19,28 @@ class Recorder(Callback):
                            "skipped": metrics.skipped})
 
 
+def scale_loss_at_step(trainer, step: int, factor: float) -> None:
+    """Multiply the per-token losses of optimizer step ``step`` (1-based) by ``factor``
+    (NaN to test the non-finite guard, a large number to create a loss spike)."""
+    from phoenix.train import trainer as trainer_mod
+
+    real_step = trainer_mod.forward_step
+
+    def scaled(data_iterator, model):
+        output, loss_fn = real_step(data_iterator, model)
+        if trainer.state.step + 1 == step:
+            output = output * factor
+        return output, loss_fn
+
+    trainer_mod.forward_step = scaled
+
+
 def train_and_record(config: dict, overrides: list[str] = (), inject_nan_at: int | None = None) -> dict:
     """Train with ``config`` in this rank; return the recorded steps and final state.
 
     ``inject_nan_at``: make the loss of that step (1-based) NaN, to test the guard.
     """
     from phoenix.runtime import init_runtime
-    from phoenix.train import trainer as trainer_mod
     from phoenix.train.trainer import Trainer
 
     cfg = build_config(config, overrides)
@@ -35,15 +50,7 @@ def train_and_record(config: dict, overrides: list[str] = (), inject_nan_at: int
     trainer.callbacks.append(recorder)
     trainer.setup()
     if inject_nan_at is not None:
-        real_step = trainer_mod.forward_step
-
-        def poisoned(data_iterator, model):
-            output, loss_fn = real_step(data_iterator, model)
-            if trainer.state.step + 1 == inject_nan_at:
-                output = output * float("nan")
-            return output, loss_fn
-
-        trainer_mod.forward_step = poisoned
+        scale_loss_at_step(trainer, inject_nan_at, float("nan"))
     state = trainer.train()
     return {"steps": recorder.steps, "step": state.step,
             "consumed_samples": state.consumed_samples, "skipped": state.skipped_steps,
@@ -107,7 +114,6 @@ def train_with_spike(config: dict, spikes: dict, overrides: list[str] = (),
     from phoenix.monitor.norms import NormMonitor
     from phoenix.monitor.spikes import SpikeConfig, SpikeMonitor
     from phoenix.runtime import init_runtime
-    from phoenix.train import trainer as trainer_mod
     from phoenix.train.trainer import Trainer
 
     cfg = build_config(config, overrides)
@@ -121,15 +127,7 @@ def train_with_spike(config: dict, spikes: dict, overrides: list[str] = (),
     trainer.callbacks += [monitor, recorder]
     trainer.setup()
     if spike_at is not None:
-        real_step = trainer_mod.forward_step
-
-        def spiked(data_iterator, model):
-            output, loss_fn = real_step(data_iterator, model)
-            if trainer.state.step + 1 == spike_at:
-                output = output * factor
-            return output, loss_fn
-
-        trainer_mod.forward_step = spiked
+        scale_loss_at_step(trainer, spike_at, factor)
     state = trainer.train()
     return {"steps": recorder.steps, "report_rows": recorder.report_rows,
             "records": monitor.records, "count": monitor.count, "step": state.step,
