@@ -270,6 +270,12 @@ class GroupPacker {
   };
   template <class Emit> void emit_range(Emit& emit, i64 g, i64 lo, i64 hi);
   template <class Emit> void split_item(Emit& emit, Item it, i64 cap);
+  // Split the oldest pending group: its first `cap` samples go to this batch.
+  template <class Emit> void split_front(Emit& emit, i64 cap) {
+    Item it = st_.pending.front();
+    st_.pending.erase(st_.pending.begin());
+    split_item(emit, it, cap);
+  }
   template <class Emit> i64 start_batch(Emit& emit, i64 count);
   template <class Emit> i64 place_subset(Emit& emit, i64 cap);
   template <class Emit> i64 emit_chosen(Emit& emit, i64 left);
@@ -467,16 +473,12 @@ void GroupPacker::normal(Emit& emit, i64 count) {
     maybe_next_epoch();
     fill_window();
     if (cap == count && st_.pending.front().size > count) {  // larger than the batch share
-      Item it = st_.pending.front();
-      st_.pending.erase(st_.pending.begin());
-      split_item(emit, it, cap);
+      split_front(emit, cap);
       return;
     }
     cap = place_subset(emit, cap);
     if (cap > 0 && !st_.pending.empty()) {
-      Item it = st_.pending.front();
-      st_.pending.erase(st_.pending.begin());
-      split_item(emit, it, cap);
+      split_front(emit, cap);
       return;
     }
   }
@@ -489,9 +491,7 @@ void GroupPacker::close(Emit& emit, i64 count) {
     if (!st_.pending.empty()) {
       cap = place_subset(emit, cap);
       if (cap > 0 && !st_.pending.empty()) {
-        Item it = st_.pending.front();
-        st_.pending.erase(st_.pending.begin());
-        split_item(emit, it, cap);
+        split_front(emit, cap);
         return;
       }
     } else {

@@ -31,6 +31,11 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
     return int(math.ceil(vocab_size / multiple) * multiple)
 
 
+def params_dtype(precision: str) -> torch.dtype:
+    """Parameter dtype of ``train.precision`` (fp32 / bf16 / fp16)."""
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 def _te_available() -> bool:
     try:
         import transformer_engine  # noqa: F401
@@ -45,7 +50,7 @@ def transformer_config(cfg: RunConfig, layout: ParallelLayout):
     from megatron.core.transformer import TransformerConfig
 
     m, on_cpu = cfg.model, layout.device.type == "cpu"
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+    dtype = params_dtype(cfg.train.precision)
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,

@@ -17,6 +17,7 @@ if TYPE_CHECKING:  # phoenix.config imports phoenix.optim.schedule: avoid the cy
 def build_optimizer(cfg: RunConfig, model_chunks, layout):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from phoenix.model.builder import params_dtype
     from phoenix.optim.compat import patch_distributed_optimizer_for_torch_adam
 
     patch_distributed_optimizer_for_torch_adam()
@@ -33,7 +34,7 @@ def build_optimizer(cfg: RunConfig, model_chunks, layout):
         clip_grad=o.clip_grad,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        params_dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision],
+        params_dtype=params_dtype(precision),
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     # megatron's own process groups (parallel_state) are used: passing the collection
