@@ -419,8 +419,14 @@ py::dict build(const I64Array& num_samples,
                const py::array_t<u64, py::array::c_style | py::array::forcecast>& keys,
                const I64Array& kind, const I64Array& quota, const I64Array& burst_size,
                const I64Array& start, const py::list& group_starts, i64 B, i64 K, u64 seed,
-               bool interleave, i64 horizon, int window, int threads) {
+               bool interleave, i64 horizon, int window, int threads,
+               const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& fixed_counts) {
   const py::ssize_t D = num_samples.size();
+  // fixed_counts: the first K0 batches' counts given by the caller (a mixture warmup);
+  // the allocator fills the remaining K - K0 batches from the quotas.
+  const i64 K0 = fixed_counts.ndim() == 2 ? fixed_counts.shape(0) : -1;
+  if (K0 < 0 || K0 > K || (K0 > 0 && fixed_counts.shape(1) != D))
+    throw std::invalid_argument("_plan_cpp.build: fixed_counts must have shape (K0 <= K, D)");
   if (B < 1 || K < 0 || D < 1 || D > 65535 || window < 1 || horizon < 1 ||
       static_cast<py::ssize_t>(group_starts.size()) != D || kind.size() != D ||
       quota.size() != D || burst_size.size() != D || start.size() != D || keys.size() != D)
@@ -441,7 +447,8 @@ py::dict build(const I64Array& num_samples,
     py::gil_scoped_release nogil;
     using clock = std::chrono::steady_clock;
     const auto t0 = clock::now();
-    al = allocate(kind_v, quota_v, burst_v, B, K, horizon);
+    al = allocate(kind_v, quota_v, burst_v, B, K - K0, horizon);
+    al.counts.insert(al.counts.begin(), fixed_counts.data(), fixed_counts.data() + K0 * D);
     const auto t1 = clock::now();
     fill(in, al, interleave_positions(B, interleave), std::max(1, threads), out);
     alloc_s = std::chrono::duration<double>(t1 - t0).count();
@@ -512,7 +519,8 @@ PYBIND11_MODULE(_plan_cpp, m) {
         py::arg("num_samples"), py::arg("keys"), py::arg("kind"), py::arg("quota"),
         py::arg("burst_size"), py::arg("start"), py::arg("group_starts"),
         py::arg("global_batch_size"), py::arg("num_batches"), py::arg("seed"),
-        py::arg("interleave"), py::arg("horizon"), py::arg("window"), py::arg("threads"));
+        py::arg("interleave"), py::arg("horizon"), py::arg("window"), py::arg("threads"),
+        py::arg("fixed_counts") = py::array_t<int32_t>(std::vector<py::ssize_t>{0, 0}));
   m.def("group_starts", &group_starts<int64_t>, py::arg("ids"));
   m.def("group_starts", &group_starts<int32_t>, py::arg("ids"));
   m.def("permutation", &permutation, "Epoch permutation of range(n) at positions x.",

@@ -90,7 +90,8 @@ def _cpp(prep: dict) -> dict:
     return _plan_cpp.build(prep["num_samples"], prep["keys"], prep["kind"], prep["quota"],
                            prep["burst_size"], prep["start"], prep["group_starts"],
                            prep["global_batch_size"], prep["num_batches"], prep["seed"],
-                           prep["interleave"], prep["horizon"], prep["window"], 2)
+                           prep["interleave"], prep["horizon"], prep["window"], 2,
+                           prep["fixed_counts"])
 
 
 def _assert_same(prep: dict) -> dict:
@@ -512,3 +513,87 @@ def test_plan_is_compact_and_summary_consistent():
     assert rows["r"]["min_per_batch"] == 0 and rows["r"]["max_per_batch"] == 4
     assert rows["g"]["groups_kept_whole"] <= rows["g"]["groups_total"] > 0
     assert rows["a"]["epochs"] == 2 and rows["a"]["burst"] is False
+
+
+# ------------------------------------------------------- fixed counts (warmup)
+def random_fixed_counts(rng, inputs: P.PlanInputs) -> np.ndarray:
+    """Random rows summing to B over the datasets that have samples."""
+    D, B = len(inputs.datasets), inputs.global_batch_size
+    K0 = int(rng.integers(0, inputs.num_batches + 1))
+    usable = [d for d in range(D) if inputs.datasets[d].num_samples > 0]
+    rows = np.zeros((K0, D), dtype=np.int32)
+    for k in range(K0):
+        rows[k, usable] = rng.multinomial(B, np.full(len(usable), 1 / len(usable)))
+    return rows
+
+
+def test_fixed_counts_are_used_verbatim_and_cpp_matches_reference():
+    rng = np.random.default_rng(424242)
+    built = 0
+    for _ in range(60):
+        inputs = random_inputs(rng)
+        inputs.fixed_counts = random_fixed_counts(rng, inputs)
+        try:
+            prep = P.prepare(inputs, window=int(rng.choice([2, P.GROUP_WINDOW])))
+        except ValueError:
+            continue
+        out = _assert_same(prep)
+        K0 = len(inputs.fixed_counts)
+        np.testing.assert_array_equal(out["counts"][:K0], inputs.fixed_counts)
+        # Each batch really holds the counted samples of each dataset.
+        B = inputs.global_batch_size
+        for k in range(inputs.num_batches):
+            got = np.bincount(out["dataset_ids"][k * B:(k + 1) * B], minlength=len(inputs.datasets))
+            np.testing.assert_array_equal(got, out["counts"][k])
+        built += 1
+    assert built >= 30
+
+
+def test_rest_of_stage_after_fixed_counts_is_allocated_from_the_weights():
+    datasets = [ds("a", 500, 0.5), ds("b", 500, 0.3), ds("c", 500, 0.2)]
+    fixed = np.array([[8, 0, 0], [6, 2, 0], [4, 2, 2]], dtype=np.int32)
+    with_fixed = P.build_plan(P.PlanInputs(datasets, 8, 23, 3, fixed_counts=fixed))
+    plain = P.build_plan(P.PlanInputs(datasets, 8, 20, 3))
+    np.testing.assert_array_equal(with_fixed.counts[3:], plain.counts)
+    # The streams continue through the fixed rows: each dataset's consumption is a
+    # prefix of its epoch stream, the same stream the plain plan draws from.
+    for d in range(3):
+        a = np.sort(with_fixed.sample_ids[with_fixed.dataset_ids == d])
+        assert len(np.unique(a)) == len(a) == with_fixed.end_offsets[d]
+    assert P.plan_fingerprint(P.PlanInputs(datasets, 8, 23, 3, fixed_counts=fixed)) != \
+        P.plan_fingerprint(P.PlanInputs(datasets, 8, 23, 3, fixed_counts=fixed[::-1].copy()))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (np.array([[8, 0]]), r"shape \(K0, 3\)"),
+    (np.array([[8, 0, 1]]), "row 0 sums to 9"),
+    (np.array([[9, -1, 0]]), ">= 0"),
+    (np.full((4, 3), [4, 2, 2]), "4 rows but the stage has 3"),
+])
+def test_fixed_counts_validation(bad, match):
+    datasets = [ds("a", 50, 0.5), ds("b", 50, 0.3), ds("c", 50, 0.2)]
+    with pytest.raises(ValueError, match=match):
+        P.prepare(P.PlanInputs(datasets, 8, 3, 1, fixed_counts=bad))
+
+
+@given(D=st.integers(2, 5), B=st.integers(1, 64), steps=st.integers(1, 40), data=st.data())
+@HYP
+def test_mixture_warmup_counts_are_exact_per_batch(D, B, steps, data):
+    from fractions import Fraction
+
+    def weights():
+        raw = data.draw(st.lists(st.integers(0, 9), min_size=D, max_size=D).filter(any))
+        return [Fraction(x, sum(raw)) for x in raw]
+
+    start, end = weights(), weights()
+    counts = P.mixture_warmup_counts(start, end, B, steps)
+    assert counts.shape == (steps, D) and (counts.sum(axis=1) == B).all()
+    cum_target = np.zeros(D)
+    for j in range(steps):
+        t = (j + 1) / (steps + 1)
+        target = B * ((1 - t) * np.array(start, float) + t * np.array(end, float))
+        # floor or ceil of the interpolated target, every batch
+        assert (counts[j] >= np.floor(target - 1e-9)).all() and (counts[j] <= np.ceil(target + 1e-9)).all()
+        cum_target += target
+        # the rounding never lets a dataset drift a whole sample per batch
+        assert np.abs(counts[:j + 1].sum(axis=0) - cum_target).max() < 2

@@ -117,6 +117,10 @@ class PlanInputs:
     seed: int
     start_offsets: list[int] | None = None
     interleave: bool = True
+    fixed_counts: np.ndarray | None = None
+    """(K0, D) per-batch counts for the first ``K0 <= K`` batches, given by the caller
+    (a mixture warmup: see :func:`mixture_warmup_counts`); each row sums to ``B``. The
+    allocator plans the remaining batches from the weights, bursts starting at K0."""
 
 
 @dataclass
@@ -296,6 +300,13 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
     if len(start) != len(ds) or any(int(s) != s or s < 0 for s in start):
         raise _err(None, "start_offsets", f"need {len(ds)} non-negative integers, got {start!r}")
 
+    fixed = _check_fixed_counts(inputs.fixed_counts, len(ds), B, K)
+    K0 = len(fixed)
+    for d, taken in zip(ds, fixed.sum(axis=0)):
+        if taken and d.num_samples == 0:
+            raise _err(d, "num_samples", "is 0 but fixed_counts take samples from it")
+    K_main = K - K0   # batches the allocator plans
+
     raw = [Fraction(d.weight) for d in ds]
     total = sum(raw)
     if total == 0:
@@ -323,7 +334,8 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
         raise _err(None, "min_share", "every weighted dataset is a burst; one with weight >= min_share must fill the rest")
     for i, qi in zip(blended, _quotas([w[i] for i in blended])):
         quota[i] = qi
-    free_total = B * K - sum(size[i] * _bursts_in(quota[i], K) for i in range(len(ds)) if burst[i])
+    free_total = B * K_main - sum(size[i] * _bursts_in(quota[i], K_main)
+                                  for i in range(len(ds)) if burst[i])
 
     group_starts: list[np.ndarray | None] = []
     for i, d in enumerate(ds):
@@ -331,10 +343,10 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
             group_starts.append(None)
             continue
         starts = _group_starts(d)
-        expected = (size[i] * _bursts_in(quota[i], K) if burst[i]
-                    else (quota[i] * free_total) >> Q_BITS)
+        expected = (size[i] * _bursts_in(quota[i], K_main) if burst[i]
+                    else (quota[i] * free_total) >> Q_BITS) + int(fixed[:, i].sum())
         biggest = int(np.diff(starts).max()) if len(starts) > 1 else 0
-        if w[i] > 0 and K > 0 and biggest > expected:
+        if (w[i] > 0 or fixed[:, i].any()) and K > 0 and biggest > expected:
             raise _err(d, "group_ids", f"a group of {biggest} samples is larger than the "
                        f"{expected} samples this stage takes from the dataset")
         group_starts.append(starts)
@@ -347,7 +359,55 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
         start=np.array([int(s) for s in start], dtype=np.int64), group_starts=group_starts,
         global_batch_size=int(B), num_batches=int(K), seed=int(inputs.seed),
         interleave=bool(inputs.interleave), horizon=int(horizon), window=int(window),
+        fixed_counts=fixed,
     )
+
+
+def _check_fixed_counts(fixed, D: int, B: int, K: int) -> np.ndarray:
+    if fixed is None:
+        return np.zeros((0, D), dtype=np.int32)
+    fixed = np.asarray(fixed)
+    if fixed.ndim != 2 or fixed.shape[1] != D or not np.issubdtype(fixed.dtype, np.integer):
+        raise _err(None, "fixed_counts", f"must be an integer array of shape (K0, {D}), got "
+                   f"{fixed.dtype} {fixed.shape}")
+    if len(fixed) > K:
+        raise _err(None, "fixed_counts", f"{len(fixed)} rows but the stage has {K} batches")
+    if (fixed < 0).any():
+        raise _err(None, "fixed_counts", "counts must be >= 0")
+    bad = np.flatnonzero(fixed.sum(axis=1) != B)
+    if len(bad):
+        raise _err(None, "fixed_counts", f"row {bad[0]} sums to {fixed[bad[0]].sum()}, not B={B}")
+    return np.ascontiguousarray(fixed, dtype=np.int32)
+
+
+def mixture_warmup_counts(start: list[Fraction], end: list[Fraction], B: int,
+                          steps: int) -> np.ndarray:
+    """Per-batch counts of a mixture warmup: (steps, D) int32, rows summing to ``B``.
+
+    Batch ``j`` targets the weights ``w_j = (1 - t) * start + t * end`` with
+    ``t = (j + 1) / (steps + 1)`` (so every warmup batch lies strictly between the two
+    mixtures). Each count is ``floor`` or ``ceil`` of ``B * w_j[d]`` -- exact per batch --
+    and the batch's ``B - sum floor`` extra samples go to the datasets furthest behind
+    their cumulative target (fractional part plus the lag carried from earlier warmup
+    batches; ties to the lower index), so rounding does not favour one dataset over the
+    warmup. ``start``/``end`` are normalised weights (each sums to 1).
+    """
+    D = len(start)
+    if len(end) != D or sum(start) != 1 or sum(end) != 1:
+        raise ValueError("mixture_warmup_counts: start and end need the same length and must sum to 1")
+    counts = np.zeros((steps, D), dtype=np.int32)
+    lag = [Fraction(0)] * D  # cumulative target minus cumulative count
+    for j in range(steps):
+        t = Fraction(j + 1, steps + 1)
+        target = [B * ((1 - t) * a + t * b) for a, b in zip(start, end)]
+        row = [math.floor(x) for x in target]
+        fractional = [d for d in range(D) if target[d] != row[d]]
+        fractional.sort(key=lambda d: (-(target[d] - row[d] + lag[d]), d))
+        for d in fractional[:B - sum(row)]:
+            row[d] += 1
+        lag = [lag[d] + target[d] - row[d] for d in range(D)]
+        counts[j] = row
+    return counts
 
 
 # -------------------------------------------------------------------------- building
@@ -373,6 +433,9 @@ def _fingerprint(inputs: PlanInputs, group_starts: list, horizon: int, window: i
                num_batches=int(inputs.num_batches), seed=int(inputs.seed),
                start_offsets=None if inputs.start_offsets is None else [int(s) for s in inputs.start_offsets],
                interleave=bool(inputs.interleave))
+    if inputs.fixed_counts is not None and len(inputs.fixed_counts):
+        doc["fixed_counts"] = hashlib.sha256(np.ascontiguousarray(inputs.fixed_counts, dtype="<i4")
+                                             .tobytes()).hexdigest()
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
@@ -391,7 +454,8 @@ def build_plan(inputs: PlanInputs, *, threads: int | None = None, horizon: int =
     out = _plan_cpp.build(prep["num_samples"], prep["keys"], prep["kind"], prep["quota"],
                           prep["burst_size"], prep["start"], prep["group_starts"],
                           prep["global_batch_size"], prep["num_batches"], prep["seed"],
-                          prep["interleave"], prep["horizon"], prep["window"], threads)
+                          prep["interleave"], prep["horizon"], prep["window"], threads,
+                          prep["fixed_counts"])
     if out["pending_left"]:
         raise RuntimeError("data plan: a grouped dataset ended the stage with groups pending (bug)")
     if out["violations"]:

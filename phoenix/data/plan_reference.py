@@ -239,12 +239,17 @@ def allocate_edf(prep: dict) -> tuple[np.ndarray, int]:
 
 
 def allocate(prep: dict) -> tuple[np.ndarray, int, str]:
-    """Counts, lag violations and the allocator used ("pd2", or "edf" if PD^2 failed)."""
-    counts, violations = allocate_pd2(prep)
-    if violations == 0:
-        return counts, 0, "pd2"
-    counts, violations = allocate_edf(prep)
-    return counts, violations, "edf"
+    """Counts, lag violations and the allocator used ("pd2", or "edf" if PD^2 failed).
+
+    The caller's ``fixed_counts`` rows come first; the allocator plans the rest."""
+    fixed = np.asarray(prep.get("fixed_counts", np.zeros((0, len(prep["kind"])))), dtype=np.int64)
+    rest = dict(prep, num_batches=prep["num_batches"] - len(fixed))
+    counts, violations = allocate_pd2(rest)
+    allocator = "pd2"
+    if violations:
+        counts, violations = allocate_edf(rest)
+        allocator = "edf"
+    return np.concatenate([fixed, counts]), violations, allocator
 
 
 # ----------------------------------------------------------------------- consumption
