@@ -12,25 +12,8 @@ mkdir -p "$DATA"
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-say "1/6 synthetic corpus (web, code grouped by repository, a small math set)"
-[ -f $DATA/web.jsonl ] || $PY tools/make_corpus.py --output $DATA/web.jsonl --num-docs 3000 --seed 1 --domain web
-[ -f $DATA/code.jsonl ] || $PY tools/make_corpus.py --output $DATA/code.jsonl --num-docs 1500 --seed 2 --domain code --group-key repo --docs-per-group 1 3
-[ -f $DATA/math.jsonl ] || $PY tools/make_corpus.py --output $DATA/math.jsonl --num-docs 300 --seed 3 --domain math
-[ -f $DATA/heldout_web.jsonl ] || $PY tools/make_corpus.py --output $DATA/heldout_web.jsonl --num-docs 200 --seed 99 --domain web
-
-say "2/6 sentencepiece tokenizer"
-[ -f $DATA/tokenizer.model ] || $PY tools/train_tokenizer.py --input $DATA/web.jsonl $DATA/code.jsonl $DATA/math.jsonl \
-    --text-key text --model-prefix $DATA/tokenizer --vocab-size 1024
-
-say "3/6 tokenise into megatron-core .bin/.idx"
-[ -f $DATA/web.idx ] || $PY tools/preprocess_data.py --input $DATA/web.jsonl --output-prefix $DATA/web \
-    --tokenizer-model $DATA/tokenizer.model --workers 2 --name web --tags web,en
-[ -f $DATA/code.idx ] || $PY tools/preprocess_data.py --input $DATA/code.jsonl --output-prefix $DATA/code \
-    --tokenizer-model $DATA/tokenizer.model --workers 2 --group-key repo --name code --tags code
-[ -f $DATA/math.idx ] || $PY tools/preprocess_data.py --input $DATA/math.jsonl --output-prefix $DATA/math \
-    --tokenizer-model $DATA/tokenizer.model --workers 2 --name math --tags math
-[ -f $DATA/heldout_web.idx ] || $PY tools/preprocess_data.py --input $DATA/heldout_web.jsonl \
-    --output-prefix $DATA/heldout_web --tokenizer-model $DATA/tokenizer.model --name heldout_web --tags eval
+say "1-3/6 synthetic corpus, sentencepiece tokenizer, .bin/.idx (examples/prepare_tiny_data.sh)"
+examples/prepare_tiny_data.sh "$PY"
 
 say "4/6 build the data plan upstream (exact per-batch mixture, whole repositories, math bursts)"
 $PY tools/build_data_plan.py configs/quickstart.yaml

@@ -89,7 +89,7 @@ def test_unknown_key_without_close_match_has_no_hint():
     (base(train={"steps": "ten"}), "train.steps", "expected an integer, got 'ten'"),
     (base(train={"steps": 10.5}), "train.steps", "expected an integer, got 10.5"),
     (base(train={"steps": True}), "train.steps", "expected an integer, got True"),
-    (base(train={"steps": None}), "train.steps", "expected an integer, got None"),
+    (base(train={"steps": None}), "train.steps", "required (or give the run's stages)"),
     (base(logging={"tensorboard": 1}), "logging.tensorboard", "expected true/false, got 1"),
     (base(logging={"tensorboard": "no way"}), "logging.tensorboard", "expected true/false"),
     (base(optim={"lr": True}), "optim.lr", "expected a number, got True"),

@@ -17,15 +17,13 @@ STEPS = 4
 def run_dir(tiny_data, tmp_path_factory):
     """A run directory as the trainer leaves it (config.yaml + cached plan), no training."""
     from phoenix.config import dump_config
-    from phoenix.data.plan_source import load_or_build_plan
     from phoenix.testing.tiny import tiny_config
-    from phoenix.train.data_setup import cache_dir, run_plan_inputs
+    from phoenix.train.data_setup import run_stage_plans
 
     out = tmp_path_factory.mktemp("inspect_run")
     cfg = tiny_config(tiny_data, out, train={"steps": STEPS})
     (out / "config.yaml").write_text(dump_config(cfg))
-    _, _, inputs = run_plan_inputs(cfg)
-    plan, _ = load_or_build_plan(inputs, cache_dir(cfg))
+    [(_, plan)] = run_stage_plans(cfg)
     return out, cfg, plan
 
 

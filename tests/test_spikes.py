@@ -108,11 +108,11 @@ def _plan_batch(run_dir, config_dict, k):
     """The plan's batch k, read from the run's data cache (independently of the monitor)."""
     from phoenix.config import build_config
     from phoenix.data.plan_source import load_or_build_plan
-    from phoenix.train.data_setup import run_plan_inputs
+    from phoenix.train.data_setup import run_stage_plans
 
     cfg = build_config(config_dict)
-    _, _, inputs = run_plan_inputs(cfg)
-    plan, _ = load_or_build_plan(inputs, Path(run_dir) / "data_cache", build=False)
+    [(_, plan)] = run_stage_plans(cfg, lambda inputs: load_or_build_plan(
+        inputs, Path(run_dir) / "data_cache", build=False)[0])
     ds, ss = plan.batch(k)
     return plan, {name: int(plan.counts[k, d]) for d, name in enumerate(plan.names)}, \
         sorted(zip(ds.tolist(), ss.tolist()))

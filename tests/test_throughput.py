@@ -116,7 +116,9 @@ def _fake_trainer(world=4, logging_rank=True, steps=5):
                           data=SimpleNamespace(seq_length=64))
     layout = SimpleNamespace(world_size=world, is_logging_rank=logging_rank,
                              device=torch.device("cpu"))
-    return SimpleNamespace(cfg=cfg, layout=layout, state=SimpleNamespace(step=0), callbacks=[tb]), tb
+    stage = SimpleNamespace(seq_length=64, tokens_per_step=8 * 64)
+    return SimpleNamespace(cfg=cfg, layout=layout, state=SimpleNamespace(step=0), callbacks=[tb],
+                           stages=SimpleNamespace(stage_at=lambda step: stage, explicit=False)), tb
 
 
 def _metrics(step, step_time=2.0):

@@ -3,7 +3,7 @@
 
     python tools/build_data_plan.py CONFIG.yaml [dotted.key=value ...] [--dump-batch K]
 
-Prints, per dataset: weight, whether it comes in bursts (min_share), samples used,
+Prints, for every stage of the recipe (one plan each) and per dataset: weight, whether it comes in bursts (min_share), samples used,
 epochs consumed, batches present, min/max samples per batch and groups kept whole.
 The plan is written to the run's data cache (``data.cache_dir``, default
 ``OUTPUT_DIR/data_cache``) under a fingerprint of its inputs; the trainer then loads it.
@@ -36,27 +36,38 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         from phoenix.data.plan_source import load_or_build_plan, summary_table
-        from phoenix.train.data_setup import cache_dir, run_plan_inputs
+        from phoenix.train.data_setup import cache_dir, plan_at_step, run_stage_plans
 
-        specs, indices, inputs = run_plan_inputs(cfg)
-        plan, path = load_or_build_plan(inputs, cache_dir(cfg))
+        paths = []
+
+        def get_plan(inputs):
+            plan, path = load_or_build_plan(inputs, cache_dir(cfg))
+            paths.append(path)
+            return plan
+
+        plans = run_stage_plans(cfg, get_plan)
     except (ConfigError, DataError, ValueError) as e:
         print(f"build_data_plan: error: {e}", file=sys.stderr)
         return 2
-    print(f"plan: {path}  ({plan.num_batches} batches x {plan.global_batch_size} samples, "
-          f"seq_length {cfg.data.seq_length}, allocator {plan.allocator})")
-    print(summary_table(plan))
+    for (spi, plan), path in zip(plans, paths):
+        st = spi.stage
+        print(f"stage {st.index} '{st.name}': steps [{st.start_step}, {st.end_step}), plan {path}  "
+              f"({plan.num_batches} batches x {plan.global_batch_size} samples, seq_length "
+              f"{st.seq_length}, allocator {plan.allocator}"
+              + (f", mixture warmup {st.warmup_steps} steps" if st.warmup_steps else "") + ")")
+        print(summary_table(plan))
     for k in args.dump_batch:
-        if not 0 <= k < plan.num_batches:
-            print(f"build_data_plan: error: batch {k} is not in [0, {plan.num_batches})",
+        if not 0 <= k < cfg.train.steps:
+            print(f"build_data_plan: error: batch {k} is not in [0, {cfg.train.steps})",
                   file=sys.stderr)
             return 2
-        print(f"\nbatch {k}: position dataset sample group document")
-        ds_ids, sample_ids = plan.batch(k)
+        spi, plan, local = plan_at_step(plans, k)
+        print(f"\nbatch {k} (stage '{spi.stage.name}'): position dataset sample group document")
+        ds_ids, sample_ids = plan.batch(local)
         for j, (d, s) in enumerate(zip(ds_ids, sample_ids)):
-            ix = indices[int(d)]
+            ix = spi.indices[int(d)]
             group = int(ix.group_ids[s]) if ix.group_ids is not None else -1
-            print(f"  {j:4d} {specs[int(d)].name:>12} {int(s):8d} {group:6d} "
+            print(f"  {j:4d} {plan.names[int(d)]:>12} {int(s):8d} {group:6d} "
                   f"{ix.document_of(int(ix.starts[s])):8d}")
     return 0
 

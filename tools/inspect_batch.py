@@ -91,30 +91,35 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
     from phoenix.data.plan_source import load_or_build_plan
     from phoenix.data.samples import SampleReader
     from phoenix.tokenizer import SentencePieceTokenizer
-    from phoenix.train.data_setup import cache_dir, run_plan_inputs
+    from phoenix.train.data_setup import cache_dir, plan_at_step, run_stage_plans
 
-    try:
-        specs, indices, inputs = run_plan_inputs(cfg)
-        tokenizer = SentencePieceTokenizer(cfg.tokenizer.model)
-    except (DataError, OSError, RuntimeError, ValueError) as e:
-        raise InspectError(f"cannot rebuild the run's data inputs: {e}") from None
     candidates = [Path(cfg.data.cache_dir)] if cfg.data.cache_dir else [run_dir / "data_cache",
                                                                         cache_dir(cfg)]
-    plan, plan_path = None, None
-    for directory in candidates:
-        try:
-            plan, plan_path = load_or_build_plan(inputs, directory, build=False)
-            break
-        except FileNotFoundError:
-            continue
-    if plan is None:
+    paths: list = []
+
+    def get_plan(inputs):
+        for directory in candidates:
+            try:
+                plan, path = load_or_build_plan(inputs, directory, build=False)
+                paths.append(path)
+                return plan
+            except FileNotFoundError:
+                continue
         print(f"inspect_batch: no cached plan in {', '.join(map(str, candidates))}; "
               f"rebuilding it in memory", file=sys.stderr)
-        try:
-            plan = build_plan(inputs)
-        except ValueError as e:
-            raise InspectError(f"data plan: {e}") from None
-    k = step - 1
+        paths.append(None)
+        return build_plan(inputs)
+
+    try:
+        tokenizer = SentencePieceTokenizer(cfg.tokenizer.model)
+        plans = run_stage_plans(cfg, get_plan)
+    except ValueError as e:
+        raise InspectError(f"data plan: {e}") from None
+    except (DataError, OSError, RuntimeError) as e:
+        raise InspectError(f"cannot rebuild the run's data inputs: {e}") from None
+    spi, plan, k = plan_at_step(plans, step - 1)
+    plan_path = paths[spi.stage.index]
+    indices = spi.indices
     ds_ids, sample_ids = plan.batch(k)
     eod = tokenizer.eod_id
     readers: dict[int, SampleReader] = {}
@@ -126,13 +131,14 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
         ix = indices[d]
         reader = readers.get(d) or readers.setdefault(d, SampleReader(ix, eod))
         samples.append({
-            "position": j, "dataset": specs[d].name, "dataset_id": d, "sample_id": s,
+            "position": j, "dataset": plan.names[d], "dataset_id": d, "sample_id": s,
             "group_id": int(ix.group_ids[s]) if ix.group_ids is not None else -1,
             "document_ids": sample_documents(ix, s),
             "tokens": int(ix.lengths[s]),
             "text": sample_text(reader, s, tokenizer, eod),
         })
     return {"step": step, "batch": k, "num_batches": plan.num_batches, "counts": counts,
+            "stage": spi.stage.name,
             "plan_path": str(plan_path) if plan_path else None, "samples": samples}
 
 

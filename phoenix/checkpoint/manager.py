@@ -74,6 +74,11 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
                           f"and metadata.json)")
 
 
+def read_checkpoint_state(path: str | os.PathLike) -> dict:
+    """The trainer state a complete checkpoint holds (step, has_optimizer, ...)."""
+    return torch.load(Path(path) / STATE_FILE, weights_only=False)
+
+
 def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
@@ -185,6 +190,30 @@ class CheckpointManager:
             log.info("checkpoint: saved on %s ranks, loading on %s: RNG states are reseeded, "
                      "not restored", state.get("world_size"), self.world_size)
         return state
+
+    def check_compatible(self, path: Path, model_chunks) -> None:
+        """Raise CheckpointError listing every weight whose global shape differs from the
+        model's (or that the checkpoint lacks): a model config that does not match the
+        checkpoint fails here, with names and shapes, not inside the loader."""
+        from megatron.core.dist_checkpointing import ShardedTensor, load_tensors_metadata
+        from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+        saved = load_tensors_metadata(str(path))
+        problems = []
+        for sh in nested_values(_model_sharded_state_dict(model_chunks)):
+            if not isinstance(sh, ShardedTensor):
+                continue
+            if sh.key not in saved:
+                problems.append(f"{sh.key}: not in the checkpoint")
+            elif tuple(saved[sh.key].global_shape) != tuple(sh.global_shape):
+                problems.append(f"{sh.key}: the model has shape {tuple(sh.global_shape)}, the "
+                                f"checkpoint {tuple(saved[sh.key].global_shape)}")
+        if problems:
+            shown = "\n  ".join(sorted(set(problems))[:8])
+            more = f"\n  ... and {len(set(problems)) - 8} more" if len(set(problems)) > 8 else ""
+            raise CheckpointError(
+                f"the model config does not match checkpoint {path} ({len(set(problems))} weights "
+                f"differ; compare model.* with {path / 'config.yaml'}):\n  {shown}{more}")
 
     def load_weights(self, path: Path, model_chunks) -> dict:
         """Model weights only (continual pretraining / comparisons from a fixed start)."""

@@ -15,7 +15,9 @@ from typing import Literal, Optional
 # so the class may not exist yet here; the annotation is resolved when a config is built.
 import phoenix.eval.config as eval_config
 import phoenix.monitor.spikes as monitor_spikes
+import phoenix.optim.param_groups as optim_param_groups
 import phoenix.optim.schedule as optim_schedule
+import phoenix.stages.config as stage_config
 from phoenix.config.typed import ConfigError
 
 
@@ -183,6 +185,12 @@ class OptimConfig:
     """Multi-phase LR schedule (warmup/constant/decay phases, see phoenix.optim.schedule).
     When set it defines the LR: lr and min_lr come from its peak_lr and min_lr, and
     warmup_steps, decay_steps and wsd_decay_steps must be left unset."""
+    param_groups: list[optim_param_groups.ParamGroupRule] = field(default_factory=list)
+    """LR multipliers by parameter-name pattern (first matching rule wins), e.g.
+    ``[{params: ["embedding.*"], lr_mult: 2.0}]``; see phoenix.optim.param_groups."""
+    freeze: Optional[optim_param_groups.FreezeConfig] = None
+    """Freeze parameters by name pattern for the first ``steps`` optimizer steps (LR 0,
+    gradients zeroed before the step), e.g. all but the embeddings."""
 
     def __post_init__(self):
         if self.schedule is not None:
@@ -210,10 +218,11 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class TrainConfig:
-    steps: int
-    """Number of optimizer steps (global batches) of the run."""
+    steps: Optional[int] = None
+    """Number of optimizer steps (global batches) of the run. With ``stages`` it may be
+    left out (it is then their sum); if given, the stages must add up to it."""
     global_batch_size: int
-    """Samples per optimizer step, over all data-parallel ranks."""
+    """Samples per optimizer step, over all data-parallel ranks (a stage may set its own)."""
     micro_batch_size: int = 1
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
     """bf16 is the GPU default; the cpu device always trains in fp32."""
@@ -241,12 +250,19 @@ class CheckpointConfig:
     resume: bool = True
     """Resume from the newest complete checkpoint in ``<output_dir>/checkpoints`` if any."""
     init_from: Optional[str] = None
-    """Load model weights only (no optimizer/scheduler/data state) from this checkpoint
-    directory, or from the latest checkpoint of this run directory, when starting fresh."""
+    """Continual pretraining: load model weights (any TP/PP layout) from this checkpoint
+    directory, or from the latest checkpoint of this run directory, when starting fresh.
+    The LR schedule, data position and stages start from step 0 of this run; the source
+    is only read."""
+    init_optimizer: bool = False
+    """With init_from: also load the optimizer state (Adam moments and step counts), e.g.
+    to continue a run under a new mixture without re-warming Adam's statistics."""
 
     def __post_init__(self):
         if self.save_interval < 0 or self.keep_last < 0:
             raise ConfigError("checkpoint.save_interval and checkpoint.keep_last must be >= 0")
+        if self.init_optimizer and not self.init_from:
+            raise ConfigError("checkpoint.init_optimizer: needs checkpoint.init_from")
 
 
 @dataclass(kw_only=True)
@@ -308,6 +324,16 @@ class RunConfig:
     eval: Optional[eval_config.EvalConfig] = None
     """Held-out evaluation (loss, perplexity, top-1/top-5 accuracy per set); see
     phoenix.eval.config. None: no evaluation."""
+    stages: Optional[list[stage_config.StageConfig]] = None
+    """Multi-stage recipe: stages run back to back in one job, each with its own mixture
+    of data.datasets (replay, mixture warmup), LR phases, sequence length and batch size
+    (see phoenix.stages). None: one stage with data.datasets' weights."""
+
+    def stage_table(self):
+        """The stages on the step axis (phoenix.stages.table.StageTable)."""
+        from phoenix.stages.table import build_stage_table
+
+        return build_stage_table(self)
 
     def __post_init__(self):
         if self.optim.lr is None:
@@ -323,8 +349,11 @@ class RunConfig:
                               f"model.max_seq_length {self.model.max_seq_length}")
         if self.runtime.device == "cpu":
             self.train.precision = "fp32"
-        if self.optim.schedule is not None:  # tokens -> steps; phases must cover train.steps
-            optim_schedule.resolve(self.optim.schedule, optim_schedule.tokens_per_step_of(self),
+        # Stage lengths (tokens -> steps, sum vs train.steps), mixtures, replay, warmup.
+        self.train.steps = self.stage_table().total_steps
+        if optim_schedule.uses_multi_phase(self):  # phases must cover train.steps exactly
+            optim_schedule.resolve(optim_schedule.schedule_from_run_config(self),
+                                   optim_schedule.tokens_per_step_of(self),
                                    total_steps=self.train.steps, prefix="optim.schedule")
 
     def data_parallel_size(self, world_size: int) -> int:
@@ -356,3 +385,9 @@ class RunConfig:
             raise ConfigError(
                 f"train.global_batch_size: {t.global_batch_size} is not divisible by "
                 f"micro_batch_size * data_parallel_size = {t.micro_batch_size}*{dp}")
+        for i, stage in enumerate(self.stages or []):
+            B = stage.global_batch_size
+            if B is not None and B % (t.micro_batch_size * dp):
+                raise ConfigError(
+                    f"stages[{i}].global_batch_size: {B} is not divisible by "
+                    f"micro_batch_size * data_parallel_size = {t.micro_batch_size}*{dp}")

@@ -6,6 +6,9 @@ micro-batches the way Megatron-LM's pretraining sampler does (within each group 
 ``micro_batch_size * dp_size`` consecutive samples, rank ``r`` takes the ``r``-th run of
 ``micro_batch_size``), so every layout trains on the same global batches. Its state is
 the number of global batches consumed, so a resume continues at the next sample.
+
+The global batch size may change from step to step (multi-stage recipes): a
+:class:`BatchLayout` says where batch ``k`` starts and how many samples it has.
 """
 
 from __future__ import annotations
@@ -26,15 +29,41 @@ class SampleSource(Protocol):
     def sample(self, index: int) -> dict[str, np.ndarray | int]: ...
 
 
+class BatchLayout(Protocol):
+    """Where each global batch lies in the sample source."""
+
+    def batch_start(self, step: int) -> int: ...
+
+    def batch_size(self, step: int) -> int: ...
+
+    def samples_before(self, step: int) -> int: ...
+
+
+class FixedBatches:
+    """Every global batch has ``global_batch_size`` samples."""
+
+    def __init__(self, global_batch_size: int):
+        self.global_batch_size = global_batch_size
+
+    def batch_start(self, step: int) -> int:
+        return step * self.global_batch_size
+
+    def batch_size(self, step: int) -> int:
+        return self.global_batch_size
+
+    samples_before = batch_start
+
+
 def rank_sample_indices(step: int, global_batch_size: int, micro_batch_size: int,
-                        dp_rank: int, dp_size: int) -> np.ndarray:
+                        dp_rank: int, dp_size: int, base: int | None = None) -> np.ndarray:
     """Global sample positions of ``dp_rank``'s micro-batches at ``step``.
 
+    ``base``: position of the batch's first sample (default ``step * global_batch_size``).
     Returns an int64 array of shape ``(num_micro_batches, micro_batch_size)``.
     """
     per_round = micro_batch_size * dp_size
     num_micro = global_batch_size // per_round
-    base = step * global_batch_size
+    base = step * global_batch_size if base is None else base
     rounds = base + np.arange(num_micro, dtype=np.int64)[:, None] * per_round
     return rounds + dp_rank * micro_batch_size + np.arange(micro_batch_size, dtype=np.int64)[None, :]
 
@@ -48,10 +77,10 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
 class DataLoader:
     """Yields, per optimizer step, the list of this rank's micro-batches."""
 
-    def __init__(self, source: SampleSource, global_batch_size: int, micro_batch_size: int,
+    def __init__(self, source: SampleSource, batches: BatchLayout | int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, num_steps: int, prefetch: int = 2):
         self.source = source
-        self.global_batch_size = global_batch_size
+        self.batches = FixedBatches(batches) if isinstance(batches, int) else batches
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.num_steps = num_steps
@@ -63,7 +92,7 @@ class DataLoader:
 
     # -- state ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "consumed_samples": self.step * self.global_batch_size}
+        return {"step": self.step, "consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict) -> None:
         self.close()
@@ -71,12 +100,12 @@ class DataLoader:
 
     @property
     def consumed_samples(self) -> int:
-        return self.step * self.global_batch_size
+        return self.batches.samples_before(self.step)
 
     # -- reading -------------------------------------------------------------------
     def _load(self, step: int) -> list[dict[str, torch.Tensor]]:
-        positions = rank_sample_indices(step, self.global_batch_size, self.micro_batch_size,
-                                        self.dp_rank, self.dp_size)
+        positions = rank_sample_indices(step, self.batches.batch_size(step), self.micro_batch_size,
+                                        self.dp_rank, self.dp_size, self.batches.batch_start(step))
         return [collate([self.source.sample(int(i)) for i in row]) for row in positions]
 
     def _worker(self, start: int) -> None:

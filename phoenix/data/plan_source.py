@@ -73,9 +73,10 @@ def load_or_build_plan(inputs: PlanInputs, cache_dir: str | Path, *, build: bool
 class PlanSource:
     """``sample(i)``: the ``i``-th sample of the run in plan order (``i = k*B + j``)."""
 
-    def __init__(self, plan: DataPlan, indices: list[SampleIndex], eod_id: int):
+    def __init__(self, plan: DataPlan, indices: list[SampleIndex | None], eod_id: int):
         self.plan = plan
-        self.readers = [SampleReader(ix, eod_id) for ix in indices]
+        # None: a dataset the plan never reads (weight 0 in a stage).
+        self.readers = [None if ix is None else SampleReader(ix, eod_id) for ix in indices]
 
     def __len__(self) -> int:
         return len(self.plan.dataset_ids)

@@ -99,9 +99,18 @@ class TensorBoardLogger(Callback):
         if self.writer is None:
             return
         self.skipped += int(m.skipped)
+        stage = m.extra.get("stage")
+        if stage is not None and m.extra.get("stage_began") and trainer.stages.explicit:
+            # Where each stage began: the step axis of every other curve reads against it.
+            self.writer.add_scalar("train/stage", stage.index, m.step)
+            self.writer.add_text("stages", f"stage {stage.index} '{stage.name}' began at step "
+                                 f"{stage.start_step} (after {stage.start_step} optimizer steps)",
+                                 m.step)
         if m.step % self.interval and m.step != trainer.cfg.train.steps:
             return
         w, s = self.writer, m.step
+        if stage is not None and trainer.stages.explicit:
+            w.add_scalar("train/stage", stage.index, s)
         w.add_scalar("train/loss", m.loss, s)
         w.add_scalar("train/lr", m.lr, s)
         w.add_scalar("train/grad_norm", m.grad_norm, s)

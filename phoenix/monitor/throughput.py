@@ -169,8 +169,7 @@ class ThroughputMonitor(Callback):
         self._cuda = layout.device.type == "cuda"
         if self.flops_per_token is None:
             # The padded vocabulary of the output layer (GPTModel keeps it on every stage).
-            vocab = _unwrap(trainer.model[0]).vocab_size
-            self.flops_per_token = model_flops_per_token(cfg.model, cfg.data.seq_length, vocab)
+            self._vocab = _unwrap(trainer.model[0]).vocab_size
         if self.peak_tflops is None and self._cuda:
             name = torch.cuda.get_device_name(layout.device)
             self.peak_tflops = default_peak_tflops(name, cfg.train.precision)
@@ -200,8 +199,11 @@ class ThroughputMonitor(Callback):
         if m.step != self._first_step and extra.get("time/callbacks_prev_step") is not None:
             tags["throughput/logging_time"] = float(extra["time/callbacks_prev_step"])
         if m.step_time > 0:
-            tokens = trainer.cfg.train.global_batch_size * trainer.cfg.data.seq_length
-            tflops = self.flops_per_token * tokens / m.step_time / world / 1e12
+            # Stages may change the batch and sequence length (attention FLOPs grow with it).
+            stage = trainer.stages.stage_at(m.step - 1)
+            per_token = self.flops_per_token or model_flops_per_token(
+                trainer.cfg.model, stage.seq_length, self._vocab)
+            tflops = per_token * stage.tokens_per_step / m.step_time / world / 1e12
             tags["throughput/tflops_per_gpu"] = tflops
             if self.peak_tflops:
                 tags["throughput/mfu"] = tflops / self.peak_tflops

@@ -6,15 +6,22 @@ a pure function of ``s`` and a resume is exact.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 
 if TYPE_CHECKING:  # phoenix.config imports phoenix.optim.schedule: avoid the cycle
     from phoenix.config import RunConfig
+    from phoenix.optim.param_groups import FreezeConfig, ParamGroupRule
 
 
-def build_optimizer(cfg: RunConfig, model_chunks, layout):
+def build_optimizer(cfg: RunConfig, model_chunks, layout, *,
+                    param_rules: Optional[Sequence[ParamGroupRule]] = None,
+                    freeze: Optional[FreezeConfig] = None):
+    """megatron's optimizer for ``model_chunks``; with ``param_rules`` (per-group LR
+    multipliers) or ``freeze``, their param groups on top of megatron's standard ones
+    (see ``phoenix.optim.param_groups``; collective, raises ConfigError on a pattern
+    that matches nothing). Such groups need the multi-phase scheduler."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from phoenix.model.builder import params_dtype
@@ -39,12 +46,30 @@ def build_optimizer(cfg: RunConfig, model_chunks, layout):
     )
     # megatron's own process groups (parallel_state) are used: passing the collection
     # explicitly would disable the gloo side groups its checkpointing relies on.
-    return get_megatron_optimizer(config, model_chunks)
+    if not param_rules and freeze is None:
+        return get_megatron_optimizer(config, model_chunks)
+    from phoenix.optim.param_groups import build_config_overrides
+
+    overrides = build_config_overrides(config, model_chunks, param_rules, freeze)
+    return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
 
 
-def build_scheduler(cfg: RunConfig, optimizer):
-    """The multi-phase schedule when ``optim.schedule`` is set, else megatron's scheduler."""
-    if cfg.optim.schedule is not None:
+def uses_group_schedule(optimizer) -> bool:
+    """Whether a param group has an LR multiplier or a freeze, which megatron-core
+    0.16's ``OptimizerParamScheduler`` would silently ignore."""
+    from phoenix.optim.schedule import MultiPhaseScheduler
+
+    return any(g.get("lr_mult", 1.0) != 1.0 or g.get(MultiPhaseScheduler.FROZEN_STEPS_KEY)
+               for g in optimizer.param_groups)
+
+
+def build_scheduler(cfg: RunConfig, optimizer, *, force_multi_phase: bool = False):
+    """The multi-phase schedule when ``optim.schedule`` is set, ``force_multi_phase`` is
+    given or a param group has an LR multiplier or a freeze (the legacy ``optim`` LR
+    fields are converted to phases, step for step); else megatron's scheduler."""
+    from phoenix.optim.schedule import uses_multi_phase
+
+    if uses_multi_phase(cfg) or force_multi_phase or uses_group_schedule(optimizer):
         from phoenix.optim.schedule import build_multi_phase_scheduler
 
         return build_multi_phase_scheduler(cfg, optimizer)

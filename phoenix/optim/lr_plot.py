@@ -3,10 +3,11 @@
     phoenix lr-plot CONFIG.yaml --out DIR [key=value ...]
     phoenix lr-plot --schedule-yaml SCHEDULE.yaml --out DIR [--tokens-per-step N] [key=value ...]
 
-Writes ``DIR/lr.csv`` (``step,lr,phase``: one row per optimizer step, 0-based; ``lr`` is
-the LR that step uses, written with ``repr`` so it reads back bit-exact) and
-``DIR/lr.png`` (phase boundaries as vertical lines, phases labelled) when matplotlib is
-importable. The schedule comes from the run config (``optim.schedule``, else the legacy
+Writes ``DIR/lr.csv`` (``step,lr,stage,phase``: one row per optimizer step, 0-based;
+``lr`` is the LR that step uses, written with ``repr`` so it reads back bit-exact;
+``stage`` the recipe stage the step belongs to, empty without a run config) and
+``DIR/lr.png`` (phase boundaries as dashed lines, stage boundaries as solid red ones,
+both labelled) when matplotlib is importable. The schedule comes from the run config (``optim.schedule``, else the legacy
 ``optim`` fields: see ``schedule_from_run_config``), or from ``--schedule-yaml`` (a
 file holding just a ScheduleConfig), which replaces the run's schedule if both are given.
 """
@@ -48,23 +49,26 @@ def load_schedule_yaml(path: str | os.PathLike, overrides: list[str] = ()) -> Sc
         raise ConfigError(f"{path}: {e}") from None
 
 
-def rows(resolved: ResolvedSchedule, num_steps: int) -> list[tuple[int, float, str]]:
-    """``(step, lr, phase label)`` for optimizer steps ``0 .. num_steps-1``."""
+def rows(resolved: ResolvedSchedule, num_steps: int, stage_of=None) -> list[tuple[int, float, str, str]]:
+    """``(step, lr, stage name, phase label)`` for optimizer steps ``0 .. num_steps-1``;
+    ``stage_of(step)`` names the stage (None: no stages, empty names)."""
     out = []
     for step in range(num_steps):
         phase = resolved.phase_at(step)
-        out.append((step, resolved.lr_at(step), AFTER_END if phase is None else phase.label))
+        out.append((step, resolved.lr_at(step), stage_of(step) if stage_of else "",
+                    AFTER_END if phase is None else phase.label))
     return out
 
 
-def write_csv(path: Path, table: list[tuple[int, float, str]]) -> None:
-    lines = ["step,lr,phase"] + [f"{s},{lr!r},{label}" for s, lr, label in table]
+def write_csv(path: Path, table: list[tuple[int, float, str, str]]) -> None:
+    lines = ["step,lr,stage,phase"] + [f"{s},{lr!r},{stage},{label}"
+                                       for s, lr, stage, label in table]
     data = ("\n".join(lines) + "\n").encode()
     atomic_write(path, lambda f: f.write(data))
 
 
-def write_png(path: Path, resolved: ResolvedSchedule, table: list[tuple[int, float, str]],
-              title: str) -> bool:
+def write_png(path: Path, resolved: ResolvedSchedule, table: list[tuple[int, float, str, str]],
+              title: str, stages: list[tuple[str, int]] = ()) -> bool:
     """Plot the schedule; False (and a note on stderr) when matplotlib is not installed."""
     try:
         import matplotlib
@@ -76,13 +80,17 @@ def write_png(path: Path, resolved: ResolvedSchedule, table: list[tuple[int, flo
               "(pip install matplotlib for lr.png)", file=sys.stderr)
         return False
     fig, ax = plt.subplots(figsize=(10, 4))
-    ax.plot([s for s, _, _ in table], [lr for _, lr, _ in table], lw=1.5)
-    top = max(resolved.peak_lr, max((lr for _, lr, _ in table), default=0.0))
+    ax.plot([row[0] for row in table], [row[1] for row in table], lw=1.5)
+    top = max(resolved.peak_lr, max((row[1] for row in table), default=0.0))
     for p in resolved.phases:
         ax.axvline(p.start_step, color="grey", ls="--", lw=0.8)
         ax.text((p.start_step + p.end_step) / 2, top * 1.02, p.label, ha="center", va="bottom",
                 fontsize=8)
     ax.axvline(resolved.total_steps, color="grey", ls="--", lw=0.8)
+    for name, start in stages:  # where the data mixture (and batch / sequence) changes
+        ax.axvline(start, color="tab:red", lw=1.2)
+        ax.text(start, top * 0.03, f" {name}", color="tab:red", ha="left", va="bottom",
+                fontsize=8, rotation=90)
     ax.set_ylim(0, top * 1.12)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
@@ -145,12 +153,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     num_steps = args.steps or max(resolved.total_steps, run_steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    table = rows(resolved, num_steps)
+    stage_table = cfg.stage_table() if cfg else None
+    staged = stage_table is not None and stage_table.explicit
+    table = rows(resolved, num_steps, (lambda k: stage_table.stage_at(k).name) if staged else None)
     write_csv(out / "lr.csv", table)
+    if staged:
+        print(stage_table.describe())
     print(resolved.phases_table())
     print(f"wrote {out / 'lr.csv'} ({num_steps} steps)")
     title = cfg.name if cfg else Path(args.schedule_yaml).stem
-    if write_png(out / "lr.png", resolved, table, f"LR schedule: {title}"):
+    if write_png(out / "lr.png", resolved, table, f"LR schedule: {title}",
+                 stage_table.boundaries() if staged else ()):
         print(f"wrote {out / 'lr.png'}")
     return 0
 

@@ -48,6 +48,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -155,8 +156,9 @@ class WeightDecayConfig:
 class ScheduleConfig:
     """A multi-phase LR schedule (and optionally a weight-decay schedule)."""
 
-    phases: list[PhaseConfig]
-    """The phases, run back to back from step 0."""
+    phases: Optional[list[PhaseConfig]] = None
+    """The phases, run back to back from step 0. Leave out when every stage of the run
+    gives its own ``lr`` phases (they are then joined into this schedule)."""
     peak_lr: float
     """Highest LR of the schedule: where warmups end by default."""
     min_lr: float = 0.0
@@ -170,9 +172,10 @@ class ScheduleConfig:
         _check_lr_value("min_lr", self.min_lr)
         if self.min_lr > self.peak_lr:
             raise ConfigError(f"min_lr: {self.min_lr} is above peak_lr {self.peak_lr}")
-        if not self.phases:
-            raise ConfigError("phases: at least one phase is required")
-        lr_chain(self)  # LR errors surface when the config is loaded, not at step N.
+        if self.phases is not None:
+            if not self.phases:
+                raise ConfigError("phases: at least one phase is required")
+            lr_chain(self)  # LR errors surface when the config is loaded, not at step N.
 
 
 def lr_chain(cfg: ScheduleConfig) -> list[tuple[float, float]]:
@@ -464,7 +467,8 @@ class MultiPhaseScheduler:
     * ``lr`` = ``lr_at(num_steps)`` (rescaled to the group's ``max_lr``/``min_lr`` when
       they differ from the schedule's, as megatron honours them) x ``lr_mult``.
       megatron-core 0.16's own scheduler ignores ``lr_mult`` (its param groups always
-      carry 1.0); it is multiplied here for custom param groups.
+      carry 1.0); it is multiplied here for custom param groups. A group with
+      ``frozen_steps`` > ``num_steps`` gets 0 instead (see ``phoenix.optim.param_groups``).
     * ``weight_decay`` = the schedule's weight decay (the group's ``start_wd``/``end_wd``
       overrides honoured), or the constant ``weight_decay`` argument when the schedule
       has none, x ``wd_mult`` -- like megatron, which relies on this to zero the decay
@@ -477,9 +481,17 @@ class MultiPhaseScheduler:
     one at the saved step (for deliberate changes, e.g. appending a decay stage). It is
     never applied silently. Unlike megatron (whose ``load_state_dict`` adds the saved
     step count to the current one), the step count is restored absolutely.
+
+    Each group's ``frozen_steps`` is read when the scheduler is built (build it before
+    loading a checkpoint into the optimizer) and written back at every ``step``: a
+    checkpoint load replaces the optimizer's group dicts with the saved ones, matched by
+    megatron on (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr) only, so a
+    frozen group and an unfrozen one with the same multipliers can swap them.
     """
 
     FORMAT = "phoenix.multi_phase_lr/1"
+    FROZEN_STEPS_KEY = "frozen_steps"
+    """Param-group key: the group's LR is 0 while ``num_steps`` is below its value."""
 
     def __init__(self, optimizer, resolved: ResolvedSchedule, *,
                  weight_decay: Optional[float] = None,
@@ -494,6 +506,7 @@ class MultiPhaseScheduler:
         self.weight_decay = weight_decay
         self.on_schedule_change = on_schedule_change
         self.num_steps = 0
+        self._frozen_steps = [int(g.get(self.FROZEN_STEPS_KEY, 0)) for g in optimizer.param_groups]
         self._check_groups()
         self.step(0)
 
@@ -514,10 +527,18 @@ class MultiPhaseScheduler:
                     f"min_lr={r.min_lr}; build the optimizer with lr=peak_lr, min_lr=min_lr")
 
     def get_lr(self, param_group: dict) -> float:
-        """LR for ``param_group`` at the current step, including ``lr_mult``."""
+        """LR for ``param_group`` at the current step, including ``lr_mult``; 0 while
+        the group is frozen (also stopping AdamW's decoupled weight decay)."""
+        if param_group.get(self.FROZEN_STEPS_KEY, 0) > self.num_steps:
+            return 0.0
         lr = self.resolved.lr_at(self.num_steps, max_lr=param_group.get("max_lr"),
                                  min_lr=param_group.get("min_lr"))
         return lr * param_group.get("lr_mult", 1.0)
+
+    def base_lr(self) -> float:
+        """The schedule's LR at the current step, before any group's multiplier or
+        freeze (the first param group may have either): what to log as "the" LR."""
+        return self.resolved.lr_at(self.num_steps)
 
     def get_wd(self, param_group: dict) -> float:
         """Weight decay for ``param_group`` at the current step, before ``wd_mult``."""
@@ -530,7 +551,15 @@ class MultiPhaseScheduler:
         if increment < 0:
             raise ValueError(f"increment must be >= 0, got {increment}")
         self.num_steps += increment
-        for group in self.optimizer.param_groups:
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self._frozen_steps):
+            raise ValueError(f"MultiPhaseScheduler: the optimizer has {len(groups)} param groups, "
+                             f"it had {len(self._frozen_steps)} when the scheduler was built")
+        for group, frozen_steps in zip(groups, self._frozen_steps):
+            if frozen_steps:
+                group[self.FROZEN_STEPS_KEY] = frozen_steps
+            else:
+                group.pop(self.FROZEN_STEPS_KEY, None)
             group["lr"] = self.get_lr(group)
             group["weight_decay"] = self.get_wd(group) * group.get("wd_mult", 1.0)
 
@@ -573,9 +602,41 @@ class MultiPhaseScheduler:
 # ------------------------------------------------------------------ run-config glue
 
 
-def tokens_per_step_of(cfg) -> int:
-    """Tokens per optimizer step of a RunConfig: global batch x sequence length."""
-    return cfg.train.global_batch_size * cfg.data.seq_length
+def tokens_per_step_of(cfg) -> Callable[[int], int]:
+    """Tokens per optimizer step of a RunConfig as a function of the step (global batch x
+    sequence length of the stage that contains it)."""
+    return cfg.stage_table().tokens_per_step
+
+
+_PHASE_INDEX = re.compile(r"phases\[(\d+)\]")
+
+
+def _stage_schedule(cfg, base: Optional[ScheduleConfig]) -> Optional[ScheduleConfig]:
+    """The schedule joined from the stages' ``lr`` phases (None when they give none).
+
+    LR errors are reported at the stage's own key (``stages[i].lr[j]``), not at the
+    index in the joined list."""
+    from phoenix.stages.table import stage_lr_phases
+
+    phases = stage_lr_phases(cfg)
+    if phases is None:
+        return None
+    o = cfg.optim
+    if base is not None and base.phases is not None:
+        raise ConfigError("optim.schedule.phases: the stages give their own lr phases; leave "
+                          "optim.schedule.phases out (keep peak_lr, min_lr, weight_decay there)")
+    where = [(i, j) for i, st in enumerate(cfg.stages) for j in range(len(st.lr))]
+    try:
+        if base is None:
+            return ScheduleConfig(phases=phases, peak_lr=o.lr, min_lr=o.min_lr,
+                                  weight_decay=WeightDecayConfig(start=o.weight_decay))
+        return ScheduleConfig(phases=phases, peak_lr=base.peak_lr, min_lr=base.min_lr,
+                              weight_decay=base.weight_decay)
+    except ConfigError as e:
+        def at_stage(m):
+            i, j = where[int(m.group(1))]
+            return f"stages[{i}].lr[{j}]"
+        raise ConfigError(_PHASE_INDEX.sub(at_stage, str(e), count=1)) from None
 
 
 _WSD_SHAPES = {"linear": "linear", "cosine": "cosine", "minus_sqrt": "1-sqrt"}
@@ -588,7 +649,12 @@ def schedule_from_run_config(cfg) -> ScheduleConfig:
     """
     o = cfg.optim
     explicit = getattr(o, "schedule", None)
+    staged = _stage_schedule(cfg, explicit) if getattr(cfg, "stages", None) else None
+    if staged is not None:
+        return staged
     if explicit is not None:
+        if explicit.phases is None:
+            raise ConfigError("optim.schedule.phases: required (or give every stage its lr phases)")
         return explicit
     total, warmup = cfg.train.steps, o.warmup_steps
     phases = [PhaseConfig(kind="warmup", steps=warmup, name="warmup")] if warmup > 0 else []
@@ -623,6 +689,12 @@ def schedule_from_run_config(cfg) -> ScheduleConfig:
         weight_decay=WeightDecayConfig(start=o.weight_decay, end=o.weight_decay, style="constant"))
 
 
+def uses_multi_phase(cfg) -> bool:
+    """True when the run's LR comes from phases (``optim.schedule`` or the stages' ``lr``)."""
+    return getattr(cfg.optim, "schedule", None) is not None or any(
+        getattr(st, "lr", None) is not None for st in (getattr(cfg, "stages", None) or []))
+
+
 def build_multi_phase_scheduler(cfg, optimizer, *,
                                 on_schedule_change: Literal["error", "warn"] = "error"
                                 ) -> MultiPhaseScheduler:
@@ -633,7 +705,7 @@ def build_multi_phase_scheduler(cfg, optimizer, *,
     legacy fields keep megatron's meaning (the decay may end before ``train.steps``).
     """
     schedule = schedule_from_run_config(cfg)
-    explicit = getattr(cfg.optim, "schedule", None) is not None
+    explicit = uses_multi_phase(cfg)
     resolved = resolve(schedule, tokens_per_step_of(cfg), prefix="optim.schedule",
                        total_steps=cfg.train.steps if explicit else None)
     return MultiPhaseScheduler(optimizer, resolved, weight_decay=cfg.optim.weight_decay,

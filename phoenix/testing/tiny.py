@@ -20,7 +20,9 @@ class TinyData:
 
 
 def make_tiny_data(root: str | Path, num_docs: int = 300, vocab_size: int = 512) -> TinyData:
-    """Synthetic web + code corpora, a sentencepiece model, and their tokenised prefixes."""
+    """Synthetic corpora, a sentencepiece model (trained on web + code), and the
+    tokenised prefixes: ``web``, ``code``, ``math`` and ``repos`` (code grouped by
+    repository: ``repos.groups.npy``)."""
     from phoenix.data.preprocess import preprocess
     from phoenix.data.synthetic import write_corpus
     from phoenix.tokenizer import train_sentencepiece
@@ -36,11 +38,21 @@ def make_tiny_data(root: str | Path, num_docs: int = 300, vocab_size: int = 512)
     if not model.exists():
         train_sentencepiece([str(root / f"{n}.jsonl") for n in corpora], str(root / "tokenizer"),
                             vocab_size)
+    extra = {"math": dict(domain="math", seed=3, group_key=None),
+             "repos": dict(domain="code", seed=4, group_key="repo")}
+    for name, kw in extra.items():
+        path = root / f"{name}.jsonl"
+        if not path.exists():
+            # Small repositories (1-3 short files), so whole groups fit a tiny stage.
+            write_corpus(path, num_docs, kw["seed"], domain=kw["domain"], group_key=kw["group_key"],
+                         docs_per_group=(1, 3), max_words=80)
     prefixes = {}
-    for name in corpora:
+    for name in [*corpora, *extra]:
         prefix = root / name
         if not Path(str(prefix) + ".idx").exists():
-            preprocess([str(root / f"{name}.jsonl")], str(prefix), str(model), name=name)
+            group_key = extra.get(name, {}).get("group_key")
+            preprocess([str(root / f"{name}.jsonl")], str(prefix), str(model), name=name,
+                       group_key=group_key)
         prefixes[name] = str(prefix)
     return TinyData(str(model), prefixes)
 

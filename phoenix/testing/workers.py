@@ -13,10 +13,13 @@ class Recorder(Callback):
         self.steps = []
 
     def on_step_end(self, trainer, metrics) -> None:
+        report = trainer.batch_report  # this rank's samples, in training order
         self.steps.append({"step": metrics.step, "loss": metrics.loss,
                            "grad_norm": metrics.grad_norm, "lr": metrics.lr,
                            "consumed_samples": metrics.consumed_samples,
-                           "skipped": metrics.skipped})
+                           "skipped": metrics.skipped,
+                           "dataset_ids": report["dataset_id"].tolist() if "dataset_id" in report else None,
+                           "sample_ids": report["sample_id"].tolist() if "sample_id" in report else None})
 
 
 def scale_loss_at_step(trainer, step: int, factor: float) -> None:
@@ -54,6 +57,7 @@ def train_and_record(config: dict, overrides: list[str] = (), inject_nan_at: int
     state = trainer.train()
     return {"steps": recorder.steps, "step": state.step,
             "consumed_samples": state.consumed_samples, "skipped": state.skipped_steps,
+            "stage_starts": dict(state.stage_starts),
             "rank": layout.rank, "layout": layout.describe()}
 
 
@@ -329,3 +333,27 @@ def train_with_dataset_monitors(config: dict, overrides: list[str] = (), interva
     if oracle:
         result["oracle"] = per_dataset_loss_oracle(trainer, snapshots.snapshots, state.step)
     return result
+
+
+def optimizer_state_after_setup(config: dict, overrides: list[str] = ()) -> dict:
+    """Set a trainer up (resume / init_from included) without training; return the sum
+    of |Adam moments| over this rank's optimizer state and the first param group's LR."""
+    import torch
+
+    from phoenix.runtime import init_runtime
+    from phoenix.train.trainer import Trainer
+
+    cfg = build_config(config, overrides)
+    layout = init_runtime(cfg)
+    trainer = Trainer(cfg, layout, callbacks=[])
+    trainer.setup()
+    total = torch.zeros(2, dtype=torch.float64)
+    opt = trainer.optimizer
+    for inner in [getattr(o, "optimizer", None) for o in getattr(opt, "chained_optimizers", [opt])]:
+        for state in (inner.state.values() if inner is not None else []):
+            if "exp_avg" in state:
+                total += torch.tensor([state["exp_avg"].abs().sum().item(),
+                                       state["exp_avg_sq"].abs().sum().item()], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    return {"exp_avg": total[0].item(), "exp_avg_sq": total[1].item(),
+            "step": trainer.state.step, "lr": trainer.optimizer.param_groups[0]["lr"]}

@@ -10,14 +10,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from phoenix.checkpoint import CheckpointManager
-from phoenix.checkpoint.manager import find_latest, resolve_checkpoint
+from phoenix.checkpoint.manager import find_latest, read_checkpoint_state, resolve_checkpoint
 from phoenix.config import ConfigError, RunConfig, dump_config
 from phoenix.data.indexed import check_prefix, read_meta
 from phoenix.eval.callback import EvalCallback
@@ -34,6 +34,7 @@ from phoenix.monitor import (
     ThroughputMonitor,
 )
 from phoenix.optim import build_optimizer, build_scheduler
+from phoenix.optim.param_groups import frozen_model_params, zero_frozen_grads
 from phoenix.runtime import ParallelLayout
 from phoenix.train.callbacks import Callback, StepMetrics
 from phoenix.train.data_setup import build_source
@@ -54,6 +55,8 @@ class TrainState:
     consumed_samples: int = 0
     consumed_tokens: int = 0
     skipped_steps: int = 0
+    stage_starts: dict[str, int] = field(default_factory=dict)
+    """Step at which each stage that has begun began (by stage name)."""
 
 
 def check_inputs(cfg: RunConfig):
@@ -85,6 +88,9 @@ def check_inputs(cfg: RunConfig):
         if source.resolve().is_relative_to(Path(cfg.output_dir).resolve()):
             raise ConfigError(f"checkpoint.init_from: {source} lies inside this run's output_dir "
                               f"(it would be resumed, not initialised from); use checkpoint.resume")
+        if ckpt.init_optimizer and not read_checkpoint_state(source).get("has_optimizer", True):
+            raise ConfigError(f"checkpoint.init_optimizer: {source} has no optimizer state (it was "
+                              f"saved before the first step); load weights only")
     return tokenizer
 
 
@@ -93,6 +99,7 @@ class Trainer:
         self.cfg, self.layout = cfg, layout
         self.out_dir = Path(cfg.output_dir)
         self.config_yaml = dump_config(cfg)
+        self.stages = cfg.stage_table()
         self.state = TrainState()
         self.loss: float = float("nan")
         """Global loss of the step in progress (set before on_before_optimizer_step)."""
@@ -130,15 +137,18 @@ class Trainer:
         # The data plan first: its input errors must stop the run before a model is built.
         source = build_source(cfg, layout.rank, tokenizer)
         self.model = build_model(cfg, layout, vocab_size)
-        self.optimizer = build_optimizer(cfg, self.model, layout)
+        o = cfg.optim
+        self.optimizer = build_optimizer(cfg, self.model, layout, param_rules=o.param_groups,
+                                         freeze=o.freeze)
         self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.frozen = frozen_model_params(self.model, o.freeze)
         self._wire_megatron_hooks()
 
         self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", layout.rank,
                                              layout.world_size, cfg.checkpoint.keep_last)
         data_state = self._restore()
 
-        self.loader = DataLoader(source, cfg.train.global_batch_size, cfg.train.micro_batch_size,
+        self.loader = DataLoader(source, self.stages, cfg.train.micro_batch_size,
                                  layout.dp_rank, layout.dp_size, cfg.train.steps,
                                  prefetch=cfg.data.num_workers and 2)
         if data_state is not None:
@@ -157,9 +167,11 @@ class Trainer:
         ckpt = self.cfg.checkpoint
         latest = self.checkpoints.latest() if ckpt.resume else None
         if latest is not None:
+            self.checkpoints.check_compatible(latest, self.model)
             saved = self.checkpoints.load(latest, self.model, self.optimizer)
-            self.scheduler.load_state_dict(saved["scheduler"])
             self.state = TrainState(**saved["trainer"])
+            self._check_stage_starts(latest)  # before the schedule: the clearer message
+            self.scheduler.load_state_dict(saved["scheduler"])
             for cb in self.callbacks:
                 state = saved.get("callbacks", {}).get(type(cb).__name__)
                 if state is not None and hasattr(cb, "load_state_dict"):
@@ -168,9 +180,49 @@ class Trainer:
             return saved["data"]
         if ckpt.init_from:  # validated by check_inputs
             source = resolve_checkpoint(ckpt.init_from)
-            self.checkpoints.load_weights(source, self.model)
-            self._log0(f"initialised weights from {source} (optimizer and schedule start fresh)")
+            self.checkpoints.check_compatible(source, self.model)
+            if ckpt.init_optimizer:
+                # Loading replaces the param groups' settings (max_lr, betas, lr_mult, ...)
+                # with the source run's; this run's config decides them, only the Adam
+                # state is taken over.
+                settings = [{k: v for k, v in g.items() if k != "params"}
+                            for g in self.optimizer.param_groups]
+                self.checkpoints.load(source, self.model, self.optimizer, load_rng=False)
+                for group, mine in zip(self.optimizer.param_groups, settings):
+                    group.update(mine)
+                self.scheduler.step(0)
+                what = "weights and optimizer state"
+            else:
+                self.checkpoints.load_weights(source, self.model)
+                what = "weights (the optimizer starts fresh)"
+            self._log0(f"initialised {what} from {source}; schedule and data start at step 0")
         return None
+
+    def _check_stage_starts(self, checkpoint: Path) -> None:
+        """A resumed run may append or change stages that have not begun, never move one
+        that has (its data and LR would silently change under the checkpoint)."""
+        planned = dict(self.stages.boundaries())
+        for name, start in self.state.stage_starts.items():
+            if name == "main" and not self.stages.explicit:
+                continue
+            if planned.get(name) != start:
+                where = (f"starts it at step {planned[name]}" if name in planned
+                         else "has no stage of that name")
+                raise ConfigError(
+                    f"stages: the checkpoint {checkpoint} began stage '{name}' at step {start} but "
+                    f"the config {where}; a stage that has begun cannot be moved or removed")
+
+    def _enter_stage(self, step: int):
+        """The stage of 0-based ``step``; records and announces it when it begins."""
+        stage = self.stages.stage_at(step)
+        if stage.name not in self.state.stage_starts:
+            self.state.stage_starts[stage.name] = step
+            if self.stages.explicit:
+                self._log0(f"stage {stage.index + 1}/{len(self.stages)} '{stage.name}' begins at "
+                           f"step {step}: global batch {stage.global_batch_size} x seq "
+                           f"{stage.seq_length}, {stage.steps} steps")
+            return stage, True
+        return stage, False
 
     # -- the loop --------------------------------------------------------------------
     def train(self) -> TrainState:
@@ -186,6 +238,7 @@ class Trainer:
         t_callbacks = 0.0  # time the callbacks of the previous step took (logging cost)
         try:
             while state.step < last_step:
+                stage, stage_began = self._enter_stage(state.step)
                 t0 = time.perf_counter()
                 micro_batches = self.loader.next_batch()
                 t_data = time.perf_counter() - t0
@@ -196,13 +249,13 @@ class Trainer:
                 losses = forward_backward(
                     forward_step_func=forward_step, data_iterator=iter(micro_batches),
                     model=self.model, num_microbatches=len(micro_batches),
-                    seq_length=cfg.data.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+                    seq_length=stage.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                     forward_only=False)
                 loss, tokens = self._global_loss(losses)
                 self.batch_report = batch_report(losses)
                 t_fwd_bwd = time.perf_counter() - t0 - t_data
 
-                lr = self.optimizer.param_groups[0]["lr"]  # the LR this step trains with
+                lr = self._schedule_lr()  # the LR this step trains with
                 self.loss, self.skip_reason = loss, None
                 if not math.isfinite(loss):
                     if cfg.train.on_nonfinite_loss == "stop":
@@ -214,6 +267,8 @@ class Trainer:
                     for cb in self.callbacks:  # may call request_skip()
                         cb.on_before_optimizer_step(self)
                 t1 = time.perf_counter()
+                # Frozen parameters: no update and no share of the grad norm / clipping.
+                zero_frozen_grads(self.frozen, state.step, cfg.optim.freeze)
                 if self._agree_on_skip():
                     grad_norm = float("nan")
                     state.skipped_steps += 1
@@ -225,7 +280,7 @@ class Trainer:
                 t_optimizer = time.perf_counter() - t1
 
                 state.step += 1
-                state.consumed_samples += cfg.train.global_batch_size
+                state.consumed_samples += stage.global_batch_size
                 state.consumed_tokens += tokens
                 self.losses.append((state.step, loss))
                 metrics = StepMetrics(
@@ -237,7 +292,8 @@ class Trainer:
                     loss_scale=self._loss_scale(),
                     extra={"time/forward_backward": t_fwd_bwd, "time/optimizer": t_optimizer,
                            "time/callbacks_prev_step": t_callbacks,
-                           "skip_reason": self.skip_reason})
+                           "skip_reason": self.skip_reason, "stage": stage,
+                           "stage_began": stage_began})
                 t2 = time.perf_counter()
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
@@ -279,6 +335,12 @@ class Trainer:
         # The last global rank is on the last stage; it tells the other stages.
         dist.broadcast(report, src=self.layout.world_size - 1)
         return float(report[0]), int(report[1])
+
+    def _schedule_lr(self) -> float:
+        """The schedule's LR of this step (a param group may be frozen or scaled)."""
+        if hasattr(self.scheduler, "base_lr"):
+            return self.scheduler.base_lr()
+        return self.optimizer.param_groups[0]["lr"]
 
     def _loss_scale(self) -> float | None:
         if self.cfg.train.precision != "fp16":

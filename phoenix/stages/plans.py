@@ -1,0 +1,135 @@
+"""One data plan per stage, each continuing every dataset's sample stream.
+
+A dataset's *stream* is its epoch-permuted sample order for one sample index, i.e. for
+one ``(seq_length, grouped)`` pair: samples of a different length, or cut at group
+boundaries, are different samples. Between stages that read a dataset with the same
+pair, the next stage starts exactly at the previous stage's end offset (the data plan
+continues the same epochs). When a stage changes a dataset's sequence length or group
+mode, the new stream starts at the same *fraction of epochs* already consumed (so the
+amount of data read carries over, but which samples of the current epoch repeat is left
+to chance); a warning says so.
+
+Every stage plan lists all datasets of ``data.datasets`` in order (unused ones with
+weight 0), so dataset ids are the same in every stage.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Optional
+
+from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs, mixture_warmup_counts
+from phoenix.data.plan_source import PlanSource
+from phoenix.data.samples import SampleIndex, build_sample_index
+from phoenix.stages.table import ResolvedStage, StageTable
+
+log = logging.getLogger(__name__)
+
+StreamKey = tuple[int, bool]  # (seq_length, cut at group boundaries)
+
+
+@dataclass
+class StagePlanInputs:
+    stage: ResolvedStage
+    inputs: PlanInputs
+    indices: list[Optional[SampleIndex]]
+    """Sample index of every dataset read in the stage (None: not read)."""
+    keys: list[Optional[StreamKey]]
+
+
+class StreamTracker:
+    """Where each dataset's stream stands between stages."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        self.offsets: dict[tuple[int, StreamKey], int] = {}
+        self.last: dict[int, tuple[StreamKey, int]] = {}   # d -> (key, num_samples)
+
+    def start(self, d: int, key: StreamKey, num_samples: int, stage: str) -> int:
+        if d not in self.last:
+            return 0
+        last_key, last_n = self.last[d]
+        offset = self.offsets[(d, last_key)]
+        if last_key == key:
+            return offset
+        start = max(self.offsets.get((d, key), 0), math.ceil(Fraction(offset, last_n) * num_samples))
+        log.warning("stage '%s': dataset '%s' is read with (seq_length, grouped) %s instead of %s: "
+                    "its samples come from another stream, started at the same fraction of epochs "
+                    "(%.3f); samples of the current epoch may repeat", stage, self.names[d], key,
+                    last_key, offset / last_n)
+        return start
+
+    def finish(self, d: int, key: StreamKey, num_samples: int, end_offset: int) -> None:
+        self.offsets[(d, key)] = int(end_offset)
+        self.last[d] = (key, num_samples)
+
+
+def stage_plans(table: StageTable, prefixes: list[str], seed: int,
+                get_plan: Callable[[PlanInputs], DataPlan]) -> list[tuple[StagePlanInputs, DataPlan]]:
+    """Build (or load, through ``get_plan``) every stage's plan in order; each stage's
+    start offsets come from the plans before it."""
+    names = table.dataset_names
+    tracker = StreamTracker(names)
+    index_cache: dict[tuple[int, StreamKey], SampleIndex] = {}
+    out = []
+    previous: Optional[ResolvedStage] = None
+    for stage in table.stages:
+        warmup = (mixture_warmup_counts(list(stage.warmup_from), list(stage.weights),
+                                        stage.global_batch_size, stage.warmup_steps)
+                  if stage.warmup_steps else None)
+        datasets, indices, keys, starts = [], [], [], []
+        for d, name in enumerate(names):
+            weight = stage.weights[d]
+            fading = warmup is not None and weight == 0 and warmup[:, d].any()
+            if weight == 0 and not fading:
+                datasets.append(PlanDataset(name=name, num_samples=0, weight=0.0))
+                indices.append(None), keys.append(None), starts.append(0)
+                continue
+            # A dataset read only during the warmup (fading out) keeps its previous mode.
+            group_mode = previous.group_mode[d] if fading else stage.group_mode[d]
+            key = (stage.seq_length, group_mode == "batch")
+            if (d, key) not in index_cache:
+                index_cache[(d, key)] = build_sample_index(prefixes[d], key[0], use_groups=key[1])
+            ix = index_cache[(d, key)]
+            datasets.append(PlanDataset(
+                name=name, num_samples=len(ix), weight=float(weight), min_share=stage.min_share[d],
+                group_mode=group_mode, group_ids=ix.group_ids if key[1] else None))
+            indices.append(ix), keys.append(key)
+            starts.append(tracker.start(d, key, len(ix), stage.name))
+        inputs = PlanInputs(datasets=datasets, global_batch_size=stage.global_batch_size,
+                            num_batches=stage.steps, seed=seed, start_offsets=starts,
+                            fixed_counts=warmup)
+        try:
+            plan = get_plan(inputs)
+        except ValueError as e:
+            raise ValueError(f"stage '{stage.name}': {e}") from None
+        for d, key in enumerate(keys):
+            if key is not None:
+                tracker.finish(d, key, len(indices[d]), plan.end_offsets[d])
+        out.append((StagePlanInputs(stage, inputs, indices, keys), plan))
+        previous = stage
+    return out
+
+
+class StagedSource:
+    """``sample(i)``: the ``i``-th sample of the run over all stages (global position)."""
+
+    def __init__(self, stage_plans: list[tuple[StagePlanInputs, DataPlan]], eod_id: int):
+        self.starts = [spi.stage.start_sample for spi, _ in stage_plans]
+        self.sources = [PlanSource(plan, spi.indices, eod_id) for spi, plan in stage_plans]
+        self.stage_plans = stage_plans
+
+    def __len__(self) -> int:
+        return self.starts[-1] + len(self.sources[-1])
+
+    def sample(self, index: int) -> dict:
+        s = bisect.bisect_right(self.starts, index) - 1
+        return self.sources[s].sample(index - self.starts[s])
+
+    def plan_paths(self, cache_dir: Path) -> list[Path]:
+        return [cache_dir / f"plan-{plan.fingerprint[:16]}.npz" for _, plan in self.stage_plans]
