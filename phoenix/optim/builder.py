@@ -50,7 +50,8 @@ def build_optimizer(cfg: RunConfig, model_chunks, layout, *,
         return get_megatron_optimizer(config, model_chunks)
     from phoenix.optim.param_groups import build_config_overrides
 
-    overrides = build_config_overrides(config, model_chunks, param_rules, freeze)
+    overrides = build_config_overrides(config, model_chunks, param_rules, freeze,
+                                       rules_key="optim.param_groups", freeze_key="optim.freeze")
     return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
 
 

@@ -1,6 +1,6 @@
 """Per-parameter LR multipliers and temporary freezing, chosen by parameter-name pattern.
 
-Two continual-pretraining options (as in Megatron-LM's per-group overrides):
+Two continual-pretraining options, on megatron-core's param-group overrides:
 
 * ``ParamGroupRule``: parameters whose name matches one of its patterns train with the
   schedule's LR x ``lr_mult`` (e.g. new embedding rows at x2). Rules are tried in
@@ -28,10 +28,11 @@ global grad norm, clipping and Adam's moments see only the trained parameters; i
 of 0 keeps the decoupled weight decay from moving it.
 
 Adam's step counter of a frozen parameter still advances during the freeze (its
-gradient is zero, not absent), so its bias correction after the freeze is that of a
-parameter whose moments started from zero ``steps`` steps ago: the first updates after
-unfreezing are smaller than a fresh Adam's (about ``(1 - beta1) / sqrt(1 - beta2)`` of
-one at first), growing to full size over roughly ``1 / (1 - beta2)`` steps.
+gradient is zero, not absent, and its moments stay exactly zero), so after the freeze
+its bias correction is that of moments that started ``steps`` steps earlier, not a
+fresh Adam's: after a long freeze the first update is about ``(1 - beta1) /
+sqrt(1 - beta2)`` times a fresh one (0.45 for betas (0.9, 0.95), 3.2 for (0.9, 0.999)),
+settling over roughly ``1 / (1 - beta2)`` steps.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ import torch
 from phoenix.config.typed import ConfigError
 
 log = logging.getLogger(__name__)
+
 
 def _check_patterns(key: str, patterns, *, allow_empty: bool = False) -> None:
     if not isinstance(patterns, (list, tuple)) or (not patterns and not allow_empty):
@@ -201,10 +203,11 @@ def _summary(named, rules, freeze, owner) -> dict:
     return {
         "hits": hits,
         "owned": [sum(o == i for o in owner) for i in range(len(rules))],
-        "rule_names": [sorted(n for n, o in zip(names, owner) if o == i)[:3] for i in range(len(rules))],
+        "rule_names": [sorted(n for n, o in zip(names, owner) if o == i)[:4]
+                       for i in range(len(rules))],
         "frozen": len(frozen),
         "trained": len(names) - len(frozen),
-        "trained_names": sorted(set(names) - set(frozen))[:4],
+        "trained_names": sorted(set(names) - set(frozen))[:5],
         "examples": sorted(_examples(names)),
         "layers": sorted({int(m.group(1)) for n in names if (m := _LAYER_NAME.search(n))}),
     }
@@ -268,15 +271,16 @@ def _looks_like(summaries: list[dict]) -> str:
 def _log_summary(summaries, rules, freeze, rules_key, freeze_key) -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
         return
+    def some(names: set[str], n: int) -> str:  # each rank sent n + 1 at most
+        return ", ".join(sorted(names, key=_model_order)[:n]) + (", ..." if len(names) > n else "")
+
     for i, rule in enumerate(rules):
-        names = sorted({n for s in summaries for n in s["rule_names"][i]})
-        log.info("%s[%d] %r: LR x %g on %s%s", rules_key, i, rule.label, rule.lr_mult,
-                 ", ".join(names[:3]), ", ..." if len(names) > 3 or
-                 sum(s["owned"][i] for s in summaries) > len(names) else "")
+        names = {n for s in summaries for n in s["rule_names"][i]}
+        log.info("%s[%d] %r: LR x %g on %s", rules_key, i, rule.label, rule.lr_mult, some(names, 3))
     if freeze is not None:
-        kept = sorted({n for s in summaries for n in s["trained_names"]})
-        log.info("%s: parameters frozen for optimizer steps 0..%d except %s%s", freeze_key,
-                 freeze.steps - 1, ", ".join(kept[:4]), ", ..." if len(kept) > 4 else "")
+        kept = {n for s in summaries for n in s["trained_names"]}
+        log.info("%s: parameters frozen for optimizer steps 0..%d except %s", freeze_key,
+                 freeze.steps - 1, some(kept, 4))
 
 
 # --------------------------------------------------------------------- optimizer glue
@@ -296,7 +300,11 @@ def build_config_overrides(optimizer_config, model_chunks,
     ConfigError, on every rank alike. ``rules_key``/``freeze_key``: where these live in
     the config, for the messages.
     """
-    from megatron.core.optimizer import ParamKey, ParamWithNamePredicate, get_standard_config_overrides
+    from megatron.core.optimizer import (
+        ParamKey,
+        ParamWithNamePredicate,
+        get_standard_config_overrides,
+    )
 
     from phoenix.optim.schedule import MultiPhaseScheduler
 

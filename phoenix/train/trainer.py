@@ -255,6 +255,9 @@ class Trainer:
                 self.batch_report = batch_report(losses)
                 t_fwd_bwd = time.perf_counter() - t0 - t_data
 
+                # Frozen parameters: no update and no share of the grad norm / clipping
+                # (zeroed before the callbacks, so the norm monitors see what is applied).
+                zero_frozen_grads(self.frozen, state.step, cfg.optim.freeze)
                 lr = self._schedule_lr()  # the LR this step trains with
                 self.loss, self.skip_reason = loss, None
                 if not math.isfinite(loss):
@@ -267,8 +270,6 @@ class Trainer:
                     for cb in self.callbacks:  # may call request_skip()
                         cb.on_before_optimizer_step(self)
                 t1 = time.perf_counter()
-                # Frozen parameters: no update and no share of the grad norm / clipping.
-                zero_frozen_grads(self.frozen, state.step, cfg.optim.freeze)
                 if self._agree_on_skip():
                     grad_norm = float("nan")
                     state.skipped_steps += 1
