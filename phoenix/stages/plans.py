@@ -20,7 +20,6 @@ import logging
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from pathlib import Path
 from typing import Callable, Optional
 
 from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs, mixture_warmup_counts
@@ -122,7 +121,6 @@ class StagedSource:
     def __init__(self, stage_plans: list[tuple[StagePlanInputs, DataPlan]], eod_id: int):
         self.starts = [spi.stage.start_sample for spi, _ in stage_plans]
         self.sources = [PlanSource(plan, spi.indices, eod_id) for spi, plan in stage_plans]
-        self.stage_plans = stage_plans
 
     def __len__(self) -> int:
         return self.starts[-1] + len(self.sources[-1])
@@ -130,6 +128,3 @@ class StagedSource:
     def sample(self, index: int) -> dict:
         s = bisect.bisect_right(self.starts, index) - 1
         return self.sources[s].sample(index - self.starts[s])
-
-    def plan_paths(self, cache_dir: Path) -> list[Path]:
-        return [cache_dir / f"plan-{plan.fingerprint[:16]}.npz" for _, plan in self.stage_plans]

@@ -49,14 +49,6 @@ class ResolvedStage:
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.seq_length
 
-    def weights_at(self, step: int) -> tuple[Fraction, ...]:
-        """Target weights of global step ``step`` (inside the stage), warmup included."""
-        j = step - self.start_step
-        if j >= self.warmup_steps:
-            return self.weights
-        t = Fraction(j + 1, self.warmup_steps + 1)
-        return tuple((1 - t) * a + t * b for a, b in zip(self.warmup_from, self.weights))
-
 
 class StageTable:
     """The stages of a run, in order, covering steps ``[0, total_steps)``."""
@@ -98,10 +90,6 @@ class StageTable:
             last = self.stages[-1]
             return last.start_sample + last.steps * last.global_batch_size
         return self.batch_start(step)
-
-    @property
-    def max_seq_length(self) -> int:
-        return max(s.seq_length for s in self.stages)
 
     def boundaries(self) -> list[tuple[str, int]]:
         """(name, start step) of every stage."""
