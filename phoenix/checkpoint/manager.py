@@ -168,7 +168,7 @@ class CheckpointManager:
 
         if not _is_complete(path):
             raise CheckpointError(f"checkpoint {path} is incomplete")
-        state = torch.load(path / STATE_FILE, weights_only=False)
+        state = read_checkpoint_state(path)
         if not state.get("has_optimizer", True):
             optimizer = None  # e.g. the step-0 checkpoint: Adam has no state before step 1
         model_sd = _model_sharded_state_dict(model_chunks)
@@ -222,4 +222,4 @@ class CheckpointManager:
         model_sd = _model_sharded_state_dict(model_chunks)
         loaded = dist_checkpointing.load({"model": model_sd}, str(path))
         _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
-        return torch.load(path / STATE_FILE, weights_only=False)
+        return read_checkpoint_state(path)
