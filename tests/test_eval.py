@@ -9,7 +9,7 @@ import pytest
 
 from phoenix.config import ConfigError
 from phoenix.config.typed import from_dict
-from phoenix.eval.config import EvalConfig
+from phoenix.config.eval import EvalConfig
 from phoenix.eval.evaluator import EvalResult, format_table, select_samples
 from phoenix.testing.distributed import run_distributed
 from phoenix.testing.tiny import tiny_config_dict
@@ -81,7 +81,7 @@ def test_run_config_eval_section(tiny_data, tmp_path):
     from phoenix.config import RunConfig, build_config
 
     if "eval" not in {f.name for f in dataclasses.fields(RunConfig)}:
-        pytest.skip("RunConfig.eval is not wired yet (see phoenix/eval/config.py)")
+        pytest.skip("RunConfig.eval is not wired yet (see phoenix/config/eval.py)")
     from phoenix.eval.callback import EvalCallback
     from phoenix.train.trainer import Trainer
 

@@ -22,16 +22,9 @@ import yaml
 
 from phoenix.config import build_config
 from phoenix.config.typed import ConfigError, from_dict
-from phoenix.optim.schedule import (
-    MultiPhaseScheduler,
-    PhaseConfig,
-    ScheduleConfig,
-    ScheduleMismatchError,
-    WeightDecayConfig,
-    build_multi_phase_scheduler,
-    resolve,
-    schedule_from_run_config,
-)
+from phoenix.config.resolved import schedule_from_run_config
+from phoenix.config.schedule import PhaseConfig, ScheduleConfig, WeightDecayConfig, resolve
+from phoenix.optim.schedule import MultiPhaseScheduler, ScheduleMismatchError, build_multi_phase_scheduler
 
 PEAK, FLOOR = 3e-4, 3e-5
 REL = 1e-12
@@ -52,6 +45,22 @@ def _megatron(optimizer, *, style, warmup=10, decay_end=100, wsd_steps=None, wsd
         lr_decay_steps=decay_end, lr_decay_style=style, start_wd=start_wd, end_wd=end_wd,
         wd_incr_steps=wd_steps, wd_incr_style=wd_style, wsd_decay_steps=wsd_steps,
         lr_wsd_decay_style=wsd_style)
+
+
+def _megatron_of_config(cfg, optimizer):
+    """megatron's scheduler with a run config's legacy ``optim`` LR fields: the oracle the
+    phases resolved from those fields must match."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optim
+    decay_steps = o.decay_steps or cfg.train.steps
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=max(decay_steps, o.warmup_steps + 1), lr_decay_style=o.decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=max(decay_steps, 1),
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True,
+        override_opt_param_scheduler=False, wsd_decay_steps=o.wsd_decay_steps,
+        lr_wsd_decay_style=o.wsd_decay_style)
 
 
 def _trace(scheduler, optimizer, num_steps, key="lr"):
@@ -188,14 +197,12 @@ LEGACY = [
 
 @pytest.mark.parametrize("optim", LEGACY, ids=lambda o: "-".join(f"{v}" for v in o.values()))
 def test_legacy_fields(optim):
-    """schedule_from_run_config reproduces today's build_scheduler step for step, and so
-    does the MultiPhaseScheduler built from the run config (lr and weight decay)."""
-    from phoenix.optim.builder import build_scheduler
-
+    """The phases resolved from the legacy fields reproduce megatron's scheduler with the
+    same settings step for step, and so does the run's scheduler (lr and weight decay)."""
     cfg = _run_config(**optim)
     groups = [{"wd_mult": 1.0}, {"wd_mult": 0.0}]
     m_opt, o_opt = _optimizer(*groups), _optimizer(*groups)
-    expected = _trace(build_scheduler(cfg, m_opt), m_opt, 100)
+    expected = _trace(_megatron_of_config(cfg, m_opt), m_opt, 100)
     ours = _trace(build_multi_phase_scheduler(cfg, o_opt), o_opt, 100)
     bad = [(k, e, o) for k, (e, o) in enumerate(zip(expected, ours))
            if not all(_close(a, b) for a, b in zip(e, o))]
@@ -541,9 +548,8 @@ def test_lr_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
 
 def test_lr_plot_from_run_config(tmp_path):
     """From a recipe with the legacy optim fields: the CSV is what megatron's scheduler
-    (today's build_scheduler) would use at each step."""
+    with those settings would use at each step."""
     from phoenix.config import load_config
-    from phoenix.optim.builder import build_scheduler
     from phoenix.optim.lr_plot import main
 
     recipe = tmp_path / "run.yaml"
@@ -558,8 +564,8 @@ def test_lr_plot_from_run_config(tmp_path):
     assert main([str(recipe), "--out", str(out), "train.steps=50"]) == 0
     rows = _read_csv(out / "lr.csv")
     opt = _optimizer()
-    expected = [row[0] for row in _trace(build_scheduler(load_config(recipe, ["train.steps=50"]),
-                                                         opt), opt, 50)]
+    expected = [row[0] for row in _trace(_megatron_of_config(load_config(recipe, ["train.steps=50"]),
+                                                             opt), opt, 50)]
     assert len(rows) == 50
     assert all(_close(float(row["lr"]), e) for row, e in zip(rows, expected))
     assert [rows[k]["phase"] for k in (0, 6, 30)] == ["warmup", "stable", "decay"]

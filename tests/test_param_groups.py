@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from phoenix.config.typed import ConfigError, from_dict
-from phoenix.optim.param_groups import FreezeConfig, ParamGroupRule
-from phoenix.optim.schedule import MultiPhaseScheduler, PhaseConfig, ScheduleConfig, resolve
+from phoenix.config.optim import FreezeConfig, ParamGroupRule
+from phoenix.config.schedule import PhaseConfig, ScheduleConfig, resolve
+from phoenix.optim.schedule import MultiPhaseScheduler
 
 VOCAB = 512
 SEQ, MBS, MICRO = 32, 2, 2
@@ -180,7 +181,7 @@ def single_process_checks(out_dir: str) -> dict:
     opt_ruled = build_optimizer(cfg, ruled, layout, param_rules=rules)
     opt_plain = build_optimizer(cfg, plain, layout)
     sched_ruled = build_scheduler(cfg, opt_ruled)
-    sched_plain = build_scheduler(cfg, opt_plain, force_multi_phase=True)
+    sched_plain = build_scheduler(cfg, opt_plain)
     result["schedulers"] = [type(sched_ruled).__name__, type(sched_plain).__name__]
     named_ruled, named_plain = _named(ruled), _named(plain)
     start = {n: p.detach().clone() for n, p in named_ruled.items()}

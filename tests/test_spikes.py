@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from phoenix.config import ConfigError
-from phoenix.monitor.spikes import SpikeConfig, SpikeDetector, provenance, read_spikes, top_layers
+from phoenix.config.monitoring import SpikeConfig
+from phoenix.monitor.spikes import SpikeDetector, provenance, read_spikes, top_layers
 
 SPIKE_AT, STEPS, FACTOR = 6, 6, 20.0
 # grad norms grow early in the tiny run (~1.0 -> 1.8 by step 5): rel_std_floor keeps that
@@ -108,7 +109,7 @@ def _plan_batch(run_dir, config_dict, k):
     """The plan's batch k, read from the run's data cache (independently of the monitor)."""
     from phoenix.config import build_config
     from phoenix.data.plan_source import load_or_build_plan
-    from phoenix.train.data_setup import run_stage_plans
+    from phoenix.data.stage_plans import run_stage_plans
 
     cfg = build_config(config_dict)
     [(_, plan)] = run_stage_plans(cfg, lambda inputs: load_or_build_plan(

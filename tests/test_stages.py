@@ -77,7 +77,7 @@ def test_stage_table_expands_replay_and_lengths(tiny_data, tmp_path):
     d["stages"][2]["tokens"] = 2 * B * 32 * 5 + 1   # one token more than 5 steps -> 6 steps
     del d["stages"][2]["steps"]
     cfg = build_config(d)
-    table = cfg.stage_table()
+    table = cfg.resolved.stages
     assert [(s.name, s.start_step, s.end_step) for s in table.stages] == [
         ("s1", 0, 4), ("s2", 4, 9), ("s3", 9, 15)]
     assert cfg.train.steps == 15
@@ -94,7 +94,8 @@ def test_stage_lr_phases_equal_megatron_wsd(tiny_data, tmp_path):
     """Stage 1 warmup + constant, stage 2 a decay: one WSD schedule in megatron's terms."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from phoenix.optim.schedule import resolve, schedule_from_run_config, tokens_per_step_of
+    from phoenix.config.resolved import schedule_from_run_config, tokens_per_step_of
+    from phoenix.config.schedule import resolve
 
     d = recipe(tiny_data, tmp_path)
     d["stages"] = [
@@ -172,7 +173,7 @@ def test_stage_batch_size_checked_against_the_layout(tiny_data, tmp_path):
 
 # -------------------------------------------------------------- stage plans
 def _stage_plans(cfg):
-    from phoenix.train.data_setup import run_stage_plans
+    from phoenix.data.stage_plans import run_stage_plans
 
     return run_stage_plans(cfg)
 

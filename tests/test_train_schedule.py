@@ -4,7 +4,8 @@ resume in the middle of a phase continues the same curve."""
 import pytest
 
 from phoenix.config import build_config
-from phoenix.optim.schedule import resolve, tokens_per_step_of
+from phoenix.config.resolved import tokens_per_step_of
+from phoenix.config.schedule import resolve
 from phoenix.testing.distributed import run_distributed
 from phoenix.testing.tiny import tiny_config_dict
 from phoenix.testing.workers import train_and_record

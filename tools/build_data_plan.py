@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         from phoenix.data.plan_source import load_or_build_plan, summary_table
-        from phoenix.train.data_setup import cache_dir, plan_at_step, run_stage_plans
+        from phoenix.data.stage_plans import cache_dir, plan_at_step, run_stage_plans
 
         paths = []
 

@@ -91,7 +91,7 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
     from phoenix.data.plan_source import load_or_build_plan
     from phoenix.data.samples import SampleReader
     from phoenix.tokenizer import SentencePieceTokenizer
-    from phoenix.train.data_setup import cache_dir, plan_at_step, run_stage_plans
+    from phoenix.data.stage_plans import cache_dir, plan_at_step, run_stage_plans
 
     candidates = [Path(cfg.data.cache_dir)] if cfg.data.cache_dir else [run_dir / "data_cache",
                                                                         cache_dir(cfg)]

@@ -11,20 +11,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-# A module import (not `from ... import`): phoenix.optim.schedule imports phoenix.config,
-# so the class may not exist yet here; the annotation is resolved when a config is built.
-import phoenix.eval.config as eval_config
-import phoenix.monitor.spikes as monitor_spikes
-import phoenix.optim.param_groups as optim_param_groups
-import phoenix.optim.schedule as optim_schedule
-import phoenix.stages.config as stage_config
-from phoenix.config.typed import ConfigError
-
-
-def _positive(section: str, **values) -> None:
-    for name, value in values.items():
-        if value is not None and not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"{section}.{name}: must be > 0, got {value}")
+from phoenix.config.eval import EvalConfig
+from phoenix.config.monitoring import LoggingConfig
+from phoenix.config.optim import OptimConfig
+from phoenix.config.resolved import ResolvedRun, resolve_run
+from phoenix.config.stages import StageConfig
+from phoenix.config.typed import ConfigError, positive
 
 
 @dataclass(kw_only=True)
@@ -60,7 +52,7 @@ class ModelConfig:
     """Peak LR the size table recommends; used when optim.lr is not set."""
 
     def __post_init__(self):
-        _positive("model", num_layers=self.num_layers, hidden_size=self.hidden_size,
+        positive("model", num_layers=self.num_layers, hidden_size=self.hidden_size,
                   ffn_hidden_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
                   num_query_groups=self.num_query_groups, max_seq_length=self.max_seq_length,
                   vocab_size=self.vocab_size)
@@ -89,7 +81,7 @@ class ParallelConfig:
     """Shard optimizer state over data-parallel ranks (megatron-core DistributedOptimizer)."""
 
     def __post_init__(self):
-        _positive("parallel", tensor=self.tensor, pipeline=self.pipeline, context=self.context,
+        positive("parallel", tensor=self.tensor, pipeline=self.pipeline, context=self.context,
                   expert=self.expert)
         if self.context != 1:
             raise ConfigError("parallel.context: context parallelism is not supported yet (must be 1)")
@@ -152,7 +144,7 @@ class DataConfig:
             if name in names[:i]:
                 raise ConfigError(f"data.datasets[{i}].name: '{name}' is used twice; give each "
                                   f"dataset its own name")
-        _positive("data", seq_length=self.seq_length)
+        positive("data", seq_length=self.seq_length)
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
 
@@ -161,59 +153,6 @@ class DataConfig:
 class TokenizerConfig:
     model: str
     """Path to a sentencepiece ``.model`` file (the one the data was tokenised with)."""
-
-
-@dataclass(kw_only=True)
-class OptimConfig:
-    lr: Optional[float] = None
-    """Peak learning rate; defaults to model.reference_lr."""
-    min_lr: Optional[float] = None
-    """Floor of the decay; default 10% of lr (the seeds' convention)."""
-    weight_decay: float = 0.1
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    """Global gradient-norm clip (0 disables)."""
-    warmup_steps: int = 0
-    decay_style: Literal["constant", "linear", "cosine", "WSD"] = "cosine"
-    decay_steps: Optional[int] = None
-    """Steps from 0 to the end of the decay; default train.steps."""
-    wsd_decay_steps: Optional[int] = None
-    wsd_decay_style: Literal["linear", "cosine", "exponential", "minus_sqrt"] = "linear"
-    schedule: Optional[optim_schedule.ScheduleConfig] = None
-    """Multi-phase LR schedule (warmup/constant/decay phases, see phoenix.optim.schedule).
-    When set it defines the LR: lr and min_lr come from its peak_lr and min_lr, and
-    warmup_steps, decay_steps and wsd_decay_steps must be left unset."""
-    param_groups: list[optim_param_groups.ParamGroupRule] = field(default_factory=list)
-    """LR multipliers by parameter-name pattern (first matching rule wins), e.g.
-    ``[{params: ["embedding.*"], lr_mult: 2.0}]``; see phoenix.optim.param_groups."""
-    freeze: Optional[optim_param_groups.FreezeConfig] = None
-    """Freeze parameters by name pattern for the first ``steps`` optimizer steps (LR 0,
-    gradients zeroed before the step), e.g. all but the embeddings."""
-
-    def __post_init__(self):
-        if self.schedule is not None:
-            for key, value in (("lr", self.schedule.peak_lr), ("min_lr", self.schedule.min_lr)):
-                mine = getattr(self, key)
-                if mine is not None and mine != value:
-                    name = "peak_lr" if key == "lr" else key
-                    raise ConfigError(f"optim.{key}: {mine} conflicts with optim.schedule.{name} "
-                                      f"{value}; set it in the schedule only")
-            self.lr, self.min_lr = self.schedule.peak_lr, self.schedule.min_lr
-            for key in ("warmup_steps", "decay_steps", "wsd_decay_steps"):
-                if getattr(self, key):
-                    raise ConfigError(f"optim.{key}: not used with optim.schedule "
-                                      f"(its phases define the schedule)")
-        _positive("optim", lr=self.lr, decay_steps=self.decay_steps)
-        if self.min_lr is not None and self.min_lr < 0:
-            raise ConfigError(f"optim.min_lr: must be >= 0, got {self.min_lr}")
-        if self.lr is not None and self.min_lr is not None and self.min_lr > self.lr:
-            raise ConfigError(f"optim.min_lr: {self.min_lr} is above optim.lr {self.lr}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps: must be >= 0, got {self.warmup_steps}")
-        if self.decay_style == "WSD" and not self.wsd_decay_steps:
-            raise ConfigError("optim.wsd_decay_steps: required with decay_style WSD")
 
 
 @dataclass(kw_only=True)
@@ -234,7 +173,7 @@ class TrainConfig:
     """What a NaN/Inf loss does: stop the run (keeping the last good checkpoint) or skip the step."""
 
     def __post_init__(self):
-        _positive("train", steps=self.steps, global_batch_size=self.global_batch_size,
+        positive("train", steps=self.steps, global_batch_size=self.global_batch_size,
                   micro_batch_size=self.micro_batch_size, stop_at_step=self.stop_at_step)
 
 
@@ -266,38 +205,6 @@ class CheckpointConfig:
 
 
 @dataclass(kw_only=True)
-class LoggingConfig:
-    log_interval: int = 1
-    """Console and TensorBoard scalars every N steps."""
-    tensorboard: bool = True
-    norm_interval: Optional[int] = None
-    """Per-layer grad/param/update norms in TensorBoard every N steps (default: every
-    log_interval steps; 0: off). Costs one fp32 copy of this rank's owned weights and one
-    all-reduce on those steps only."""
-
-    dataset_loss_interval: Optional[int] = None
-    """Per-dataset loss/tokens in TensorBoard every N steps (default log_interval; 0: off)."""
-    throughput_interval: Optional[int] = None
-    """throughput/* (TFLOP/s, MFU, time split) and memory/* every N steps (default
-    log_interval; 0: off)."""
-    peak_tflops: Optional[float] = None
-    """Per-GPU peak TFLOP/s for throughput/mfu; default from the GPU name (bf16 dense,
-    e.g. H100/H200 989); on CPU MFU is logged only when this is set."""
-    spikes: monitor_spikes.SpikeConfig = field(default_factory=lambda: monitor_spikes.SpikeConfig())
-    """Loss / grad-norm spike detection, spikes.jsonl with the batch's provenance, and
-    optionally skipping the update on a loss spike (see phoenix.monitor.spikes)."""
-
-    def __post_init__(self):
-        _positive("logging", log_interval=self.log_interval)
-        for key in ("norm_interval", "dataset_loss_interval", "throughput_interval"):
-            if getattr(self, key) is None:
-                setattr(self, key, self.log_interval)
-            if getattr(self, key) < 0:
-                raise ConfigError(f"logging.{key}: must be >= 0, got {getattr(self, key)}")
-        _positive("logging", peak_tflops=self.peak_tflops)
-
-
-@dataclass(kw_only=True)
 class RuntimeConfig:
     device: Literal["cuda", "cpu"] = "cuda"
     """``cuda``: NCCL, Transformer Engine layer spec when importable. ``cpu``: gloo and the
@@ -321,19 +228,13 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    eval: Optional[eval_config.EvalConfig] = None
+    eval: Optional[EvalConfig] = None
     """Held-out evaluation (loss, perplexity, top-1/top-5 accuracy per set); see
-    phoenix.eval.config. None: no evaluation."""
-    stages: Optional[list[stage_config.StageConfig]] = None
+    phoenix.config.eval. None: no evaluation."""
+    stages: Optional[list[StageConfig]] = None
     """Multi-stage recipe: stages run back to back in one job, each with its own mixture
     of data.datasets (replay, mixture warmup), LR phases, sequence length and batch size
-    (see phoenix.stages). None: one stage with data.datasets' weights."""
-
-    def stage_table(self):
-        """The stages on the step axis (phoenix.stages.table.StageTable)."""
-        from phoenix.stages.table import build_stage_table
-
-        return build_stage_table(self)
+    (see phoenix.config.stages). None: one stage with data.datasets' weights."""
 
     def __post_init__(self):
         if self.optim.lr is None:
@@ -349,12 +250,15 @@ class RunConfig:
                               f"model.max_seq_length {self.model.max_seq_length}")
         if self.runtime.device == "cpu":
             self.train.precision = "fp32"
-        # Stage lengths (tokens -> steps, sum vs train.steps), mixtures, replay, warmup.
-        self.train.steps = self.stage_table().total_steps
-        if optim_schedule.uses_multi_phase(self):  # phases must cover train.steps exactly
-            optim_schedule.resolve(optim_schedule.schedule_from_run_config(self),
-                                   optim_schedule.tokens_per_step_of(self),
-                                   total_steps=self.train.steps, prefix="optim.schedule")
+        # Stage lengths (tokens -> steps, sum vs train.steps), mixtures, replay, warmup and
+        # the LR phases, resolved once; train.steps is then the stages' total.
+        self._resolved = resolve_run(self)
+        self.train.steps = self._resolved.total_steps
+
+    @property
+    def resolved(self) -> ResolvedRun:
+        """Stages and LR schedule on the step axis (computed once, when the config was built)."""
+        return self._resolved
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor * self.parallel.pipeline * self.parallel.context)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
@@ -18,6 +19,14 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 class ConfigError(ValueError):
     """A config is invalid; the message names the dotted key and what is wrong."""
+
+
+def positive(section: str, **values) -> None:
+    """Raise ConfigError naming ``section.key`` for each given value that is not a finite
+    number > 0 (None values are skipped: not set)."""
+    for name, value in values.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{section}.{name}: must be > 0, got {value}")
 
 
 def _type_name(tp: Any) -> str:

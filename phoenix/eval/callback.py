@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 
-from phoenix.eval.config import EvalConfig
+from phoenix.config.eval import EvalConfig
 from phoenix.eval.evaluator import EvalResult, Evaluator
 from phoenix.train.callbacks import Callback, StepMetrics
 

@@ -108,7 +108,7 @@ class Evaluator:
 
     def __init__(self, model_chunks, layout, sets, *, seq_length: int, micro_batch_size: int,
                  max_samples: int, eod_id: int, vocab_size: int):
-        """``sets``: :class:`~phoenix.eval.config.EvalSetConfig` items; ``vocab_size``:
+        """``sets``: :class:`~phoenix.config.eval.EvalSetConfig` items; ``vocab_size``:
         the unpadded vocabulary (ids from it up to the padded size are never predicted)."""
         from phoenix.data.samples import SampleReader, build_sample_index
 

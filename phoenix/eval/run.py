@@ -33,7 +33,7 @@ log = logging.getLogger("phoenix.eval")
 
 def _parse_set(text: str):
     from phoenix.config import ConfigError
-    from phoenix.eval.config import EvalSetConfig
+    from phoenix.config.eval import EvalSetConfig
 
     name, sep, prefix = text.partition("=")
     if not sep:
@@ -47,7 +47,7 @@ def _parse_set(text: str):
 def eval_config_of(cfg, sets=(), max_samples=None, micro_batch_size=None):
     """The run config's ``eval`` section with the command-line replacements applied."""
     from phoenix.config import ConfigError
-    from phoenix.eval.config import EvalConfig
+    from phoenix.config.eval import EvalConfig
 
     base = getattr(cfg, "eval", None)
     if not sets and base is None:
@@ -70,7 +70,7 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
     evaluate; returns the JSON-ready report (the same on every rank)."""
     from phoenix.checkpoint import CheckpointManager
     from phoenix.checkpoint.manager import resolve_checkpoint
-    from phoenix.eval.config import check_eval_inputs
+    from phoenix.eval.inputs import check_eval_inputs
     from phoenix.eval.evaluator import Evaluator
     from phoenix.model import build_model
     from phoenix.runtime import init_runtime

@@ -56,58 +56,14 @@ import logging
 import math
 import time
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from phoenix.config.typed import ConfigError
+from phoenix.config.monitoring import SpikeConfig
 from phoenix.train.callbacks import Callback, StepMetrics
 
 log = logging.getLogger(__name__)
 
 METRICS = ("loss", "grad_norm")
-
-
-@dataclass(kw_only=True)
-class SpikeConfig:
-    """Loss / grad-norm spike detection (``logging.spikes``); see phoenix.monitor.spikes."""
-
-    enabled: bool = False
-    window: int = 100
-    """Trailing steps whose mean/std define "normal"."""
-    min_steps: int = 20
-    """No detection until the window holds this many values (warm-up; also after a resume)."""
-    loss_sigma: Optional[float] = 5.0
-    """Loss spike: loss > mean + loss_sigma * std of the window (null: loss not checked)."""
-    grad_norm_sigma: Optional[float] = 5.0
-    """Grad-norm spike: same with grad_norm_sigma (null: not checked). Logged only."""
-    rel_std_floor: float = 0.0
-    """The std used is at least rel_std_floor * |mean| (guards a nearly constant series)."""
-    exclude_spikes: bool = True
-    """Keep the values of flagged steps out of the window."""
-    skip_step: bool = False
-    """Skip the optimizer update of a step whose loss spikes (grad-norm spikes are only logged)."""
-    top_samples: int = 10
-    """Samples with the highest per-sample loss listed in a spike record."""
-    top_layers: int = 5
-    """Layers with the largest grad norm listed (when the NormMonitor logged the step)."""
-
-    def __post_init__(self):
-        if self.window < 2:
-            raise ConfigError(f"spikes.window: must be >= 2, got {self.window}")
-        if not 2 <= self.min_steps <= self.window:
-            raise ConfigError(f"spikes.min_steps: must be in [2, window={self.window}], "
-                              f"got {self.min_steps}")
-        for name in ("loss_sigma", "grad_norm_sigma"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ConfigError(f"spikes.{name}: must be > 0 (or null to disable), got {value}")
-        if not (math.isfinite(self.rel_std_floor) and self.rel_std_floor >= 0):
-            raise ConfigError(f"spikes.rel_std_floor: must be >= 0, got {self.rel_std_floor}")
-        if self.top_samples < 0 or self.top_layers < 0:
-            raise ConfigError("spikes.top_samples and spikes.top_layers must be >= 0")
-        if self.skip_step and self.loss_sigma is None:
-            raise ConfigError("spikes.skip_step: needs loss_sigma (only loss spikes skip a step)")
 
 
 class SpikeDetector:

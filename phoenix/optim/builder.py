@@ -1,18 +1,18 @@
 """megatron-core optimizer (Adam, optionally distributed) and its LR/WD scheduler.
 
-The scheduler counts optimizer steps (increment 1 per step), so the LR at step ``s`` is
-a pure function of ``s`` and a resume is exact.
+The scheduler (:class:`phoenix.optim.schedule.MultiPhaseScheduler`) counts optimizer
+steps (increment 1 per step), so the LR at step ``s`` is a pure function of ``s`` and a
+resume is exact.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
-if TYPE_CHECKING:  # phoenix.config imports phoenix.optim.schedule: avoid the cycle
-    from phoenix.config import RunConfig
-    from phoenix.optim.param_groups import FreezeConfig, ParamGroupRule
+from phoenix.config import RunConfig
+from phoenix.config.optim import FreezeConfig, ParamGroupRule
 
 
 def build_optimizer(cfg: RunConfig, model_chunks, layout, *,
@@ -21,7 +21,7 @@ def build_optimizer(cfg: RunConfig, model_chunks, layout, *,
     """megatron's optimizer for ``model_chunks``; with ``param_rules`` (per-group LR
     multipliers) or ``freeze``, their param groups on top of megatron's standard ones
     (see ``phoenix.optim.param_groups``; collective, raises ConfigError on a pattern
-    that matches nothing). Such groups need the multi-phase scheduler."""
+    that matches nothing), applied by the scheduler."""
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from phoenix.model.builder import params_dtype
@@ -55,46 +55,13 @@ def build_optimizer(cfg: RunConfig, model_chunks, layout, *,
     return get_megatron_optimizer(config, model_chunks, config_overrides=overrides)
 
 
-def uses_group_schedule(optimizer) -> bool:
-    """Whether a param group has an LR multiplier or a freeze, which megatron-core
-    0.16's ``OptimizerParamScheduler`` would silently ignore."""
-    from phoenix.optim.schedule import MultiPhaseScheduler
+def build_scheduler(cfg: RunConfig, optimizer):
+    """The run's one LR / weight-decay scheduler: the multi-phase schedule resolved with
+    the config (``optim.schedule``, the stages' ``lr`` phases, or the legacy ``optim``
+    fields as phases). It also applies param groups' LR multipliers and freezes."""
+    from phoenix.optim.schedule import build_multi_phase_scheduler
 
-    return any(g.get("lr_mult", 1.0) != 1.0 or g.get(MultiPhaseScheduler.FROZEN_STEPS_KEY)
-               for g in optimizer.param_groups)
-
-
-def build_scheduler(cfg: RunConfig, optimizer, *, force_multi_phase: bool = False):
-    """The multi-phase schedule when ``optim.schedule`` is set, ``force_multi_phase`` is
-    given or a param group has an LR multiplier or a freeze (the legacy ``optim`` LR
-    fields are converted to phases, step for step); else megatron's scheduler."""
-    from phoenix.optim.schedule import uses_multi_phase
-
-    if uses_multi_phase(cfg) or force_multi_phase or uses_group_schedule(optimizer):
-        from phoenix.optim.schedule import build_multi_phase_scheduler
-
-        return build_multi_phase_scheduler(cfg, optimizer)
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    o = cfg.optim
-    decay_steps = o.decay_steps or cfg.train.steps
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=o.lr,
-        min_lr=o.min_lr,
-        lr_warmup_steps=o.warmup_steps,
-        lr_decay_steps=max(decay_steps, o.warmup_steps + 1),
-        lr_decay_style=o.decay_style,
-        start_wd=o.weight_decay,
-        end_wd=o.weight_decay,
-        wd_incr_steps=max(decay_steps, 1),
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
-        wsd_decay_steps=o.wsd_decay_steps,
-        lr_wsd_decay_style=o.wsd_decay_style,
-    )
+    return build_multi_phase_scheduler(cfg, optimizer)
 
 
 def ensure_optimizer_state(optimizer) -> None:

@@ -22,13 +22,7 @@ from typing import Optional
 
 from phoenix.config.typed import ConfigError
 from phoenix.io import atomic_write
-from phoenix.optim.schedule import (
-    ResolvedSchedule,
-    ScheduleConfig,
-    resolve,
-    schedule_from_run_config,
-    tokens_per_step_of,
-)
+from phoenix.config.schedule import ResolvedSchedule, ScheduleConfig, resolve
 
 AFTER_END = "after-end"
 """``phase`` value of the rows past the last phase (the LR stays at its last value)."""
@@ -138,10 +132,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             cfg = load_config(config, overrides)
         if args.schedule_yaml:
             schedule = load_schedule_yaml(args.schedule_yaml, [] if cfg else overrides)
-        else:
-            schedule = schedule_from_run_config(cfg)
-        tokens_per_step = tokens_per_step_of(cfg) if cfg else args.tokens_per_step
-        resolved = resolve(schedule, tokens_per_step)
+            tokens_per_step = cfg.resolved.tokens_per_step if cfg else args.tokens_per_step
+            resolved = resolve(schedule, tokens_per_step)
+        else:  # exactly the schedule the trainer applies
+            resolved = cfg.resolved.schedule
     except ConfigError as e:
         print(f"phoenix: config error: {e}", file=sys.stderr)
         return 2
@@ -153,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     num_steps = args.steps or max(resolved.total_steps, run_steps)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stage_table = cfg.stage_table() if cfg else None
+    stage_table = cfg.resolved.stages if cfg else None
     staged = stage_table is not None and stage_table.explicit
     table = rows(resolved, num_steps, (lambda k: stage_table.stage_at(k).name) if staged else None)
     write_csv(out / "lr.csv", table)

@@ -38,83 +38,16 @@ settling over roughly ``1 / (1 - beta2)`` steps.
 from __future__ import annotations
 
 import logging
-import math
 import re
-from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Iterable, Optional, Sequence
 
 import torch
 
+from phoenix.config.optim import FreezeConfig, ParamGroupRule, matches_any
 from phoenix.config.typed import ConfigError
 
 log = logging.getLogger(__name__)
-
-
-def _check_patterns(key: str, patterns, *, allow_empty: bool = False) -> None:
-    if not isinstance(patterns, (list, tuple)) or (not patterns and not allow_empty):
-        raise ConfigError(f"{key}: give a list of name patterns, e.g. ['embedding.*'], "
-                          f"got {patterns!r}")
-    for i, pattern in enumerate(patterns):
-        if not isinstance(pattern, str) or not pattern.strip():
-            raise ConfigError(f"{key}[{i}]: a pattern must be a non-empty string, got {pattern!r}")
-
-
-# ----------------------------------------------------------------------------- config
-
-
-@dataclass(kw_only=True)
-class ParamGroupRule:
-    """Parameters matching ``params`` train with the schedule's LR x ``lr_mult``."""
-
-    params: list[str]
-    """fnmatch globs on global parameter names (``embedding.*``, ``output_layer.weight``,
-    ``decoder.layers.0.*``). Every pattern must match some parameter."""
-    lr_mult: float = 1.0
-    """LR multiplier (> 0). Weight decay, being decoupled (AdamW), scales with it."""
-    name: Optional[str] = None
-    """Label for logs and errors (default: the patterns)."""
-
-    def __post_init__(self):
-        _check_patterns("params", self.params)
-        if (isinstance(self.lr_mult, bool) or not isinstance(self.lr_mult, (int, float))
-                or not math.isfinite(self.lr_mult) or self.lr_mult <= 0):
-            raise ConfigError(f"lr_mult: must be a finite number > 0, got {self.lr_mult!r} "
-                              f"(to stop a parameter from training, use freeze)")
-        self.lr_mult = float(self.lr_mult)
-
-    @property
-    def label(self) -> str:
-        return self.name or ", ".join(self.params)
-
-
-@dataclass(kw_only=True)
-class FreezeConfig:
-    """Freeze parameters by name for the first ``steps`` optimizer steps of the run."""
-
-    params: list[str]
-    """fnmatch globs on global parameter names of the parameters to freeze (``["*"]``:
-    all of them, less ``exclude``)."""
-    exclude: list[str] = field(default_factory=list)
-    """Globs of parameters kept training although ``params`` matches them, e.g.
-    ``["embedding.*", "output_layer.*"]``."""
-    steps: int
-    """Frozen for optimizer steps ``0..steps-1`` (0-based), trained from step ``steps`` on."""
-
-    def __post_init__(self):
-        _check_patterns("params", self.params)
-        _check_patterns("exclude", self.exclude, allow_empty=True)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps <= 0:
-            raise ConfigError(f"steps: must be an integer > 0 (the number of optimizer steps "
-                              f"to freeze for), got {self.steps!r}")
-
-    def freezes(self, name: str) -> bool:
-        """Whether the parameter with global name ``name`` is frozen."""
-        return _matches(name, self.params) and not _matches(name, self.exclude)
-
-
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(fnmatchcase(name, p) for p in patterns)
 
 
 # ----------------------------------------------------------------------------- names
@@ -170,7 +103,7 @@ def _trainable(model_chunks) -> list[tuple[str, torch.nn.Parameter]]:
 
 def _first_rule(named, rules: Sequence[ParamGroupRule]) -> list[Optional[int]]:
     """Index of the first rule matching each parameter (None: no rule)."""
-    return [next((i for i, r in enumerate(rules) if _matches(name, r.params)), None)
+    return [next((i for i, r in enumerate(rules) if matches_any(name, r.params)), None)
             for name, _ in named]
 
 

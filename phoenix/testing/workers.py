@@ -116,7 +116,8 @@ def train_with_spike(config: dict, spikes: dict, overrides: list[str] = (),
     ``spike_at``, the spike records written by this rank and the final state.
     """
     from phoenix.monitor.norms import NormMonitor
-    from phoenix.monitor.spikes import SpikeConfig, SpikeMonitor
+    from phoenix.config.monitoring import SpikeConfig
+    from phoenix.monitor.spikes import SpikeMonitor
     from phoenix.runtime import init_runtime
     from phoenix.train.trainer import Trainer
 
@@ -153,7 +154,7 @@ def train_with_eval(config: dict, overrides: list[str] = (), eval_section: dict 
     ends the runtime, so it comes last)."""
     from phoenix.config.typed import from_dict
     from phoenix.eval.callback import EvalCallback
-    from phoenix.eval.config import EvalConfig
+    from phoenix.config.eval import EvalConfig
     from phoenix.runtime import init_runtime
     from phoenix.train.trainer import Trainer
 

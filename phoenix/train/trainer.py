@@ -21,7 +21,7 @@ from phoenix.checkpoint.manager import find_latest, read_checkpoint_state, resol
 from phoenix.config import ConfigError, RunConfig, dump_config
 from phoenix.data.indexed import check_prefix, read_meta
 from phoenix.eval.callback import EvalCallback
-from phoenix.eval.config import check_eval_inputs
+from phoenix.eval.inputs import check_eval_inputs
 from phoenix.io import atomic_write_text
 from phoenix.data.loader import DataLoader
 from phoenix.model import build_model
@@ -37,7 +37,7 @@ from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.optim.param_groups import frozen_model_params, zero_frozen_grads
 from phoenix.runtime import ParallelLayout
 from phoenix.train.callbacks import Callback, StepMetrics
-from phoenix.train.data_setup import build_source
+from phoenix.data.stage_plans import build_source
 from phoenix.train.step import batch_report, forward_step, reduce_loss
 
 log = logging.getLogger("phoenix.train")
@@ -99,7 +99,7 @@ class Trainer:
         self.cfg, self.layout = cfg, layout
         self.out_dir = Path(cfg.output_dir)
         self.config_yaml = dump_config(cfg)
-        self.stages = cfg.stage_table()
+        self.stages = cfg.resolved.stages
         self.state = TrainState()
         self.loss: float = float("nan")
         """Global loss of the step in progress (set before on_before_optimizer_step)."""
@@ -258,7 +258,7 @@ class Trainer:
                 # Frozen parameters: no update and no share of the grad norm / clipping
                 # (zeroed before the callbacks, so the norm monitors see what is applied).
                 zero_frozen_grads(self.frozen, state.step, cfg.optim.freeze)
-                lr = self._schedule_lr()  # the LR this step trains with
+                lr = self.scheduler.base_lr()  # the schedule's LR of this step (before lr_mult / freeze)
                 self.loss, self.skip_reason = loss, None
                 if not math.isfinite(loss):
                     if cfg.train.on_nonfinite_loss == "stop":
@@ -336,12 +336,6 @@ class Trainer:
         # The last global rank is on the last stage; it tells the other stages.
         dist.broadcast(report, src=self.layout.world_size - 1)
         return float(report[0]), int(report[1])
-
-    def _schedule_lr(self) -> float:
-        """The schedule's LR of this step (a param group may be frozen or scaled)."""
-        if hasattr(self.scheduler, "base_lr"):
-            return self.scheduler.base_lr()
-        return self.optimizer.param_groups[0]["lr"]
 
     def _loss_scale(self) -> float | None:
         if self.cfg.train.precision != "fp16":

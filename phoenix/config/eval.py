@@ -1,9 +1,5 @@
 """The ``eval`` section of a run config: held-out sets and when to evaluate them.
 
-Defined here rather than in :mod:`phoenix.config.schema` (which refers to it through a
-module import) because phoenix.eval imports phoenix.config; this module imports only
-:mod:`phoenix.config.typed`, so there is no import cycle.
-
 YAML::
 
     eval:
@@ -74,25 +70,3 @@ class EvalConfig:
             raise ConfigError(f"max_samples: must be >= 0 (0: the whole set), got {self.max_samples}")
         if self.micro_batch_size is not None and self.micro_batch_size <= 0:
             raise ConfigError(f"micro_batch_size: must be > 0, got {self.micro_batch_size}")
-
-
-def check_eval_inputs(eval_cfg: Optional[EvalConfig], tokenizer, training_prefixes=()) -> list[str]:
-    """Checks to run with the other input checks, before a model is built: every eval
-    prefix exists and was tokenised with ``tokenizer``. Returns warnings (an eval set that
-    is also a training dataset is not held out)."""
-    if eval_cfg is None:
-        return []
-    from phoenix.data.indexed import check_prefix, read_meta
-
-    warnings = []
-    train = {str(p) for p in training_prefixes}
-    for i, s in enumerate(eval_cfg.sets):
-        check_prefix(s.prefix)
-        fingerprint = (read_meta(s.prefix) or {}).get("tokenizer_fingerprint")
-        if fingerprint and fingerprint != tokenizer.fingerprint:
-            raise ConfigError(f"eval.sets[{i}]: '{s.prefix}' was tokenised with a different "
-                              f"tokenizer than tokenizer.model (fingerprints differ)")
-        if s.prefix in train:
-            warnings.append(f"eval.sets[{i}] '{s.display_name}': {s.prefix} is also a training "
-                            f"dataset; it is not held out")
-    return warnings

@@ -215,9 +215,10 @@ def _replayed_stage(name: Optional[str], resolved: list[ResolvedStage],
     return by_name[name]
 
 
-def stage_lr_phases(cfg) -> Optional[list]:
+def stage_lr_phases(cfg, table: StageTable) -> Optional[list]:
     """The LR phases of all stages back to back (labels ``stage/phase``), or None when the
-    stages give no ``lr``. Checks that each stage's phases cover exactly that stage."""
+    stages give no ``lr``. ``table`` is ``cfg``'s stage table. Checks that each stage's
+    phases cover exactly that stage."""
     import dataclasses
 
     if not cfg.stages:
@@ -229,7 +230,6 @@ def stage_lr_phases(cfg) -> Optional[list]:
         missing = given.index(False)
         raise ConfigError(f"stages[{missing}].lr: missing; when one stage gives its LR phases "
                           f"every stage must (stages[{given.index(True)}] does)")
-    table = build_stage_table(cfg)
     phases = []
     for i, (stage, resolved) in enumerate(zip(cfg.stages, table.stages)):
         lengths = []

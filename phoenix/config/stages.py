@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
-import phoenix.optim.schedule as optim_schedule
+from phoenix.config.schedule import PhaseConfig
 from phoenix.config.typed import ConfigError
 
 
@@ -71,7 +71,7 @@ class StageConfig:
     """Tokens per sample in this stage (default data.seq_length)."""
     global_batch_size: Optional[int] = None
     """Samples per step in this stage (default train.global_batch_size)."""
-    lr: Optional[list[optim_schedule.PhaseConfig]] = None
+    lr: Optional[list[PhaseConfig]] = None
     """This stage's LR phases (warmup/constant/decay, as optim.schedule.phases); they must
     add up to the stage's length. Either every stage gives ``lr`` or none does."""
 

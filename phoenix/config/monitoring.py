@@ -1,0 +1,83 @@
+"""The ``logging`` section: console / TensorBoard cadence, per-layer norms, spike detection."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from phoenix.config.typed import ConfigError, positive
+
+
+@dataclass(kw_only=True)
+class SpikeConfig:
+    """Loss / grad-norm spike detection (``logging.spikes``); see phoenix.monitor.spikes."""
+
+    enabled: bool = False
+    window: int = 100
+    """Trailing steps whose mean/std define "normal"."""
+    min_steps: int = 20
+    """No detection until the window holds this many values (warm-up; also after a resume)."""
+    loss_sigma: Optional[float] = 5.0
+    """Loss spike: loss > mean + loss_sigma * std of the window (null: loss not checked)."""
+    grad_norm_sigma: Optional[float] = 5.0
+    """Grad-norm spike: same with grad_norm_sigma (null: not checked). Logged only."""
+    rel_std_floor: float = 0.0
+    """The std used is at least rel_std_floor * |mean| (guards a nearly constant series)."""
+    exclude_spikes: bool = True
+    """Keep the values of flagged steps out of the window."""
+    skip_step: bool = False
+    """Skip the optimizer update of a step whose loss spikes (grad-norm spikes are only logged)."""
+    top_samples: int = 10
+    """Samples with the highest per-sample loss listed in a spike record."""
+    top_layers: int = 5
+    """Layers with the largest grad norm listed (when the NormMonitor logged the step)."""
+
+    def __post_init__(self):
+        if self.window < 2:
+            raise ConfigError(f"spikes.window: must be >= 2, got {self.window}")
+        if not 2 <= self.min_steps <= self.window:
+            raise ConfigError(f"spikes.min_steps: must be in [2, window={self.window}], "
+                              f"got {self.min_steps}")
+        for name in ("loss_sigma", "grad_norm_sigma"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"spikes.{name}: must be > 0 (or null to disable), got {value}")
+        if not (math.isfinite(self.rel_std_floor) and self.rel_std_floor >= 0):
+            raise ConfigError(f"spikes.rel_std_floor: must be >= 0, got {self.rel_std_floor}")
+        if self.top_samples < 0 or self.top_layers < 0:
+            raise ConfigError("spikes.top_samples and spikes.top_layers must be >= 0")
+        if self.skip_step and self.loss_sigma is None:
+            raise ConfigError("spikes.skip_step: needs loss_sigma (only loss spikes skip a step)")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    log_interval: int = 1
+    """Console and TensorBoard scalars every N steps."""
+    tensorboard: bool = True
+    norm_interval: Optional[int] = None
+    """Per-layer grad/param/update norms in TensorBoard every N steps (default: every
+    log_interval steps; 0: off). Costs one fp32 copy of this rank's owned weights and one
+    all-reduce on those steps only."""
+
+    dataset_loss_interval: Optional[int] = None
+    """Per-dataset loss/tokens in TensorBoard every N steps (default log_interval; 0: off)."""
+    throughput_interval: Optional[int] = None
+    """throughput/* (TFLOP/s, MFU, time split) and memory/* every N steps (default
+    log_interval; 0: off)."""
+    peak_tflops: Optional[float] = None
+    """Per-GPU peak TFLOP/s for throughput/mfu; default from the GPU name (bf16 dense,
+    e.g. H100/H200 989); on CPU MFU is logged only when this is set."""
+    spikes: SpikeConfig = field(default_factory=SpikeConfig)
+    """Loss / grad-norm spike detection, spikes.jsonl with the batch's provenance, and
+    optionally skipping the update on a loss spike (see phoenix.monitor.spikes)."""
+
+    def __post_init__(self):
+        positive("logging", log_interval=self.log_interval)
+        for key in ("norm_interval", "dataset_loss_interval", "throughput_interval"):
+            if getattr(self, key) is None:
+                setattr(self, key, self.log_interval)
+            if getattr(self, key) < 0:
+                raise ConfigError(f"logging.{key}: must be >= 0, got {getattr(self, key)}")
+        positive("logging", peak_tflops=self.peak_tflops)
