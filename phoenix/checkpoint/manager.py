@@ -4,7 +4,8 @@ Layout of a run's ``checkpoints/`` directory::
 
     step_000100/             one complete checkpoint
         (dist_checkpointing files: model + optimizer, sharded, reshardable)
-        phoenix_state.pt     trainer state: step, consumed samples, scheduler, data
+        phoenix_state.pt     the state bundle (step, trainer, scheduler, monitors: see
+                             phoenix.checkpoint.checkpointer), written last
         rng/rank_00003.pt    per-rank RNG states (restored when the layout matches)
         config.yaml          the resolved config that wrote it
     latest                   text file: the name of the newest complete checkpoint
@@ -44,6 +45,19 @@ class CheckpointError(RuntimeError):
 
 def _is_complete(path: Path) -> bool:
     return (path / STATE_FILE).is_file() and (path / "metadata.json").is_file()
+
+
+def checkpoint_root(output_dir: str | os.PathLike) -> Path:
+    """Where a run directory keeps its checkpoints."""
+    return Path(output_dir) / "checkpoints"
+
+
+def step_of(path: str | os.PathLike) -> int:
+    """The step of a ``step_NNNNNN`` checkpoint directory."""
+    m = _STEP_DIR.match(Path(path).name)
+    if m is None:
+        raise CheckpointError(f"{path} is not a step_NNNNNN checkpoint directory")
+    return int(m.group(1))
 
 
 def find_latest(root: str | os.PathLike) -> Path | None:
@@ -117,7 +131,10 @@ class CheckpointManager:
         self.keep_last = keep_last
 
     # -- save ----------------------------------------------------------------------
-    def save(self, step: int, model_chunks, optimizer, trainer_state: dict, config_yaml: str) -> Path:
+    def save(self, step: int, model_chunks, optimizer, state: dict, config_yaml: str) -> Path:
+        """Write checkpoint ``step``: model (and optimizer, unless None) sharded by
+        dist_checkpointing, per-rank RNG states, ``config_yaml`` and the ``state`` bundle,
+        in a temporary directory that is renamed into place once every rank is done."""
         from megatron.core import dist_checkpointing
 
         name = f"step_{step:06d}"
@@ -140,9 +157,8 @@ class CheckpointManager:
         dist.barrier()
         if self.rank == 0:
             (tmp / "config.yaml").write_text(config_yaml)
-            state = dict(trainer_state, world_size=self.world_size,
-                         has_optimizer=optimizer is not None)
-            torch.save(state, tmp / STATE_FILE)  # written last: marks the directory complete
+            bundle = dict(state, world_size=self.world_size, has_optimizer=optimizer is not None)
+            torch.save(bundle, tmp / STATE_FILE)  # written last: marks the directory complete
             if final.exists():  # an older save of the same step (e.g. after a rollback)
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -163,7 +179,8 @@ class CheckpointManager:
         return find_latest(self.root)
 
     def load(self, path: Path, model_chunks, optimizer, load_rng: bool = True) -> dict:
-        """Load model + optimizer (resharding as needed) and return the trainer state."""
+        """Load model + optimizer (resharding as needed) and return the checkpoint's state
+        bundle as saved (see phoenix.checkpoint.checkpointer for its format)."""
         from megatron.core import dist_checkpointing
 
         if not _is_complete(path):

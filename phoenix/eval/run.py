@@ -69,7 +69,7 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
     """Collective: load ``checkpoint``'s weights into ``cfg``'s model on this rank and
     evaluate; returns the JSON-ready report (the same on every rank)."""
     from phoenix.checkpoint import CheckpointManager
-    from phoenix.checkpoint.manager import resolve_checkpoint
+    from phoenix.checkpoint.manager import resolve_checkpoint, step_of
     from phoenix.eval.inputs import check_eval_inputs
     from phoenix.eval.evaluator import Evaluator
     from phoenix.model import build_model
@@ -83,8 +83,8 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     model = build_model(cfg, layout, vocab_size, wrap_ddp=False)  # no grad buffers needed
     manager = CheckpointManager(path.parent, layout.rank, layout.world_size)
-    state = manager.load_weights(path, model)
-    step = (state.get("trainer") or {}).get("step")
+    manager.load_weights(path, model)
+    step = step_of(path)
     if layout.rank == 0:
         log.info("eval: %s (step %s) on %s", path, step, layout.describe())
     results = Evaluator.from_run_config(model, layout, cfg, eval_cfg, tokenizer).evaluate()

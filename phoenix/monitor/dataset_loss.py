@@ -76,6 +76,9 @@ class DatasetLossMonitor(Callback):
     logged step, ``last`` holds ``{tag: value}`` on the logging rank.
     """
 
+    state_key = "dataset_loss"
+    """Key of its token counts in the checkpoint bundle (stable across renames)."""
+
     def __init__(self, interval: int, names: list[str] | None = None, log_last_step: bool = True):
         if interval < 0:
             raise ValueError(f"DatasetLossMonitor: interval must be >= 0, got {interval}")

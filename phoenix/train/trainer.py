@@ -16,14 +16,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from phoenix.checkpoint import CheckpointManager
-from phoenix.checkpoint.manager import find_latest, read_checkpoint_state, resolve_checkpoint
+from phoenix.checkpoint import Checkpointer, plan_restore
 from phoenix.config import ConfigError, RunConfig, dump_config
 from phoenix.data.indexed import check_prefix, read_meta
 from phoenix.eval.callback import EvalCallback
 from phoenix.eval.inputs import check_eval_inputs
-from phoenix.io import atomic_write_text
 from phoenix.data.loader import DataLoader
+from phoenix.data.stage_plans import build_source
+from phoenix.io import atomic_write_text
 from phoenix.model import build_model
 from phoenix.monitor import (
     ConsoleLogger,
@@ -37,7 +37,6 @@ from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.optim.param_groups import frozen_model_params, zero_frozen_grads
 from phoenix.runtime import ParallelLayout
 from phoenix.train.callbacks import Callback, StepMetrics
-from phoenix.data.stage_plans import build_source
 from phoenix.train.step import batch_report, forward_step, reduce_loss
 
 log = logging.getLogger("phoenix.train")
@@ -60,7 +59,8 @@ class TrainState:
 
 
 def check_inputs(cfg: RunConfig):
-    """Tokenizer and data checks that must fail before any model is built."""
+    """Tokenizer, data and eval-set checks that must fail before any model is built;
+    returns the tokenizer."""
     from phoenix.tokenizer import SentencePieceTokenizer
 
     try:
@@ -81,16 +81,6 @@ def check_inputs(cfg: RunConfig):
                 f"than tokenizer.model {cfg.tokenizer.model} (fingerprints differ)")
     for warning in check_eval_inputs(cfg.eval, tokenizer, [e.prefix for e in cfg.data.datasets]):
         log.warning(warning)
-    ckpt = cfg.checkpoint
-    resuming = ckpt.resume and find_latest(Path(cfg.output_dir) / "checkpoints") is not None
-    if ckpt.init_from and not resuming:
-        source = resolve_checkpoint(ckpt.init_from)  # raises CheckpointError naming the path
-        if source.resolve().is_relative_to(Path(cfg.output_dir).resolve()):
-            raise ConfigError(f"checkpoint.init_from: {source} lies inside this run's output_dir "
-                              f"(it would be resumed, not initialised from); use checkpoint.resume")
-        if ckpt.init_optimizer and not read_checkpoint_state(source).get("has_optimizer", True):
-            raise ConfigError(f"checkpoint.init_optimizer: {source} has no optimizer state (it was "
-                              f"saved before the first step); load weights only")
     return tokenizer
 
 
@@ -127,6 +117,8 @@ class Trainer:
     def setup(self) -> None:
         cfg, layout = self.cfg, self.layout
         tokenizer = check_inputs(cfg)
+        # Resume, init_from or fresh: decided (and init_from checked) before any model exists.
+        self.restore_plan = plan_restore(cfg)
         vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
         if layout.rank == 0:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -144,15 +136,22 @@ class Trainer:
         self.frozen = frozen_model_params(self.model, o.freeze)
         self._wire_megatron_hooks()
 
-        self.checkpoints = CheckpointManager(self.out_dir / "checkpoints", layout.rank,
-                                             layout.world_size, cfg.checkpoint.keep_last)
-        data_state = self._restore()
-
+        # The data position is a pure function of the step: the checkpoint holds the
+        # trainer's step, not a second copy of it in the loader.
         self.loader = DataLoader(source, self.stages, cfg.train.micro_batch_size,
                                  layout.dp_rank, layout.dp_size, cfg.train.steps,
                                  prefetch=cfg.data.num_workers and 2)
-        if data_state is not None:
-            self.loader.load_state_dict(data_state)
+        stateful = {"trainer": self, "scheduler": self.scheduler}
+        for cb in self.callbacks:
+            key = getattr(cb, "state_key", None)
+            if key is not None and hasattr(cb, "state_dict"):
+                if key in stateful:
+                    raise ValueError(f"two stateful objects use the checkpoint key '{key}'")
+                stateful[key] = cb
+        self.checkpointer = Checkpointer(cfg, layout, self.config_yaml, self.model,
+                                         self.optimizer, stateful)
+        self._log0(self.checkpointer.restore(self.restore_plan))
+        self.loader.load_state_dict({"step": self.state.step})
 
     def _wire_megatron_hooks(self) -> None:
         from megatron.core.distributed import finalize_model_grads
@@ -162,43 +161,15 @@ class Trainer:
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = self.model[0].no_sync
 
-    def _restore(self) -> dict | None:
-        """Resume from this run's latest checkpoint, else init weights from another run."""
-        ckpt = self.cfg.checkpoint
-        latest = self.checkpoints.latest() if ckpt.resume else None
-        if latest is not None:
-            self.checkpoints.check_compatible(latest, self.model)
-            saved = self.checkpoints.load(latest, self.model, self.optimizer)
-            self.state = TrainState(**saved["trainer"])
-            self._check_stage_starts(latest)  # before the schedule: the clearer message
-            self.scheduler.load_state_dict(saved["scheduler"])
-            for cb in self.callbacks:
-                state = saved.get("callbacks", {}).get(type(cb).__name__)
-                if state is not None and hasattr(cb, "load_state_dict"):
-                    cb.load_state_dict(state)
-            self._log0(f"resumed from {latest} at step {self.state.step}")
-            return saved["data"]
-        if ckpt.init_from:  # validated by check_inputs
-            source = resolve_checkpoint(ckpt.init_from)
-            self.checkpoints.check_compatible(source, self.model)
-            if ckpt.init_optimizer:
-                # Loading replaces the param groups' settings (max_lr, betas, lr_mult, ...)
-                # with the source run's; this run's config decides them, only the Adam
-                # state is taken over.
-                settings = [{k: v for k, v in g.items() if k != "params"}
-                            for g in self.optimizer.param_groups]
-                self.checkpoints.load(source, self.model, self.optimizer, load_rng=False)
-                for group, mine in zip(self.optimizer.param_groups, settings):
-                    group.update(mine)
-                self.scheduler.step(0)
-                what = "weights and optimizer state"
-            else:
-                self.checkpoints.load_weights(source, self.model)
-                what = "weights (the optimizer starts fresh)"
-            self._log0(f"initialised {what} from {source}; schedule and data start at step 0")
-        return None
+    # -- the trainer's own checkpoint state ------------------------------------------
+    def state_dict(self) -> dict:
+        return asdict(self.state)
 
-    def _check_stage_starts(self, checkpoint: Path) -> None:
+    def load_state_dict(self, state: dict) -> None:
+        self.state = TrainState(**state)
+        self._check_stage_starts()  # before the scheduler's own check: the clearer message
+
+    def _check_stage_starts(self) -> None:
         """A resumed run may append or change stages that have not begun, never move one
         that has (its data and LR would silently change under the checkpoint)."""
         planned = dict(self.stages.boundaries())
@@ -209,7 +180,7 @@ class Trainer:
                 where = (f"starts it at step {planned[name]}" if name in planned
                          else "has no stage of that name")
                 raise ConfigError(
-                    f"stages: the checkpoint {checkpoint} began stage '{name}' at step {start} but "
+                    f"stages: the checkpoint {self.restore_plan.path} began stage '{name}' at step {start} but "
                     f"the config {where}; a stage that has begun cannot be moved or removed")
 
     def _enter_stage(self, step: int):
@@ -233,7 +204,7 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_train_start(self)
         if cfg.checkpoint.save_initial and state.step == 0:
-            self.save()
+            self._after_save(self.checkpointer.save_now(0))
         last_step = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
         t_callbacks = 0.0  # time the callbacks of the previous step took (logging cost)
         try:
@@ -264,7 +235,7 @@ class Trainer:
                     if cfg.train.on_nonfinite_loss == "stop":
                         raise NonFiniteLossError(
                             f"non-finite loss ({loss}) at step {state.step + 1}; stopping without "
-                            f"saving (last good checkpoint: {self.checkpoints.latest()})")
+                            f"saving (last good checkpoint: {self.checkpointer.latest()})")
                     self.skip_reason = "non-finite loss"
                 else:
                     for cb in self.callbacks:  # may call request_skip()
@@ -299,12 +270,7 @@ class Trainer:
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
                 t_callbacks = time.perf_counter() - t2
-                every = cfg.checkpoint.save_interval
-                if every and state.step % every == 0 and state.step < last_step:
-                    self.save()
-            if cfg.checkpoint.save_at_end and (self.checkpoints.latest() is None or
-                                               self._latest_step() != state.step):
-                self.save()
+                self._after_save(self.checkpointer.save(state.step, last=state.step == last_step))
         finally:
             self.loader.close()
             for cb in self.callbacks:
@@ -342,33 +308,13 @@ class Trainer:
             return None
         return float(self.optimizer.get_loss_scale())
 
-    def _latest_step(self) -> int | None:
-        latest = self.checkpoints.latest()
-        return int(latest.name.split("_")[1]) if latest else None
-
     # -- checkpoints -----------------------------------------------------------------
-    def save(self) -> Path:
-        trainer_state = asdict(self.state)
-        # Before the first step Adam has no state to save: a step-0 checkpoint is weights only.
-        optimizer = self.optimizer if self.state.step > 0 else None
-        # Monitors with running totals (e.g. tokens per dataset); collective: every rank saves.
-        callback_states = {type(cb).__name__: cb.state_dict() for cb in self.callbacks
-                           if hasattr(cb, "state_dict")}
-        path = self.checkpoints.save(
-            self.state.step, self.model, optimizer,
-            {"trainer": trainer_state, "scheduler": self.scheduler.state_dict(),
-             "data": self.loader_state(), "config": self.config_yaml,
-             "callbacks": callback_states},
-            self.config_yaml)
+    def _after_save(self, path: Path | None) -> None:
+        if path is None:
+            return
         self._log0(f"saved checkpoint {path}")
         for cb in self.callbacks:
             cb.on_checkpoint_saved(self, path)
-        return path
-
-    def loader_state(self) -> dict:
-        if hasattr(self, "loader"):
-            return self.loader.state_dict()
-        return {"step": self.state.step}
 
     def _log0(self, msg: str) -> None:
         if self.layout.rank == 0:

@@ -1,0 +1,212 @@
+"""The run's checkpointer: cadence, retention, resume, ``init_from`` and the state bundle.
+
+The trainer hands the checkpointer its model, optimizer and every stateful object under
+a stable key (``trainer``, ``scheduler``, and each callback's ``state_key``); the loop
+then only calls :meth:`Checkpointer.save` after each step and at the end. Where a run
+starts from is decided once, before any model is built, by :func:`plan_restore`:
+
+* ``resume``: this run's newest complete checkpoint (``checkpoint.resume``, the default);
+* ``init_from``: model weights (and with ``init_optimizer`` the Adam state) of another
+  run, with the schedule, data and stages starting at step 0;
+* ``fresh``: neither.
+
+Bundle format (``phoenix_state.pt`` of a checkpoint, written last)::
+
+    {"format": 2, "step": N, "world_size": W, "has_optimizer": bool,
+     "states": {"trainer": {...}, "scheduler": {...}, "dataset_loss": {...}, ...}}
+
+Format 1 (written before the checkpointer existed) had ``trainer``, ``scheduler``,
+``data``, ``config`` and ``callbacks`` (keyed by class name) at the top level. It is
+read and converted (:func:`upgrade_bundle`); what cannot be converted is refused with a
+message naming the format version, never a KeyError. The data position is not stored:
+it is a pure function of the trainer's step (the data plan is deterministic).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional, Protocol
+
+from phoenix.checkpoint.manager import (
+    CheckpointError,
+    CheckpointManager,
+    checkpoint_root,
+    find_latest,
+    read_checkpoint_state,
+    resolve_checkpoint,
+    step_of,
+)
+from phoenix.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+
+# Format 1 keyed callback state by class name; the stable keys that replaced them.
+_V1_CALLBACK_KEYS = {"DatasetLossMonitor": "dataset_loss"}
+
+
+class Stateful(Protocol):
+    """What the checkpointer saves and restores under a key."""
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """Where a run starts from; decided from the file system before a model is built."""
+
+    kind: Literal["resume", "init_from", "fresh"]
+    path: Optional[Path] = None
+    """The checkpoint to read (None for ``fresh``)."""
+
+
+def plan_restore(cfg: RunConfig) -> RestorePlan:
+    """Decide resume / init_from / fresh for ``cfg``, checking ``checkpoint.init_from``
+    (exists, complete, not inside this run, has optimizer state when asked for).
+
+    Raises CheckpointError or ConfigError naming the key and the path."""
+    ckpt = cfg.checkpoint
+    latest = find_latest(checkpoint_root(cfg.output_dir)) if ckpt.resume else None
+    if latest is not None:
+        return RestorePlan("resume", latest)
+    if not ckpt.init_from:
+        return RestorePlan("fresh")
+    source = resolve_checkpoint(ckpt.init_from)
+    if source.resolve().is_relative_to(Path(cfg.output_dir).resolve()):
+        raise ConfigError(f"checkpoint.init_from: {source} lies inside this run's output_dir "
+                          f"(it would be resumed, not initialised from); use checkpoint.resume")
+    if ckpt.init_optimizer and not read_checkpoint_state(source).get("has_optimizer", True):
+        raise ConfigError(f"checkpoint.init_optimizer: {source} has no optimizer state (it was "
+                          f"saved before the first step); load weights only")
+    return RestorePlan("init_from", source)
+
+
+def upgrade_bundle(bundle: dict, path: Path, cfg: RunConfig) -> dict:
+    """The bundle of checkpoint ``path`` in the current format (see the module docstring).
+
+    Raises CheckpointError naming the format version when it cannot be converted."""
+    version = bundle.get("format", 1)
+    if version == FORMAT_VERSION:
+        return bundle
+    if version != 1:
+        raise CheckpointError(f"checkpoint {path} has format version {version}; this phoenix "
+                              f"reads versions 1 and {FORMAT_VERSION} (a newer phoenix wrote it)")
+    if "trainer" not in bundle:
+        raise CheckpointError(f"checkpoint {path} (format version 1) has no trainer state; it "
+                              f"cannot be resumed, only used as checkpoint.init_from")
+    states = {"trainer": bundle["trainer"]}
+    if "scheduler" in bundle:
+        states["scheduler"] = _upgrade_v1_scheduler(bundle["scheduler"], path, cfg)
+    for name, state in (bundle.get("callbacks") or {}).items():
+        if name in _V1_CALLBACK_KEYS:
+            states[_V1_CALLBACK_KEYS[name]] = state
+        else:
+            log.warning("checkpoint %s (format version 1): state of callback %s is not read",
+                        path, name)
+    return {"format": FORMAT_VERSION, "step": int(bundle["trainer"]["step"]),
+            "world_size": bundle.get("world_size"),
+            "has_optimizer": bundle.get("has_optimizer", True), "states": states}
+
+
+def _upgrade_v1_scheduler(state: dict, path: Path, cfg: RunConfig) -> dict:
+    """Format 1 runs without LR phases saved megatron's OptimizerParamScheduler state.
+    The run's scheduler reproduces it step for step when the settings are the same."""
+    if "schedule_fingerprint" in state:
+        return state
+    o, resolved = cfg.optim, cfg.resolved
+    decay_steps = max(o.decay_steps or cfg.train.steps, o.warmup_steps + 1)
+    expected = {"max_lr": o.lr, "min_lr": o.min_lr, "lr_warmup_steps": o.warmup_steps,
+                "lr_decay_steps": decay_steps, "lr_decay_style": o.decay_style}
+    changed = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+    if resolved.explicit_schedule or changed:
+        what = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()) or \
+            "the config now gives LR phases"
+        raise CheckpointError(
+            f"checkpoint {path} has format version 1 with megatron's LR scheduler state, and "
+            f"the config's schedule differs from it ({what}); resume with the same optim "
+            f"settings, or start from it with checkpoint.init_from")
+    return {"num_steps": int(state.get("num_steps", state.get("num_iters", 0))),
+            "schedule_fingerprint": resolved.schedule.fingerprint(), "phases": []}
+
+
+class Checkpointer:
+    """Owns ``<output_dir>/checkpoints``; every rank calls every method (they are collective).
+
+    ``stateful`` maps a stable key to each object whose ``state_dict`` goes into the
+    bundle; they are restored in that order (the trainer's state first, so its checks
+    give the clearest message)."""
+
+    def __init__(self, cfg: RunConfig, layout, config_yaml: str, model, optimizer,
+                 stateful: dict[str, Stateful]):
+        self.cfg, self.ckpt = cfg, cfg.checkpoint
+        self.layout = layout
+        self.config_yaml = config_yaml
+        self.model, self.optimizer = model, optimizer
+        self.stateful = stateful
+        self.manager = CheckpointManager(checkpoint_root(cfg.output_dir), layout.rank,
+                                         layout.world_size, self.ckpt.keep_last)
+
+    # -- restore -------------------------------------------------------------------
+    def restore(self, plan: RestorePlan) -> str:
+        """Load what ``plan`` says into the model, optimizer and stateful objects; returns
+        a one-line description for the log."""
+        if plan.kind == "resume":
+            self.manager.check_compatible(plan.path, self.model)
+            bundle = upgrade_bundle(self.manager.load(plan.path, self.model, self.optimizer),
+                                    plan.path, self.cfg)
+            for key, obj in self.stateful.items():
+                if key in bundle["states"]:
+                    obj.load_state_dict(bundle["states"][key])
+                elif key in ("trainer", "scheduler"):
+                    raise CheckpointError(f"checkpoint {plan.path} has no '{key}' state")
+            return f"resumed from {plan.path} at step {bundle['step']}"
+        if plan.kind == "init_from":
+            self.manager.check_compatible(plan.path, self.model)
+            if self.ckpt.init_optimizer:
+                # Loading replaces the param groups' settings (max_lr, betas, lr_mult, and
+                # the LR of step 0) with the source run's; this run's config decides them,
+                # only the Adam state is taken over.
+                settings = [{k: v for k, v in g.items() if k != "params"}
+                            for g in self.optimizer.param_groups]
+                self.manager.load(plan.path, self.model, self.optimizer, load_rng=False)
+                for group, mine in zip(self.optimizer.param_groups, settings):
+                    group.update(mine)
+                what = "weights and optimizer state"
+            else:
+                self.manager.load_weights(plan.path, self.model)
+                what = "weights (the optimizer starts fresh)"
+            return f"initialised {what} from {plan.path}; schedule and data start at step 0"
+        return "starting from scratch"
+
+    # -- save ----------------------------------------------------------------------
+    def save(self, step: int, *, last: bool = False) -> Optional[Path]:
+        """Save after ``step`` steps if the cadence asks for it: every
+        ``checkpoint.save_interval`` steps, and with ``last`` (the end of the job) when
+        ``save_at_end``; a step already saved is not saved again. Returns the path or None."""
+        every = self.ckpt.save_interval
+        due = bool(every) and step % every == 0
+        if last:
+            due = (due or self.ckpt.save_at_end) and self.latest_step() != step
+        return self.save_now(step) if due else None
+
+    def save_now(self, step: int) -> Path:
+        """Write checkpoint ``step`` now (atomically; see phoenix.checkpoint.manager)."""
+        # Before the first step Adam has no state to save: a step-0 checkpoint is weights only.
+        optimizer = self.optimizer if step > 0 else None
+        bundle = {"format": FORMAT_VERSION, "step": step,
+                  "states": {key: obj.state_dict() for key, obj in self.stateful.items()}}
+        return self.manager.save(step, self.model, optimizer, bundle, self.config_yaml)
+
+    # -- queries -------------------------------------------------------------------
+    def latest(self) -> Optional[Path]:
+        """This run's newest complete checkpoint."""
+        return self.manager.latest()
+
+    def latest_step(self) -> Optional[int]:
+        latest = self.latest()
+        return step_of(latest) if latest is not None else None
