@@ -83,6 +83,14 @@ def test_unknown_key_without_close_match_has_no_hint():
     assert "did you mean" not in str(e.value)
 
 
+def test_renamed_key_names_its_new_name():
+    d = base()
+    d["data"]["num_workers"] = 1
+    with pytest.raises(ConfigError, match=key("config key 'data.num_workers' was renamed to "
+                                              "'data.prefetch_batches'")):
+        build_config(d)
+
+
 # -- wrong types --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("data,dotted,what", [

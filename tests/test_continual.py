@@ -102,7 +102,7 @@ def _recipe(name: str, files, out: Path, prefixes: dict) -> dict:
     d["tokenizer"]["model"] = files.tokenizer_model
     for entry in d["data"]["datasets"]:
         entry["prefix"] = files.prefixes[prefixes[entry["name"]]]
-    d["data"]["num_workers"] = 0
+    d["data"]["prefetch_batches"] = 0
     d["logging"] = {"log_interval": 10, "tensorboard": False}
     return d
 

@@ -5,7 +5,7 @@ has the exact per-batch mixture, min_share bursts and whole groups the plan prom
 import numpy as np
 import pytest
 
-from phoenix.data.loader import DataLoader
+from phoenix.data.loader import GlobalBatchLoader
 from phoenix.data.plan_source import PlanDatasetSpec, PlanSource, build_indices, load_or_build_plan, plan_inputs
 from phoenix.data.samples import build_sample_index
 
@@ -74,7 +74,7 @@ def _yielded(plan, indices, dp_size, mbs):
     """(dataset_id, group_id, sample_id) of every sample the loaders of all ranks yield, by step."""
     per_step = [[] for _ in range(STEPS)]
     for rank in range(dp_size):
-        loader = DataLoader(PlanSource(plan, indices, eod_id=2), B, mbs, rank, dp_size, STEPS,
+        loader = GlobalBatchLoader(PlanSource(plan, indices, eod_id=2), B, mbs, rank, dp_size, STEPS,
                             prefetch=2)
         for step in range(STEPS):
             for mb in loader.next_batch():
@@ -133,8 +133,24 @@ def test_loader_is_layout_independent(grouped_data, tmp_path):
     four = _yielded(plan, indices, 4, 1)
     assert [sorted(s) for s in one] == [sorted(s) for s in four]
     # a rank never gets a whole dataset: both datasets appear on more than one rank
-    loader = [DataLoader(PlanSource(plan, indices, 2), B, 1, r, 4, STEPS, prefetch=0) for r in range(4)]
+    loader = [GlobalBatchLoader(PlanSource(plan, indices, 2), B, 1, r, 4, STEPS, prefetch=0) for r in range(4)]
     batch = [loader[r].next_batch() for r in range(4)]
     for d in (0, 1):
         ranks = {r for r in range(4) for mb in batch[r] if d in mb["dataset_id"].tolist()}
         assert len(ranks) > 1, d
+
+
+def test_loader_iterates_and_resumes_at_a_step(grouped_data, tmp_path):
+    """Iterating yields exactly ``num_steps`` batches, the same as ``next_batch``; a loader
+    set to step k (what a resume does) continues with batch k."""
+    specs = [PlanDatasetSpec("web", grouped_data["web"], 1.0)]
+    indices = build_indices(specs, SEQ)
+    plan, _ = load_or_build_plan(plan_inputs(specs, indices, B, STEPS, seed=5), tmp_path)
+    source = PlanSource(plan, indices, 2)
+    ids = [[mb["sample_id"].tolist() for mb in batch]
+           for batch in GlobalBatchLoader(source, B, 2, 0, 1, STEPS, prefetch=2)]
+    assert len(ids) == STEPS
+    resumed = GlobalBatchLoader(source, B, 2, 0, 1, STEPS, prefetch=0)
+    resumed.load_state_dict({"step": 3})
+    assert [mb["sample_id"].tolist() for mb in resumed.next_batch()] == ids[3]
+    assert resumed.state_dict() == {"step": 4}

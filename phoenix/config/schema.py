@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from phoenix.config.eval import EvalConfig
 from phoenix.config.monitoring import LoggingConfig
@@ -131,8 +131,11 @@ class DataConfig:
     ignores min_share and group_mode)."""
     cache_dir: Optional[str] = None
     """Where data plans and sample indices are cached; default ``<output_dir>/data_cache``."""
-    num_workers: int = 1
-    """Background threads that prefetch the next global batches."""
+    prefetch_batches: int = 2
+    """Global batches this rank reads ahead in one background thread while the current
+    step trains (0: read each batch when it is needed)."""
+
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"num_workers": "prefetch_batches"}
 
     def __post_init__(self):
         if not self.datasets:
@@ -145,8 +148,8 @@ class DataConfig:
                 raise ConfigError(f"data.datasets[{i}].name: '{name}' is used twice; give each "
                                   f"dataset its own name")
         positive("data", seq_length=self.seq_length)
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: must be >= 0, got {self.num_workers}")
+        if self.prefetch_batches < 0:
+            raise ConfigError(f"data.prefetch_batches: must be >= 0, got {self.prefetch_batches}")
 
 
 @dataclass(kw_only=True)

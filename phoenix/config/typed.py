@@ -103,6 +103,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     kwargs = {}
     for name, value in data.items():
         key = f"{prefix}.{name}" if prefix else str(name)
+        renamed = getattr(cls, "RENAMED_KEYS", {}).get(name)
+        if renamed is not None:
+            where = f"{prefix}." if prefix else ""
+            raise ConfigError(f"config key '{key}' was renamed to '{where}{renamed}'")
         if name not in fields:
             close = difflib.get_close_matches(str(name), list(fields), n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

@@ -74,8 +74,14 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
             for key in samples[0]}
 
 
-class DataLoader:
-    """Yields, per optimizer step, the list of this rank's micro-batches."""
+class GlobalBatchLoader:
+    """Hands out, per optimizer step, this rank's micro-batches of the next global batch.
+
+    Iterable (``for micro_batches in loader``) up to ``num_steps``; ``next_batch()`` is the
+    same one step at a time. ``prefetch``: global batches read ahead in one background
+    thread (0: read on demand). Its only state is the next step, which the trainer sets
+    from its own step on resume (``load_state_dict({"step": step})``).
+    """
 
     def __init__(self, source: SampleSource, batches: BatchLayout | int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, num_steps: int, prefetch: int = 2):
@@ -92,7 +98,7 @@ class DataLoader:
 
     # -- state ---------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"step": self.step, "consumed_samples": self.consumed_samples}
+        return {"step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         self.close()
@@ -124,6 +130,14 @@ class DataLoader:
                     continue
             if item[2] is not None:
                 return
+
+    def __iter__(self) -> "GlobalBatchLoader":
+        return self
+
+    def __next__(self) -> list[dict[str, torch.Tensor]]:
+        if self.step >= self.num_steps:
+            raise StopIteration
+        return self.next_batch()
 
     def next_batch(self) -> list[dict[str, torch.Tensor]]:
         """The micro-batches of the next global batch (prefetched in the background)."""

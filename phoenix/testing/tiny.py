@@ -65,7 +65,7 @@ def tiny_config_dict(files: TinyData, output_dir: str | Path, **sections) -> dic
         "runtime": {"device": "cpu"},
         "model": {"preset": "tiny"},
         "tokenizer": {"model": files.tokenizer_model},
-        "data": {"seq_length": 64, "num_workers": 0,
+        "data": {"seq_length": 64, "prefetch_batches": 0,
                  "datasets": [{"prefix": files.prefixes["web"], "weight": 0.7, "name": "web"},
                               {"prefix": files.prefixes["code"], "weight": 0.3, "name": "code"}]},
         "train": {"steps": 6, "global_batch_size": 8, "micro_batch_size": 2, "seed": 1234},

@@ -21,7 +21,7 @@ from phoenix.config import ConfigError, RunConfig, dump_config
 from phoenix.data.indexed import check_prefix, read_meta
 from phoenix.eval.callback import EvalCallback
 from phoenix.eval.inputs import check_eval_inputs
-from phoenix.data.loader import DataLoader
+from phoenix.data.loader import GlobalBatchLoader
 from phoenix.data.stage_plans import build_source
 from phoenix.io import atomic_write_text
 from phoenix.model import build_model
@@ -138,9 +138,9 @@ class Trainer:
 
         # The data position is a pure function of the step: the checkpoint holds the
         # trainer's step, not a second copy of it in the loader.
-        self.loader = DataLoader(source, self.stages, cfg.train.micro_batch_size,
+        self.loader = GlobalBatchLoader(source, self.stages, cfg.train.micro_batch_size,
                                  layout.dp_rank, layout.dp_size, cfg.train.steps,
-                                 prefetch=cfg.data.num_workers and 2)
+                                 prefetch=cfg.data.prefetch_batches)
         stateful = {"trainer": self, "scheduler": self.scheduler}
         for cb in self.callbacks:
             key = getattr(cb, "state_key", None)
