@@ -119,7 +119,7 @@ class PlanInputs:
     interleave: bool = True
     fixed_counts: np.ndarray | None = None
     """(K0, D) per-batch counts for the first ``K0 <= K`` batches, given by the caller
-    (a mixture warmup: see :func:`mixture_warmup_counts`); each row sums to ``B``. The
+    (a mixture warmup: see :func:`phoenix.data.stage_plans.mixture_warmup_counts`); each row sums to ``B``. The
     allocator plans the remaining batches from the weights, bursts starting at K0."""
 
 
@@ -223,18 +223,24 @@ def _group_starts(d: PlanDataset) -> np.ndarray:
     return starts
 
 
+def plan_cpp():
+    """The compiled plan builder (``phoenix.data._plan_cpp``); there is no slow fallback,
+    so a missing or broken build fails loudly instead of changing speed silently."""
+    try:
+        from phoenix.data import _plan_cpp
+    except ImportError as e:
+        raise RuntimeError(f"the C++ data-plan builder phoenix.data._plan_cpp is not built or does "
+                           f"not load ({e}); build it with `pip install -e .` or "
+                           f"`python setup.py build_ext --inplace`") from None
+    return _plan_cpp
+
+
 def _runs(ids: np.ndarray) -> tuple[np.ndarray, bool]:
     """(start of every run of equal ids plus len(ids) as int64 (G+1,), run ids increase)."""
     ids = np.asarray(ids)
     if ids.dtype not in (np.int64, np.int32):
         ids = ids.astype(np.int64)
-    try:
-        from phoenix.data import _plan_cpp
-        return _plan_cpp.group_starts(np.ascontiguousarray(ids))
-    except ImportError:  # the extension is not built: same result with numpy
-        change = np.flatnonzero(ids[1:] != ids[:-1]) + 1
-        starts = np.concatenate(([0] if len(ids) else [], change, [len(ids)])).astype(np.int64)
-        return starts, bool((ids[change] > ids[change - 1]).all())
+    return plan_cpp().group_starts(np.ascontiguousarray(ids))
 
 
 def _starts_of(ids: np.ndarray) -> np.ndarray:
@@ -380,36 +386,6 @@ def _check_fixed_counts(fixed, D: int, B: int, K: int) -> np.ndarray:
     return np.ascontiguousarray(fixed, dtype=np.int32)
 
 
-def mixture_warmup_counts(start: list[Fraction], end: list[Fraction], B: int,
-                          steps: int) -> np.ndarray:
-    """Per-batch counts of a mixture warmup: (steps, D) int32, rows summing to ``B``.
-
-    Batch ``j`` targets the weights ``w_j = (1 - t) * start + t * end`` with
-    ``t = (j + 1) / (steps + 1)`` (so every warmup batch lies strictly between the two
-    mixtures). Each count is ``floor`` or ``ceil`` of ``B * w_j[d]`` -- exact per batch --
-    and the batch's ``B - sum floor`` extra samples go to the datasets furthest behind
-    their cumulative target (fractional part plus the lag carried from earlier warmup
-    batches; ties to the lower index), so rounding does not favour one dataset over the
-    warmup. ``start``/``end`` are normalised weights (each sums to 1).
-    """
-    D = len(start)
-    if len(end) != D or sum(start) != 1 or sum(end) != 1:
-        raise ValueError("mixture_warmup_counts: start and end need the same length and must sum to 1")
-    counts = np.zeros((steps, D), dtype=np.int32)
-    lag = [Fraction(0)] * D  # cumulative target minus cumulative count
-    for j in range(steps):
-        t = Fraction(j + 1, steps + 1)
-        target = [B * ((1 - t) * a + t * b) for a, b in zip(start, end)]
-        row = [math.floor(x) for x in target]
-        fractional = [d for d in range(D) if target[d] != row[d]]
-        fractional.sort(key=lambda d: (-(target[d] - row[d] + lag[d]), d))
-        for d in fractional[:B - sum(row)]:
-            row[d] += 1
-        lag = [lag[d] + target[d] - row[d] for d in range(D)]
-        counts[j] = row
-    return counts
-
-
 # -------------------------------------------------------------------------- building
 def plan_fingerprint(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_WINDOW) -> str:
     """sha256 of a canonical serialisation of every input and the format version: the
@@ -445,8 +421,7 @@ def build_plan(inputs: PlanInputs, *, threads: int | None = None, horizon: int =
 
     The result does not depend on ``threads`` (nor on any data-parallel size).
     """
-    from phoenix.data import _plan_cpp
-
+    _plan_cpp = plan_cpp()
     t0 = time.perf_counter()
     prep = prepare(inputs, horizon=horizon, window=window)
     t1 = time.perf_counter()
