@@ -27,9 +27,13 @@ class ModelConfig:
     """Name of a file in configs/model/ (e.g. ``7b``) or a path to one; keys given next
     to it override the preset's values."""
     num_layers: int
+    """Transformer layers (megatron ``num_layers``); divisible by ``parallel.pipeline``."""
     hidden_size: int
+    """Model width (embedding and residual stream size)."""
     ffn_hidden_size: int
+    """Width of the MLP's hidden layer (per branch for SwiGLU: fc1 is 2x this wide)."""
     num_attention_heads: int
+    """Query heads; head dim = hidden_size / num_attention_heads."""
     num_query_groups: Optional[int] = None
     """Grouped-query attention: number of key/value heads (None = multi-head attention)."""
     max_seq_length: int
@@ -37,17 +41,30 @@ class ModelConfig:
     vocab_size: Optional[int] = None
     """Embedding rows before padding; None takes the tokenizer's vocab size."""
     make_vocab_size_divisible_by: int = 128
+    """The vocabulary is padded to a multiple of this times ``parallel.tensor`` (as
+    Megatron-LM does), so the embedding splits evenly and GEMMs stay aligned."""
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    """Norm of every layer and the final norm."""
     norm_epsilon: float = 1e-5
+    """Epsilon of the norms (Llama 1e-5; Qwen2 1e-6)."""
     activation: Literal["swiglu", "gelu"] = "swiglu"
+    """MLP activation: ``swiglu`` (gated, Llama) or ``gelu`` (GPT-2 style)."""
     position_embedding: Literal["rope", "learned_absolute"] = "rope"
+    """Rotary (RoPE) or learned absolute position embeddings."""
     rotary_base: int = 10000
+    """RoPE base (theta); raised (e.g. to 1e6) when extending the context."""
     tie_embeddings: bool = False
+    """Share the input embedding with the output layer."""
     add_bias_linear: bool = False
+    """Biases in the attention and MLP linear layers."""
     qk_layernorm: bool = False
+    """Normalise queries and keys per head before attention (stabilises large-LR runs)."""
     init_method_std: float = 0.02
+    """Std of the normal init of weights (output projections are scaled by 1/sqrt(2L))."""
     attention_dropout: float = 0.0
+    """Dropout on attention probabilities (0 for pretraining at scale)."""
     hidden_dropout: float = 0.0
+    """Dropout on the residual branches."""
     reference_lr: Optional[float] = None
     """Peak LR the size table recommends; used when optim.lr is not set."""
 

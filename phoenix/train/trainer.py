@@ -85,6 +85,15 @@ def check_inputs(cfg: RunConfig):
 
 
 class Trainer:
+    """One rank's training run: :meth:`setup` builds everything from the config, then
+    :meth:`train` runs the loop.
+
+    ``cfg`` is the resolved run config, ``layout`` this process's place in the parallel
+    layout (from :func:`phoenix.runtime.init_runtime`). ``callbacks`` replaces the
+    default side concerns (console, TensorBoard, norms, per-dataset loss, throughput,
+    spikes, eval), e.g. in tests. Every method is collective: all ranks call it.
+    """
+
     def __init__(self, cfg: RunConfig, layout: ParallelLayout, callbacks: list[Callback] | None = None):
         self.cfg, self.layout = cfg, layout
         self.out_dir = Path(cfg.output_dir)
@@ -115,6 +124,10 @@ class Trainer:
 
     # -- set-up ----------------------------------------------------------------------
     def setup(self) -> None:
+        """Check the inputs, decide resume / init_from / fresh, build the data source,
+        model, optimizer, scheduler and loader, and restore the checkpoint. Raises
+        ConfigError, DataError or CheckpointError (naming the key or file) before any
+        model is built when the inputs are wrong."""
         cfg, layout = self.cfg, self.layout
         tokenizer = check_inputs(cfg)
         # Resume, init_from or fresh: decided (and init_from checked) before any model exists.
@@ -197,6 +210,9 @@ class Trainer:
 
     # -- the loop --------------------------------------------------------------------
     def train(self) -> TrainState:
+        """Run optimizer steps until ``train.steps`` (or ``train.stop_at_step``), saving
+        checkpoints on the configured cadence; returns the final state. Raises
+        NonFiniteLossError on a NaN/Inf loss with ``on_nonfinite_loss: stop``."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         cfg, state = self.cfg, self.state
