@@ -1,5 +1,6 @@
 """Resume is exact; checkpoints reshard across TP/PP; a NaN loss never overwrites a good one."""
 
+import math
 import shutil
 
 import pytest
@@ -75,3 +76,43 @@ def test_nonfinite_loss_skip_policy(tiny_data, tmp_path):
     (result,) = run_distributed(train_and_record, 1, cfg, [], 2)
     assert [s["skipped"] for s in result["steps"]] == [False, True, False, False]
     assert result["skipped"] == 1 and result["step"] == 4
+
+
+def _nonfinite_in_checkpoints(run_dir) -> dict[str, int]:
+    """Non-finite values in every checkpoint's model and optimizer tensors, read back with
+    torch.distributed.checkpoint in this (non-distributed) process."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+
+    counts = {}
+    for path in sorted((run_dir / "checkpoints").glob("step_*")):
+        md = FileSystemReader(str(path)).read_metadata()
+        sd = {k: torch.empty(m.size, dtype=m.properties.dtype)
+              for k, m in md.state_dict_metadata.items() if hasattr(m, "size")}
+        dcp.load(sd, storage_reader=FileSystemReader(str(path)), no_dist=True)
+        counts[path.name] = sum(int((~torch.isfinite(v)).sum()) for v in sd.values()
+                                if v.is_floating_point())
+    return counts
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_nonfinite_gradients_never_reach_weights_or_checkpoints(policy, tiny_data, tmp_path):
+    """An absurd LR makes the gradients non-finite while the loss is still finite: that
+    step is stopped or skipped like a non-finite loss, and every checkpoint stays finite."""
+    run = tmp_path / policy
+    cfg = tiny_config_dict(tiny_data, run, train={"steps": 8, "on_nonfinite_loss": policy},
+                           optim={"lr": 1e6, "min_lr": 0.0, "warmup_steps": 0,
+                                  "decay_style": "constant"},
+                           checkpoint={"save_interval": 1})
+    if policy == "stop":
+        with pytest.raises(RuntimeError, match=r"non-finite gradients at step (\d+); stopping "
+                                               r"without applying or saving it \(last good "
+                                               r"checkpoint: .*step_0+\d+\)"):
+            run_distributed(train_and_record, 1, cfg)
+    else:
+        (result,) = run_distributed(train_and_record, 1, cfg)
+        assert result["step"] == 8 and result["skipped"] >= 1
+        assert any(s["skipped"] and math.isfinite(s["loss"]) for s in result["steps"])
+    counts = _nonfinite_in_checkpoints(run)
+    assert counts and not any(counts.values()), counts

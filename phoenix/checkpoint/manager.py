@@ -137,6 +137,17 @@ class CheckpointManager:
         in a temporary directory that is renamed into place once every rank is done."""
         from megatron.core import dist_checkpointing
 
+        from phoenix.optim.nonfinite import state_is_finite
+
+        # Never publish NaN/Inf weights or optimizer state: each rank checks its shards,
+        # one all-reduce combines the verdicts, and nothing is written on failure.
+        finite, bad = state_is_finite(model_chunks, optimizer)
+        if not finite:
+            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+            raise CheckpointError(
+                f"refusing to save checkpoint step {step}: the weights or optimizer state hold "
+                f"non-finite values ({'on this rank: ' + shown if bad else 'on another rank'}); "
+                f"the last good checkpoint stays {self.latest()}")
         name = f"step_{step:06d}"
         final, tmp = self.root / name, self.root / f".tmp-{name}"
         if self.rank == 0:

@@ -190,7 +190,9 @@ class TrainConfig:
     """End this job after this step (saving a checkpoint if save_at_end), e.g. to fit a
     cluster time slot; the LR schedule and data still span ``steps``."""
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
-    """What a NaN/Inf loss does: stop the run (keeping the last good checkpoint) or skip the step."""
+    """What a NaN/Inf loss or gradient does: stop the run before the update (one error line
+    naming the step and the last good checkpoint) or skip the update (counted in
+    ``train/skipped_steps``). Either way nothing non-finite reaches the weights."""
 
     def __post_init__(self):
         positive("train", steps=self.steps, global_batch_size=self.global_batch_size,

@@ -10,6 +10,7 @@ import sys
 from phoenix.checkpoint.manager import CheckpointError
 from phoenix.config import ConfigError, dump_config, load_config
 from phoenix.data.indexed import DataError
+from phoenix.train.trainer import NonFiniteLossError
 
 log = logging.getLogger("phoenix")
 
@@ -65,6 +66,9 @@ def run_command(body) -> int:
     except (DataError, CheckpointError) as e:
         print(f"phoenix: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:
+        print(f"phoenix: stopped: {e}", file=sys.stderr)
+        return 3
     finally:
         from phoenix.runtime import shutdown_runtime
 

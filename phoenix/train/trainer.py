@@ -35,6 +35,7 @@ from phoenix.monitor import (
 )
 from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.optim.param_groups import frozen_model_params, zero_frozen_grads
+from phoenix.optim.nonfinite import grads_are_finite
 from phoenix.runtime import ParallelLayout
 from phoenix.train.callbacks import Callback, StepMetrics
 from phoenix.train.step import batch_report, forward_step, reduce_loss
@@ -43,7 +44,8 @@ log = logging.getLogger("phoenix.train")
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/Inf; the last good checkpoint is left untouched."""
+    """The loss or the gradients became NaN/Inf (``on_nonfinite_loss: stop``); nothing was
+    applied or saved, and the last good checkpoint is left untouched."""
 
 
 @dataclass
@@ -247,12 +249,16 @@ class Trainer:
                 zero_frozen_grads(self.frozen, state.step, cfg.optim.freeze)
                 lr = self.scheduler.base_lr()  # the schedule's LR of this step (before lr_mult / freeze)
                 self.loss, self.skip_reason = loss, None
-                if not math.isfinite(loss):
+                # A non-finite loss or gradient must never reach the weights: the loss is
+                # known on every rank, the gradient check is one all-reduce.
+                nonfinite = (f"non-finite loss ({loss})" if not math.isfinite(loss)
+                             else None if grads_are_finite(self.model) else "non-finite gradients")
+                if nonfinite is not None:
                     if cfg.train.on_nonfinite_loss == "stop":
                         raise NonFiniteLossError(
-                            f"non-finite loss ({loss}) at step {state.step + 1}; stopping without "
-                            f"saving (last good checkpoint: {self.checkpointer.latest()})")
-                    self.skip_reason = "non-finite loss"
+                            f"{nonfinite} at step {state.step + 1}; stopping without applying or "
+                            f"saving it (last good checkpoint: {self.checkpointer.latest()})")
+                    self.skip_reason = nonfinite
                 else:
                     for cb in self.callbacks:  # may call request_skip()
                         cb.on_before_optimizer_step(self)

@@ -1,0 +1,65 @@
+"""Finiteness checks of gradients, weights and optimizer state (collective).
+
+A NaN/Inf must never reach the weights or a checkpoint. Each rank checks the tensors it
+holds (its TP/PP shard of the model, its distributed-optimizer shard of Adam's state)
+and one all-reduce over the whole world combines the verdicts, so every rank takes the
+same decision.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def _unwrap(chunk):
+    return getattr(chunk, "module", chunk)
+
+
+def _all_finite(local_ok: bool) -> bool:
+    flag = torch.tensor([0.0 if local_ok else 1.0])
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not flag.item()
+
+
+def grads_are_finite(model_chunks) -> bool:
+    """Whether every gradient of every rank is finite (megatron's reduced ``main_grad``
+    where DDP keeps one, else ``.grad``)."""
+    ok = True
+    for chunk in model_chunks:
+        for p in chunk.parameters():
+            g = getattr(p, "main_grad", None)
+            g = p.grad if g is None else g
+            if g is not None and not bool(torch.isfinite(g).all()):
+                ok = False
+                break
+    return _all_finite(ok)
+
+
+def nonfinite_state(model_chunks, optimizer) -> list[str]:
+    """Names of this rank's non-finite weights and optimizer-state tensors (empty: all
+    finite). Not collective; see :func:`state_is_finite`."""
+    bad = []
+    for chunk in model_chunks:
+        for name, p in _unwrap(chunk).named_parameters():
+            if not bool(torch.isfinite(p.detach()).all()):
+                bad.append(name)
+    if optimizer is not None:
+        inner = [getattr(o, "optimizer", None)
+                 for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+        for i, opt in enumerate(o for o in inner if o is not None):
+            for g, group in enumerate(opt.param_groups):
+                for j, p in enumerate(group["params"]):
+                    tensors = {"param": p, **{k: v for k, v in opt.state.get(p, {}).items()
+                                              if torch.is_tensor(v)}}
+                    for key, t in tensors.items():
+                        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                            bad.append(f"optimizer[{i}].group[{g}].param[{j}].{key}")
+    return bad
+
+
+def state_is_finite(model_chunks, optimizer) -> tuple[bool, list[str]]:
+    """(every rank's weights and optimizer state are finite, this rank's bad names)."""
+    bad = nonfinite_state(model_chunks, optimizer)
+    return _all_finite(not bad), bad
