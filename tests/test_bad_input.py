@@ -293,13 +293,14 @@ def test_setup_checks_init_from_before_model(tiny_data, tmp_path, trainer_withou
 # -- the CLI ------------------------------------------------------------------------------
 
 def _train_cli(recipe_data: dict, tmp_path):
-    """Run `python -m phoenix.train RECIPE train.steps=1` as a single process."""
+    """Run `python -m phoenix.train RECIPE train.steps=3` as a single process (3: longer
+    than the tiny config's 2-step warmup, which a shorter run refuses)."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_data))
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "phoenix.train", str(recipe), "train.steps=1"],
+    proc = subprocess.run([sys.executable, "-m", "phoenix.train", str(recipe), "train.steps=3"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     return proc, proc.stdout + proc.stderr
 

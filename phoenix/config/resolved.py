@@ -112,6 +112,36 @@ def _stage_schedule(cfg: RunConfig, table: StageTable,
         raise ConfigError(_PHASE_INDEX.sub(at_stage, str(e), count=1)) from None
 
 
+def _check_legacy_lengths(cfg: RunConfig, total: int) -> None:
+    """Inconsistent legacy schedule lengths are errors (megatron clamps some of them
+    silently, e.g. a decay that ends inside the warmup becomes a one-step LR drop)."""
+    o = cfg.optim
+    if o.warmup_steps > total:
+        raise ConfigError(f"optim.warmup_steps: {o.warmup_steps} is longer than the run "
+                          f"(train.steps {total}); the LR would never reach optim.lr")
+    if o.decay_style == "constant":
+        for key in ("decay_steps", "wsd_decay_steps"):
+            if getattr(o, key):
+                raise ConfigError(f"optim.{key}: not used with decay_style constant; remove it "
+                                  f"or choose a decaying style")
+        return
+    decay_end = o.decay_steps or total
+    if decay_end <= o.warmup_steps:
+        key = "decay_steps" if o.decay_steps else "warmup_steps"
+        raise ConfigError(
+            f"optim.{key}: the decay would end at step {decay_end}, not after the warmup "
+            f"({o.warmup_steps} steps); optim.decay_steps counts from step 0 and must exceed "
+            f"optim.warmup_steps")
+    if decay_end > total:
+        raise ConfigError(
+            f"optim.decay_steps: {decay_end} is past the end of the run (train.steps {total}), so "
+            f"the decay would never finish; to end a job early keep decay_steps and set "
+            f"train.stop_at_step instead")
+    if o.decay_style != "WSD" and o.wsd_decay_steps:
+        raise ConfigError(f"optim.wsd_decay_steps: only used with decay_style WSD "
+                          f"(decay_style is {o.decay_style})")
+
+
 # megatron's WSD decay styles -> decay shapes with the same curve.
 _WSD_SHAPES = {"linear": "linear", "cosine": "cosine", "minus_sqrt": "1-sqrt"}
 
@@ -134,13 +164,13 @@ def _legacy_schedule(cfg: RunConfig, total: int) -> ScheduleConfig:
     ``OptimizerParamScheduler`` with the same settings step for step."""
     o = cfg.optim
     warmup = o.warmup_steps
+    _check_legacy_lengths(cfg, total)
     phases = [PhaseConfig(kind="warmup", steps=warmup, name="warmup")] if warmup > 0 else []
     if o.decay_style == "constant":
         if total > warmup:
             phases.append(PhaseConfig(kind="constant", steps=total - warmup, name="constant"))
     else:
-        # megatron needs the decay to end after the warmup.
-        decay_end = max(o.decay_steps or total, warmup + 1)
+        decay_end = o.decay_steps or total  # after the warmup: checked above
         if o.decay_style in ("linear", "cosine"):
             phases.append(PhaseConfig(kind="decay", steps=decay_end - warmup, target_lr=o.min_lr,
                                       shape=o.decay_style, name="decay"))
