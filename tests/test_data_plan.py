@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phoenix.data import plan as P
-from phoenix.data import plan_reference as R
+from phoenix.testing import plan_reference as R
 
 pytest.importorskip("phoenix.data._plan_cpp", reason="build with: python setup.py build_ext --inplace")
 from phoenix.data import _plan_cpp  # noqa: E402

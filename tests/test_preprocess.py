@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from phoenix.data.preprocess import EmptyOutputError, GroupAdjacencyError, preprocess
-from phoenix.data.synthetic import generate_documents, write_corpus
+from phoenix.testing.synthetic import generate_documents, write_corpus
 from phoenix.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from phoenix.config import ConfigError, build_config
-from phoenix.data import plan_reference as R
+from phoenix.testing import plan_reference as R
 from phoenix.testing.tiny import tiny_config_dict
 
 B = 16

@@ -15,7 +15,7 @@ from pathlib import Path
 # Runnable from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from phoenix.data.synthetic import DOMAINS, write_corpus  # noqa: E402
+from phoenix.testing.synthetic import DOMAINS, write_corpus  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
