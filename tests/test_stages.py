@@ -296,7 +296,7 @@ def test_lr_plot_marks_stages(tiny_data, tmp_path, capsys):
 
     import yaml
 
-    from phoenix.optim.lr_plot import main
+    from phoenix.cli.lr_plot import main
 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe(tiny_data, tmp_path / "run")))

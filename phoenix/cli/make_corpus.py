@@ -1,8 +1,8 @@
-#!/usr/bin/env python
-"""Write a deterministic synthetic JSONL corpus (web / code / math styles; .gz supported).
+"""``phoenix make-corpus``: write a deterministic synthetic JSONL corpus (web / code /
+math styles; .gz supported), for trying a recipe without real data.
 
 Example:
-    python tools/make_corpus.py --output data/code.jsonl.gz --num-docs 2000 --seed 1 \
+    phoenix make-corpus --output data/code.jsonl.gz --num-docs 2000 --seed 1 \
         --domain code --group-key repo --docs-per-group 2 12
 """
 
@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from phoenix.testing.synthetic import DOMAINS, write_corpus  # noqa: E402
+from phoenix.testing.synthetic import DOMAINS, write_corpus
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="phoenix make-corpus", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--output", required=True, help="JSONL path; gzip if it ends in .gz")
     p.add_argument("--num-docs", type=int, required=True)
@@ -43,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
             domain=args.domain,
         )
     except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"phoenix make-corpus: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {args.num_docs} {args.domain} documents to {path}")
     return 0
 

@@ -1,8 +1,8 @@
-#!/usr/bin/env python
-"""Tokenize JSONL into a megatron-core indexed dataset (PREFIX.bin/.idx + .meta.json).
+"""``phoenix preprocess``: tokenize JSONL into a megatron-core indexed dataset
+(PREFIX.bin/.idx + .meta.json).
 
 Example:
-    python tools/preprocess_data.py --input data/web.jsonl.gz --output-prefix data/web \
+    phoenix preprocess --input data/web.jsonl.gz --output-prefix data/web \
         --tokenizer-model data/tok.model --group-key repo --workers 4 --tags web,en
 """
 
@@ -11,17 +11,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from phoenix.data.preprocess import preprocess  # noqa: E402
+from phoenix.data.preprocess import preprocess
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="phoenix preprocess", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", nargs="+", required=True, help="JSONL files (.gz allowed)")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.meta.json")
@@ -54,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             progress=False if args.no_progress else None,
         )
     except (OSError, ValueError) as e:  # expected user errors: message, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"phoenix preprocess: error: {e}", file=sys.stderr)
+        return 2
     print(
         f"{meta['name']}: {meta['num_documents']} documents, {meta['num_tokens']} tokens "
         f"({meta['dtype']}), {meta['skipped_lines']} skipped lines -> {args.output_prefix}"

@@ -1,8 +1,8 @@
-#!/usr/bin/env python
-"""Train a byte-fallback SentencePiece tokenizer (unk=0, bos=1, eos=2, no pad).
+"""``phoenix train-tokenizer``: train a byte-fallback SentencePiece tokenizer
+(unk=0, bos=1, eos=2, no pad).
 
 Example:
-    python tools/train_tokenizer.py --input data/web.jsonl.gz --text-key text \
+    phoenix train-tokenizer --input data/web.jsonl.gz --text-key text \
         --model-prefix data/tok --vocab-size 8192
 """
 
@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from phoenix.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
+from phoenix.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="phoenix train-tokenizer", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", nargs="+", required=True, help="text files, or JSONL with --text-key")
     p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
@@ -45,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
             input_sentence_size=args.input_sentence_size,
         )
     except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        print(f"phoenix train-tokenizer: error: {e}", file=sys.stderr)
+        return 2
     tok = SentencePieceTokenizer(model)
     print(f"{model}: vocab_size={tok.vocab_size} fingerprint={tok.fingerprint}")
     return 0

@@ -1,7 +1,7 @@
-#!/usr/bin/env python
-"""Build (and cache) the data plan of a recipe before the training job starts.
+"""``phoenix build-plan``: build (and cache) the data plans of a recipe before the
+training job starts.
 
-    python tools/build_data_plan.py CONFIG.yaml [dotted.key=value ...] [--dump-batch K]
+    phoenix build-plan CONFIG.yaml [dotted.key=value ...] [--dump-batch K]
 
 Prints, for every stage of the recipe (one plan each) and per dataset: weight, whether it comes in bursts (min_share), samples used,
 epochs consumed, batches present, min/max samples per batch and groups kept whole.
@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
-
-from phoenix.config import ConfigError, load_config  # noqa: E402
-from phoenix.data.indexed import DataError  # noqa: E402
+from phoenix.config import ConfigError, load_config
+from phoenix.data.indexed import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="phoenix build-plan",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--dump-batch", type=int, action="append", default=[],
@@ -47,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
         plans = run_stage_plans(cfg, get_plan)
     except (ConfigError, DataError, ValueError) as e:
-        print(f"build_data_plan: error: {e}", file=sys.stderr)
+        print(f"phoenix build-plan: error: {e}", file=sys.stderr)
         return 2
     for (spi, plan), path in zip(plans, paths):
         st = spi.stage
@@ -58,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary_table(plan))
     for k in args.dump_batch:
         if not 0 <= k < cfg.train.steps:
-            print(f"build_data_plan: error: batch {k} is not in [0, {cfg.train.steps})",
+            print(f"phoenix build-plan: error: batch {k} is not in [0, {cfg.train.steps})",
                   file=sys.stderr)
             return 2
         spi, plan, local = plan_at_step(plans, k)

@@ -37,10 +37,10 @@ AFTER_END = "after-end"
 def load_schedule_yaml(path: str | os.PathLike, overrides: list[str] = ()) -> ScheduleConfig:
     """A ScheduleConfig from a YAML file holding just that section, with dotted overrides."""
     # The loader's YAML reader: it reads 1e-3 as a float (plain PyYAML gives a string).
-    from phoenix.config.loader import _read_yaml, parse_overrides
+    from phoenix.config.loader import parse_overrides, read_yaml
     from phoenix.config.typed import apply_override, from_dict
 
-    data = _read_yaml(path)
+    data = read_yaml(path)
     for key, value in parse_overrides(overrides):
         apply_override(data, key, value)
     try:

@@ -1,7 +1,7 @@
-#!/usr/bin/env python
-"""Print the documents that made up one global batch of a run, from its data plan alone.
+"""``phoenix inspect-batch``: print the documents that made up one global batch of a
+run, from its data plan alone.
 
-    python tools/inspect_batch.py RUN_DIR STEP [--samples N] [--chars 300] [--json]
+    phoenix inspect-batch RUN_DIR STEP [--samples N] [--chars 300] [--json]
 
 ``STEP`` is the 1-based optimizer step as the logs, TensorBoard and ``spikes.jsonl``
 show it; it trained on plan batch ``STEP - 1``. For each sample of the batch (in plan
@@ -29,8 +29,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
 
 EOD_MARK = "<|eod|>"
 
@@ -105,7 +103,7 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
                 return plan
             except FileNotFoundError:
                 continue
-        print(f"inspect_batch: no cached plan in {', '.join(map(str, candidates))}; "
+        print(f"phoenix inspect-batch: no cached plan in {', '.join(map(str, candidates))}; "
               f"rebuilding it in memory", file=sys.stderr)
         paths.append(None)
         return build_plan(inputs)
@@ -143,7 +141,8 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="phoenix inspect-batch",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("step", type=int, help="1-based optimizer step (plan batch STEP-1)")
     parser.add_argument("--samples", type=int, default=None,
@@ -153,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="one JSON object per sample")
     args = parser.parse_args(argv)
     if args.samples is not None and args.samples < 0 or args.chars < 0:
-        print("inspect_batch: error: --samples and --chars must be >= 0", file=sys.stderr)
+        print("phoenix inspect-batch: error: --samples and --chars must be >= 0", file=sys.stderr)
         return 2
     try:
         info = batch_samples(args.run_dir, args.step, args.samples)
     except InspectError as e:
-        print(f"inspect_batch: error: {e}", file=sys.stderr)
+        print(f"phoenix inspect-batch: error: {e}", file=sys.stderr)
         return 2
 
     def cut(text: str) -> str:
