@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Kept for old scripts: use `phoenix make-corpus` (this file runs exactly that; needs phoenix installed,
+e.g. `pip install -e .`)."""
+
+import sys
+
+from phoenix.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["make-corpus", *sys.argv[1:]]))
