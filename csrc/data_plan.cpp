@@ -1,7 +1,7 @@
 // pybind11 module phoenix.data._plan_cpp: the tight loops of the data plan builder.
 // Python (phoenix/data/plan.py) validates inputs and turns weights into exact integer
 // quotas; everything here is integer arithmetic so results are bit-identical to
-// phoenix/data/plan_reference.py on every platform and for any thread count.
+// phoenix/testing/plan_reference.py on every platform and for any thread count.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 

@@ -1,5 +1,5 @@
 // Core of Phoenix's group-aware blended data plan (see phoenix/data/plan.py for the
-// specification; phoenix/data/plan_reference.py is the executable reference that this
+// specification; phoenix/testing/plan_reference.py is the executable reference that this
 // code must match bit for bit).
 //
 // Three independent parts, all exact integer arithmetic:

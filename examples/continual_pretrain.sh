@@ -12,7 +12,7 @@ export OMP_NUM_THREADS=1
 
 [ -f runs/two_stage/checkpoints/latest ] || examples/two_stage_pretrain.sh "$PY"
 $PY -m phoenix.cli lr-plot $RECIPE --out runs/continual/lr_plot
-$PY tools/build_data_plan.py $RECIPE
+$PY -m phoenix.cli build-plan $RECIPE
 # A different layout than the source on purpose: checkpoints load at any TP/PP.
 $PY -m torch.distributed.run --standalone --nproc_per_node 2 -m phoenix.train $RECIPE parallel.tensor=2
 echo "TensorBoard: $(dirname $PY)/tensorboard --logdir runs/continual/tensorboard"

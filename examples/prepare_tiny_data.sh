@@ -11,24 +11,24 @@ mkdir -p "$DATA"
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 say "synthetic corpus (web, code grouped by repository, a small math set, a new domain)"
-[ -f $DATA/web.jsonl ] || $PY tools/make_corpus.py --output $DATA/web.jsonl --num-docs 3000 --seed 1 --domain web
-[ -f $DATA/code.jsonl ] || $PY tools/make_corpus.py --output $DATA/code.jsonl --num-docs 1500 --seed 2 --domain code --group-key repo --docs-per-group 1 3
-[ -f $DATA/math.jsonl ] || $PY tools/make_corpus.py --output $DATA/math.jsonl --num-docs 300 --seed 3 --domain math
-[ -f $DATA/heldout_web.jsonl ] || $PY tools/make_corpus.py --output $DATA/heldout_web.jsonl --num-docs 200 --seed 99 --domain web
-[ -f $DATA/newdomain.jsonl ] || $PY tools/make_corpus.py --output $DATA/newdomain.jsonl --num-docs 2000 --seed 5 --domain math
+[ -f $DATA/web.jsonl ] || $PY -m phoenix.cli make-corpus --output $DATA/web.jsonl --num-docs 3000 --seed 1 --domain web
+[ -f $DATA/code.jsonl ] || $PY -m phoenix.cli make-corpus --output $DATA/code.jsonl --num-docs 1500 --seed 2 --domain code --group-key repo --docs-per-group 1 3
+[ -f $DATA/math.jsonl ] || $PY -m phoenix.cli make-corpus --output $DATA/math.jsonl --num-docs 300 --seed 3 --domain math
+[ -f $DATA/heldout_web.jsonl ] || $PY -m phoenix.cli make-corpus --output $DATA/heldout_web.jsonl --num-docs 200 --seed 99 --domain web
+[ -f $DATA/newdomain.jsonl ] || $PY -m phoenix.cli make-corpus --output $DATA/newdomain.jsonl --num-docs 2000 --seed 5 --domain math
 
 say "sentencepiece tokenizer"
-[ -f $DATA/tokenizer.model ] || $PY tools/train_tokenizer.py --input $DATA/web.jsonl $DATA/code.jsonl $DATA/math.jsonl \
+[ -f $DATA/tokenizer.model ] || $PY -m phoenix.cli train-tokenizer --input $DATA/web.jsonl $DATA/code.jsonl $DATA/math.jsonl \
     --text-key text --model-prefix $DATA/tokenizer --vocab-size 1024
 
 say "tokenise into megatron-core .bin/.idx"
-[ -f $DATA/web.idx ] || $PY tools/preprocess_data.py --input $DATA/web.jsonl --output-prefix $DATA/web \
+[ -f $DATA/web.idx ] || $PY -m phoenix.cli preprocess --input $DATA/web.jsonl --output-prefix $DATA/web \
     --tokenizer-model $DATA/tokenizer.model --workers 2 --name web --tags web,en
-[ -f $DATA/code.idx ] || $PY tools/preprocess_data.py --input $DATA/code.jsonl --output-prefix $DATA/code \
+[ -f $DATA/code.idx ] || $PY -m phoenix.cli preprocess --input $DATA/code.jsonl --output-prefix $DATA/code \
     --tokenizer-model $DATA/tokenizer.model --workers 2 --group-key repo --name code --tags code
-[ -f $DATA/math.idx ] || $PY tools/preprocess_data.py --input $DATA/math.jsonl --output-prefix $DATA/math \
+[ -f $DATA/math.idx ] || $PY -m phoenix.cli preprocess --input $DATA/math.jsonl --output-prefix $DATA/math \
     --tokenizer-model $DATA/tokenizer.model --workers 2 --name math --tags math
-[ -f $DATA/heldout_web.idx ] || $PY tools/preprocess_data.py --input $DATA/heldout_web.jsonl \
+[ -f $DATA/heldout_web.idx ] || $PY -m phoenix.cli preprocess --input $DATA/heldout_web.jsonl \
     --output-prefix $DATA/heldout_web --tokenizer-model $DATA/tokenizer.model --name heldout_web --tags eval
-[ -f $DATA/newdomain.idx ] || $PY tools/preprocess_data.py --input $DATA/newdomain.jsonl \
+[ -f $DATA/newdomain.idx ] || $PY -m phoenix.cli preprocess --input $DATA/newdomain.jsonl \
     --output-prefix $DATA/newdomain --tokenizer-model $DATA/tokenizer.model --workers 2 --name new --tags new

@@ -16,7 +16,7 @@ say "1-3/6 synthetic corpus, sentencepiece tokenizer, .bin/.idx (examples/prepar
 examples/prepare_tiny_data.sh "$PY"
 
 say "4/6 build the data plan upstream (exact per-batch mixture, whole repositories, math bursts)"
-$PY tools/build_data_plan.py configs/quickstart.yaml
+$PY -m phoenix.cli build-plan configs/quickstart.yaml
 
 TORCHRUN="$PY -m torch.distributed.run --standalone --nproc_per_node 2"
 say "5/6 pretrain 30 of 40 steps (torchrun, 2 processes, PP=2), checkpoint every 10"

@@ -11,6 +11,6 @@ export OMP_NUM_THREADS=1
 
 examples/prepare_tiny_data.sh "$PY"
 $PY -m phoenix.cli lr-plot $RECIPE --out runs/two_stage/lr_plot
-$PY tools/build_data_plan.py $RECIPE
+$PY -m phoenix.cli build-plan $RECIPE
 $PY -m torch.distributed.run --standalone --nproc_per_node 2 -m phoenix.train $RECIPE
 echo "TensorBoard: $(dirname $PY)/tensorboard --logdir runs/two_stage/tensorboard"

@@ -292,35 +292,50 @@ def test_setup_checks_init_from_before_model(tiny_data, tmp_path, trainer_withou
 
 # -- the CLI ------------------------------------------------------------------------------
 
-def _train_cli(recipe_data: dict, tmp_path):
-    """Run `python -m phoenix.train RECIPE train.steps=3` as a single process (3: longer
+def _start_train_cli(recipe_data: dict, tmp_path) -> subprocess.Popen:
+    """Start `python -m phoenix.train RECIPE train.steps=3` as a single process (3: longer
     than the tiny config's 2-step warmup, which a shorter run refuses)."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_data))
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "phoenix.train", str(recipe), "train.steps=3"],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    return proc, proc.stdout + proc.stderr
+    return subprocess.Popen([sys.executable, "-m", "phoenix.train", str(recipe), "train.steps=3"],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
-def test_cli_missing_data_prefix(tiny_data, tmp_path):
+@pytest.fixture(scope="module")
+def cli_runs(tiny_data, tmp_path_factory):
+    """Start both CLI runs together (each pays the torch/megatron import), then collect
+    them: ``{name: (process, stdout + stderr, its directory)}``."""
+    missing_dir = tmp_path_factory.mktemp("cli_missing")
+    missing = dict_with_datasets(tiny_data, missing_dir / "run", str(missing_dir / "nowhere" / "web"))
+    plan_dir = tmp_path_factory.mktemp("cli_plan_error")
+    grouped = dict_with_datasets(tiny_data, plan_dir / "run", tiny_data.prefixes["web"])
+    grouped["data"]["datasets"][0]["group_mode"] = "batch"  # web was preprocessed without groups
+    procs = {"missing": (_start_train_cli(missing, missing_dir), missing_dir),
+             "plan_error": (_start_train_cli(grouped, plan_dir), plan_dir)}
+    results = {}
+    for name, (proc, directory) in procs.items():
+        out, err = proc.communicate(timeout=600)
+        results[name] = (proc, out + err, directory)
+    return results
+
+
+def test_cli_missing_data_prefix(cli_runs):
+    proc, output, tmp_path = cli_runs["missing"]
     missing = str(tmp_path / "nowhere" / "web")
     out_dir = tmp_path / "run"
-    data = dict_with_datasets(tiny_data, out_dir, missing)
-    proc, output = _train_cli(data, tmp_path)
     assert proc.returncode != 0, output
     assert f"missing file {missing}.idx" in output
     assert not (out_dir / "config.yaml").exists()  # stopped before the run directory was set up
 
 
-def test_cli_plan_error_stops_before_the_model(tiny_data, tmp_path):
+def test_cli_plan_error_stops_before_the_model(cli_runs):
     """A data input error found while building the plan (here: group_mode on a dataset
     preprocessed without --group-key) exits 2 with the file named, no traceback."""
-    data = dict_with_datasets(tiny_data, tmp_path / "run", tiny_data.prefixes["web"])
-    data["data"]["datasets"][0]["group_mode"] = "batch"  # web was preprocessed without groups
-    proc, output = _train_cli(data, tmp_path)
+    proc, output, _ = cli_runs["plan_error"]
     assert proc.returncode == 2, output
     assert "group_mode needs" in output and ".groups.npy" in output
     assert "Traceback" not in output

@@ -35,17 +35,26 @@ def _continual(files, out, source, **changes):
     return d
 
 
-def test_continual_pretraining_from_tp2_checkpoint_into_tp1(tiny_data, tmp_path):
-    source_cfg = tiny_config_dict(tiny_data, tmp_path / "source", train={"steps": 4},
-                                  checkpoint={"save_at_end": True})
-    run_distributed(train_and_record, 2, source_cfg, ["parallel.tensor=2"])
-    before = _digest(tmp_path / "source")
+@pytest.fixture(scope="module")
+def source(tiny_data, tmp_path_factory):
+    """The source run every init_from test reads, trained once: 4 steps at TP=2, with
+    checkpoints at steps 2 and 4 (latest). Tests only read it (one of them checks that)."""
+    out = tmp_path_factory.mktemp("continual") / "source"
+    cfg = tiny_config_dict(tiny_data, out, train={"steps": 4},
+                           checkpoint={"save_at_end": True, "save_interval": 2})
+    run_distributed(train_and_record, 2, cfg, ["parallel.tensor=2"])
+    return out, cfg
 
-    cont = _continual(tiny_data, tmp_path / "cont_tp1", tmp_path / "source")
+
+def test_continual_pretraining_from_tp2_checkpoint_into_tp1(tiny_data, source, tmp_path):
+    source, source_cfg = source
+    before = _digest(source)
+
+    cont = _continual(tiny_data, tmp_path / "cont_tp1", source)
     (tp1,) = run_distributed(train_and_record, 1, cont)
-    cont2 = _continual(tiny_data, tmp_path / "cont_tp2", tmp_path / "source")
+    cont2 = _continual(tiny_data, tmp_path / "cont_tp2", source)
     tp2 = run_distributed(train_and_record, 2, cont2, ["parallel.tensor=2"])[0]
-    fresh = _continual(tiny_data, tmp_path / "fresh", tmp_path / "source")
+    fresh = _continual(tiny_data, tmp_path / "fresh", source)
     fresh["checkpoint"] = {"save_at_end": False}
     (scratch,) = run_distributed(train_and_record, 1, fresh)
 
@@ -55,11 +64,11 @@ def test_continual_pretraining_from_tp2_checkpoint_into_tp1(tiny_data, tmp_path)
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a, b)
     assert tp1["steps"][0]["loss"] < scratch["steps"][0]["loss"] - 0.05
     assert tp1["stage_starts"] == {"rewarm": 0, "shift": 2} and tp1["step"] == 5
-    assert _digest(tmp_path / "source") == before   # the source is only read
+    assert _digest(source) == before   # the source is only read
 
     # Optimizer: reset by default, or the source's Adam state (resharded) when asked.
-    kept = _continual(tiny_data, tmp_path / "kept", tmp_path / "source",
-                      checkpoint={"init_from": str(tmp_path / "source"), "init_optimizer": True})
+    kept = _continual(tiny_data, tmp_path / "kept", source,
+                      checkpoint={"init_from": str(source), "init_optimizer": True})
     resumed_source = dict(source_cfg, checkpoint={"resume": True})
     (reset_state,) = run_distributed(optimizer_state_after_setup, 1, cont)
     (kept_state,) = run_distributed(optimizer_state_after_setup, 1, kept)
@@ -72,12 +81,10 @@ def test_continual_pretraining_from_tp2_checkpoint_into_tp1(tiny_data, tmp_path)
     assert kept_state["lr"] == reset_state["lr"] == 1e-3   # step 0 of the new schedule
 
 
-def test_init_from_errors_before_training(tiny_data, tmp_path):
-    source_cfg = tiny_config_dict(tiny_data, tmp_path / "source", train={"steps": 2},
-                                  checkpoint={"save_at_end": True})
-    run_distributed(train_and_record, 1, source_cfg)
-
-    wider = _continual(tiny_data, tmp_path / "wider", tmp_path / "source")
+def test_init_from_errors_before_training(tiny_data, source, tmp_path):
+    # The shared source's step-2 checkpoint (its global shapes do not depend on its TP=2).
+    step2 = source[0] / "checkpoints" / "step_000002"
+    wider = _continual(tiny_data, tmp_path / "wider", step2)
     wider["model"] = {"preset": "tiny", "ffn_hidden_size": 192}
     with pytest.raises(RuntimeError, match=r"(?s)the model config does not match checkpoint .*step_000002 "
                                            r"\(\d+ weights? differ.*linear_fc2.weight: the model has "

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phoenix.data import plan as P
-from phoenix.data import plan_reference as R
+from phoenix.testing import plan_reference as R
 
 # No importorskip: a missing or broken extension must fail the suite, not skip it.
 from phoenix.data import _plan_cpp  # noqa: E402

@@ -1,14 +1,11 @@
-"""tools/inspect_batch.py: the documents of a global batch, from the run's data plan alone."""
+"""``phoenix inspect-batch``: the documents of a global batch, from the run's data plan alone."""
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import inspect_batch  # noqa: E402
+from phoenix.cli import inspect_batch
 
 STEPS = 4
 

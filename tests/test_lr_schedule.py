@@ -507,7 +507,7 @@ def _read_csv(path):
 
 
 def test_lr_plot_csv_and_png(tmp_path, capsys):
-    from phoenix.optim.lr_plot import AFTER_END, load_schedule_yaml, main
+    from phoenix.cli.lr_plot import AFTER_END, load_schedule_yaml, main
 
     spec = tmp_path / "schedule.yaml"
     spec.write_text(SCHEDULE_YAML)
@@ -536,7 +536,7 @@ def test_lr_plot_csv_and_png(tmp_path, capsys):
 
 
 def test_lr_plot_without_matplotlib(tmp_path, monkeypatch, capsys):
-    from phoenix.optim.lr_plot import main
+    from phoenix.cli.lr_plot import main
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     spec = tmp_path / "schedule.yaml"
@@ -550,7 +550,7 @@ def test_lr_plot_from_run_config(tmp_path):
     """From a recipe with the legacy optim fields: the CSV is what megatron's scheduler
     with those settings would use at each step."""
     from phoenix.config import load_config
-    from phoenix.optim.lr_plot import main
+    from phoenix.cli.lr_plot import main
 
     recipe = tmp_path / "run.yaml"
     recipe.write_text(yaml.safe_dump({

@@ -17,7 +17,7 @@ STEPS = 24
 @pytest.fixture(scope="module")
 def grouped_data(tiny_data, tmp_path_factory):
     from phoenix.data.preprocess import preprocess
-    from phoenix.data.synthetic import write_corpus
+    from phoenix.testing.synthetic import write_corpus
 
     root = tmp_path_factory.mktemp("grouped")
     write_corpus(root / "repos.jsonl", 400, 7, domain="code", group_key="repo",

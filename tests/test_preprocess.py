@@ -7,6 +7,7 @@ import gzip
 import itertools
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from phoenix.data.preprocess import EmptyOutputError, GroupAdjacencyError, preprocess
-from phoenix.data.synthetic import generate_documents, write_corpus
+from phoenix.testing.synthetic import generate_documents, write_corpus
 from phoenix.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[1]
@@ -250,11 +251,12 @@ def test_tokenizer_without_eos_needs_no_append_eod(corpora, tmp_path: Path) -> N
 
 
 def test_cli_help_and_real_run(corpora, tok, tmp_path: Path) -> None:
-    tool = str(REPO / "tools" / "preprocess_data.py")
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
     def run(args: list[str]) -> subprocess.CompletedProcess:
-        # cwd elsewhere: the tool must find the package on its own.
-        cmd = [sys.executable, tool, *args]
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+        # cwd elsewhere: `phoenix preprocess` does not depend on the working directory.
+        cmd = [sys.executable, "-m", "phoenix.cli", "preprocess", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env)
 
     res = run(["--help"])
     assert res.returncode == 0
@@ -271,7 +273,7 @@ def test_cli_help_and_real_run(corpora, tok, tmp_path: Path) -> None:
     assert len(np.load(tmp_path / "cli.groups.npy")) == 120
 
     res = run(args[:1] + ["nope.jsonl"] + args[2:])
-    assert res.returncode == 1 and "input file not found: nope.jsonl" in res.stderr
+    assert res.returncode == 2 and "input file not found: nope.jsonl" in res.stderr
 
 
 # --- synthetic corpus: the input every other test relies on ---------------------------------

@@ -1,4 +1,4 @@
-"""The quickstart pipeline end to end, through the command-line tools and torchrun:
+"""The quickstart pipeline end to end, through `phoenix <cmd>` and torchrun:
 corpus -> tokenizer -> preprocess -> data plan -> 2-process training -> resume; then the
 TensorBoard event files are read back with TensorBoard's own reader."""
 
@@ -13,6 +13,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
+PHOENIX = ("-m", "phoenix.cli")  # `phoenix <cmd>` without relying on the console script
 
 
 def _run(*args, cwd):
@@ -25,20 +26,20 @@ def _run(*args, cwd):
 
 def test_quickstart_pipeline(tmp_path):
     data = tmp_path / "data"
-    _run(ROOT / "tools/make_corpus.py", "--output", data / "web.jsonl", "--num-docs", 400,
+    _run(*PHOENIX, "make-corpus", "--output", data / "web.jsonl", "--num-docs", 400,
          "--seed", 1, cwd=tmp_path)
-    _run(ROOT / "tools/make_corpus.py", "--output", data / "code.jsonl.gz", "--num-docs", 200,
+    _run(*PHOENIX, "make-corpus", "--output", data / "code.jsonl.gz", "--num-docs", 200,
          "--seed", 2, "--domain", "code", "--group-key", "repo", "--docs-per-group", 1, 2,
          "--max-words", 60, cwd=tmp_path)
-    _run(ROOT / "tools/make_corpus.py", "--output", data / "math.jsonl", "--num-docs", 100,
+    _run(*PHOENIX, "make-corpus", "--output", data / "math.jsonl", "--num-docs", 100,
          "--seed", 3, "--domain", "math", cwd=tmp_path)
-    _run(ROOT / "tools/make_corpus.py", "--output", data / "heldout_web.jsonl", "--num-docs", 60,
+    _run(*PHOENIX, "make-corpus", "--output", data / "heldout_web.jsonl", "--num-docs", 60,
          "--seed", 99, cwd=tmp_path)
-    _run(ROOT / "tools/train_tokenizer.py", "--input", data / "web.jsonl", data / "code.jsonl.gz",
+    _run(*PHOENIX, "train-tokenizer", "--input", data / "web.jsonl", data / "code.jsonl.gz",
          "--text-key", "text", "--model-prefix", data / "tok", "--vocab-size", 512, cwd=tmp_path)
     for name, src, extra in (("web", "web.jsonl", []), ("code", "code.jsonl.gz", ["--group-key", "repo"]),
                              ("math", "math.jsonl", []), ("heldout_web", "heldout_web.jsonl", [])):
-        _run(ROOT / "tools/preprocess_data.py", "--input", data / src, "--output-prefix", data / name,
+        _run(*PHOENIX, "preprocess", "--input", data / src, "--output-prefix", data / name,
              "--tokenizer-model", data / "tok.model", "--workers", 2, "--no-progress", *extra,
              cwd=tmp_path)
         assert (data / f"{name}.bin").is_file() and (data / f"{name}.idx").is_file()
@@ -58,7 +59,7 @@ def test_quickstart_pipeline(tmp_path):
     cfg = tmp_path / "quickstart.yaml"
     cfg.write_text(yaml.safe_dump(recipe))
 
-    plan = _run(ROOT / "tools/build_data_plan.py", cfg, cwd=tmp_path)
+    plan = _run(*PHOENIX, "build-plan", cfg, cwd=tmp_path)
     for name in ("web", "code", "math"):
         assert name in plan
     assert len(list((tmp_path / "run" / "data_cache").glob("plan-*.npz"))) == 1

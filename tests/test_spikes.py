@@ -4,7 +4,6 @@ with the batch's provenance (equal to the data plan's), optional skipping, DP in
 import json
 import math
 import random
-import sys
 from pathlib import Path
 
 import pytest
@@ -180,8 +179,7 @@ def test_spike_record_single_process_with_skip(single_run):
     assert acc.Scalars("train/skipped_steps")[-1].value == 1
 
     # the batch inspector lists those very samples for the same 1-based step
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    from inspect_batch import batch_samples
+    from phoenix.cli.inspect_batch import batch_samples
 
     shown = batch_samples(run_dir, SPIKE_AT)
     by_id = {(s["dataset_id"], s["sample_id"]): s for s in shown["samples"]}

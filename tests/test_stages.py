@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from phoenix.config import ConfigError, build_config
-from phoenix.data import plan_reference as R
+from phoenix.testing import plan_reference as R
 from phoenix.testing.tiny import tiny_config_dict
 
 B = 16
@@ -297,7 +297,7 @@ def test_lr_plot_marks_stages(tiny_data, tmp_path, capsys):
 
     import yaml
 
-    from phoenix.optim.lr_plot import main
+    from phoenix.cli.lr_plot import main
 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe(tiny_data, tmp_path / "run")))

@@ -1,53 +1,10 @@
 #!/usr/bin/env python
-"""Write a deterministic synthetic JSONL corpus (web / code / math styles; .gz supported).
+"""Kept for old scripts: use `phoenix make-corpus` (this file runs exactly that; needs phoenix installed,
+e.g. `pip install -e .`)."""
 
-Example:
-    python tools/make_corpus.py --output data/code.jsonl.gz --num-docs 2000 --seed 1 \
-        --domain code --group-key repo --docs-per-group 2 12
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from phoenix.data.synthetic import DOMAINS, write_corpus  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--output", required=True, help="JSONL path; gzip if it ends in .gz")
-    p.add_argument("--num-docs", type=int, required=True)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--domain", default="web", choices=DOMAINS)
-    p.add_argument("--group-key", default=None, help="add this key; adjacent docs share a value")
-    p.add_argument("--docs-per-group", type=int, nargs=2, default=(1, 8), metavar=("MIN", "MAX"))
-    p.add_argument("--min-words", type=int, default=20)
-    p.add_argument("--max-words", type=int, default=200)
-    args = p.parse_args(argv)
-    try:
-        path = write_corpus(
-            args.output,
-            args.num_docs,
-            args.seed,
-            group_key=args.group_key,
-            docs_per_group=tuple(args.docs_per_group),
-            min_words=args.min_words,
-            max_words=args.max_words,
-            domain=args.domain,
-        )
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"wrote {args.num_docs} {args.domain} documents to {path}")
-    return 0
-
+from phoenix.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["make-corpus", *sys.argv[1:]]))

@@ -1,67 +1,10 @@
 #!/usr/bin/env python
-"""Tokenize JSONL into a megatron-core indexed dataset (PREFIX.bin/.idx + .meta.json).
+"""Kept for old scripts: use `phoenix preprocess` (this file runs exactly that; needs phoenix installed,
+e.g. `pip install -e .`)."""
 
-Example:
-    python tools/preprocess_data.py --input data/web.jsonl.gz --output-prefix data/web \
-        --tokenizer-model data/tok.model --group-key repo --workers 4 --tags web,en
-"""
-
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
-from pathlib import Path
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from phoenix.data.preprocess import preprocess  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--input", nargs="+", required=True, help="JSONL files (.gz allowed)")
-    p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.meta.json")
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
-    p.add_argument("--text-key", default="text", help="JSON key holding the document text")
-    p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
-                   help="append the tokenizer's EOS id after every document (default: on)")
-    p.add_argument("--group-key", default=None,
-                   help="JSON key grouping adjacent documents; writes PREFIX.groups.npy")
-    p.add_argument("--workers", type=int, default=1, help="tokenizer processes")
-    p.add_argument("--chunk-lines", type=int, default=256, help="lines per worker task")
-    p.add_argument("--name", default=None, help="dataset name for meta.json (default: prefix)")
-    p.add_argument("--tags", default="", help="comma-separated tags for meta.json")
-    p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)  # its import-time INFO chatter
-    try:
-        meta = preprocess(
-            args.input,
-            args.output_prefix,
-            args.tokenizer_model,
-            text_key=args.text_key,
-            append_eod=args.append_eod,
-            group_key=args.group_key,
-            workers=args.workers,
-            name=args.name,
-            tags=args.tags,
-            chunk_lines=args.chunk_lines,
-            progress=False if args.no_progress else None,
-        )
-    except (OSError, ValueError) as e:  # expected user errors: message, no traceback
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(
-        f"{meta['name']}: {meta['num_documents']} documents, {meta['num_tokens']} tokens "
-        f"({meta['dtype']}), {meta['skipped_lines']} skipped lines -> {args.output_prefix}"
-    )
-    return 0
-
+from phoenix.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["preprocess", *sys.argv[1:]]))

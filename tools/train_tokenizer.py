@@ -1,56 +1,10 @@
 #!/usr/bin/env python
-"""Train a byte-fallback SentencePiece tokenizer (unk=0, bos=1, eos=2, no pad).
+"""Kept for old scripts: use `phoenix train-tokenizer` (this file runs exactly that; needs phoenix installed,
+e.g. `pip install -e .`)."""
 
-Example:
-    python tools/train_tokenizer.py --input data/web.jsonl.gz --text-key text \
-        --model-prefix data/tok --vocab-size 8192
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from pathlib import Path
 
-# Runnable from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from phoenix.tokenizer import SentencePieceTokenizer, train_sentencepiece  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--input", nargs="+", required=True, help="text files, or JSONL with --text-key")
-    p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
-    p.add_argument("--vocab-size", type=int, required=True)
-    p.add_argument("--model-type", default="bpe", choices=["bpe", "unigram", "char", "word"])
-    p.add_argument("--text-key", default=None, help="treat inputs as JSONL and read this key")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="trainer threads (recorded in the model, so it changes the fingerprint)")
-    p.add_argument("--input-sentence-size", type=int, default=0,
-                   help="train on a seeded sample of this many lines (0: all)")
-    args = p.parse_args(argv)
-    try:
-        model = train_sentencepiece(
-            args.input,
-            args.model_prefix,
-            args.vocab_size,
-            args.model_type,
-            text_key=args.text_key,
-            seed=args.seed,
-            threads=args.threads,
-            input_sentence_size=args.input_sentence_size,
-        )
-    except (OSError, ValueError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    tok = SentencePieceTokenizer(model)
-    print(f"{model}: vocab_size={tok.vocab_size} fingerprint={tok.fingerprint}")
-    return 0
-
+from phoenix.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train-tokenizer", *sys.argv[1:]]))

@@ -40,7 +40,9 @@ def _yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
 
-def _read_yaml(path: str | os.PathLike) -> dict:
+def read_yaml(path: str | os.PathLike) -> dict:
+    """A YAML mapping from ``path``, read as the config loader reads it (``1e-3`` is a
+    float, not PyYAML's string); ConfigError when missing, invalid or not a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -86,7 +88,7 @@ def build_config(data: dict, overrides: Iterable[str] = ()) -> RunConfig:
         apply_override(data, key, value)
     model = data.get("model")
     if isinstance(model, dict) and model.get("preset"):
-        preset = _read_yaml(resolve_model_preset(model["preset"]))
+        preset = read_yaml(resolve_model_preset(model["preset"]))
         data["model"] = {**preset, **model}
     return from_dict(RunConfig, data)
 
@@ -94,7 +96,7 @@ def build_config(data: dict, overrides: Iterable[str] = ()) -> RunConfig:
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunConfig:
     """Load ``path`` (a recipe YAML), apply overrides, validate, return the typed config."""
     try:
-        return build_config(_read_yaml(path), overrides)
+        return build_config(read_yaml(path), overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -63,7 +63,7 @@ def check_prefix(prefix: str) -> dict:
 
 
 def read_meta(prefix: str) -> dict | None:
-    """``prefix.meta.json`` written by tools/preprocess_data.py, if present."""
+    """``prefix.meta.json`` written by ``phoenix preprocess``, if present."""
     path = Path(prefix + ".meta.json")
     if not path.is_file():
         return None

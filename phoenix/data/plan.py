@@ -3,7 +3,7 @@
 A plan covers one training stage of ``K`` global batches of ``B`` samples. The heavy
 lifting is C++ (``phoenix.data._plan_cpp``, sources in ``csrc/``); this module validates
 inputs, converts weights to exact integer quotas, and stores/loads plans.
-``phoenix.data.plan_reference`` re-implements the same algorithm in plain Python and the
+``phoenix.testing.plan_reference`` re-implements the same algorithm in plain Python and the
 tests require both to agree bit for bit.
 
 Algorithm (all arithmetic is exact: shares are integers in units of ``Q = 2**60``)

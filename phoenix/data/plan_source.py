@@ -4,7 +4,7 @@ For every dataset of the run a :class:`SampleIndex` cuts its token stream into s
 (at group boundaries when the dataset is grouped). The plan then says, for every global
 batch, which (dataset, sample) pairs it holds; it is built once and cached on disk under
 a fingerprint of all its inputs, so a restart or another parallel layout loads the same
-plan (tools/build_data_plan.py builds it ahead of the job).
+plan (``phoenix build-plan`` builds it ahead of the job).
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class PlanSource:
 
 
 def summary_table(plan: DataPlan) -> str:
-    """The plan summary as a fixed-width table (printed by tools/build_data_plan.py)."""
+    """The plan summary as a fixed-width table (printed by ``phoenix build-plan``)."""
     header = ("dataset", "weight", "burst", "samples", "epochs", "batches", "min/b", "max/b",
               "groups whole")
     rows = [header]

@@ -1,7 +1,7 @@
 """Fixed-length training samples of one tokenised prefix, read straight from its ``.bin``.
 
 Documents are stored back to back in the ``.bin`` (one sequence per document, as
-tools/preprocess_data.py writes them), so the dataset is one token stream and a sample
+``phoenix preprocess`` writes them), so the dataset is one token stream and a sample
 is a slice of it: ``seq_length + 1`` tokens starting at a multiple of ``seq_length``
 (inputs and shifted labels share the extra token, as in megatron's GPTDataset). Without
 groups the stream is cut regardless of document boundaries (standard packing; the EOD

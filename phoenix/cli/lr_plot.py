@@ -8,7 +8,7 @@ Writes ``DIR/lr.csv`` (``step,lr,stage,phase``: one row per optimizer step, 0-ba
 ``stage`` the recipe stage the step belongs to, empty without a run config) and
 ``DIR/lr.png`` (phase boundaries as dashed lines, stage boundaries as solid red ones,
 both labelled) when matplotlib is importable. The schedule comes from the run config (``optim.schedule``, else the legacy
-``optim`` fields: see ``schedule_from_run_config``), or from ``--schedule-yaml`` (a
+``optim`` fields: see :mod:`phoenix.config.resolved`), or from ``--schedule-yaml`` (a
 file holding just a ScheduleConfig), which replaces the run's schedule if both are given.
 """
 
@@ -31,10 +31,10 @@ AFTER_END = "after-end"
 def load_schedule_yaml(path: str | os.PathLike, overrides: list[str] = ()) -> ScheduleConfig:
     """A ScheduleConfig from a YAML file holding just that section, with dotted overrides."""
     # The loader's YAML reader: it reads 1e-3 as a float (plain PyYAML gives a string).
-    from phoenix.config.loader import _read_yaml, parse_overrides
+    from phoenix.config.loader import parse_overrides, read_yaml
     from phoenix.config.typed import apply_override, from_dict
 
-    data = _read_yaml(path)
+    data = read_yaml(path)
     for key, value in parse_overrides(overrides):
         apply_override(data, key, value)
     try:

@@ -1,0 +1,56 @@
+"""The ``phoenix`` command: ``phoenix <cmd> [args ...]``; ``phoenix --help`` lists them.
+
+Each command is a module with ``main(argv) -> int`` (argparse prog ``phoenix <cmd>``;
+user errors are one line on stderr and exit status 2). The module is imported only when
+its command runs, so ``phoenix --help`` and the light commands start without torch.
+``python -m phoenix.cli <cmd>`` is the same command without the console script.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": "phoenix.train.run",
+    "eval": "phoenix.eval.run",
+    "lr-plot": "phoenix.cli.lr_plot",
+    "preprocess": "phoenix.cli.preprocess",
+    "train-tokenizer": "phoenix.cli.train_tokenizer",
+    "make-corpus": "phoenix.cli.make_corpus",
+    "build-plan": "phoenix.cli.build_plan",
+    "inspect-batch": "phoenix.cli.inspect_batch",
+}
+"""Command name -> the module whose ``main(argv)`` runs it."""
+
+SUMMARIES = {
+    "train": "train from a YAML recipe (launch under torchrun for several processes)",
+    "eval": "evaluate a checkpoint on held-out sets (loss, perplexity, top-1/top-5)",
+    "lr-plot": "write a recipe's LR schedule as lr.csv and lr.png, before training",
+    "preprocess": "tokenize JSONL into a megatron-core indexed dataset (.bin/.idx)",
+    "train-tokenizer": "train a byte-fallback SentencePiece tokenizer",
+    "make-corpus": "write a deterministic synthetic JSONL corpus (web / code / math)",
+    "build-plan": "build and cache a recipe's data plans and print their summary",
+    "inspect-batch": "print the documents of one global batch of a run",
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: phoenix <command> [args ...]   (phoenix <command> --help for its options)",
+             "", "commands:"]
+    lines += [f"  {name:<{width}}  {SUMMARIES[name]}" for name in COMMANDS]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if not argv or argv[0] not in COMMANDS:
+        print(usage(), file=sys.stderr)
+        if argv:
+            print(f"phoenix: error: unknown command '{argv[0]}'", file=sys.stderr)
+        return 2
+    return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])

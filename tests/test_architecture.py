@@ -1,0 +1,99 @@
+"""The package's structure: the dependency arrows of DESIGN.md, process groups only from
+the runtime, test support outside the library, and small modules.
+
+Every import in ``phoenix/`` is read from the source (top-level and inside functions),
+so a lazy import cannot sneak past the rules.
+"""
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "phoenix"
+
+# Which phoenix packages each package may import (DESIGN.md, "Dependencies"). ``io`` is a
+# small shared utility (atomic writes) allowed everywhere but in config.
+ALLOWED = {
+    "config": set(),
+    "runtime": {"config", "io"},
+    "tokenizer": {"config", "io"},
+    "model": {"config", "runtime", "io"},
+    "data": {"config", "tokenizer", "runtime", "io"},
+    "optim": {"config", "runtime", "model", "io"},
+    "monitor": {"config", "runtime", "io"},
+    "eval": {"config", "runtime", "data", "tokenizer", "model", "checkpoint", "monitor", "io"},
+    "checkpoint": {"config", "runtime", "model", "optim", "tokenizer", "io"},
+    "train": {"config", "runtime", "tokenizer", "model", "data", "optim", "monitor", "eval",
+              "checkpoint", "io"},
+}
+# The command line and the test support may import anything (nothing imports testing).
+UNRESTRICTED = {"cli", "testing"}
+MAX_LINES = 500
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        rel = path.relative_to(PACKAGE)
+        yield path, (rel.parts[0] if len(rel.parts) > 1 else rel.stem)
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted module) of every import in ``path``, absolute names only."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.lineno, node.module))
+            out += [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return out
+
+
+def _violations():
+    found = []
+    for path, package in _modules():
+        where = path.relative_to(PACKAGE.parent)
+        for line, name in _imports(path):
+            if name.startswith("megatron.core.parallel_state") and package != "runtime":
+                found.append(f"{where}:{line}: imports megatron's parallel_state (only "
+                             f"phoenix/runtime may; take the groups from ParallelLayout)")
+            parts = name.split(".")
+            if parts[0] != "phoenix" or len(parts) < 2:
+                continue
+            target = parts[1]
+            if target == "testing" and package != "testing":
+                if package != "cli":
+                    found.append(f"{where}:{line}: imports phoenix.testing (test support)")
+                continue
+            if package in UNRESTRICTED or target == package:
+                continue
+            if package not in ALLOWED:
+                found.append(f"{where}:{line}: module '{package}' has no place in DESIGN.md")
+            elif target not in ALLOWED[package] and target in set(ALLOWED) | {"cli", "io"}:
+                found.append(f"{where}:{line}: {package} may not import phoenix.{target}")
+    return sorted(set(found))
+
+
+def test_imports_follow_the_dependency_table():
+    assert not _violations(), "\n".join(_violations())
+
+
+def test_no_module_over_the_size_limit():
+    big = [f"{p.relative_to(PACKAGE.parent)}: {n} lines" for p, _ in _modules()
+           if (n := len(p.read_text().splitlines())) > MAX_LINES]
+    assert not big, big
+
+
+@pytest.mark.parametrize("source,expected", [
+    ("from phoenix.train.trainer import Trainer\n", "monitor may not import phoenix.train"),
+    ("from megatron.core import parallel_state as ps\n", "parallel_state"),
+    ("import phoenix.testing.tiny\n", "imports phoenix.testing"),
+])
+def test_the_walker_catches_a_forbidden_import(tmp_path, monkeypatch, source, expected):
+    """The rules can fail: a forbidden import planted in a copy of a monitor module is found."""
+    fake = tmp_path / "phoenix"
+    (fake / "monitor").mkdir(parents=True)
+    (fake / "monitor" / "planted.py").write_text("def f():\n    " + source)
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    assert any(expected in v for v in _violations()), _violations()
