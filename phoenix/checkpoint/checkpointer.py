@@ -24,6 +24,7 @@ it is a pure function of the trainer's step (the data plan is deterministic).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ from phoenix.checkpoint.manager import (
     resolve_checkpoint,
     step_of,
 )
+from phoenix.checkpoint.resume_contract import check_resume, record_changes
 from phoenix.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,8 @@ class RestorePlan:
     kind: Literal["resume", "init_from", "fresh"]
     path: Optional[Path] = None
     """The checkpoint to read (None for ``fresh``)."""
+    honoured: tuple = ()
+    """Resume: the config changes applied from the resume step on (ConfigChange items)."""
 
 
 def plan_restore(cfg: RunConfig) -> RestorePlan:
@@ -73,7 +77,9 @@ def plan_restore(cfg: RunConfig) -> RestorePlan:
     ckpt = cfg.checkpoint
     latest = find_latest(checkpoint_root(cfg.output_dir)) if ckpt.resume else None
     if latest is not None:
-        return RestorePlan("resume", latest)
+        # Every config change is honoured or refused here, before any work.
+        decision = check_resume(latest, cfg, step_of(latest))
+        return RestorePlan("resume", latest, tuple(decision.honoured))
     if not ckpt.init_from:
         return RestorePlan("fresh")
     source = resolve_checkpoint(ckpt.init_from)
@@ -157,31 +163,43 @@ class Checkpointer:
         a one-line description for the log."""
         if plan.kind == "resume":
             self.manager.check_compatible(plan.path, self.model)
-            bundle = upgrade_bundle(self.manager.load(plan.path, self.model, self.optimizer),
-                                    plan.path, self.cfg)
+            with self._keeping_group_settings():
+                bundle = upgrade_bundle(self.manager.load(plan.path, self.model, self.optimizer),
+                                        plan.path, self.cfg)
             for key, obj in self.stateful.items():
                 if key in bundle["states"]:
                     obj.load_state_dict(bundle["states"][key])
                 elif key in ("trainer", "scheduler"):
                     raise CheckpointError(f"checkpoint {plan.path} has no '{key}' state")
+            if plan.honoured:
+                if self.layout.rank == 0:
+                    record_changes(self.cfg.output_dir, bundle["step"], list(plan.honoured))
+                log.warning("resume: honouring config changes from step %s on: %s", bundle["step"],
+                            "; ".join(map(str, plan.honoured)))
             return f"resumed from {plan.path} at step {bundle['step']}"
         if plan.kind == "init_from":
             self.manager.check_compatible(plan.path, self.model)
             if self.ckpt.init_optimizer:
-                # Loading replaces the param groups' settings (max_lr, betas, lr_mult, and
-                # the LR of step 0) with the source run's; this run's config decides them,
-                # only the Adam state is taken over.
-                settings = [{k: v for k, v in g.items() if k != "params"}
-                            for g in self.optimizer.param_groups]
-                self.manager.load(plan.path, self.model, self.optimizer, load_rng=False)
-                for group, mine in zip(self.optimizer.param_groups, settings):
-                    group.update(mine)
+                with self._keeping_group_settings():
+                    self.manager.load(plan.path, self.model, self.optimizer, load_rng=False)
                 what = "weights and optimizer state"
             else:
                 self.manager.load_weights(plan.path, self.model)
                 what = "weights (the optimizer starts fresh)"
             return f"initialised {what} from {plan.path}; schedule and data start at step 0"
         return "starting from scratch"
+
+    @contextlib.contextmanager
+    def _keeping_group_settings(self):
+        """Loading an optimizer replaces its param groups' settings (max_lr, min_lr, betas,
+        eps, weight decay, lr_mult, ...) with the checkpoint's; this run's config decides
+        them, only the Adam state (moments, step counts) is taken over. The scheduler then
+        sets the LR and weight decay of the restored step."""
+        settings = [{k: v for k, v in g.items() if k != "params"}
+                    for g in self.optimizer.param_groups]
+        yield
+        for group, mine in zip(self.optimizer.param_groups, settings):
+            group.update(mine)
 
     # -- save ----------------------------------------------------------------------
     def save(self, step: int, *, last: bool = False) -> Optional[Path]:

@@ -101,6 +101,23 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunCo
         raise ConfigError(f"{path}: {e}") from None
 
 
+# Keys renamed since a config could have been saved next to a checkpoint: old -> new.
+_SAVED_RENAMES = {("data", "num_workers"): ("data", "prefetch_batches")}
+
+
+def load_saved_config(path: str | os.PathLike) -> RunConfig:
+    """A ``config.yaml`` written by an earlier run (e.g. next to a checkpoint): keys renamed
+    since then are read under their new names instead of refused."""
+    data = read_yaml(path)
+    for (section, old), (new_section, new) in _SAVED_RENAMES.items():
+        if isinstance(data.get(section), dict) and old in data[section]:
+            data.setdefault(new_section, {})[new] = data[section].pop(old)
+    try:
+        return build_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def dump_config(cfg: RunConfig) -> str:
     """The fully resolved config as YAML (what is saved next to checkpoints)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -166,11 +166,13 @@ class MultiPhaseScheduler:
 
 
 def build_multi_phase_scheduler(cfg, optimizer, *,
-                                on_schedule_change: Literal["error", "warn"] = "error"
+                                on_schedule_change: Literal["error", "warn"] = "warn"
                                 ) -> MultiPhaseScheduler:
     """The run's scheduler: ``cfg.resolved.schedule`` (from ``optim.schedule``, the
     stages' ``lr`` phases or the legacy ``optim`` fields, resolved once with the config)
-    applied to ``optimizer``."""
+    applied to ``optimizer``. A schedule that differs from a resumed checkpoint's is
+    logged, not refused: the resume contract (phoenix.checkpoint.resume_contract) has
+    already refused every change that alters a step already trained."""
     return MultiPhaseScheduler(optimizer, cfg.resolved.schedule,
                                weight_decay=cfg.optim.weight_decay,
                                on_schedule_change=on_schedule_change)

@@ -11,13 +11,22 @@ class Recorder(Callback):
 
     def __init__(self):
         self.steps = []
+        self._groups = None
+
+    def on_before_optimizer_step(self, trainer) -> None:
+        # The settings the optimizer step is about to use (resume-contract tests).
+        groups = trainer.optimizer.param_groups
+        self._groups = {"betas": [tuple(g["betas"]) for g in groups],
+                        "eps": [g["eps"] for g in groups],
+                        "weight_decay": [g["weight_decay"] for g in groups],
+                        "lr": [g["lr"] for g in groups]}
 
     def on_step_end(self, trainer, metrics) -> None:
         report = trainer.batch_report  # this rank's samples, in training order
         self.steps.append({"step": metrics.step, "loss": metrics.loss,
                            "grad_norm": metrics.grad_norm, "lr": metrics.lr,
                            "consumed_samples": metrics.consumed_samples,
-                           "skipped": metrics.skipped,
+                           "skipped": metrics.skipped, "groups": self._groups,
                            "dataset_ids": report["dataset_id"].tolist() if "dataset_id" in report else None,
                            "sample_ids": report["sample_id"].tolist() if "sample_id" in report else None})
 

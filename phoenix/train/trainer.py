@@ -182,21 +182,6 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         self.state = TrainState(**state)
-        self._check_stage_starts()  # before the scheduler's own check: the clearer message
-
-    def _check_stage_starts(self) -> None:
-        """A resumed run may append or change stages that have not begun, never move one
-        that has (its data and LR would silently change under the checkpoint)."""
-        planned = dict(self.stages.boundaries())
-        for name, start in self.state.stage_starts.items():
-            if name == "main" and not self.stages.explicit:
-                continue
-            if planned.get(name) != start:
-                where = (f"starts it at step {planned[name]}" if name in planned
-                         else "has no stage of that name")
-                raise ConfigError(
-                    f"stages: the checkpoint {self.restore_plan.path} began stage '{name}' at step {start} but "
-                    f"the config {where}; a stage that has begun cannot be moved or removed")
 
     def _enter_stage(self, step: int):
         """The stage of 0-based ``step``; records and announces it when it begins."""

@@ -1,0 +1,228 @@
+"""What a resume may change: every difference between the checkpoint's config and the
+run's is either honoured exactly from the resume step on, or refused before any work.
+
+The table (also in the README, "Resuming and changing a run"):
+
+* **Honoured, no effect on what is trained**: ``name``, ``parallel.*`` (the checkpoint
+  reshards), ``runtime.*``, ``logging.*``, ``eval``, ``checkpoint.*``,
+  ``data.prefetch_batches``, ``data.cache_dir``, ``train.micro_batch_size`` (same global
+  batches), ``train.stop_at_step``, ``train.on_nonfinite_loss``, ``train.precision``.
+* **Honoured from the resume step**: Adam's ``optim.adam_beta1``, ``adam_beta2``,
+  ``adam_eps``, ``optim.clip_grad`` and a constant ``optim.weight_decay`` (the loaded
+  optimizer's param groups take this run's values; a checkpoint load would otherwise
+  bring the old ones back). Each such change is logged and appended to
+  ``<output_dir>/config_changes.jsonl``.
+* **The LR schedule** (``optim.lr``, ``min_lr``, ``warmup_steps``, ``decay_*``,
+  ``wsd_*``, ``optim.schedule``, the stages' ``lr``, ``train.steps``): honoured when the
+  new schedule gives the same LR and weight decay at every step already trained (e.g. a
+  decay phase or stage appended, a later phase changed), so ``phoenix lr-plot`` of the
+  run's ``config.yaml`` is what was applied at every step; refused otherwise.
+* **The data of a stage that has begun** (its datasets, weights, bursts, groups, batch
+  size, sequence length, length or mixture warmup; ``train.seed``; a dataset's prefix;
+  ``data.sampler``): refused. Stages that begin after the resume step may change freely.
+* **The model and tokenizer** (``model.*``, ``tokenizer.model``), ``optim.freeze`` and
+  ``optim.param_groups`` (the optimizer state is laid out by them): refused; use
+  ``checkpoint.init_from`` to continue from the weights under a new setup.
+
+A refusal lists every refused key with its old and new value and says how to make the
+change properly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from phoenix.config import ConfigError, RunConfig, to_dict
+from phoenix.config.loader import load_saved_config
+
+# Top-level prefixes whose changes are honoured with no effect on what is trained.
+_FREE = ("name", "output_dir", "parallel.", "runtime.", "logging.", "eval", "checkpoint.",
+         "data.prefetch_batches", "data.cache_dir", "train.micro_batch_size",
+         "train.stop_at_step", "train.on_nonfinite_loss", "train.precision")
+# Optimizer settings re-applied to the loaded param groups.
+_OPTIMIZER = ("optim.adam_beta1", "optim.adam_beta2", "optim.adam_eps", "optim.clip_grad",
+              "optim.weight_decay")
+# The LR schedule: judged by the resolved schedule at the steps already trained.
+_SCHEDULE = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_style",
+             "optim.decay_steps", "optim.wsd_decay_steps", "optim.wsd_decay_style",
+             "optim.schedule", "train.steps", "model.reference_lr")
+_REFUSED_HOW = {
+    "model": "the weights were trained for the old model; start a new run from them with "
+             "checkpoint.init_from",
+    "tokenizer": "the embeddings belong to the old tokenizer; see checkpoint.init_from",
+    "optim.freeze": "the optimizer state is laid out by these groups; change them with "
+                    "checkpoint.init_from (init_optimizer: false)",
+    "optim.param_groups": "the optimizer state is laid out by these groups; change them with "
+                          "checkpoint.init_from (init_optimizer: false)",
+    "data": "a stage that has begun keeps its data; to change the mixture, batch size or "
+            "sequence length, add a stage that begins after the resume step (stages:), or "
+            "start a new run from the weights with checkpoint.init_from",
+    "schedule": "the LR of steps already trained would differ from the record; change only "
+                "steps after the resume step (append or edit later phases or stages), or use "
+                "checkpoint.init_from",
+}
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.old!r} -> {self.new!r}"
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        out = {}
+        for i, v in enumerate(data):
+            out.update(_flatten(v, f"{prefix}[{i}]"))
+        return out
+    return {prefix: data}
+
+
+def config_changes(old: RunConfig, new: RunConfig) -> list[ConfigChange]:
+    """Every leaf key whose value differs between two configs (added/removed keys too)."""
+    a, b = _flatten(to_dict(old)), _flatten(to_dict(new))
+    missing = object()
+    return [ConfigChange(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
+
+
+def _matches(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p if p.endswith(".") else p + ".")
+               or key.startswith(p + "[") for p in prefixes)
+
+
+def _schedule_differs(old: RunConfig, new: RunConfig, steps: int) -> str | None:
+    """How the LR or scheduled weight decay of the first step before ``steps`` that
+    differs changes, else None (a constant weight decay is an optimizer setting)."""
+    a, b = old.resolved.schedule, new.resolved.schedule
+    if a.fingerprint() == b.fingerprint():
+        return None
+    scheduled_wd = _scheduled_wd(old) or _scheduled_wd(new)
+    for k in range(steps):
+        if a.lr_at(k) != b.lr_at(k):
+            return f"step {k} would have been trained with LR {b.lr_at(k)!r} instead of {a.lr_at(k)!r}"
+        if scheduled_wd and a.wd_at(k) != b.wd_at(k):
+            return (f"step {k} would have been trained with weight decay {b.wd_at(k)!r} instead "
+                    f"of {a.wd_at(k)!r}")
+    return None
+
+
+def _scheduled_wd(cfg: RunConfig) -> bool:
+    """Whether the weight decay is scheduled (``optim.schedule.weight_decay``) rather than
+    the constant ``optim.weight_decay``, an optimizer setting honoured from the resume step."""
+    return cfg.optim.schedule is not None and cfg.optim.schedule.weight_decay is not None
+
+
+def _begun_stage_changes(old: RunConfig, new: RunConfig, step: int) -> list[str]:
+    """Differences in the data of stages that began before ``step`` (and in what all stages
+    read: prefixes, seed, sampler)."""
+    problems = []
+    fields = ("start_step", "end_step", "global_batch_size", "seq_length", "weights",
+              "min_share", "group_mode", "warmup_steps", "warmup_from")
+    new_by_name = {s.name: s for s in new.resolved.stages.stages}
+    for s in old.resolved.stages.stages:
+        if s.start_step >= step:
+            continue
+        n = new_by_name.get(s.name)
+        if n is None or n.start_step != s.start_step:
+            where = (f"starts it at step {n.start_step}" if n is not None
+                     else "has no stage of that name")
+            problems.append(f"the checkpoint began stage '{s.name}' at step {s.start_step} but "
+                            f"the config {where}; a stage that has begun cannot be moved or "
+                            f"removed")
+            continue
+        for f in fields[1:]:
+            a, b = getattr(s, f), getattr(n, f)
+            if f in ("weights", "warmup_from") and a is not None and b is not None:
+                a = {name: round(float(w), 6) for name, w in zip(old.resolved.stages.dataset_names, a) if w}
+                b = {name: round(float(w), 6) for name, w in zip(new.resolved.stages.dataset_names, b) if w}
+            elif f in ("min_share", "group_mode"):
+                a = dict(zip(old.resolved.stages.dataset_names, a))
+                b = dict(zip(new.resolved.stages.dataset_names, b))
+            if a != b:
+                problems.append(f"stage '{s.name}' (begun at step {s.start_step}) {f}: {a} -> {b}")
+    prefixes_a = {d.display_name: d.prefix for d in old.data.datasets}
+    prefixes_b = {d.display_name: d.prefix for d in new.data.datasets}
+    for name in sorted(set(prefixes_a) & set(prefixes_b)):
+        if prefixes_a[name] != prefixes_b[name]:
+            problems.append(f"dataset '{name}' prefix: {prefixes_a[name]} -> {prefixes_b[name]}")
+    for key, a, b in (("train.seed", old.train.seed, new.train.seed),
+                      ("data.sampler", old.data.sampler, new.data.sampler)):
+        if a != b:
+            problems.append(f"{key}: {a!r} -> {b!r}")
+    return problems
+
+
+@dataclass(frozen=True)
+class ResumeDecision:
+    honoured: list[ConfigChange]
+    """Changes applied from the resume step on (logged and recorded)."""
+
+
+def check_resume(checkpoint: Path, cfg: RunConfig, step: int) -> ResumeDecision:
+    """Compare the config saved in ``checkpoint`` (at ``step``) with ``cfg``; raise
+    ConfigError listing every refused change, else return the honoured ones."""
+    saved = checkpoint / "config.yaml"
+    try:
+        old = load_saved_config(saved)
+    except (ConfigError, OSError) as e:
+        raise ConfigError(f"checkpoint.resume: cannot read the config {saved} the checkpoint was "
+                          f"trained with ({e})") from None
+    changes = config_changes(old, cfg)
+    refused: dict[str, list[str]] = {}
+    honoured = []
+    schedule_diff = _schedule_differs(old, cfg, step)
+    data_problems = _begun_stage_changes(old, cfg, step)
+    for c in changes:
+        if _matches(c.key, _FREE):
+            continue
+        if _matches(c.key, _OPTIMIZER):
+            honoured.append(c)
+        elif _matches(c.key, ("model", "tokenizer", "optim.freeze", "optim.param_groups")) \
+                and not _matches(c.key, ("model.reference_lr",)):
+            group = next(g for g in ("model", "tokenizer", "optim.freeze", "optim.param_groups")
+                         if _matches(c.key, (g,)))
+            refused.setdefault(group, []).append(str(c))
+        elif _matches(c.key, _SCHEDULE) or c.key.startswith("stages[") and ".lr" in c.key:
+            if schedule_diff is not None:
+                refused.setdefault("schedule", []).append(str(c))
+        elif _matches(c.key, ("data", "stages", "train.global_batch_size", "train.seed")):
+            pass  # judged below, by what the begun stages read
+        else:
+            refused.setdefault("other", []).append(str(c))
+    if schedule_diff is not None:
+        refused.setdefault("schedule", []).append(schedule_diff)
+    if data_problems:
+        refused["data"] = data_problems
+    if refused:
+        lines = []
+        for group, items in refused.items():
+            how = _REFUSED_HOW.get(group, "resume with the checkpoint's value")
+            lines.append(f"  {group}: " + "; ".join(items) + f"\n    -> {how}")
+        raise ConfigError(
+            f"checkpoint.resume: the config differs from the one checkpoint {checkpoint} (step "
+            f"{step}) was trained with, in ways a resume cannot honour:\n" + "\n".join(lines))
+    return ResumeDecision(honoured=honoured)
+
+
+def record_changes(output_dir: str | os.PathLike, step: int, changes: list[ConfigChange]) -> None:
+    """Append the honoured changes of a resume to ``<output_dir>/config_changes.jsonl``."""
+    if not changes:
+        return
+    line = json.dumps({"step": step, "changes": {c.key: [c.old, c.new] for c in changes}},
+                      default=str)
+    with open(Path(output_dir) / "config_changes.jsonl", "a") as f:
+        f.write(line + "\n")

@@ -1,0 +1,118 @@
+"""Every config change on resume is honoured exactly from the resume step or refused,
+naming each key with its old and new value."""
+
+import json
+
+import pytest
+import yaml
+
+from phoenix.checkpoint.resume_contract import check_resume, config_changes
+from phoenix.config import ConfigError, build_config, dump_config
+from phoenix.testing.distributed import run_distributed
+from phoenix.testing.tiny import tiny_config_dict
+from phoenix.testing.workers import train_and_record
+
+@pytest.fixture
+def saved(tiny_data, tmp_path):
+    """(checkpoint dir holding the old config, builder of configs from the same base)."""
+    def make(**sections):
+        sections["train"] = {"steps": 10, **sections.get("train", {})}
+        return build_config(tiny_config_dict(tiny_data, tmp_path / "run", **sections))
+
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000005"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.yaml").write_text(dump_config(make()))
+    return ckpt, make
+
+
+def test_free_and_optimizer_changes_are_honoured(saved):
+    ckpt, make = saved
+    new = make(parallel={"tensor": 2}, logging={"log_interval": 3},
+               optim={"adam_beta2": 0.5, "adam_eps": 1e-3, "weight_decay": 0.5, "clip_grad": 0.5})
+    decision = check_resume(ckpt, new, 5)
+    assert sorted(c.key for c in decision.honoured) == [
+        "optim.adam_beta2", "optim.adam_eps", "optim.clip_grad", "optim.weight_decay"]
+
+
+@pytest.mark.parametrize("sections,expected", [
+    ({"optim": {"lr": 1e-3}}, [r"schedule: .*optim\.lr: 0\.003 -> 0\.001",
+                               r"step 0 would have been trained with LR 0\.0 instead of 0\.0|"
+                               r"step 1 would have been trained with LR"]),
+    ({"train": {"steps": 20}}, [r"train\.steps: 10 -> 20", r"add a stage|checkpoint\.init_from"]),
+    ({"train": {"global_batch_size": 16}}, [r"stage 'main' .* global_batch_size: 8 -> 16"]),
+    ({"train": {"seed": 7}}, [r"train\.seed: 1234 -> 7"]),
+    ({"model": {"preset": "tiny", "norm_epsilon": 1e-6}},
+     [r"model: model\.norm_epsilon: 1e-05 -> 1e-06", r"checkpoint\.init_from"]),
+])
+def test_refused_changes_name_every_key(saved, sections, expected):
+    ckpt, make = saved
+    with pytest.raises(ConfigError, match=r"checkpoint\.resume: the config differs") as e:
+        check_resume(ckpt, make(**sections), 5)
+    for pattern in expected:
+        assert any(__import__("re").search(p, str(e.value)) for p in pattern.split("|")), \
+            (pattern, str(e.value))
+
+
+def test_swapped_mixture_is_refused(saved, tiny_data):
+    ckpt, make = saved
+    d = make()
+    weights = [e.weight for e in d.data.datasets]
+    datasets = [{"prefix": e.prefix, "name": e.name, "weight": w}
+                for e, w in zip(d.data.datasets, reversed(weights))]
+    assert weights != list(reversed(weights))
+    with pytest.raises(ConfigError, match=r"stage 'main' \(begun at step 0\) weights"):
+        check_resume(ckpt, make(data={**yaml.safe_load(dump_config(d))["data"],
+                                      "datasets": datasets}), 5)
+
+
+def test_stages_after_the_resume_step_may_change(tiny_data, tmp_path):
+    """Appending a stage (with its own LR phases) keeps every past LR and every begun
+    stage's data: honoured. Shortening the warmup changes past LRs: refused."""
+    def make(stages):
+        return build_config(tiny_config_dict(
+            tiny_data, tmp_path / "run", train={"steps": None}, stages=stages,
+            optim={"schedule": {"peak_lr": 3e-3, "min_lr": 3e-4}, "lr": None, "warmup_steps": 0}))
+
+    mix = {"web": 0.7, "code": 0.3}
+    first = {"name": "stable", "steps": 10, "mixture": mix,
+             "lr": [{"kind": "warmup", "steps": 2}, {"kind": "constant", "steps": 8}]}
+    anneal = {"name": "anneal", "steps": 5, "mixture": {"web": 0.5, "code": 0.5},
+              "lr": [{"kind": "decay", "steps": 5, "target_lr": 3e-4}]}
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.yaml").write_text(dump_config(make([first])))
+    assert check_resume(ckpt, make([first, anneal]), 5).honoured == []
+    shorter = {**first, "lr": [{"kind": "warmup", "steps": 1}, {"kind": "constant", "steps": 9}]}
+    with pytest.raises(ConfigError, match=r"step 1 would have been trained with LR"):
+        check_resume(ckpt, make([shorter]), 5)
+    remixed = {**first, "mixture": {"web": 0.5, "code": 0.5}}
+    with pytest.raises(ConfigError, match=r"stage 'stable' \(begun at step 0\) weights"):
+        check_resume(ckpt, make([remixed]), 5)
+
+
+def test_config_changes_lists_leaves(saved):
+    _, make = saved
+    keys = [c.key for c in config_changes(make(), make(optim={"adam_beta2": 0.5}))]
+    assert keys == ["optim.adam_beta2"]
+
+
+@pytest.mark.slow
+def test_resumed_optimizer_uses_the_new_settings(tiny_data, tmp_path):
+    """The case of the issue: betas, eps and weight decay changed on resume are what every
+    resumed step's optimizer uses, and the change is recorded."""
+    run = tiny_config_dict(tiny_data, tmp_path / "run", train={"steps": 8},
+                           checkpoint={"save_interval": 4})
+    (first,) = run_distributed(train_and_record, 1, run, ["train.stop_at_step=4"])
+    new = ["optim.weight_decay=0.5", "optim.adam_beta2=0.5", "optim.adam_eps=0.001"]
+    (second,) = run_distributed(train_and_record, 1, run, new)
+    assert [s["step"] for s in second["steps"]] == [5, 6, 7, 8]
+    before = first["steps"][-1]["groups"]
+    assert {b for b, _ in before["betas"]} == {0.9} and {b for _, b in before["betas"]} == {0.95}
+    for s in second["steps"]:
+        g = s["groups"]
+        assert set(g["betas"]) == {(0.9, 0.5)} and set(g["eps"]) == {1e-3}, g
+        assert max(g["weight_decay"]) == 0.5, g
+    record = [json.loads(line) for line in (tmp_path / "run" / "config_changes.jsonl").open()]
+    assert record == [{"step": 4, "changes": {"optim.adam_beta2": [0.95, 0.5],
+                                              "optim.adam_eps": [1e-08, 0.001],
+                                              "optim.weight_decay": [0.1, 0.5]}}]
