@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch.multiprocessing as mp
 
-from phoenix.testing.ports import free_port
+from phoenix.runtime.ports import free_port
 
 
 def _entry(rank: int, fn, args, world_size: int, port: int, out_dir: str) -> None:
