@@ -99,10 +99,8 @@ class DatasetLossMonitor(Callback):
         """Sum over DP of this process's local counts (last stage; collective there)."""
         local = self._local.clone()
         if self._layout.dp_size > 1:
-            from megatron.core import parallel_state as ps
-
             local = local.to(self._layout.device)
-            dist.all_reduce(local, group=ps.get_data_parallel_group())
+            dist.all_reduce(local, group=self._layout.dp_group)
         return local.cpu()
 
     def state_dict(self) -> dict:
@@ -161,10 +159,8 @@ class DatasetLossMonitor(Callback):
             return
         vector = torch.cat([step_sums.reshape(-1), self._local])
         if layout.dp_size > 1:
-            from megatron.core import parallel_state as ps
-
             vector = vector.to(layout.device)
-            dist.all_reduce(vector, group=ps.get_data_parallel_group())
+            dist.all_reduce(vector, group=layout.dp_group)
             vector = vector.cpu()
         if not layout.is_logging_rank:
             return

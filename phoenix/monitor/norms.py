@@ -39,7 +39,8 @@ vector of per-key sums, and one ``all_reduce(SUM)`` over the world gathers them.
   structure (``layer_number`` is global) and are agreed on by all ranks once at start.
 * Data parallel with the distributed optimizer: after ``finalize_model_grads`` only this
   rank's shard of each grad-buffer bucket holds reduced gradients (the rest holds local,
-  unreduced partial sums), so each DP rank adds the slice of every parameter it owns
+  unreduced partial sums; the buffers are sharded over the layout's ``dp_cp_group``,
+  data x context parallel), so each DP rank adds the slice of every parameter it owns
   (``param_range_map["param"]`` of the optimizer's ``gbuf_ranges``); the slices are
   disjoint and cover every parameter once. Parameter and update norms use the same
   slices (of the fp32 main shards). Without it, every DP rank holds full reduced
@@ -215,13 +216,11 @@ class NormMonitor(Callback):
         it keeps them, else the model parameter); ``grad`` the reduced gradient of the
         same elements.
         """
-        from megatron.core import parallel_state as ps
-
         layout = trainer.layout
         optimizers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
         sharded = [o for o in optimizers if hasattr(o, "model_param_gbuf_map")]
-        dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
-        dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+        # Data x context parallel: the ranks megatron's grad buffers are sharded over.
+        dp_rank, dp_size = layout.dp_cp_rank, layout.dp_cp_size
         owned = []
         for i, (key, _, p) in enumerate(self._entries):
             if getattr(p, "shared", False):

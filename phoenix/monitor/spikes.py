@@ -27,7 +27,7 @@ rank that owns the TensorBoard writer and the ``NormMonitor``'s ``last`` values)
 ``loss`` of a sample is its token-mean loss (``loss_sum / tokens``); ``top_samples``
 are the ``top_samples`` samples with the highest such loss in the *whole* global batch:
 every DP rank's ``trainer.batch_report`` of the last pipeline stage is gathered (over
-megatron's data-parallel group, by TP rank 0 of the last stage only: the other TP ranks
+the layout's ``dp_group``, by TP rank 0 of the last stage only: the other TP ranks
 hold identical reports) to the logging rank. ``dataset_counts`` counts the samples of
 the global batch per dataset (names as in the data config). ``grad_norm`` is megatron's
 global norm before clipping (NaN, written as ``null``, on a skipped step).
@@ -307,9 +307,7 @@ class SpikeMonitor(Callback):
         rows = report_rows(trainer.batch_report)
         if layout.dp_size == 1:
             return rows
-        from megatron.core import parallel_state as ps
-
-        group = ps.get_data_parallel_group()
+        group = layout.dp_group
         dst = dist.get_global_rank(group, 0)
         gathered = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
         dist.gather_object(rows, gathered, dst=dst, group=group)

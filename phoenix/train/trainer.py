@@ -315,11 +315,9 @@ class Trainer:
 
     def _global_loss(self, losses: list[dict]) -> tuple[float, int]:
         """Token-mean loss of the global batch, known on every rank (for the NaN check)."""
-        from megatron.core import parallel_state as ps
-
         report = torch.zeros(2, dtype=torch.float64)
         if self.layout.is_last_stage:
-            loss, tokens = reduce_loss(losses, ps.get_data_parallel_group())
+            loss, tokens = reduce_loss(losses, self.layout.dp_group)
             report = torch.tensor([loss, tokens], dtype=torch.float64)
         # The last global rank is on the last stage; it tells the other stages.
         dist.broadcast(report, src=self.layout.world_size - 1)
