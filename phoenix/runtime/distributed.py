@@ -109,8 +109,6 @@ def _init_process_group(device: str, timeout_minutes: int) -> None:
 
         os.environ["MASTER_PORT"] = str(free_port())
     backend = "nccl" if device == "cuda" else "gloo"
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
 
 
@@ -142,6 +140,8 @@ def init_runtime(cfg: RunConfig) -> ParallelLayout:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device is 'cuda' but no GPU is visible; use runtime.device=cpu "
                            "to run on CPU")
+    if device == "cuda":  # also when the caller (e.g. a test harness) made the world group
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     _init_process_group(device, cfg.runtime.distributed_timeout_minutes)
     world_size = dist.get_world_size()
     cfg.validate_layout(world_size)
