@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from phoenix.monitor.base import MetricsCollector
 from phoenix.monitor.dataset_loss import DatasetLossMonitor, dataset_tags, per_dataset_sums
 from phoenix.monitor.tensorboard import TensorBoardLogger
 
@@ -38,7 +39,7 @@ def _report(rows):
 
 
 def _fake_trainer(steps):
-    tb = TensorBoardLogger("/nonexistent", 1, "")
+    tb = TensorBoardLogger("/nonexistent")  # the sink, writing to a fake writer
     tb.writer = FakeWriter()
     layout = SimpleNamespace(world_size=1, dp_size=1, is_last_stage=True, is_logging_rank=True,
                              device=torch.device("cpu"))
@@ -50,7 +51,10 @@ def _fake_trainer(steps):
 
 def _step(mon, trainer, step, rows):
     trainer.batch_report = _report(rows)
+    trainer.metrics = MetricsCollector(step, last_step=trainer.cfg.train.steps)
     mon.on_step_end(trainer, SimpleNamespace(step=step))
+    for sink in trainer.callbacks:  # as the trainer does after every on_step_end
+        sink.log_metrics(trainer, trainer.metrics)
     trainer.state.step = step
 
 

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from phoenix.monitor.base import MetricsCollector, StepMetrics
 from phoenix.monitor.tensorboard import TensorBoardLogger
 from phoenix.monitor.throughput import (ThroughputMonitor, default_peak_tflops,
                                         model_flops_per_token)
-from phoenix.train.callbacks import StepMetrics
 
 
 def _model(**kw):
@@ -110,7 +110,7 @@ class FakeWriter:
 
 
 def _fake_trainer(world=4, logging_rank=True, steps=5):
-    tb = TensorBoardLogger("/nonexistent", 1, "")
+    tb = TensorBoardLogger("/nonexistent")  # the sink, writing to a fake writer
     tb.writer = FakeWriter()
     cfg = SimpleNamespace(train=SimpleNamespace(steps=steps, global_batch_size=8, precision="fp32"),
                           data=SimpleNamespace(seq_length=64))
@@ -132,7 +132,10 @@ def _metrics(step, step_time=2.0):
 def _run(monitor, trainer, steps):
     monitor.on_train_start(trainer)
     for s in range(1, steps + 1):
+        trainer.metrics = MetricsCollector(s, last_step=trainer.cfg.train.steps)
         monitor.on_step_end(trainer, _metrics(s))
+        for sink in trainer.callbacks:  # as the trainer does after every on_step_end
+            sink.log_metrics(trainer, trainer.metrics)
 
 
 def test_monitor_tags_and_values():

@@ -9,8 +9,9 @@ How: the samples are dealt round robin over the data-parallel ranks (rank ``r`` 
 ``r, r + dp, ...``) and cut into micro-batches, the last one padded with copies that
 carry no loss. megatron's forward-only schedule runs them (so pipeline parallelism
 works); on the last stage the loss function turns the vocab-parallel logits into
-summed statistics (:func:`phoenix.eval.metrics.token_stats`), which are summed over
-micro-batches and all-reduced over data parallel, then broadcast to every rank. Sums
+summed statistics (:func:`phoenix.eval.metrics.token_stats`, over the layout's
+``tp_group``), which are summed over micro-batches and all-reduced over the layout's
+``dp_group``, then broadcast to every rank. Sums
 of per-token quantities make the result the same at every layout (up to float
 rounding).
 
@@ -108,7 +109,8 @@ class Evaluator:
 
     def __init__(self, model_chunks, layout, sets, *, seq_length: int, micro_batch_size: int,
                  max_samples: int, eod_id: int, vocab_size: int):
-        """``sets``: :class:`~phoenix.config.eval.EvalSetConfig` items; ``vocab_size``:
+        """``layout``: the :class:`~phoenix.runtime.ParallelLayout` (ranks, groups, device).
+        ``sets``: :class:`~phoenix.config.eval.EvalSetConfig` items; ``vocab_size``:
         the unpadded vocabulary (ids from it up to the padded size are never predicted)."""
         from phoenix.data.samples import SampleReader, build_sample_index
 
@@ -154,13 +156,12 @@ class Evaluator:
         return output, partial(self._loss_func, batch["labels"], batch["loss_mask"])
 
     def _loss_func(self, labels, loss_mask, logits):
-        stats = token_stats(logits, labels, loss_mask, self.vocab_size)
+        stats = token_stats(logits, labels, loss_mask, self.vocab_size, self.layout.tp_group)
         return stats[0].float(), stats[1].to(torch.int), {"eval": stats}
 
     # -- evaluation ------------------------------------------------------------------
     def evaluate(self) -> dict[str, EvalResult]:
         """Metrics of every set, by name (collective; the same on every rank)."""
-        from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         forward = get_forward_backward_func()
@@ -180,7 +181,7 @@ class Evaluator:
                 device = self.layout.device
                 total = total.to(device)
                 if self.layout.is_last_stage:
-                    dist.all_reduce(total, group=ps.get_data_parallel_group())
+                    dist.all_reduce(total, group=self.layout.dp_group)
                 # The last global rank is on the last stage; it tells the other stages.
                 dist.broadcast(total, src=self.layout.world_size - 1)
                 loss_sum, tokens, top1, top5 = total.cpu().tolist()

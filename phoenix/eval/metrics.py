@@ -31,20 +31,19 @@ STATS = ("loss_sum", "tokens", *(f"top{k}_hits" for k in TOPK))
 
 
 def token_stats(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor,
-                vocab_size: int) -> torch.Tensor:
+                vocab_size: int, tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Summed statistics of one micro-batch: float64 ``[loss_sum, tokens, top1, top5]``.
 
     ``logits``: this TP rank's vocab slice ``[..., vocab_padded / tp]`` (the slices in
     TP-rank order make the padded vocab); ``labels``, ``loss_mask``: ``[...]`` (the same
-    leading shape). ``vocab_size``: ids ``>= vocab_size`` are padding. Collective over megatron's
-    tensor-parallel group. The logits may be modified in place.
+    leading shape). ``vocab_size``: ids ``>= vocab_size`` are padding. ``tp_group``: the
+    tensor-parallel group (``layout.tp_group``), over which this is collective; ``None``:
+    the logits hold the whole vocabulary (one TP rank). The logits may be modified in place.
     """
-    from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    tp_group = ps.get_tensor_model_parallel_group()
-    tp_size = ps.get_tensor_model_parallel_world_size()
-    tp_rank = ps.get_tensor_model_parallel_rank()
+    tp_size = dist.get_world_size(tp_group) if tp_group is not None else 1
+    tp_rank = dist.get_rank(tp_group) if tp_group is not None else 0
     logits = logits.float()
     labels = labels.to(logits.device).long()
     mask = loss_mask.to(logits.device).float() > 0

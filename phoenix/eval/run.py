@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from phoenix.config import load_config
     from phoenix.eval.evaluator import EvalResult, format_table
-    from phoenix.train.run import run_command, setup_logging
+    from phoenix.checkpoint.manager import CheckpointError
+    from phoenix.data.indexed import DataError
+    from phoenix.runtime.command import run_command, setup_logging
 
     setup_logging()
     result = {}
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                                   args.micro_batch_size)
         result["report"] = evaluate_checkpoint(args.checkpoint, cfg, eval_cfg)
 
-    code = run_command(body)
+    code = run_command(body, (DataError, CheckpointError))
     if code:
         return code
     report = result["report"]

@@ -1,11 +1,15 @@
-"""Training observability: console progress, TensorBoard scalars, per-layer norms."""
+"""Training observability: the callback base and metrics path, console progress, the
+TensorBoard sink, training scalars, per-layer norms, per-dataset loss, throughput, spikes."""
 
+from phoenix.monitor.base import Callback, MetricsCollector, StepMetrics, is_logging_step
 from phoenix.monitor.console import ConsoleLogger
 from phoenix.monitor.dataset_loss import DatasetLossMonitor
 from phoenix.monitor.norms import NormMonitor
 from phoenix.monitor.spikes import SpikeMonitor
 from phoenix.monitor.tensorboard import TensorBoardLogger
 from phoenix.monitor.throughput import ThroughputMonitor
+from phoenix.monitor.train_scalars import TrainScalars
 
-__all__ = ["ConsoleLogger", "DatasetLossMonitor", "NormMonitor", "SpikeMonitor",
-           "TensorBoardLogger", "ThroughputMonitor"]
+__all__ = ["Callback", "ConsoleLogger", "DatasetLossMonitor", "MetricsCollector", "NormMonitor",
+           "SpikeMonitor", "StepMetrics", "TensorBoardLogger", "ThroughputMonitor",
+           "TrainScalars", "is_logging_step"]

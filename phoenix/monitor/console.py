@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from phoenix.train.callbacks import Callback, StepMetrics
+from phoenix.monitor.base import Callback, StepMetrics, is_logging_step
 
 log = logging.getLogger("phoenix.train")
 
@@ -18,6 +18,9 @@ def _fmt_duration(seconds: float) -> str:
 
 
 class ConsoleLogger(Callback):
+    # First: a step's progress line comes before the spike and eval lines of that step.
+    priority = 1000
+
     def __init__(self, total_steps: int, interval: int):
         self.total_steps, self.interval = total_steps, interval
         self._start = None
@@ -30,7 +33,7 @@ class ConsoleLogger(Callback):
     def on_step_end(self, trainer, m: StepMetrics) -> None:
         if not trainer.layout.is_logging_rank:
             return
-        if m.step % self.interval and m.step != self.total_steps:
+        if not is_logging_step(m.step, self.interval, self.total_steps):
             return
         elapsed = time.perf_counter() - self._start
         done = m.step - self._start_step

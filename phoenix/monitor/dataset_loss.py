@@ -18,9 +18,12 @@ index in that list):
 Where the numbers come from: after forward-backward ``trainer.batch_report`` holds this
 rank's per-sample ``(loss sum, loss tokens)`` and ``dataset_id`` (last pipeline stage
 only). Each last-stage rank sums them per dataset; on logging steps one
-``all_reduce(SUM)`` over megatron's data-parallel group makes them global (the TP ranks
-of a stage hold identical reports, so TP is not reduced). The cumulative token counts
-are added up locally at **every** step and reduced only when written.
+``all_reduce(SUM)`` over the layout's ``dp_group`` (megatron's data-parallel group)
+makes them global (the TP ranks of a stage hold identical reports, so TP is not
+reduced). The values are recorded into the step's metrics collector on the logging
+rank (see :mod:`phoenix.monitor.base`), which the TensorBoard sink writes. The
+cumulative token counts are added up locally at **every** step and reduced only when
+written.
 
 Resume: the cumulative counts are the monitor's state. ``state_dict()`` returns
 ``{"tokens": {name: int}}`` (global, after the step) and is **collective** — call it on
@@ -38,7 +41,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from phoenix.train.callbacks import Callback, StepMetrics
+from phoenix.monitor.base import Callback, StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,7 @@ class DatasetLossMonitor(Callback):
     logged step, ``last`` holds ``{tag: value}`` on the logging rank.
     """
 
+    priority = 500  # a producer (see the trainer's callback list for the order)
     state_key = "dataset_loss"
     """Key of its token counts in the checkpoint bundle (stable across renames)."""
 
@@ -89,7 +93,7 @@ class DatasetLossMonitor(Callback):
         self._local = None  # this rank's per-dataset tokens since then, float64 [D]
         self._layout = None
         self._loaded = False
-        self._warned_writer = self._warned_ids = False
+        self._warned_ids = False
 
     # -- state --------------------------------------------------------------------
     def _base_vector(self) -> torch.Tensor:
@@ -99,10 +103,8 @@ class DatasetLossMonitor(Callback):
         """Sum over DP of this process's local counts (last stage; collective there)."""
         local = self._local.clone()
         if self._layout.dp_size > 1:
-            from megatron.core import parallel_state as ps
-
             local = local.to(self._layout.device)
-            dist.all_reduce(local, group=ps.get_data_parallel_group())
+            dist.all_reduce(local, group=self._layout.dp_group)
         return local.cpu()
 
     def state_dict(self) -> dict:
@@ -140,11 +142,6 @@ class DatasetLossMonitor(Callback):
             log.warning("DatasetLossMonitor: saved token counts of datasets no longer in the "
                         "blend are dropped: %s", ", ".join(dropped))
 
-    def _is_logging_step(self, trainer, step: int) -> bool:
-        if not self.interval:
-            return False
-        return step % self.interval == 0 or (self.log_last_step and step == trainer.cfg.train.steps)
-
     def on_step_end(self, trainer, metrics: StepMetrics) -> None:
         layout = trainer.layout
         if self._local is None or not layout.is_last_stage:
@@ -157,14 +154,12 @@ class DatasetLossMonitor(Callback):
             return
         step_sums = per_dataset_sums(report, len(self.names))
         self._local += step_sums[:, 1]  # every step, logged or not
-        if not self._is_logging_step(trainer, metrics.step):
+        if not trainer.metrics.due(self.interval, self.log_last_step):
             return
         vector = torch.cat([step_sums.reshape(-1), self._local])
         if layout.dp_size > 1:
-            from megatron.core import parallel_state as ps
-
             vector = vector.to(layout.device)
-            dist.all_reduce(vector, group=ps.get_data_parallel_group())
+            dist.all_reduce(vector, group=layout.dp_group)
             vector = vector.cpu()
         if not layout.is_logging_rank:
             return
@@ -172,19 +167,4 @@ class DatasetLossMonitor(Callback):
         global_sums = vector[:2 * num].reshape(num, 2)
         cumulative = vector[2 * num:] + self._base_vector()
         self.last = dataset_tags(self.names, global_sums, cumulative)
-        writer = self._writer(trainer)
-        if writer is not None:
-            for tag, value in self.last.items():
-                writer.add_scalar(tag, value, metrics.step)
-
-    def _writer(self, trainer):
-        from phoenix.monitor.tensorboard import find_writer
-
-        writer = find_writer(trainer)
-        if writer is not None:
-            return writer
-        if not self._warned_writer:
-            log.warning("DatasetLossMonitor: no TensorBoard writer (logging.tensorboard is off?); "
-                        "per-dataset losses are computed but not written")
-            self._warned_writer = True
-        return None
+        trainer.metrics.record_many(self.last)

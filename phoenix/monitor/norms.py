@@ -1,7 +1,9 @@
 """Per-layer gradient, parameter and update norms in TensorBoard, under any TP/PP/DP layout.
 
-Every ``interval`` optimizer steps :class:`NormMonitor` logs L2 norms, reduced over the
-whole world, so that the numbers are those of the full (unsharded) model:
+Every ``interval`` optimizer steps :class:`NormMonitor` records L2 norms, reduced over
+the whole world, so that the numbers are those of the full (unsharded) model, into the
+step's metrics collector right after the optimizer step (on the logging rank; the
+TensorBoard sink writes them, and the spike monitor reads them there):
 
 ``grad_norm/<key>``
     Gradients as the optimizer is about to use them: reduced over data parallel,
@@ -39,7 +41,8 @@ vector of per-key sums, and one ``all_reduce(SUM)`` over the world gathers them.
   structure (``layer_number`` is global) and are agreed on by all ranks once at start.
 * Data parallel with the distributed optimizer: after ``finalize_model_grads`` only this
   rank's shard of each grad-buffer bucket holds reduced gradients (the rest holds local,
-  unreduced partial sums), so each DP rank adds the slice of every parameter it owns
+  unreduced partial sums; the buffers are sharded over the layout's ``dp_cp_group``,
+  data x context parallel), so each DP rank adds the slice of every parameter it owns
   (``param_range_map["param"]`` of the optimizer's ``gbuf_ranges``); the slices are
   disjoint and cover every parameter once. Parameter and update norms use the same
   slices (of the fp32 main shards). Without it, every DP rank holds full reduced
@@ -60,7 +63,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from phoenix.train.callbacks import Callback, StepMetrics
+from phoenix.monitor.base import Callback
 
 log = logging.getLogger(__name__)
 
@@ -124,12 +127,18 @@ def _unwrap(chunk):
 class NormMonitor(Callback):
     """Logs ``grad_norm/``, ``param_norm/``, ``update_norm/``, ``update_ratio/`` scalars.
 
-    ``interval``: every N optimizer steps (0 disables); like the TensorBoard logger the
-    last step of the run is always included. The scalars are written through the
-    ``TensorBoardLogger`` callback's writer (found in ``trainer.callbacks``) on the
-    logging rank; all ranks must have the monitor (its reduction is collective).
-    After a logged step, ``last`` holds ``{tag: value}`` on the logging rank.
+    ``interval``: every N optimizer steps (0 disables); the last step of the run is
+    always included. The scalars are recorded into ``trainer.metrics`` after the
+    optimizer step, on the logging rank; all ranks must have the monitor (its reduction
+    is collective). After a logged step, ``last`` holds ``{tag: value}`` on the logging
+    rank. Skipped steps are not logged (there is no update to measure).
     """
+
+    # Before the spike monitor: it reads the per-layer grad norms of the step from the
+    # metrics. (They are recorded in on_after_optimizer_step, before any on_step_end, so
+    # this order is the documented dependency rather than a requirement of the hooks.)
+    priority = 600
+    state_key = "norms"
 
     def __init__(self, interval: int, log_last_step: bool = True):
         if interval < 0:
@@ -139,8 +148,6 @@ class NormMonitor(Callback):
         self.last: dict[str, float] = {}
         self._entries = None  # [(key, name, param)] of this rank, from the model
         self._active_step = None
-        self._pending = None  # (step, {tag: value}) to write at on_step_end
-        self._warned = False
 
     # -- hooks ------------------------------------------------------------------------
     def on_train_start(self, trainer) -> None:
@@ -156,17 +163,11 @@ class NormMonitor(Callback):
         self.keys = sorted(set().union(*map(set, gathered)))
         self._index = {key: i for i, key in enumerate(self.keys)}
 
-    def _is_logging_step(self, trainer, step: int) -> bool:
-        if not self.interval or self._entries is None:
-            return False
-        return step % self.interval == 0 or (self.log_last_step and step == trainer.cfg.train.steps)
-
     def on_before_optimizer_step(self, trainer) -> None:
-        step = trainer.state.step + 1
         self._active_step = None
-        if not self._is_logging_step(trainer, step):
+        if self._entries is None or not trainer.metrics.due(self.interval, self.log_last_step):
             return
-        self._active_step = step
+        self._active_step = trainer.metrics.step
         with torch.no_grad():
             owned = self._owned(trainer)
             self._idx = torch.tensor([self._index[k] for k, _, _ in owned], dtype=torch.long,
@@ -190,22 +191,9 @@ class NormMonitor(Callback):
             vector = torch.cat([self._grad_sq, self._param_sq, update_sq])
             self._snapshot = self._weights = None
             dist.all_reduce(vector, op=dist.ReduceOp.SUM)  # the whole world: TP x PP x DP
-        if trainer.layout.is_logging_rank:
+        if trainer.layout.is_logging_rank and trainer.metrics.step == self._active_step:
             self.last = self._tags(vector.cpu().tolist())
-            self._pending = (self._active_step, self.last)
-
-    def on_step_end(self, trainer, metrics: StepMetrics) -> None:
-        if self._pending is None:
-            return
-        step, values = self._pending
-        self._pending = None
-        if step != metrics.step:
-            return
-        writer = self._writer(trainer)
-        if writer is None:
-            return
-        for tag, value in values.items():
-            writer.add_scalar(tag, value, step)
+            trainer.metrics.record_many(self.last)
 
     # -- what this rank owns ----------------------------------------------------------
     def _owned(self, trainer) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
@@ -215,13 +203,11 @@ class NormMonitor(Callback):
         it keeps them, else the model parameter); ``grad`` the reduced gradient of the
         same elements.
         """
-        from megatron.core import parallel_state as ps
-
         layout = trainer.layout
         optimizers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
         sharded = [o for o in optimizers if hasattr(o, "model_param_gbuf_map")]
-        dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
-        dp_size = ps.get_data_parallel_world_size(with_context_parallel=True)
+        # Data x context parallel: the ranks megatron's grad buffers are sharded over.
+        dp_rank, dp_size = layout.dp_cp_rank, layout.dp_cp_size
         owned = []
         for i, (key, _, p) in enumerate(self._entries):
             if getattr(p, "shared", False):
@@ -288,15 +274,3 @@ class NormMonitor(Callback):
             if param > 0:
                 tags[f"update_ratio/{key}"] = update / param
         return tags
-
-    def _writer(self, trainer):
-        from phoenix.monitor.tensorboard import find_writer
-
-        writer = find_writer(trainer)
-        if writer is not None:
-            return writer
-        if not self._warned:
-            log.warning("NormMonitor: no TensorBoard writer (logging.tensorboard is off?); "
-                        "norms are computed but not written")
-            self._warned = True
-        return None

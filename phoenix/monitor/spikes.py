@@ -10,14 +10,14 @@ loss, the NaN grad norm of a skipped step) are neither flagged nor added.
 
 Each flagged step appends one JSON line to ``<output_dir>/spikes.jsonl`` (flushed at
 once), written by the **logging rank** (last pipeline stage, TP rank 0, DP rank 0: the
-rank that owns the TensorBoard writer and the ``NormMonitor``'s ``last`` values)::
+rank that records the step's metrics, the ``NormMonitor``'s per-layer norms included)::
 
     {"step": 120, "loss": 9.81, "grad_norm": 14.2, "skipped": true,
      "skip_reason": "loss spike",
      "spikes": {"loss": {"value": 9.81, "mean": 3.02, "std": 0.05, "threshold": 3.27,
                          "sigma": 5.0, "window": 100}},
      "top_layers": [{"name": "layer_07", "grad_norm": 3.1}, ...],   # or null, then
-     "top_layers_note": "NormMonitor did not log this step",         # says why
+     "top_layers_note": "NormMonitor did not log this step ...",     # says why
      "dataset_counts": {"web": 700, "code": 300},     # samples of the global batch
      "top_samples": [{"dataset": "code", "dataset_id": 1, "sample_id": 4711,
                       "group_id": -1, "document_id": 3120, "loss": 11.2,
@@ -27,17 +27,19 @@ rank that owns the TensorBoard writer and the ``NormMonitor``'s ``last`` values)
 ``loss`` of a sample is its token-mean loss (``loss_sum / tokens``); ``top_samples``
 are the ``top_samples`` samples with the highest such loss in the *whole* global batch:
 every DP rank's ``trainer.batch_report`` of the last pipeline stage is gathered (over
-megatron's data-parallel group, by TP rank 0 of the last stage only: the other TP ranks
+the layout's ``dp_group``, by TP rank 0 of the last stage only: the other TP ranks
 hold identical reports) to the logging rank. ``dataset_counts`` counts the samples of
 the global batch per dataset (names as in the data config). ``grad_norm`` is megatron's
-global norm before clipping (NaN, written as ``null``, on a skipped step).
+global norm before clipping (NaN, written as ``null``, on a skipped step). ``top_layers``
+are read from the per-layer grad norms recorded in the step's metrics (by the
+``NormMonitor``, on its logging steps, which never include a skipped step).
 
 ``skip_step: true`` skips the optimizer update of a step whose **loss** spikes, through
 ``trainer.request_skip("loss spike")`` in ``on_before_optimizer_step``; the trainer
 counts it in ``state.skipped_steps`` and TensorBoard ``train/skipped_steps``. The grad
 norm is only known after the optimizer step, so grad-norm spikes are logged, never
-skipped. ``spikes/count`` (flagged steps so far) goes to TensorBoard on every flagged
-step and on the TensorBoard logger's interval.
+skipped. ``spikes/count`` (flagged steps so far) is recorded (for TensorBoard) on every
+flagged step and every ``logging.log_interval`` steps.
 
 Every rank runs the same detector on the same values (the loss is broadcast to every
 rank, megatron's grad norm is reduced over the whole model), so all ranks agree on a
@@ -59,7 +61,7 @@ from collections import deque
 from pathlib import Path
 
 from phoenix.config.monitoring import SpikeConfig
-from phoenix.train.callbacks import Callback, StepMetrics
+from phoenix.monitor.base import Callback, StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +217,10 @@ class SpikeMonitor(Callback):
     data-parallel group). ``output_dir``: the run directory.
     """
 
+    # After the NormMonitor, whose per-layer grad norms of the step a record lists.
+    priority = 300
+    state_key = "spikes"
+
     def __init__(self, cfg: SpikeConfig, output_dir: str | Path):
         self.cfg = cfg
         self.path = Path(output_dir) / "spikes.jsonl"
@@ -223,7 +229,6 @@ class SpikeMonitor(Callback):
         self.records: list[dict] = []
         """Records written by this process (logging rank only)."""
         self._loss_spike: tuple[int, dict | None] | None = None
-        self._norm_last_before = None
         self._names: list[str] = []
         self._file = None
 
@@ -241,8 +246,6 @@ class SpikeMonitor(Callback):
         step = trainer.state.step + 1
         spike = self.detector.observe("loss", trainer.loss)
         self._loss_spike = (step, spike)
-        norm = self._norm_monitor(trainer)
-        self._norm_last_before = norm.last if norm is not None else None
         if spike is not None and self.cfg.skip_step:
             trainer.request_skip("loss spike")
 
@@ -261,7 +264,8 @@ class SpikeMonitor(Callback):
         if spikes:
             self.count += 1
             self._record(trainer, m, spikes)
-        self._tensorboard(trainer, m, bool(spikes))
+        if trainer.layout.is_logging_rank and (spikes or trainer.metrics.due()):
+            trainer.metrics.record("spikes/count", self.count)
 
     def on_train_end(self, trainer) -> None:
         if self._file is not None:
@@ -276,16 +280,15 @@ class SpikeMonitor(Callback):
         record = {"step": m.step, "loss": m.loss, "grad_norm": m.grad_norm,
                   "skipped": m.skipped, "skip_reason": m.extra.get("skip_reason"),
                   "spikes": spikes}
-        norm = self._norm_monitor(trainer)
-        if norm is None:
-            record["top_layers"], record["top_layers_note"] = None, "no NormMonitor in this run"
-        elif m.skipped or norm.last is self._norm_last_before or not norm.last:
+        norms = trainer.metrics.with_prefix("grad_norm/")  # recorded this step, if at all
+        if m.skipped or not norms:
             record["top_layers"] = None
-            record["top_layers_note"] = ("step skipped: NormMonitor does not log skipped steps"
-                                         if m.skipped else "NormMonitor did not log this step")
+            record["top_layers_note"] = (
+                "step skipped: NormMonitor does not log skipped steps" if m.skipped else
+                "NormMonitor did not log this step (or there is none in this run)")
         else:
-            record["top_layers"] = top_layers(norm.last, self.cfg.top_layers)
-            record["grad_norm_global_unclipped"] = norm.last.get("grad_norm/global")
+            record["top_layers"] = top_layers(norms, self.cfg.top_layers)
+            record["grad_norm_global_unclipped"] = norms.get("grad_norm/global")
         record.update(provenance(rows, self._names, self.cfg.top_samples))
         record["time"] = time.time()
         record = _clean(record)
@@ -307,32 +310,10 @@ class SpikeMonitor(Callback):
         rows = report_rows(trainer.batch_report)
         if layout.dp_size == 1:
             return rows
-        from megatron.core import parallel_state as ps
-
-        group = ps.get_data_parallel_group()
+        group = layout.dp_group
         dst = dist.get_global_rank(group, 0)
         gathered = [None] * dist.get_world_size(group) if dist.get_rank() == dst else None
         dist.gather_object(rows, gathered, dst=dst, group=group)
         if not layout.is_logging_rank:
             return []
         return [r for part in gathered for r in part]
-
-    # -- TensorBoard ----------------------------------------------------------------------
-    def _tensorboard(self, trainer, m: StepMetrics, spiked: bool) -> None:
-        tb = self._tb_logger(trainer)
-        if tb is None or tb.writer is None:
-            return
-        if spiked or m.step % tb.interval == 0 or m.step == trainer.cfg.train.steps:
-            tb.writer.add_scalar("spikes/count", self.count, m.step)
-
-    @staticmethod
-    def _tb_logger(trainer):
-        from phoenix.monitor.tensorboard import TensorBoardLogger
-
-        return next((cb for cb in trainer.callbacks if isinstance(cb, TensorBoardLogger)), None)
-
-    @staticmethod
-    def _norm_monitor(trainer):
-        from phoenix.monitor.norms import NormMonitor
-
-        return next((cb for cb in trainer.callbacks if isinstance(cb, NormMonitor)), None)

@@ -1,9 +1,11 @@
-"""TensorBoard scalars, written by one rank (the one that holds the loss).
+"""TensorBoard: the sink that writes a step's recorded metrics, on one rank.
 
-Tags: ``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/loss_scale`` (fp16),
-``train/consumed_tokens``, ``train/consumed_samples``, ``throughput/tokens_per_sec``,
-``throughput/step_time``, ``throughput/data_time``, ``train/skipped_steps``. The x axis is
-the optimizer step. The resolved config is logged once as text under ``config``.
+:class:`TensorBoardLogger` is the only owner of a ``SummaryWriter`` in a run; every
+monitor records its scalars into the step's metrics collector (see
+:mod:`phoenix.monitor.base`) and this sink writes them, on the logging rank (the one
+that holds the loss), at the optimizer step (steps completed) of the collector. The
+resolved config is logged once as text under ``config``. Which tags exist is documented
+by their producers (:mod:`phoenix.monitor.train_scalars` for ``train/*``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import queue
 import threading
 from pathlib import Path
 
-from phoenix.train.callbacks import Callback, StepMetrics
+from phoenix.monitor.base import Callback, MetricsCollector
 
 
 class BackgroundWriter:
@@ -73,55 +75,36 @@ class BackgroundWriter:
         self._writer.close()
 
 
-def find_writer(trainer):
-    """The run's SummaryWriter (held by its TensorBoardLogger on the logging rank), or None
-    on other ranks and when TensorBoard is off. Other monitors write through it."""
-    for cb in trainer.callbacks:
-        if isinstance(cb, TensorBoardLogger) and cb.writer is not None:
-            return cb.writer
-    return None
-
-
 class TensorBoardLogger(Callback):
-    def __init__(self, log_dir: str | Path, interval: int, config_yaml: str):
-        self.log_dir, self.interval, self.config_yaml = Path(log_dir), interval, config_yaml
+    """The TensorBoard sink: the one owner of the run's ``SummaryWriter``.
+
+    On the logging rank it opens a :class:`BackgroundWriter` on ``log_dir`` at train
+    start (and logs ``config_yaml`` as text under ``config``), writes every scalar and
+    text recorded in a step's :class:`~phoenix.monitor.base.MetricsCollector` at that step,
+    flushes after each checkpoint and closes at the end. It decides nothing about what is
+    written when: the producers record only on their logging steps.
+    """
+
+    # Runs last: its on_train_end closes the writer after every other callback is done.
+    priority = -1000
+
+    def __init__(self, log_dir: str | Path, config_yaml: str = ""):
+        self.log_dir, self.config_yaml = Path(log_dir), config_yaml
         self.writer = None
-        self.skipped = 0
 
     def on_train_start(self, trainer) -> None:
         if not trainer.layout.is_logging_rank:
             return
         self.writer = BackgroundWriter(str(self.log_dir))
-        self.skipped = trainer.state.skipped_steps
         self.writer.add_text("config", "```yaml\n" + self.config_yaml + "\n```", trainer.state.step)
 
-    def on_step_end(self, trainer, m: StepMetrics) -> None:
+    def log_metrics(self, trainer, metrics: MetricsCollector) -> None:
         if self.writer is None:
             return
-        self.skipped += int(m.skipped)
-        stage = m.extra.get("stage")
-        if stage is not None and m.extra.get("stage_began") and trainer.stages.explicit:
-            # Where each stage began: the step axis of every other curve reads against it.
-            self.writer.add_scalar("train/stage", stage.index, m.step)
-            self.writer.add_text("stages", f"stage {stage.index} '{stage.name}' began at step "
-                                 f"{stage.start_step} (after {stage.start_step} optimizer steps)",
-                                 m.step)
-        if m.step % self.interval and m.step != trainer.cfg.train.steps:
-            return
-        w, s = self.writer, m.step
-        if stage is not None and trainer.stages.explicit:
-            w.add_scalar("train/stage", stage.index, s)
-        w.add_scalar("train/loss", m.loss, s)
-        w.add_scalar("train/lr", m.lr, s)
-        w.add_scalar("train/grad_norm", m.grad_norm, s)
-        if m.loss_scale is not None:
-            w.add_scalar("train/loss_scale", m.loss_scale, s)
-        w.add_scalar("train/consumed_tokens", m.consumed_tokens, s)
-        w.add_scalar("train/consumed_samples", m.consumed_samples, s)
-        w.add_scalar("train/skipped_steps", self.skipped, s)
-        w.add_scalar("throughput/tokens_per_sec", m.tokens_per_second, s)
-        w.add_scalar("throughput/step_time", m.step_time, s)
-        w.add_scalar("throughput/data_time", m.data_time, s)
+        for tag, text in metrics.texts.items():
+            self.writer.add_text(tag, text, metrics.step)
+        for tag, value in metrics.scalars.items():
+            self.writer.add_scalar(tag, value, metrics.step)
 
     def on_checkpoint_saved(self, trainer, path) -> None:
         if self.writer is not None:

@@ -22,8 +22,9 @@ In closed form (forward, per token)::
 
     2 L [h (n_q d + 2 n_kv d) + n_q d h + m h f] + 2 L (2 s n_q d) [x 1/2 if causal] + 2 h V
 
-:class:`ThroughputMonitor` writes, on the logging rank and through the
-``TensorBoardLogger``'s writer, every ``interval`` steps (and the last step):
+:class:`ThroughputMonitor` records, on the logging rank and into the step's metrics
+collector (written by the TensorBoard sink), every ``interval`` steps (and the last
+step):
 
 ``throughput/tokens_per_sec_per_gpu``
     ``train/``'s loss-bearing tokens per second (as ``throughput/tokens_per_sec``,
@@ -46,7 +47,7 @@ In closed form (forward, per token)::
     started.
 
 ``throughput/tokens_per_sec``, ``throughput/step_time`` and ``throughput/data_time``
-are written by :class:`~phoenix.monitor.tensorboard.TensorBoardLogger`, not here.
+are recorded by :class:`~phoenix.monitor.train_scalars.TrainScalars`, not here.
 On logging steps with CUDA the monitor does one 3-element ``all_reduce(MAX)`` over the
 world, so every rank must have it; it does nothing else outside the logging rank.
 """
@@ -58,7 +59,7 @@ import logging
 import torch
 import torch.distributed as dist
 
-from phoenix.train.callbacks import Callback, StepMetrics
+from phoenix.monitor.base import Callback, StepMetrics
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +152,9 @@ class ThroughputMonitor(Callback):
     After a logged step, ``last`` holds ``{tag: value}`` on the logging rank.
     """
 
+    priority = 400  # a producer (see the trainer's callback list for the order)
+    state_key = "throughput"
+
     def __init__(self, interval: int, peak_tflops: float | None = None,
                  flops_per_token: float | None = None, log_last_step: bool = True):
         if interval < 0:
@@ -161,7 +165,6 @@ class ThroughputMonitor(Callback):
         self.peak_tflops, self.flops_per_token = peak_tflops, flops_per_token
         self.last: dict[str, float] = {}
         self._first_step = None
-        self._warned = False
 
     def on_train_start(self, trainer) -> None:
         cfg, layout = trainer.cfg, trainer.layout
@@ -177,13 +180,8 @@ class ThroughputMonitor(Callback):
                 log.info("ThroughputMonitor: no peak TFLOP/s known for '%s' (%s); set "
                          "logging.peak_tflops to log throughput/mfu", name, cfg.train.precision)
 
-    def _is_logging_step(self, trainer, step: int) -> bool:
-        if not self.interval:
-            return False
-        return step % self.interval == 0 or (self.log_last_step and step == trainer.cfg.train.steps)
-
     def on_step_end(self, trainer, m: StepMetrics) -> None:
-        if self._first_step is None or not self._is_logging_step(trainer, m.step):
+        if self._first_step is None or not trainer.metrics.due(self.interval, self.log_last_step):
             return
         layout = trainer.layout
         memory = self._memory(layout) if self._cuda else None  # collective: every rank
@@ -210,10 +208,7 @@ class ThroughputMonitor(Callback):
         if memory is not None:
             tags.update(memory)
         self.last = tags
-        writer = self._writer(trainer)
-        if writer is not None:
-            for tag, value in tags.items():
-                writer.add_scalar(tag, value, m.step)
+        trainer.metrics.record_many(tags)
 
     @staticmethod
     def _memory(layout) -> dict[str, float]:
@@ -225,14 +220,3 @@ class ThroughputMonitor(Callback):
         allocated, reserved, peak = (v / GIB for v in stats.tolist())
         return {"memory/allocated_gb": allocated, "memory/reserved_gb": reserved,
                 "memory/max_allocated_gb": peak}
-
-    def _writer(self, trainer):
-        from phoenix.monitor.tensorboard import find_writer
-
-        writer = find_writer(trainer)
-        if writer is not None:
-            return writer
-        if not self._warned:
-            log.warning("ThroughputMonitor: no TensorBoard writer (logging.tensorboard is off?)")
-            self._warned = True
-        return None

@@ -4,7 +4,8 @@
 CUDA, gloo plus the CPU emulation otherwise), initialises ``torch.distributed`` from the
 torchrun environment, builds megatron-core's model-parallel groups and seeds every RNG.
 Phoenix code receives the resulting :class:`ParallelLayout` instead of reaching for
-``parallel_state`` getters.
+``parallel_state`` getters: this package is the only one that touches megatron-core's
+``parallel_state`` (megatron-core itself still uses it internally).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -21,12 +23,30 @@ import torch.distributed as dist
 
 from phoenix.config import RunConfig
 
+if TYPE_CHECKING:
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """Degrees and this process's coordinates in the TP x PP x DP grid."""
+    """Degrees, this process's coordinates in the TP x PP x DP grid, and its groups.
+
+    The groups are megatron-core's own (the same objects ``parallel_state`` hands out),
+    so a reduction over ``layout.dp_group`` is the reduction megatron does over its
+    data-parallel group. Which group a reduction needs:
+
+    * ``dp_group``: data parallel **without** context parallel (megatron's default
+      ``get_data_parallel_group()``): ranks that hold different samples of the batch and
+      the same sequence positions; the loss and per-sample reports are summed over it.
+    * ``dp_cp_group``: data x context parallel (``with_context_parallel=True``): the ranks
+      among which megatron's grad buffers and the distributed optimizer are sharded.
+      Equal to ``dp_group`` while ``parallel.context`` is 1.
+    * ``tp_group`` (tensor), ``pp_group`` (pipeline), ``mp_group`` (model parallel:
+      TP x PP), ``cp_group`` (context), ``ep_group`` (expert model parallel; ``None`` when
+      megatron did not build one).
+    """
 
     world_size: int
     rank: int
@@ -37,7 +57,25 @@ class ParallelLayout:
     pp_rank: int
     dp_rank: int
     device: torch.device
-    pg_collection: object  # megatron.core.process_groups_config.ProcessGroupCollection
+    pg_collection: ProcessGroupCollection
+    """Every megatron group, for megatron APIs that take ``pg_collection``."""
+    tp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup
+    mp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    dp_cp_group: dist.ProcessGroup
+    cp_group: dist.ProcessGroup | None = None
+    ep_group: dist.ProcessGroup | None = None
+
+    @property
+    def dp_cp_size(self) -> int:
+        """Size of ``dp_cp_group`` (``dp_size`` x context-parallel size)."""
+        return dist.get_world_size(self.dp_cp_group)
+
+    @property
+    def dp_cp_rank(self) -> int:
+        """This process's rank in ``dp_cp_group``."""
+        return dist.get_rank(self.dp_cp_group)
 
     @property
     def is_first_stage(self) -> bool:
@@ -67,12 +105,10 @@ def _init_process_group(device: str, timeout_minutes: int) -> None:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in os.environ:
-        from phoenix.testing.ports import free_port
+        from phoenix.runtime.ports import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
     backend = "nccl" if device == "cuda" else "gloo"
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
 
 
@@ -104,6 +140,8 @@ def init_runtime(cfg: RunConfig) -> ParallelLayout:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device is 'cuda' but no GPU is visible; use runtime.device=cpu "
                            "to run on CPU")
+    if device == "cuda":  # also when the caller (e.g. a test harness) made the world group
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     _init_process_group(device, cfg.runtime.distributed_timeout_minutes)
     world_size = dist.get_world_size()
     cfg.validate_layout(world_size)
@@ -127,6 +165,13 @@ def init_runtime(cfg: RunConfig) -> ParallelLayout:
         device=torch.device("cuda", torch.cuda.current_device()) if device == "cuda"
         else torch.device("cpu"),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        mp_group=ps.get_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        cp_group=ps.get_context_parallel_group(check_initialized=False),
+        ep_group=ps.get_expert_model_parallel_group(check_initialized=False),
     )
     seed_everything(cfg.train.seed, layout.pp_rank)
     return layout

@@ -1,10 +1,14 @@
 """Run a function on N real processes (gloo on CPU) and collect what each returns.
 
-Used by the multi-process tests: ``run_distributed(fn, world_size, *args)`` spawns
-``world_size`` fresh processes with the torchrun environment set (free port, RANK,
-WORLD_SIZE, LOCAL_RANK), calls ``fn(*args)`` in each, and returns the per-rank results.
-A failure on any rank raises in the caller with that rank's traceback. Fresh processes
-matter: megatron-core keeps its process groups in module globals.
+Used by the multi-process tests: ``run_distributed(fn, world_size, *args, backend="gloo")``
+spawns ``world_size`` fresh processes with the torchrun environment set (free port, RANK,
+WORLD_SIZE, LOCAL_RANK), initialises the default process group with ``backend`` in each
+(``nccl``: rank r on GPU r), calls ``fn(*args)`` and returns the per-rank results.
+:func:`phoenix.runtime.init_runtime` inside ``fn`` keeps that world group and builds
+megatron's groups on it, so the same test body runs on gloo here and on NCCL on GPUs. A
+failure on any rank raises in the caller with that rank's traceback; the runtime is torn
+down in ``finally``. Fresh processes matter: megatron-core keeps its process groups in
+module globals.
 """
 
 from __future__ import annotations
@@ -13,18 +17,29 @@ import os
 import pickle
 import tempfile
 import traceback
+from datetime import timedelta
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from phoenix.testing.ports import free_port
+from phoenix.runtime.ports import free_port
 
 
-def _entry(rank: int, fn, args, world_size: int, port: int, out_dir: str) -> None:
+BACKENDS = ("gloo", "nccl")
+
+
+def _entry(rank: int, fn, args, world_size: int, port: int, out_dir: str, backend: str,
+           timeout: float) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     result_file = Path(out_dir) / f"rank_{rank}.pkl"
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout))
         result = fn(*args)
         payload = ("ok", result)
     except BaseException:
@@ -41,10 +56,22 @@ def _entry(rank: int, fn, args, world_size: int, port: int, out_dir: str) -> Non
         raise SystemExit(1)
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 600.0) -> list:
-    """Call ``fn(*args)`` on ``world_size`` spawned ranks; return results by rank."""
+def run_distributed(fn, world_size: int, *args, backend: str = "gloo",
+                    timeout: float = 600.0) -> list:
+    """Call ``fn(*args)`` on ``world_size`` spawned ranks; return results by rank.
+
+    ``backend``: of the world process group, ``gloo`` (CPU) or ``nccl`` (one GPU per
+    rank; ``fn``'s config must then say ``runtime.device: cuda``). ``timeout``: seconds
+    a collective of the world group may wait (also the interval of the join polls).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"run_distributed: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "nccl" and torch.cuda.device_count() < world_size:
+        raise RuntimeError(f"run_distributed: backend 'nccl' needs {world_size} GPUs, "
+                           f"{torch.cuda.device_count()} visible")
     with tempfile.TemporaryDirectory(prefix="phoenix-dist-") as out_dir:
-        ctx = mp.start_processes(_entry, args=(fn, args, world_size, free_port(), out_dir),
+        ctx = mp.start_processes(_entry, args=(fn, args, world_size, free_port(), out_dir,
+                                               backend, timeout),
                                  nprocs=world_size, join=False, start_method="spawn")
         errors, failed = [], None
         try:

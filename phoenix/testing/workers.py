@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from phoenix.config import build_config
-from phoenix.train.callbacks import Callback
+from phoenix.monitor.base import Callback
 
 
 class Recorder(Callback):

@@ -8,39 +8,13 @@ import os
 import sys
 
 from phoenix.checkpoint.manager import CheckpointError
-from phoenix.config import ConfigError, dump_config, load_config
+from phoenix.config import dump_config, load_config
 from phoenix.data.indexed import DataError
+from phoenix.runtime.command import run_command as _run_command
+from phoenix.runtime.command import setup_logging
 from phoenix.train.trainer import NonFiniteLossError
 
 log = logging.getLogger("phoenix")
-
-
-# Deprecation notices raised inside megatron-core and torch.distributed on every run;
-# nothing a user can act on, and they bury the progress lines.
-_INTERNAL_WARNINGS = (
-    r".*torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated.*",
-    r".*deprecating ShardedTensor.*",
-    r".*`load_state_dict` is deprecated.*",
-    r".*\.grad attribute of a Tensor that is not a leaf Tensor.*",
-    r".*full scope is deprecated.*",
-)
-
-
-def setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    # Every rank reports warnings; progress comes from rank 0 and the logging rank.
-    tag = f"[rank {rank}] " if world > 1 else ""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {tag}%(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stdout, force=True)
-    if rank not in (0, world - 1):
-        logging.getLogger().setLevel(logging.WARNING)
-    import warnings
-
-    for pattern in _INTERNAL_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern)
-    for noisy in ("megatron", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def train(cfg):
@@ -56,26 +30,16 @@ def train(cfg):
 
 
 def run_command(body) -> int:
-    """Run a command's ``body()``: input errors become one line on stderr and exit code 2
-    (no traceback on every rank), and the process groups are always torn down."""
-    try:
-        return body() or 0
-    except ConfigError as e:
-        print(f"phoenix: config error: {e}", file=sys.stderr)
-        return 2
-    except (DataError, CheckpointError) as e:
-        print(f"phoenix: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:
-        print(f"phoenix: stopped: {e}", file=sys.stderr)
-        return 3
-    finally:
-        from phoenix.runtime import shutdown_runtime
-
+    """:func:`phoenix.runtime.command.run_command` with the data and checkpoint input
+    errors (one line on stderr, exit code 2) and the non-finite stop (exit code 3)."""
+    def guarded():
         try:
-            shutdown_runtime()
-        except Exception:
-            pass
+            return body()
+        except NonFiniteLossError as e:
+            print(f"phoenix: stopped: {e}", file=sys.stderr)
+            return 3
+
+    return _run_command(guarded, (DataError, CheckpointError))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,12 +32,13 @@ from phoenix.monitor import (
     SpikeMonitor,
     TensorBoardLogger,
     ThroughputMonitor,
+    TrainScalars,
 )
+from phoenix.monitor.base import Callback, MetricsCollector, StepMetrics, sort_callbacks
 from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.optim.param_groups import frozen_model_params, zero_frozen_grads
 from phoenix.optim.nonfinite import grads_are_finite
 from phoenix.runtime import ParallelLayout
-from phoenix.train.callbacks import Callback, StepMetrics
 from phoenix.train.step import batch_report, forward_step, reduce_loss
 
 log = logging.getLogger("phoenix.train")
@@ -110,10 +111,24 @@ class Trainer:
         see phoenix.train.step.batch_report): what per-dataset loss and spike logs read."""
         self.losses: list[tuple[int, float]] = []
         """(step, loss) of the steps this process ran: for tests and the run summary."""
-        self.callbacks = callbacks if callbacks is not None else [
+        self.metrics = MetricsCollector(self.state.step, cfg.train.steps, cfg.logging.log_interval)
+        """What the callbacks record during the step in progress (a fresh one every step;
+        see phoenix.monitor.base); handed to the sinks once the step's callbacks have run."""
+        # Callbacks run in descending ``priority`` (sort_callbacks; again at train start, as
+        # callers may add some). The order that matters, as the priorities state it:
+        # ConsoleLogger (1000) first, so a step's progress line precedes its spike/eval
+        # lines; the producers TrainScalars (900), NormMonitor (600), DatasetLossMonitor
+        # (500), ThroughputMonitor (400); SpikeMonitor (300) after NormMonitor, because a
+        # spike record lists the per-layer grad norms NormMonitor recorded that step;
+        # EvalCallback (100) after the monitors of the training step; callbacks added by
+        # callers default to 0; the TensorBoardLogger sink (-1000) last, so it closes its
+        # writer after everything else at train end. Sinks write in log_metrics, after
+        # every callback's on_step_end, so no producer has to come before a sink.
+        self.callbacks = sort_callbacks(callbacks if callbacks is not None else [
             ConsoleLogger(cfg.train.steps, cfg.logging.log_interval),
-            *([TensorBoardLogger(self.out_dir / "tensorboard", cfg.logging.log_interval,
-                                 self.config_yaml)] if cfg.logging.tensorboard else []),
+            TrainScalars(),
+            *([TensorBoardLogger(self.out_dir / "tensorboard", self.config_yaml)]
+              if cfg.logging.tensorboard else []),
             *([NormMonitor(cfg.logging.norm_interval)]
               if cfg.logging.tensorboard and cfg.logging.norm_interval else []),
             *([DatasetLossMonitor(cfg.logging.dataset_loss_interval)]
@@ -122,7 +137,7 @@ class Trainer:
               if cfg.logging.tensorboard and cfg.logging.throughput_interval else []),
             *([SpikeMonitor(cfg.logging.spikes, self.out_dir)] if cfg.logging.spikes.enabled else []),
             *([EvalCallback(cfg.eval)] if cfg.eval is not None else []),
-        ]
+        ])
 
     # -- set-up ----------------------------------------------------------------------
     def setup(self) -> None:
@@ -204,6 +219,7 @@ class Trainer:
 
         cfg, state = self.cfg, self.state
         forward_backward = get_forward_backward_func()
+        self.callbacks = sort_callbacks(self.callbacks)
         for cb in self.callbacks:
             cb.on_train_start(self)
         if cfg.checkpoint.save_initial and state.step == 0:
@@ -213,6 +229,8 @@ class Trainer:
         try:
             while state.step < last_step:
                 stage, stage_began = self._enter_stage(state.step)
+                self.metrics = MetricsCollector(state.step + 1, cfg.train.steps,
+                                                cfg.logging.log_interval)
                 t0 = time.perf_counter()
                 micro_batches = self.loader.next_batch()
                 t_data = time.perf_counter() - t0
@@ -276,6 +294,8 @@ class Trainer:
                 t2 = time.perf_counter()
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
+                for cb in self.callbacks:  # the sinks write what was recorded this step
+                    cb.log_metrics(self, self.metrics)
                 t_callbacks = time.perf_counter() - t2
                 self._after_save(self.checkpointer.save(state.step, last=state.step == last_step))
         finally:
@@ -300,11 +320,9 @@ class Trainer:
 
     def _global_loss(self, losses: list[dict]) -> tuple[float, int]:
         """Token-mean loss of the global batch, known on every rank (for the NaN check)."""
-        from megatron.core import parallel_state as ps
-
         report = torch.zeros(2, dtype=torch.float64)
         if self.layout.is_last_stage:
-            loss, tokens = reduce_loss(losses, ps.get_data_parallel_group())
+            loss, tokens = reduce_loss(losses, self.layout.dp_group)
             report = torch.tensor([loss, tokens], dtype=torch.float64)
         # The last global rank is on the last stage; it tells the other stages.
         dist.broadcast(report, src=self.layout.world_size - 1)
