@@ -149,7 +149,7 @@ def train_with_spike(config: dict, spikes: dict, overrides: list[str] = (),
             "is_logging_rank": layout.is_logging_rank, "layout": layout.describe()}
 
 
-# -- held-out evaluation (tests/test_eval.py) ------------------------------------------
+# -- held-out evaluation (tests/eval/test_eval.py) ------------------------------------------
 def train_with_eval(config: dict, overrides: list[str] = (), eval_section: dict | None = None,
                     direct_reference: bool = False, cli_argv: list[str] | None = None) -> dict:
     """Train with ``config``; with ``eval_section`` (an ``eval`` config mapping) exactly one
@@ -256,7 +256,7 @@ def run_eval_cli(argv: list[str]) -> int:
     return main(argv)
 
 
-# -- per-dataset loss / throughput monitors (tests/test_dataset_loss.py) ---------------
+# -- per-dataset loss / throughput monitors (tests/monitor/test_dataset_loss.py) ---------------
 class WeightSnapshots(Callback):
     """Copies of this rank's weights before every step (``snapshots[k]``: the weights
     step ``k + 1`` trained from), for oracles that replay a step with a plain forward."""

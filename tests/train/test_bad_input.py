@@ -24,7 +24,7 @@ from phoenix.config import ConfigError, build_config
 from phoenix.data.indexed import DataError, check_prefix, read_meta
 from phoenix.testing.tiny import tiny_config, tiny_config_dict
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Transformer Engine and Apex:UserWarning"),
     pytest.mark.filterwarnings("ignore::DeprecationWarning"),

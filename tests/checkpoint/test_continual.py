@@ -14,7 +14,7 @@ from phoenix.testing.tiny import tiny_config_dict
 from phoenix.testing.workers import optimizer_state_after_setup, train_and_record
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _digest(directory: Path) -> dict[str, str]:

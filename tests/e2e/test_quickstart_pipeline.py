@@ -12,7 +12,7 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PHOENIX = ("-m", "phoenix.cli")  # `phoenix <cmd>` without relying on the console script
 
 

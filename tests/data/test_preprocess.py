@@ -20,7 +20,7 @@ from phoenix.data.preprocess import EmptyOutputError, GroupAdjacencyError, prepr
 from phoenix.testing.synthetic import generate_documents, write_corpus
 from phoenix.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # megatron-core warns about optional GPU extras on import; irrelevant here.
 pytestmark = [
     pytest.mark.filterwarnings("ignore:Transformer Engine and Apex:UserWarning"),

@@ -17,7 +17,7 @@ import yaml
 
 from phoenix.config import ConfigError, RunConfig, build_config, dump_config, load_config, to_dict
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 PRESETS = sorted(p.stem for p in (CONFIGS / "model").glob("*.yaml"))
 RECIPES = sorted(p for p in CONFIGS.rglob("*.y*ml")
