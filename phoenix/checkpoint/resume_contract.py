@@ -42,7 +42,8 @@ from phoenix.config.loader import load_saved_config
 # Top-level prefixes whose changes are honoured with no effect on what is trained.
 _FREE = ("name", "output_dir", "parallel.", "runtime.", "logging.", "eval", "checkpoint.",
          "data.prefetch_batches", "data.cache_dir", "train.micro_batch_size",
-         "train.stop_at_step", "train.on_nonfinite_loss", "train.precision")
+         "train.stop_at_step", "train.time_limit_minutes", "train.on_nonfinite_loss",
+         "train.precision")
 # Optimizer settings re-applied to the loaded param groups.
 _OPTIMIZER = ("optim.adam_beta1", "optim.adam_beta2", "optim.adam_eps", "optim.clip_grad",
               "optim.weight_decay")

@@ -189,6 +189,9 @@ class TrainConfig:
     stop_at_step: Optional[int] = None
     """End this job after this step (saving a checkpoint if save_at_end), e.g. to fit a
     cluster time slot; the LR schedule and data still span ``steps``."""
+    time_limit_minutes: Optional[float] = None
+    """End the job cleanly (finish the step, save, exit 0) once it has trained this long,
+    as on SIGTERM / SIGUSR1; a later job resumes. None: no limit."""
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     """What a NaN/Inf loss or gradient does: stop the run before the update (one error line
     naming the step and the last good checkpoint) or skip the update (counted in
@@ -196,7 +199,8 @@ class TrainConfig:
 
     def __post_init__(self):
         positive("train", steps=self.steps, global_batch_size=self.global_batch_size,
-                  micro_batch_size=self.micro_batch_size, stop_at_step=self.stop_at_step)
+                  micro_batch_size=self.micro_batch_size, stop_at_step=self.stop_at_step,
+                  time_limit_minutes=self.time_limit_minutes)
 
 
 @dataclass(kw_only=True)

@@ -9,7 +9,8 @@ same decision.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+
+from phoenix.runtime import any_rank
 
 
 def _unwrap(chunk):
@@ -17,10 +18,7 @@ def _unwrap(chunk):
 
 
 def _all_finite(local_ok: bool) -> bool:
-    flag = torch.tensor([0.0 if local_ok else 1.0])
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return not flag.item()
+    return not any_rank(not local_ok)
 
 
 def grads_are_finite(model_chunks) -> bool:

@@ -112,6 +112,18 @@ def _init_process_group(device: str, timeout_minutes: int) -> None:
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
 
 
+def any_rank(flag: bool) -> bool:
+    """Collective over the whole world: True on every rank when ``flag`` is True on any.
+
+    The tensor lives where the backend needs it (CUDA for NCCL, CPU for gloo)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return bool(flag)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def seed_everything(seed: int, pp_rank: int) -> None:
     """Seed python/numpy/torch and megatron's model-parallel CUDA RNG tracker.
 

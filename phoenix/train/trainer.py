@@ -38,7 +38,8 @@ from phoenix.monitor.base import Callback, MetricsCollector, StepMetrics, sort_c
 from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.optim.param_groups import frozen_model_params, zero_frozen_grads
 from phoenix.optim.nonfinite import grads_are_finite
-from phoenix.runtime import ParallelLayout
+from phoenix.runtime import ParallelLayout, any_rank
+from phoenix.runtime.preemption import StopRequest
 from phoenix.train.step import batch_report, forward_step, reduce_loss
 
 log = logging.getLogger("phoenix.train")
@@ -109,6 +110,8 @@ class Trainer:
         self.batch_report: dict = {}
         """This rank's per-sample losses and provenance of the latest step (last stage only;
         see phoenix.train.step.batch_report): what per-dataset loss and spike logs read."""
+        self.stopped_early: str | None = None
+        """Why the job ended before its last step (a signal or the time limit), if it did."""
         self.losses: list[tuple[int, float]] = []
         """(step, loss) of the steps this process ran: for tests and the run summary."""
         self.metrics = MetricsCollector(self.state.step, cfg.train.steps, cfg.logging.log_interval)
@@ -226,6 +229,7 @@ class Trainer:
             self._after_save(self.checkpointer.save_now(0))
         last_step = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
         t_callbacks = 0.0  # time the callbacks of the previous step took (logging cost)
+        stop = StopRequest(cfg.train.time_limit_minutes).install()
         try:
             while state.step < last_step:
                 stage, stage_began = self._enter_stage(state.step)
@@ -298,7 +302,16 @@ class Trainer:
                     cb.log_metrics(self, self.metrics)
                 t_callbacks = time.perf_counter() - t2
                 self._after_save(self.checkpointer.save(state.step, last=state.step == last_step))
+                reason = stop.agreed() if state.step < last_step else None
+                if reason is not None:  # preemption or time limit: save and end the job cleanly
+                    if self.checkpointer.latest_step() != state.step:
+                        self._after_save(self.checkpointer.save_now(state.step))
+                    self.stopped_early = reason
+                    self._log0(f"stopping after step {state.step}: {reason}; checkpoint "
+                               f"{self.checkpointer.latest()} resumes the run")
+                    break
         finally:
+            stop.uninstall()
             self.loader.close()
             for cb in self.callbacks:
                 cb.on_train_end(self)
@@ -312,11 +325,10 @@ class Trainer:
     def _agree_on_skip(self) -> bool:
         """All ranks skip together if any asks (the decision inputs are global, but a
         rank-local bug must not desynchronise the optimizer step)."""
-        flag = torch.tensor([1.0 if self.skip_reason is not None else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.skip_reason is None:
+        skip = any_rank(self.skip_reason is not None)
+        if skip and self.skip_reason is None:
             self.skip_reason = "requested by another rank"
-        return bool(flag.item())
+        return skip
 
     def _global_loss(self, losses: list[dict]) -> tuple[float, int]:
         """Token-mean loss of the global batch, known on every rank (for the NaN check)."""

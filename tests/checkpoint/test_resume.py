@@ -4,6 +4,7 @@ import math
 import shutil
 
 import pytest
+import torch
 
 from phoenix.checkpoint import find_latest
 from phoenix.testing.distributed import run_distributed
@@ -81,19 +82,11 @@ def test_nonfinite_loss_skip_policy(tiny_data, tmp_path):
 def _nonfinite_in_checkpoints(run_dir) -> dict[str, int]:
     """Non-finite values in every checkpoint's model and optimizer tensors, read back with
     torch.distributed.checkpoint in this (non-distributed) process."""
-    import torch
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemReader
+    from phoenix.testing.checkpoints import read_checkpoint_tensors
 
-    counts = {}
-    for path in sorted((run_dir / "checkpoints").glob("step_*")):
-        md = FileSystemReader(str(path)).read_metadata()
-        sd = {k: torch.empty(m.size, dtype=m.properties.dtype)
-              for k, m in md.state_dict_metadata.items() if hasattr(m, "size")}
-        dcp.load(sd, storage_reader=FileSystemReader(str(path)), no_dist=True)
-        counts[path.name] = sum(int((~torch.isfinite(v)).sum()) for v in sd.values()
-                                if v.is_floating_point())
-    return counts
+    return {path.name: sum(int((~torch.isfinite(v)).sum())
+                           for v in read_checkpoint_tensors(path).values() if v.is_floating_point())
+            for path in sorted((run_dir / "checkpoints").glob("step_*"))}
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
