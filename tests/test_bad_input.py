@@ -122,6 +122,42 @@ def test_corrupt_idx(tiny_data, tmp_path):
         check_prefix(prefix)
 
 
+def test_idx_document_index_must_cut_the_sequences_into_documents(tmp_path):
+    """Written with megatron-core's builder: a sequence after the last end_document
+    (megatron's reader asserts; the message says which check failed), and a document
+    index that runs backwards (megatron does not check; phoenix does)."""
+    import numpy as np
+    import torch
+
+    from phoenix.data.indexed import indexed_dataset_module
+
+    idx = indexed_dataset_module()
+
+    def build(name, document_indices=None):
+        prefix = str(tmp_path / name)
+        builder = idx.IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+        for sentence in ([5, 6, 7], [8, 9], [10, 2]):
+            builder.add_item(torch.tensor(sentence))
+        builder.end_document()
+        builder.add_item(torch.tensor([11, 12, 2]))
+        if document_indices is not None:
+            builder.end_document()
+            builder.document_indices = document_indices
+        builder.finalize(prefix + ".idx")
+        return prefix
+
+    prefix = build("open")  # no end_document after the last sequence
+    with pytest.raises(DataError, match=re.escape(f"cannot read {prefix}.idx: AssertionError in ") +
+                       r"indexed_dataset\.py:\d+: assert .*document_indices\[-1\]"):
+        check_prefix(prefix)
+    prefix = build("backwards", [0, 3, 1, 4])
+    with pytest.raises(DataError, match=re.escape(
+            f"data prefix '{prefix}': {prefix}.idx has an inconsistent document index (it must run "
+            f"from sequence 0 to all 4 sequences, never backwards)")):
+        check_prefix(prefix)
+    assert check_prefix(build("fine", [0, 3, 4]))["num_documents"] == 2
+
+
 def test_meta_json_not_json(tiny_data, tmp_path):
     prefix = copy_prefix(tiny_data.prefixes["web"], tmp_path / "data")
     Path(prefix + ".meta.json").write_text("{not json")
