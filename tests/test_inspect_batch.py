@@ -140,3 +140,28 @@ def test_sentence_split_data_reports_documents_not_sentences(tiny_data, tmp_path
     for s in shown:
         start, n = int(ix.starts[s["sample_id"]]), int(ix.lengths[s["sample_id"]])
         assert s["document_ids"] == list(range(doc_of[start], doc_of[start + n - 1] + 1))
+
+
+def test_token_ids_outside_the_vocabulary_are_shown(tiny_data, tmp_path, capsys):
+    """inspect-batch is how one looks at bad data: an id the tokenizer does not have is
+    shown as <|bad id N|> rather than failing the decode."""
+    import shutil
+
+    from phoenix.config import build_config, dump_config
+    from phoenix.testing.tiny import tiny_config_dict
+
+    prefix = str(tmp_path / "web")
+    for suffix in (".bin", ".idx"):  # no .meta.json: data from another builder
+        shutil.copy(tiny_data.prefixes["web"] + suffix, prefix + suffix)
+    tokens = np.memmap(prefix + ".bin", dtype=np.uint16, mode="r+")
+    tokens[::5] = 700
+    tokens.flush()
+    data = tiny_config_dict(tiny_data, tmp_path / "run", train={"steps": 3})
+    data["data"].update(datasets=[{"prefix": prefix, "weight": 1.0, "name": "web"}],
+                        cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(dump_config(build_config(data)))
+    assert inspect_batch.main([str(tmp_path / "run"), "1", "--json", "--chars", "0"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for s in shown:
+        assert s["text"].count("<|bad id 700|>") >= (s["tokens"] - 1) // 5 > 5

@@ -2,6 +2,8 @@
 sample crosses a group, and what the loader yields (counted directly, over all DP ranks)
 has the exact per-batch mixture, min_share bursts and whole groups the plan promises."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -242,3 +244,98 @@ def test_sentence_split_groups_one_per_document_or_per_sequence(split_data, tmp_
     (tmp_path / "threads.groups.npy").write_bytes(b"not numpy")
     with pytest.raises(DataError, match=r"cannot read .*threads\.groups\.npy"):
         build_sample_index(copy, SEQ, use_groups=True)
+
+
+# --- token ids outside the vocabulary: a DataError naming dataset and sample, not IndexError --
+
+
+def _with_bad_token(tmp_path, dtype, bad_id, at):
+    """Data from another builder (no .meta.json): 30 documents of ids < 100, one of them
+    ``bad_id`` at token ``at``. Returns (prefix, document of the bad token)."""
+    import torch
+
+    from phoenix.data.indexed import indexed_dataset_module
+
+    rng = np.random.default_rng(0)
+    prefix = str(tmp_path / "upstream")
+    builder = indexed_dataset_module().IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
+    pos, bad_doc = 0, None
+    for doc in range(30):
+        ids = rng.integers(3, 100, size=int(rng.integers(20, 60))).astype(np.int64)
+        ids[-1] = 2
+        if pos <= at < pos + len(ids):
+            ids[at - pos], bad_doc = bad_id, doc
+        builder.add_item(torch.from_numpy(ids))
+        builder.end_document()
+        pos += len(ids)
+    builder.finalize(prefix + ".idx")
+    return prefix, bad_doc
+
+
+@pytest.mark.parametrize("dtype,bad_id,prefetch", [(np.uint16, 600, 2), (np.int32, -5, 0)])
+def test_token_id_outside_the_vocabulary_is_a_data_error(tmp_path, dtype, bad_id, prefetch):
+    import traceback
+
+    from phoenix.data.indexed import DataError
+
+    at = 700
+    prefix, bad_doc = _with_bad_token(tmp_path, dtype, bad_id, at)
+    specs = [PlanDatasetSpec("upstream", prefix, 1.0)]
+    indices = build_indices(specs, SEQ)
+    steps = len(indices[0]) // 4
+    plan, _ = load_or_build_plan(plan_inputs(specs, indices, 4, steps, seed=1), tmp_path)
+    # The first step whose batch holds a sample covering token `at` (samples overlap by one).
+    holds = {s for s in range(len(indices[0]))
+             if indices[0].starts[s] <= at < indices[0].starts[s] + indices[0].lengths[s]}
+    first_bad = min(k for k in range(steps) if holds & set(plan.batch(k)[1].tolist()))
+
+    loader = GlobalBatchLoader(PlanSource(plan, indices, eod_id=2, vocab_size=512), 4, 2, 0, 1,
+                               steps, prefetch=prefetch)
+    good = 0
+    with pytest.raises(DataError) as err:
+        for _ in loader:
+            good += 1
+    loader.close()
+    assert good == first_bad  # every batch before it was handed out; the bad one never was
+    message = str(err.value)
+    m = re.fullmatch(
+        rf"dataset 'upstream' \({re.escape(prefix)}\): sample (\d+) holds token id {bad_id}, "
+        rf"outside the vocabulary \[0, 512\) \(document {bad_doc}, token {at} of "
+        rf"{re.escape(prefix)}\.bin\); was it tokenised with another tokenizer\?", message)
+    assert m and int(m[1]) in holds, message
+    # raised in the prefetch thread, handed to the training thread as the same DataError
+    frames = [f.name for f in traceback.extract_tb(err.value.__traceback__)]
+    assert ("_worker" in frames) == (prefetch > 0)
+
+    # without a vocabulary to check against, the same data reads (the old behaviour)
+    unchecked = GlobalBatchLoader(PlanSource(plan, indices, eod_id=2), 4, 2, 0, 1, steps, prefetch=0)
+    assert len(list(unchecked)) == steps
+
+
+def test_megatron_blend_checks_token_ids(tmp_path):
+    from phoenix.data.indexed import DataError
+    from phoenix.data.megatron_blend import MegatronBlendSource
+
+    prefix, _ = _with_bad_token(tmp_path, np.uint16, 600, 700)
+    kw = dict(prefixes=[prefix], weights=[1.0], names=["upstream"], seq_length=SEQ, num_samples=20,
+              seed=1, vocab_size=512, eod_id=2, cache_dir=str(tmp_path / "cache"))
+    import torch.distributed as dist
+
+    # megatron's dataset builder asks torch.distributed for the rank: a world of one.
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        source = MegatronBlendSource(**kw, check_vocab_size=512)
+        unchecked = MegatronBlendSource(**kw)
+    finally:
+        dist.destroy_process_group()
+    errors = []
+    for i in range(len(source)):
+        try:
+            source.sample(i)
+        except DataError as e:
+            errors.append(str(e))
+    assert errors and all(re.fullmatch(
+        rf"dataset 'upstream' \({re.escape(prefix)}\): sample \d+ \(blend position \d+\) holds "
+        r"token id 600, outside the vocabulary \[0, 512\); was it tokenised with another "
+        r"tokenizer\?", e) for e in errors), errors
+    assert all(unchecked.sample(i) for i in range(len(unchecked)))

@@ -127,12 +127,23 @@ def load_groups(prefix: str, num_documents: int, num_sequences: int) -> np.ndarr
 
 
 class SampleReader:
-    """Reads samples of one :class:`SampleIndex` from the memory-mapped ``.bin``."""
+    """Reads samples of one :class:`SampleIndex` from the memory-mapped ``.bin``.
 
-    def __init__(self, index: SampleIndex, eod_id: int):
+    ``vocab_size``: when given, every sample read is checked to hold only token ids in
+    ``[0, vocab_size)`` (one vectorised max/min per sample); an id outside it -- data
+    tokenised with another tokenizer, which a dataset without ``.meta.json`` cannot be
+    checked for up front -- raises :class:`DataError` naming the dataset, the sample, the
+    document and the token, instead of an IndexError in the embedding. ``name``: the
+    dataset's name for that message.
+    """
+
+    def __init__(self, index: SampleIndex, eod_id: int, vocab_size: int | None = None,
+                 name: str | None = None):
         dtype = indexed_dataset_module().IndexedDataset(index.prefix, mmap=True).index.dtype
         self.index = index
         self.eod_id = eod_id
+        self.vocab_size = vocab_size
+        self.name = name
         self.tokens = np.memmap(index.prefix + ".bin", dtype=dtype, mode="r")
 
     def read(self, sample_id: int) -> dict:
@@ -142,6 +153,8 @@ class SampleReader:
         n = int(self.index.lengths[sample_id])
         text = np.full(seq + 1, self.eod_id, dtype=np.int64)
         text[:n] = self.tokens[start:start + n]
+        if self.vocab_size is not None:
+            self._check_ids(sample_id, start, text[:n])
         loss_mask = np.zeros(seq, dtype=np.float32)
         loss_mask[: n - 1] = 1.0  # label positions that are real tokens
         group = -1 if self.index.group_ids is None else int(self.index.group_ids[sample_id])
@@ -154,3 +167,14 @@ class SampleReader:
             "group_id": group,
             "document_id": self.index.document_of(start),
         }
+
+    def _check_ids(self, sample_id: int, start: int, ids: np.ndarray) -> None:
+        if ids.max() < self.vocab_size and ids.min() >= 0:
+            return
+        at = int(np.flatnonzero((ids >= self.vocab_size) | (ids < 0))[0])
+        prefix = self.index.prefix
+        who = f"dataset '{self.name}' ({prefix})" if self.name else f"data prefix '{prefix}'"
+        raise DataError(
+            f"{who}: sample {sample_id} holds token id {int(ids[at])}, outside the vocabulary "
+            f"[0, {self.vocab_size}) (document {self.index.document_of(start + at)}, token "
+            f"{start + at} of {prefix}.bin); was it tokenised with another tokenizer?")
