@@ -182,8 +182,8 @@ def _encode_ordered(
             raise InputError(f"{paths[src]}:{line}: cannot encode this line: {message}") from None
         except BrokenProcessPool:
             raise WorkerDiedError(
-                f"a tokenizer worker process died while encoding {paths[src]} lines {first}-"
-                f"{first + len(lines) - 1} (killed, or out of memory?); nothing was written"
+                f"a tokenizer worker process died (killed, or out of memory?) before {paths[src]} "
+                f"lines {first}-{first + len(lines) - 1} were encoded; nothing was written"
             ) from None
 
     if workers == 1:
