@@ -9,7 +9,8 @@ order, i.e. position ``j`` of the global batch; DP rank r trains positions
 ``[r*mbs, (r+1)*mbs)`` of every run of ``mbs*dp`` positions) it prints the dataset, the
 sample id, its group (-1 when the dataset is not grouped), the document ids the sample
 covers, and its decoded text (documents separated by ``<|eod|>``), cut to ``--chars``
-characters (0: whole text). ``--json`` prints one JSON object per sample instead.
+characters (0: whole text); a token id outside the tokenizer's vocabulary shows as
+``<|bad id N|>``. ``--json`` prints one JSON object per sample instead.
 
 Needs no GPU and no torch.distributed: the run's resolved ``RUN_DIR/config.yaml`` gives
 the datasets, tokenizer, seq_length, global batch size, steps and seed; the sample
@@ -58,8 +59,22 @@ def sample_text(reader, sample_id: int, tokenizer, eod_id: int) -> str:
         else:
             current.append(t)
     pieces.append(current)
-    texts = [tokenizer.decode(p) for p in pieces]
+    texts = [decode(tokenizer, p) for p in pieces]
     return EOD_MARK.join(texts)
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    """``tokenizer.decode(ids)``, except that an id outside the vocabulary (data tokenised
+    with another tokenizer) shows as ``<|bad id N|>`` instead of failing the decode."""
+    out, run = [], []
+    for t in ids:
+        if 0 <= t < tokenizer.vocab_size:
+            run.append(t)
+        else:
+            out += [tokenizer.decode(run), f"<|bad id {t}|>"]
+            run = []
+    out.append(tokenizer.decode(run))
+    return "".join(out)
 
 
 def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None) -> dict:

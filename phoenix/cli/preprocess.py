@@ -1,6 +1,10 @@
 """``phoenix preprocess``: tokenize JSONL into a megatron-core indexed dataset
 (PREFIX.bin/.idx + .meta.json).
 
+Exit status 2 with one line naming the file when an input cannot be used (missing,
+unreadable, not the compression its name says, truncated, not UTF-8) or a line cannot be
+encoded; 1 when a worker process dies. Either way no output is written.
+
 Example:
     phoenix preprocess --input data/web.jsonl.gz --output-prefix data/web \
         --tokenizer-model data/tok.model --group-key repo --workers 4 --tags web,en
@@ -12,7 +16,7 @@ import argparse
 import logging
 import sys
 
-from phoenix.data.preprocess import preprocess
+from phoenix.data.preprocess import WorkerDiedError, preprocess
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="phoenix preprocess", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--input", nargs="+", required=True, help="JSONL files (.gz allowed)")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="UTF-8 JSONL files, plain or compressed by name: .gz, .bz2, .xz")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.meta.json")
     p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
     p.add_argument("--text-key", default="text", help="JSON key holding the document text")
@@ -50,9 +55,12 @@ def main(argv: list[str] | None = None) -> int:
             chunk_lines=args.chunk_lines,
             progress=False if args.no_progress else None,
         )
-    except (OSError, ValueError) as e:  # expected user errors: message, no traceback
+    except (OSError, ValueError) as e:  # input errors (naming the file): one line, no traceback
         print(f"phoenix preprocess: error: {e}", file=sys.stderr)
         return 2
+    except WorkerDiedError as e:  # not the input's fault, but no traceback either
+        print(f"phoenix preprocess: error: {e}", file=sys.stderr)
+        return 1
     print(
         f"{meta['name']}: {meta['num_documents']} documents, {meta['num_tokens']} tokens "
         f"({meta['dtype']}), {meta['skipped_lines']} skipped lines -> {args.output_prefix}"

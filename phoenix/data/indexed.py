@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,9 @@ def check_prefix(prefix: str) -> dict:
 
     The ``.idx`` records each sequence's byte offset and length in the ``.bin``; the
     ``.bin`` must be exactly as long as its last sequence's end, otherwise the pair was
-    mixed up or truncated (a partial copy, a rerun that rewrote only one file).
+    mixed up or truncated (a partial copy, a rerun that rewrote only one file). Its
+    ``document_indices`` must cut all sequences into documents (one sequence each as
+    ``phoenix preprocess`` writes them, or several, e.g. one per sentence).
     """
     IndexedDataset = indexed_dataset_module().IndexedDataset
     bin_path, idx_path = Path(prefix + ".bin"), Path(prefix + ".idx")
@@ -42,7 +45,7 @@ def check_prefix(prefix: str) -> dict:
     try:
         ds = IndexedDataset(prefix, mmap=True)
     except Exception as e:  # a corrupt header raises assorted errors inside megatron
-        raise DataError(f"data prefix '{prefix}': cannot read {idx_path}: {e}") from None
+        raise DataError(f"data prefix '{prefix}': cannot read {idx_path}: {_describe(e)}") from None
     lengths = ds.sequence_lengths
     num_sequences = len(lengths)
     if num_sequences == 0:
@@ -54,12 +57,27 @@ def check_prefix(prefix: str) -> dict:
         raise DataError(
             f"data prefix '{prefix}': {bin_path} has {actual} bytes but {idx_path} describes "
             f"{end} bytes; the .idx does not belong to this .bin (rebuild both)")
+    # Documents are runs of sequences (several per document with sentence splitting).
+    docs = np.asarray(ds.document_indices, dtype=np.int64)
+    if len(docs) < 2 or docs[0] != 0 or docs[-1] != num_sequences or np.any(np.diff(docs) < 0):
+        raise DataError(
+            f"data prefix '{prefix}': {idx_path} has an inconsistent document index (it must "
+            f"run from sequence 0 to all {num_sequences} sequences, never backwards); rebuild it")
     return {
         "num_sequences": num_sequences,
-        "num_documents": len(ds.document_indices) - 1,
+        "num_documents": len(docs) - 1,
         "num_tokens": int(lengths.sum(dtype=np.int64)),
         "dtype": np.dtype(ds.index.dtype).name,
     }
+
+
+def _describe(e: Exception) -> str:
+    """The exception's message, or for a bare ``assert`` in megatron, the failed check."""
+    if str(e):
+        return str(e)
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    return (f"{type(e).__name__} in {Path(frame.filename).name}:{frame.lineno}: "
+            f"{(frame.line or '').strip()}")
 
 
 def read_meta(prefix: str) -> dict | None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from phoenix.data.indexed import check_prefix
+from phoenix.data.indexed import DataError, check_prefix
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +33,16 @@ class _TokenizerInfo:
 
 
 class MegatronBlendSource:
-    """``sample(i)`` of a megatron-core blend of ``.bin/.idx`` prefixes."""
+    """``sample(i)`` of a megatron-core blend of ``.bin/.idx`` prefixes.
+
+    ``vocab_size``: the tokenizer's (part of megatron's cache key). ``check_vocab_size``:
+    when given, a sample holding a token id outside ``[0, check_vocab_size)`` raises
+    DataError naming the dataset and sample.
+    """
 
     def __init__(self, prefixes: list[str], weights: list[float], names: list[str],
                  seq_length: int, num_samples: int, seed: int, vocab_size: int, eod_id: int,
-                 cache_dir: str):
+                 cache_dir: str, check_vocab_size: int | None = None):
         from megatron.core.datasets.blended_megatron_dataset_builder import (
             BlendedMegatronDatasetBuilder,
         )
@@ -62,6 +67,8 @@ class MegatronBlendSource:
             GPTDataset, [num_samples, 0, 0], lambda: True, config).build()
         self.dataset = train
         self.names = list(names)
+        self.prefixes = list(prefixes)
+        self.check_vocab_size = check_vocab_size
         self.num_samples = num_samples
         # A single prefix comes back as a bare GPTDataset; a blend carries its indices.
         self._dataset_index = getattr(train, "dataset_index", None)
@@ -77,6 +84,8 @@ class MegatronBlendSource:
             sample_id = int(self._dataset_sample_index[index])
         else:
             dataset_id, sample_id = 0, index
+        if self.check_vocab_size is not None:
+            self._check_ids(index, dataset_id, sample_id, item["tokens"], item["labels"])
         return {
             "tokens": item["tokens"].numpy(),
             "labels": item["labels"].numpy(),
@@ -85,3 +94,13 @@ class MegatronBlendSource:
             "dataset_id": dataset_id,
             "sample_id": sample_id,
         }
+
+    def _check_ids(self, index: int, dataset_id: int, sample_id: int, tokens, labels) -> None:
+        ids = np.append(tokens.numpy(), labels.numpy()[-1:])
+        if ids.max() < self.check_vocab_size and ids.min() >= 0:
+            return
+        bad = int(ids[np.flatnonzero((ids >= self.check_vocab_size) | (ids < 0))[0]])
+        raise DataError(
+            f"dataset '{self.names[dataset_id]}' ({self.prefixes[dataset_id]}): sample {sample_id} "
+            f"(blend position {index}) holds token id {bad}, outside the vocabulary "
+            f"[0, {self.check_vocab_size}); was it tokenised with another tokenizer?")

@@ -71,12 +71,18 @@ def load_or_build_plan(inputs: PlanInputs, cache_dir: str | Path, *, build: bool
 
 
 class PlanSource:
-    """``sample(i)``: the ``i``-th sample of the run in plan order (``i = k*B + j``)."""
+    """``sample(i)``: the ``i``-th sample of the run in plan order (``i = k*B + j``).
 
-    def __init__(self, plan: DataPlan, indices: list[SampleIndex | None], eod_id: int):
+    ``vocab_size``: every sample's token ids are checked against it (see
+    :class:`SampleReader`); None skips the check.
+    """
+
+    def __init__(self, plan: DataPlan, indices: list[SampleIndex | None], eod_id: int,
+                 vocab_size: int | None = None):
         self.plan = plan
         # None: a dataset the plan never reads (weight 0 in a stage).
-        self.readers = [None if ix is None else SampleReader(ix, eod_id) for ix in indices]
+        self.readers = [None if ix is None else SampleReader(ix, eod_id, vocab_size, name)
+                        for ix, name in zip(indices, plan.names)]
 
     def __len__(self) -> int:
         return len(self.plan.dataset_ids)

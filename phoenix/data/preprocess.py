@@ -16,12 +16,18 @@ A failure removes the temporaries and leaves no ``P.*``.
 Unusable lines (blank, invalid JSON/UTF-8, not an object, text missing / not a string / only
 whitespace, group key missing) are skipped, counted and reported as ``file:line`` (1-based)
 in a warning and in the meta file; never silently.
+
+Unusable *files* are errors naming the file (:mod:`phoenix.data.jsonl_input`): every input
+is checked before any output is started (missing, a directory, unreadable, not the
+compression its name says, not UTF-8), and a compressed stream found truncated or corrupt
+while reading stops the run with the line it got to. An error while encoding a line in a
+worker process comes back as ``file:line: ...``; a worker that dies (killed, out of
+memory) stops the run with the lines it was given. In every case no output is published.
 """
 
 from __future__ import annotations
 
 import contextlib
-import gzip
 import json
 import logging
 import multiprocessing as mp
@@ -30,14 +36,17 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from phoenix.tokenizer import SentencePieceTokenizer
 from phoenix.data.indexed import indexed_dataset_module
+from phoenix.data.jsonl_input import Chunk, InputError, check_input, read_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +57,6 @@ _SUFFIXES = (".bin", ".idx", ".groups.npy", ".meta.json")
 # (tokens, canonical group value or "") for a document, or (None, reason) for a skipped line.
 _Encoded = tuple[np.ndarray | None, str]
 # (source file index, 1-based line number of the first line, per-line payload)
-_Chunk = tuple[int, int, list[bytes]]
 _EncodedChunk = tuple[int, int, list[_Encoded]]
 
 
@@ -58,6 +66,20 @@ class GroupAdjacencyError(ValueError):
 
 class EmptyOutputError(ValueError):
     """No input line produced a document."""
+
+
+class WorkerDiedError(RuntimeError):
+    """A tokenizer worker process ended abruptly (killed, out of memory)."""
+
+
+class _LineError(Exception):
+    """Encoding one line raised; carries where, so the main process can name file:line.
+
+    Only positional ``args``: it crosses the process boundary by pickling.
+    """
+
+    def __init__(self, src: int, line: int, message: str) -> None:
+        super().__init__(src, line, message)
 
 
 class _Encoder:
@@ -74,19 +96,28 @@ class _Encoder:
         self.group_key = group_key
         self.eod = tokenizer.eod_id if eod else None
 
-    def __call__(self, chunk: _Chunk) -> _EncodedChunk:
+    def __call__(self, chunk: Chunk) -> _EncodedChunk:
         src, first, lines = chunk
-        return src, first, [self._encode_line(line) for line in lines]
+        out = []
+        for offset, line in enumerate(lines):
+            try:
+                out.append(self._encode_line(line))
+            except Exception as e:  # anything unforeseen: stop, naming the line
+                raise _LineError(src, first + offset, f"{type(e).__name__}: {e}") from None
+        return src, first, out
 
     def _encode_line(self, raw: bytes) -> _Encoded:
         if not raw.strip():
             return None, "blank line"
         try:
-            obj = json.loads(raw)
+            # Decoded here, not by json.loads: given bytes, it would guess UTF-16/32 too.
+            obj = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            return None, f"invalid UTF-8 (byte {e.start})"
         except json.JSONDecodeError as e:
             return None, f"invalid JSON ({e.msg})"
-        except ValueError:  # UnicodeDecodeError
-            return None, "invalid UTF-8"
+        except RecursionError:
+            return None, "invalid JSON (nested too deeply)"
         if not isinstance(obj, dict):
             return None, f"not a JSON object ({type(obj).__name__})"
         if self.text_key not in obj:
@@ -122,51 +153,59 @@ def _init_worker(*encoder_args: Any) -> None:
     _WORKER_ENCODER = _Encoder(*encoder_args)
 
 
-def _encode_in_worker(chunk: _Chunk) -> _EncodedChunk:
+def _encode_in_worker(chunk: Chunk) -> _EncodedChunk:
     assert _WORKER_ENCODER is not None, "worker not initialised"
     return _WORKER_ENCODER(chunk)
 
 
-def _open_binary(path: str) -> IO[bytes]:
-    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
-def _read_chunks(paths: Sequence[str], chunk_lines: int) -> Iterator[_Chunk]:
-    # Binary mode: lines split on b"\n" only, and bad UTF-8 is reported per line.
-    for src, path in enumerate(paths):
-        with _open_binary(path) as f:
-            buf: list[bytes] = []
-            first = 1
-            for line_no, line in enumerate(f, start=1):
-                buf.append(line)
-                if len(buf) == chunk_lines:
-                    yield src, first, buf
-                    buf, first = [], line_no + 1
-            if buf:
-                yield src, first, buf
-
-
 def _encode_ordered(
-    chunks: Iterable[_Chunk], encoder: _Encoder, workers: int
+    chunks: Iterable[Chunk], encoder: _Encoder, workers: int, paths: Sequence[str]
 ) -> Iterator[_EncodedChunk]:
     """Encode chunks in input order, in-process or with a ``workers``-process pool.
 
     The pool is fed through a bounded window of ``4 * workers`` chunks rather than
-    ``Pool.imap``: imap's feeder thread would read the whole input into memory ahead of us.
-    "spawn" avoids forking a parent that holds torch / tqdm threads.
+    ``map``, which would read the whole input into memory ahead of us. "spawn" avoids
+    forking a parent that holds torch / tqdm threads. A ``ProcessPoolExecutor``, not a
+    ``multiprocessing.Pool``: when a worker dies, the pool reports it instead of waiting
+    forever for the lost task.
+
+    Raises:
+        InputError: encoding a line raised (``file:line: ...``).
+        WorkerDiedError: a worker process ended abruptly.
     """
+    def result(chunk: Chunk, future: Any) -> _EncodedChunk:
+        src, first, lines = chunk
+        try:
+            return future.result()
+        except _LineError as e:
+            src, line, message = e.args
+            raise InputError(f"{paths[src]}:{line}: cannot encode this line: {message}") from None
+        except BrokenProcessPool:
+            raise WorkerDiedError(
+                f"a tokenizer worker process died (killed, or out of memory?) before {paths[src]} "
+                f"lines {first}-{first + len(lines) - 1} were encoded; nothing was written"
+            ) from None
+
     if workers == 1:
-        yield from map(encoder, chunks)
+        for chunk in chunks:
+            try:
+                yield encoder(chunk)
+            except _LineError as e:
+                src, line, message = e.args
+                raise InputError(f"{paths[src]}:{line}: cannot encode this line: {message}") from None
         return
     args = (encoder.tokenizer, encoder.text_key, encoder.group_key, encoder.eod is not None)
-    with mp.get_context("spawn").Pool(workers, _init_worker, args) as pool:
-        pending: deque[Any] = deque()
+    pool = ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker, args)
+    try:
+        pending: deque[tuple[Chunk, Any]] = deque()
         for chunk in chunks:
-            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            pending.append((chunk, pool.submit(_encode_in_worker, chunk)))
             if len(pending) >= 4 * workers:
-                yield pending.popleft().get()
+                yield result(*pending.popleft())
         while pending:
-            yield pending.popleft().get()
+            yield result(*pending.popleft())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -212,7 +251,7 @@ def _write_dataset(
 
     stats = _Stats(encoder.group_key)
     start = time.perf_counter()
-    chunks = _encode_ordered(_read_chunks(paths, chunk_lines), encoder, workers)
+    chunks = _encode_ordered(read_chunks(paths, chunk_lines), encoder, workers, paths)
     builder = IndexedDatasetBuilder(tmp[".bin"], dtype=dtype)
     try:
         with (
@@ -264,6 +303,10 @@ def preprocess(
 
     Raises:
         FileNotFoundError: an input file or the tokenizer model is missing (before any work).
+        InputError: an input file or the tokenizer model cannot be used (before any work:
+            see :func:`phoenix.data.jsonl_input.check_input`), or, found while reading, a
+            compressed input is truncated or corrupt or a line cannot be encoded.
+        WorkerDiedError: a tokenizer worker process ended abruptly.
         GroupAdjacencyError: a group's documents are not adjacent.
         EmptyOutputError: no line produced a document (no files are written).
     """
@@ -271,9 +314,15 @@ def preprocess(
     if not paths:
         raise ValueError("no input files given")
     for path in paths:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"input file not found: {path}")
-    tokenizer = SentencePieceTokenizer(tokenizer_model)
+        check_input(path)
+    model_path = os.fspath(tokenizer_model)
+    if os.path.isdir(model_path):
+        raise InputError(f"tokenizer model {model_path}: is a directory, not a .model file")
+    try:
+        tokenizer = SentencePieceTokenizer(model_path)
+    except RuntimeError as e:  # sentencepiece's parse error: "INTERNAL: ... ParseFromArray ..."
+        raise InputError(f"tokenizer model {model_path}: not a SentencePiece model "
+                         f"({str(e).strip().splitlines()[0][:120]})") from None
     encoder = _Encoder(tokenizer, text_key, group_key, append_eod)  # fails early without EOS
     if workers < 1 or chunk_lines < 1:
         raise ValueError(f"workers and chunk_lines must be >= 1, got {workers}, {chunk_lines}")

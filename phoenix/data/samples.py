@@ -1,13 +1,18 @@
 """Fixed-length training samples of one tokenised prefix, read straight from its ``.bin``.
 
-Documents are stored back to back in the ``.bin`` (one sequence per document, as
-``phoenix preprocess`` writes them), so the dataset is one token stream and a sample
-is a slice of it: ``seq_length + 1`` tokens starting at a multiple of ``seq_length``
-(inputs and shifted labels share the extra token, as in megatron's GPTDataset). Without
-groups the stream is cut regardless of document boundaries (standard packing; the EOD
-tokens mark them). With groups (``PREFIX.groups.npy``), each group is cut on its own so
-that no sample crosses a group boundary; a group's last, short sample is padded with EOD
-tokens that carry no loss.
+Sequences are stored back to back in the ``.bin``, so the dataset is one token stream and
+a sample is a slice of it: ``seq_length + 1`` tokens starting at a multiple of
+``seq_length`` (inputs and shifted labels share the extra token, as in megatron's
+GPTDataset). Without groups the stream is cut regardless of document boundaries
+(standard packing; the EOD tokens mark them). With groups (``PREFIX.groups.npy``), each
+group is cut on its own so that no sample crosses a group boundary; a group's last,
+short sample is padded with EOD tokens that carry no loss.
+
+Documents are the ``.idx``'s ``document_indices``, not its sequences: ``phoenix
+preprocess`` writes one sequence per document, but Megatron-LM's preprocessing with
+sentence splitting writes one sequence per sentence, several per document. Document ids
+(provenance) and a ``.groups.npy`` with one id per document follow ``document_indices``;
+a ``.groups.npy`` with one id per sequence is accepted too.
 
 Reading a sample is one slice of a memory map: no per-document assembly, no copies
 beyond the sample itself.
@@ -36,12 +41,15 @@ class SampleIndex:
     group_ids: np.ndarray | None
     """int64 [num_samples]: the group of each sample (non-decreasing), or None."""
     doc_starts: np.ndarray
-    """int64 [num_documents + 1]: token offset where each document starts (and the end)."""
+    """int64 [num_documents + 1]: token offset where each document starts (and the end);
+    documents as the ``.idx``'s ``document_indices`` define them (an empty document
+    starts where the next one does)."""
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def document_of(self, token_offset: int) -> int:
+        """Id of the document holding the token at ``token_offset`` (never an empty one)."""
         return int(np.searchsorted(self.doc_starts, token_offset, side="right") - 1)
 
 
@@ -59,10 +67,11 @@ def build_sample_index(prefix: str, seq_length: int, use_groups: bool) -> Sample
     IndexedDataset = indexed_dataset_module().IndexedDataset
     check_prefix(prefix)
     ds = IndexedDataset(prefix, mmap=True)
-    lengths = ds.sequence_lengths.astype(np.int64)
-    # One sequence per document is what preprocess writes; the token stream is the .bin.
-    doc_starts = np.concatenate([[0], np.cumsum(lengths)])
-    total = int(doc_starts[-1])
+    # The token stream is the .bin: sequence i starts at seq_starts[i] (check_prefix has
+    # verified that document_indices are sequence indices from 0 to the last).
+    seq_starts = np.concatenate([[0], np.cumsum(ds.sequence_lengths, dtype=np.int64)])
+    doc_starts = seq_starts[np.asarray(ds.document_indices, dtype=np.int64)]
+    total = int(seq_starts[-1])
     if not use_groups:
         starts, sample_lengths = _cut(0, total, seq_length)
         if len(starts) == 0:
@@ -73,20 +82,17 @@ def build_sample_index(prefix: str, seq_length: int, use_groups: bool) -> Sample
     if not groups_path.is_file():
         raise DataError(f"data prefix '{prefix}': group_mode needs {groups_path} "
                         f"(preprocess with --group-key)")
-    doc_groups = np.load(groups_path)
-    if len(doc_groups) != len(lengths):
-        raise DataError(f"data prefix '{prefix}': {groups_path} has {len(doc_groups)} entries "
-                        f"but the dataset has {len(lengths)} documents")
-    if len(doc_groups) and np.any(np.diff(doc_groups) < 0):
-        raise DataError(f"data prefix '{prefix}': {groups_path} is not sorted; the documents of "
-                        f"a group must be adjacent")
-    # Token range of each group: from its first document's start to its last's end.
-    boundaries = np.flatnonzero(np.diff(doc_groups)) + 1
-    group_doc_starts = np.concatenate([[0], boundaries, [len(doc_groups)]])
+    unit_groups = load_groups(prefix, num_documents=len(doc_starts) - 1,
+                              num_sequences=len(seq_starts) - 1)
+    # One id per document or per sequence: the token offsets where those units start.
+    unit_starts = doc_starts if len(unit_groups) == len(doc_starts) - 1 else seq_starts
+    # Token range of each group: from its first unit's start to its last's end.
+    boundaries = np.flatnonzero(np.diff(unit_groups)) + 1
+    group_unit_starts = np.concatenate([[0], boundaries, [len(unit_groups)]])
     all_starts, all_lengths, all_groups = [], [], []
-    for g in range(len(group_doc_starts) - 1):
-        s, e = _cut(int(doc_starts[group_doc_starts[g]]), int(doc_starts[group_doc_starts[g + 1]]),
-                    seq_length)
+    for g in range(len(group_unit_starts) - 1):
+        s, e = _cut(int(unit_starts[group_unit_starts[g]]),
+                    int(unit_starts[group_unit_starts[g + 1]]), seq_length)
         all_starts.append(s)
         all_lengths.append(e)
         all_groups.append(np.full(len(s), g, dtype=np.int64))
@@ -97,13 +103,47 @@ def build_sample_index(prefix: str, seq_length: int, use_groups: bool) -> Sample
                        np.concatenate(all_groups), doc_starts)
 
 
-class SampleReader:
-    """Reads samples of one :class:`SampleIndex` from the memory-mapped ``.bin``."""
+def load_groups(prefix: str, num_documents: int, num_sequences: int) -> np.ndarray:
+    """``PREFIX.groups.npy``, checked: a 1-D integer array, non-decreasing, with one id per
+    document (what ``phoenix preprocess`` writes) or one per sequence. Raises DataError
+    naming the file otherwise."""
+    path = Path(prefix + ".groups.npy")
+    try:
+        groups = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # not an .npy file, truncated, pickled objects
+        raise DataError(f"data prefix '{prefix}': cannot read {path}: {e}") from None
+    if groups.ndim != 1 or not np.issubdtype(groups.dtype, np.integer):
+        raise DataError(f"data prefix '{prefix}': {path} must be a 1-D integer array, got "
+                        f"shape {groups.shape} of {groups.dtype}")
+    if len(groups) not in (num_documents, num_sequences):
+        per_seq = f" (or {num_sequences} sequences)" if num_sequences != num_documents else ""
+        raise DataError(f"data prefix '{prefix}': {path} has {len(groups)} entries but the "
+                        f"dataset has {num_documents} documents{per_seq}; it needs one group "
+                        f"id per document")
+    if len(groups) and np.any(np.diff(groups) < 0):
+        raise DataError(f"data prefix '{prefix}': {path} is not sorted; the documents of "
+                        f"a group must be adjacent")
+    return groups.astype(np.int64, copy=False)
 
-    def __init__(self, index: SampleIndex, eod_id: int):
+
+class SampleReader:
+    """Reads samples of one :class:`SampleIndex` from the memory-mapped ``.bin``.
+
+    ``vocab_size``: when given, every sample read is checked to hold only token ids in
+    ``[0, vocab_size)`` (one vectorised max/min per sample); an id outside it -- data
+    tokenised with another tokenizer, which a dataset without ``.meta.json`` cannot be
+    checked for up front -- raises :class:`DataError` naming the dataset, the sample, the
+    document and the token, instead of an IndexError in the embedding. ``name``: the
+    dataset's name for that message.
+    """
+
+    def __init__(self, index: SampleIndex, eod_id: int, vocab_size: int | None = None,
+                 name: str | None = None):
         dtype = indexed_dataset_module().IndexedDataset(index.prefix, mmap=True).index.dtype
         self.index = index
         self.eod_id = eod_id
+        self.vocab_size = vocab_size
+        self.name = name
         self.tokens = np.memmap(index.prefix + ".bin", dtype=dtype, mode="r")
 
     def read(self, sample_id: int) -> dict:
@@ -113,6 +153,8 @@ class SampleReader:
         n = int(self.index.lengths[sample_id])
         text = np.full(seq + 1, self.eod_id, dtype=np.int64)
         text[:n] = self.tokens[start:start + n]
+        if self.vocab_size is not None:
+            self._check_ids(sample_id, start, text[:n])
         loss_mask = np.zeros(seq, dtype=np.float32)
         loss_mask[: n - 1] = 1.0  # label positions that are real tokens
         group = -1 if self.index.group_ids is None else int(self.index.group_ids[sample_id])
@@ -125,3 +167,14 @@ class SampleReader:
             "group_id": group,
             "document_id": self.index.document_of(start),
         }
+
+    def _check_ids(self, sample_id: int, start: int, ids: np.ndarray) -> None:
+        if ids.max() < self.vocab_size and ids.min() >= 0:
+            return
+        at = int(np.flatnonzero((ids >= self.vocab_size) | (ids < 0))[0])
+        prefix = self.index.prefix
+        who = f"dataset '{self.name}' ({prefix})" if self.name else f"data prefix '{prefix}'"
+        raise DataError(
+            f"{who}: sample {sample_id} holds token id {int(ids[at])}, outside the vocabulary "
+            f"[0, {self.vocab_size}) (document {self.index.document_of(start + at)}, token "
+            f"{start + at} of {prefix}.bin); was it tokenised with another tokenizer?")

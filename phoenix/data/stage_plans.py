@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from phoenix.config import RunConfig
 from phoenix.config.stage_table import ResolvedStage, StageTable
-from phoenix.data.indexed import DataError
+from phoenix.data.indexed import DataError, read_meta
 from phoenix.data.megatron_blend import MegatronBlendSource
 from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs
 from phoenix.data.plan_source import PlanSource, load_or_build_plan
@@ -156,11 +156,14 @@ def stage_plans(table: StageTable, prefixes: list[str], seed: int,
 
 
 class StagedSource:
-    """``sample(i)``: the ``i``-th sample of the run over all stages (global position)."""
+    """``sample(i)``: the ``i``-th sample of the run over all stages (global position);
+    token ids checked against ``vocab_size`` (see :class:`PlanSource`)."""
 
-    def __init__(self, stage_plans: list[tuple[StagePlanInputs, DataPlan]], eod_id: int):
+    def __init__(self, stage_plans: list[tuple[StagePlanInputs, DataPlan]], eod_id: int,
+                 vocab_size: int | None = None):
         self.starts = [spi.stage.start_sample for spi, _ in stage_plans]
-        self.sources = [PlanSource(plan, spi.indices, eod_id) for spi, plan in stage_plans]
+        self.sources = [PlanSource(plan, spi.indices, eod_id, vocab_size)
+                        for spi, plan in stage_plans]
 
     def __len__(self) -> int:
         return self.starts[-1] + len(self.sources[-1])
@@ -197,15 +200,42 @@ def plan_at_step(plans: list[tuple[StagePlanInputs, DataPlan]], step: int
     raise IndexError(f"step {step} is past the run's last stage")
 
 
-def build_source(cfg: RunConfig, rank: int, tokenizer):
-    """The sample source of the run; collective (every rank calls it)."""
+def warn_unchecked_tokenizers(cfg: RunConfig) -> list[str]:
+    """Warn, once per dataset prefix, when its tokenizer cannot be checked against
+    ``tokenizer.model`` (no ``.meta.json`` with a fingerprint: data from another builder).
+    Returns the prefixes warned about."""
+    unchecked = []
+    for prefix in dict.fromkeys(e.prefix for e in cfg.data.datasets):
+        meta = read_meta(prefix)
+        if (meta or {}).get("tokenizer_fingerprint"):
+            continue
+        why = "no tokenizer_fingerprint in" if meta is not None else "no"
+        log.warning("data prefix '%s': %s %s.meta.json (not written by phoenix preprocess), so "
+                    "its tokenizer cannot be checked against tokenizer.model %s; only its token "
+                    "ids are checked, as samples are read", prefix, why, prefix,
+                    cfg.tokenizer.model)
+        unchecked.append(prefix)
+    return unchecked
+
+
+def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = None):
+    """The sample source of the run; collective (every rank calls it).
+
+    Every sample's token ids must lie in ``[0, vocab_size)`` (default: ``model.vocab_size``,
+    else the tokenizer's size, as the model is built); an id outside it raises DataError
+    naming the dataset and sample when it is read, before the forward pass.
+    """
+    vocab_size = vocab_size or cfg.model.vocab_size or tokenizer.vocab_size
+    if rank == 0:
+        warn_unchecked_tokenizers(cfg)
     if cfg.data.sampler == "megatron":
         d = cfg.data
         return MegatronBlendSource(
             prefixes=[e.prefix for e in d.datasets], weights=[e.weight for e in d.datasets],
             names=[e.display_name for e in d.datasets], seq_length=d.seq_length,
             num_samples=cfg.train.steps * cfg.train.global_batch_size, seed=cfg.train.seed,
-            vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod_id, cache_dir=str(cache_dir(cfg)))
+            vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod_id, cache_dir=str(cache_dir(cfg)),
+            check_vocab_size=vocab_size)
     error = None
     if rank == 0:
         try:
@@ -220,4 +250,4 @@ def build_source(cfg: RunConfig, rank: int, tokenizer):
     if rank != 0:
         plans = run_stage_plans(cfg, lambda inputs: load_or_build_plan(inputs, cache_dir(cfg),
                                                                        build=False)[0])
-    return StagedSource(plans, tokenizer.eod_id)
+    return StagedSource(plans, tokenizer.eod_id, vocab_size)

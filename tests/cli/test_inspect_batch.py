@@ -92,3 +92,76 @@ def test_missing_run_dir_or_config(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert inspect_batch.main([str(tmp_path), "1"]) == 2
     assert "config.yaml does not exist" in capsys.readouterr().err
+
+
+def test_sentence_split_data_reports_documents_not_sentences(tiny_data, tmp_path, capsys):
+    """Data from Megatron-LM's preprocessing with sentence splitting (one sequence per
+    sentence, written by megatron-core's own builder): ``build-plan --dump-batch`` (a real
+    process) and ``inspect-batch`` name documents, as the builder was given them."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from phoenix.config import build_config, dump_config
+    from phoenix.data.samples import build_sample_index
+    from phoenix.testing.megatron_data import write_sentence_split
+    from phoenix.testing.synthetic import write_corpus
+    from phoenix.testing.tiny import tiny_config_dict
+
+    write_corpus(tmp_path / "web.jsonl", 80, 21, domain="web", max_words=80)
+    split = write_sentence_split(tmp_path / "split", tmp_path / "web.jsonl", tiny_data.tokenizer_model)
+    assert split.num_sequences > 3 * len(split.documents)
+    data = tiny_config_dict(tiny_data, tmp_path / "run", train={"steps": 3})
+    data["data"].update(datasets=[{"prefix": split.prefix, "weight": 1.0, "name": "split"}],
+                        cache_dir=str(tmp_path / "cache"))
+    cfg = build_config(data)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(dump_config(cfg))
+    doc_of = split.document_of_token()
+    ix = build_sample_index(split.prefix, cfg.data.seq_length, use_groups=False)
+
+    repo = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-m", "phoenix.cli", "build-plan",
+                          str(tmp_path / "run" / "config.yaml"), "--dump-batch", "1"],
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(repo)})
+    assert res.returncode == 0, res.stderr
+    rows = res.stdout.split("\nbatch 1 ")[1].splitlines()[1:]
+    assert len(rows) == cfg.train.global_batch_size
+    for row in rows:
+        _, name, sample, group, document = row.split()
+        assert (name, group) == ("split", "-1")
+        assert int(document) == doc_of[int(ix.starts[int(sample)])] < len(split.documents)
+
+    assert inspect_batch.main([str(tmp_path / "run"), "2", "--json", "--chars", "0"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [s["sample_id"] for s in shown] == [int(r.split()[2]) for r in rows]
+    for s in shown:
+        start, n = int(ix.starts[s["sample_id"]]), int(ix.lengths[s["sample_id"]])
+        assert s["document_ids"] == list(range(doc_of[start], doc_of[start + n - 1] + 1))
+
+
+def test_token_ids_outside_the_vocabulary_are_shown(tiny_data, tmp_path, capsys):
+    """inspect-batch is how one looks at bad data: an id the tokenizer does not have is
+    shown as <|bad id N|> rather than failing the decode."""
+    import shutil
+
+    from phoenix.config import build_config, dump_config
+    from phoenix.testing.tiny import tiny_config_dict
+
+    prefix = str(tmp_path / "web")
+    for suffix in (".bin", ".idx"):  # no .meta.json: data from another builder
+        shutil.copy(tiny_data.prefixes["web"] + suffix, prefix + suffix)
+    tokens = np.memmap(prefix + ".bin", dtype=np.uint16, mode="r+")
+    tokens[::5] = 700
+    tokens.flush()
+    data = tiny_config_dict(tiny_data, tmp_path / "run", train={"steps": 3})
+    data["data"].update(datasets=[{"prefix": prefix, "weight": 1.0, "name": "web"}],
+                        cache_dir=str(tmp_path / "cache"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(dump_config(build_config(data)))
+    assert inspect_batch.main([str(tmp_path / "run"), "1", "--json", "--chars", "0"]) == 0
+    shown = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for s in shown:
+        assert s["text"].count("<|bad id 700|>") >= (s["tokens"] - 1) // 5 > 5

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phoenix.data.preprocess import EmptyOutputError, GroupAdjacencyError, preprocess
+from phoenix.data.jsonl_input import InputError
+from phoenix.data.preprocess import EmptyOutputError, GroupAdjacencyError, WorkerDiedError, preprocess
 from phoenix.testing.synthetic import generate_documents, write_corpus
 from phoenix.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
@@ -274,6 +275,157 @@ def test_cli_help_and_real_run(corpora, tok, tmp_path: Path) -> None:
 
     res = run(args[:1] + ["nope.jsonl"] + args[2:])
     assert res.returncode == 2 and "input file not found: nope.jsonl" in res.stderr
+
+
+# --- unusable input files: one error naming the file, nothing written ----------------------
+
+
+def test_bz2_and_xz_inputs_match_plain(corpora, tok, tmp_path: Path) -> None:
+    import bz2
+    import lzma
+
+    plain = gzip.decompress(corpora["code"].read_bytes())
+    (tmp_path / "code.jsonl").write_bytes(plain)
+    (tmp_path / "code.jsonl.bz2").write_bytes(bz2.compress(plain))
+    (tmp_path / "code.jsonl.xz").write_bytes(lzma.compress(plain))
+    for name in ("code.jsonl", "code.jsonl.bz2", "code.jsonl.xz"):
+        preprocess(tmp_path / name, tmp_path / f"o-{name}", tok.model_file)
+    for suffix in (".bin", ".idx"):
+        ref = (tmp_path / f"o-code.jsonl{suffix}").read_bytes()
+        for name in ("code.jsonl.bz2", "code.jsonl.xz"):
+            assert (tmp_path / f"o-{name}{suffix}").read_bytes() == ref
+
+
+def _bad_inputs(d: Path, code: Path) -> dict[str, tuple[Path, str]]:
+    """Each kind of unusable input file -> (path, regex its error must match)."""
+    import bz2
+    import lzma
+
+    plain = gzip.decompress(code.read_bytes())
+    gz, bz, xz = gzip.compress(plain), bz2.compress(plain), lzma.compress(plain)
+    corrupt, corrupt_start = bytearray(gz), bytearray(gz)
+    corrupt[len(gz) // 2: len(gz) // 2 + 2] = bytes(b ^ 0xFF for b in gz[len(gz) // 2: len(gz) // 2 + 2])
+    corrupt_start[12:40] = bytes(28)
+    files = {
+        # The case from the issue: a .jsonl.gz cut short (e.g. a partial download).
+        "truncated.jsonl.gz": (gz[: len(gz) // 2], r"gzip data is truncated or corrupt after line \d+ \(\d+ bytes decompressed\)"),
+        "plain.jsonl.gz": (plain, r"named like a gzip file, but is not gzip data"),
+        "empty.jsonl.gz": (b"", r"named like a gzip file, but is empty"),
+        "corrupt.jsonl.gz": (bytes(corrupt), r"gzip data is truncated or corrupt after line \d+"),
+        "corrupt_start.jsonl.gz": (bytes(corrupt_start), r"gzip data is truncated or corrupt after line 0 \(0 bytes decompressed\)"),
+        "truncated.jsonl.bz2": (bz[: len(bz) // 2], r"bzip2 data is truncated or corrupt after line \d+"),
+        "truncated.jsonl.xz": (xz[: len(xz) // 2], r"xz data is truncated or corrupt after line \d+"),
+        "gzipped.jsonl": (gz, r"is gzip-compressed, but its name says plain JSONL \(name it \*\.gz\)"),
+        "zstd.jsonl.zst": (b"\x28\xb5\x2f\xfd" + bytes(20), r"is zstd-compressed.*decompress it first"),
+        "utf16.jsonl": ('{"text": "hi"}\n'.encode("utf-16"), r"is UTF-16 text \(byte-order mark\); JSONL input must be UTF-8"),
+        "binary.jsonl": (b'{"text": "a"}\n\x01\x00\x02', r"has a NUL byte on line 2"),
+    }
+    out = {}
+    for name, (data, pattern) in files.items():
+        (d / name).write_bytes(data)
+        out[name] = (d / name, pattern)
+    (d / "adir.jsonl").mkdir()
+    out["adir.jsonl"] = (d / "adir.jsonl", "is a directory, not a JSONL file")
+    (d / "broken.jsonl").symlink_to(d / "nowhere")
+    out["broken.jsonl"] = (d / "broken.jsonl", "is not a regular file")
+    return out
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unusable_input_files_are_errors_naming_them(corpora, tok, tmp_path: Path, workers) -> None:
+    bad = _bad_inputs(tmp_path, corpora["code"])
+    (tmp_path / "out").mkdir()
+    prefix = tmp_path / "out" / "x"
+    preprocess(corpora["web"], prefix, tok.model_file)  # a previous good output
+    before = {name: (tmp_path / "out" / name).read_bytes() for name in outputs(tmp_path / "out")}
+    for name, (path, pattern) in bad.items():
+        # After a good file, so that damage found while reading comes after real work.
+        with pytest.raises(InputError, match=re.escape(str(path)) + ": " + pattern):
+            preprocess([corpora["code"], path], prefix, tok.model_file, workers=workers)
+        after = {n: (tmp_path / "out" / n).read_bytes() for n in outputs(tmp_path / "out")}
+        assert after == before, name
+
+
+def test_unusable_tokenizer_model_is_an_error_naming_it(corpora, tmp_path: Path) -> None:
+    (tmp_path / "garbage.model").write_bytes(b"not a model")
+    with pytest.raises(InputError, match=r"tokenizer model .*garbage\.model: not a SentencePiece model"):
+        preprocess(corpora["web"], tmp_path / "o", tmp_path / "garbage.model")
+    with pytest.raises(InputError, match="is a directory"):
+        preprocess(corpora["web"], tmp_path / "o", tmp_path)
+    assert outputs(tmp_path) == ["garbage.model"]
+
+
+def test_bom_latin1_and_deep_nesting_lines(tok, tmp_path: Path) -> None:
+    # A UTF-8 byte-order mark may open a file; a Latin-1 line and a JSON value nested past
+    # the parser's recursion limit are malformed lines like any other (skipped, reported).
+    src = tmp_path / "in.jsonl"
+    src.write_bytes(b'\xef\xbb\xbf{"text": "first"}\n{"text": "caf\xe9"}\n'
+                    + b"[" * 100_000 + b"]" * 100_000 + b'\n{"text": "last"}\n')
+    meta = preprocess(src, tmp_path / "u", tok.model_file)
+    assert meta["num_documents"] == 2 and meta["skipped_lines"] == 2
+    assert meta["skipped_examples"][0].endswith("in.jsonl:2: invalid UTF-8 (byte 13)")
+    assert meta["skipped_examples"][1].endswith("in.jsonl:3: invalid JSON (nested too deeply)")
+
+
+class FaultyTokenizer(SentencePieceTokenizer):
+    """Raises on a text containing RAISE and kills its process on DIE: faults inside a real
+    worker process (it pickles as itself, so spawned workers import this module)."""
+
+    def encode(self, text: str) -> list[int]:
+        if "RAISE" in text:
+            raise RuntimeError("tokenizer exploded")
+        if "DIE" in text:
+            os._exit(9)
+        return super().encode(text)
+
+    def __reduce__(self):
+        return (FaultyTokenizer._from_proto, (self._model_file, self._proto))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_error_in_encoding_names_file_and_line(tok, tmp_path: Path, monkeypatch, workers) -> None:
+    import phoenix.data.preprocess as pp
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10))
+                   + '{"text": "RAISE here"}\n')
+    monkeypatch.setattr(pp, "SentencePieceTokenizer", FaultyTokenizer)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(InputError, match=r"in\.jsonl:11: cannot encode this line: "
+                                         r"RuntimeError: tokenizer exploded$"):
+        preprocess(src, tmp_path / "out" / "f", tok.model_file, workers=workers, chunk_lines=3)
+    assert outputs(tmp_path / "out") == []
+
+
+def test_dead_worker_is_an_error_not_a_hang(tok, tmp_path: Path, monkeypatch) -> None:
+    import phoenix.data.preprocess as pp
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(10))
+                   + '{"text": "DIE here"}\n')
+    monkeypatch.setattr(pp, "SentencePieceTokenizer", FaultyTokenizer)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(WorkerDiedError, match=r"worker process died .*in\.jsonl lines \d+-\d+"):
+        preprocess(src, tmp_path / "out" / "f", tok.model_file, workers=2, chunk_lines=3)
+    assert outputs(tmp_path / "out") == []
+
+
+def test_cli_truncated_and_fake_gzip_are_one_line(corpora, tok, tmp_path: Path) -> None:
+    """The issue's case, as a real ``phoenix preprocess --workers 2``: exit 2, one line
+    naming the file (and how far it was read), no traceback, no output files."""
+    bad = _bad_inputs(tmp_path, corpora["code"])
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    (tmp_path / "out").mkdir()
+    for name in ("truncated.jsonl.gz", "plain.jsonl.gz"):
+        path, pattern = bad[name]
+        cmd = [sys.executable, "-m", "phoenix.cli", "preprocess", "--input", str(corpora["web"]),
+               str(path), "--output-prefix", str(tmp_path / "out" / "o"), "--tokenizer-model",
+               tok.model_file, "--workers", "2", "--no-progress"]
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        assert res.returncode == 2, res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert re.search(f"^phoenix preprocess: error: {re.escape(str(path))}: {pattern}", res.stderr)
+        assert outputs(tmp_path / "out") == []
 
 
 # --- synthetic corpus: the input every other test relies on ---------------------------------

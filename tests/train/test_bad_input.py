@@ -122,6 +122,42 @@ def test_corrupt_idx(tiny_data, tmp_path):
         check_prefix(prefix)
 
 
+def test_idx_document_index_must_cut_the_sequences_into_documents(tmp_path):
+    """Written with megatron-core's builder: a sequence after the last end_document
+    (megatron's reader asserts; the message says which check failed), and a document
+    index that runs backwards (megatron does not check; phoenix does)."""
+    import numpy as np
+    import torch
+
+    from phoenix.data.indexed import indexed_dataset_module
+
+    idx = indexed_dataset_module()
+
+    def build(name, document_indices=None):
+        prefix = str(tmp_path / name)
+        builder = idx.IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+        for sentence in ([5, 6, 7], [8, 9], [10, 2]):
+            builder.add_item(torch.tensor(sentence))
+        builder.end_document()
+        builder.add_item(torch.tensor([11, 12, 2]))
+        if document_indices is not None:
+            builder.end_document()
+            builder.document_indices = document_indices
+        builder.finalize(prefix + ".idx")
+        return prefix
+
+    prefix = build("open")  # no end_document after the last sequence
+    with pytest.raises(DataError, match=re.escape(f"cannot read {prefix}.idx: AssertionError in ") +
+                       r"indexed_dataset\.py:\d+: assert .*document_indices\[-1\]"):
+        check_prefix(prefix)
+    prefix = build("backwards", [0, 3, 1, 4])
+    with pytest.raises(DataError, match=re.escape(
+            f"data prefix '{prefix}': {prefix}.idx has an inconsistent document index (it must run "
+            f"from sequence 0 to all 4 sequences, never backwards)")):
+        check_prefix(prefix)
+    assert check_prefix(build("fine", [0, 3, 4]))["num_documents"] == 2
+
+
 def test_meta_json_not_json(tiny_data, tmp_path):
     prefix = copy_prefix(tiny_data.prefixes["web"], tmp_path / "data")
     Path(prefix + ".meta.json").write_text("{not json")
@@ -168,6 +204,42 @@ def test_data_from_a_different_tokenizer(tiny_data, tmp_path):
             f"data.datasets[1]: '{prefix}' was tokenised with a different tokenizer than "
             f"tokenizer.model {tiny_data.tokenizer_model}")):
         check_inputs(cfg)
+
+
+def _without_meta(tiny_data, dest: Path, bad_every: int = 0) -> str:
+    """A copy of the web prefix as another builder leaves it (no .meta.json); with
+    ``bad_every``, every that-many-th token is id 700 (outside the 512-id vocabulary)."""
+    import numpy as np
+
+    prefix = copy_prefix(tiny_data.prefixes["web"], dest)
+    os.remove(prefix + ".meta.json")
+    if bad_every:
+        tokens = np.memmap(prefix + ".bin", dtype=np.uint16, mode="r+")
+        tokens[::bad_every] = 700
+        tokens.flush()
+    return prefix
+
+
+def test_data_without_meta_warns_once_per_prefix(tiny_data, tmp_path, trainer_without_model, caplog):
+    """The tokenizer of data without a fingerprint cannot be checked: said once per
+    dataset, at set-up (from build_source, which the trainer calls), naming the prefix."""
+    bare = _without_meta(tiny_data, tmp_path / "data")
+    no_fingerprint = copy_prefix(tiny_data.prefixes["code"], tmp_path / "data")
+    meta = read_meta(no_fingerprint)
+    del meta["tokenizer_fingerprint"]
+    Path(no_fingerprint + ".meta.json").write_text(json.dumps(meta))
+    cfg = with_datasets(tiny_data, tmp_path, bare, tiny_data.prefixes["math"], no_fingerprint)
+    with caplog.at_level("WARNING", logger="phoenix.data.stage_plans"), pytest.raises(ModelBuilt):
+        trainer_without_model(cfg).setup()
+    warned = [r.getMessage() for r in caplog.records if "cannot be checked" in r.getMessage()]
+    assert warned == [
+        f"data prefix '{bare}': no {bare}.meta.json (not written by phoenix preprocess), so its "
+        f"tokenizer cannot be checked against tokenizer.model {tiny_data.tokenizer_model}; only "
+        f"its token ids are checked, as samples are read",
+        f"data prefix '{no_fingerprint}': no tokenizer_fingerprint in {no_fingerprint}.meta.json "
+        f"(not written by phoenix preprocess), so its tokenizer cannot be checked against "
+        f"tokenizer.model {tiny_data.tokenizer_model}; only its token ids are checked, as "
+        f"samples are read"]
 
 
 # -- checkpoints --------------------------------------------------------------------------
@@ -314,8 +386,13 @@ def cli_runs(tiny_data, tmp_path_factory):
     plan_dir = tmp_path_factory.mktemp("cli_plan_error")
     grouped = dict_with_datasets(tiny_data, plan_dir / "run", tiny_data.prefixes["web"])
     grouped["data"]["datasets"][0]["group_mode"] = "batch"  # web was preprocessed without groups
+    bad_dir = tmp_path_factory.mktemp("cli_bad_token")
+    bad_token = dict_with_datasets(tiny_data, bad_dir / "run",
+                                   _without_meta(tiny_data, bad_dir / "data", bad_every=7))
+    bad_token["data"]["prefetch_batches"] = 2  # read in the prefetch thread
     procs = {"missing": (_start_train_cli(missing, missing_dir), missing_dir),
-             "plan_error": (_start_train_cli(grouped, plan_dir), plan_dir)}
+             "plan_error": (_start_train_cli(grouped, plan_dir), plan_dir),
+             "bad_token": (_start_train_cli(bad_token, bad_dir), bad_dir)}
     results = {}
     for name, (proc, directory) in procs.items():
         out, err = proc.communicate(timeout=600)
@@ -339,3 +416,17 @@ def test_cli_plan_error_stops_before_the_model(cli_runs):
     assert proc.returncode == 2, output
     assert "group_mode needs" in output and ".groups.npy" in output
     assert "Traceback" not in output
+
+
+def test_cli_token_id_outside_the_vocabulary(cli_runs):
+    """Data without .meta.json whose ids exceed the vocabulary: the warning at start-up,
+    then exit 2 with one DataError line naming the dataset and sample (read in the
+    prefetch thread), not an IndexError from the embedding at step 1."""
+    proc, output, tmp_path = cli_runs["bad_token"]
+    prefix = str(tmp_path / "data" / "web")
+    assert proc.returncode == 2, output
+    assert f"data prefix '{prefix}': no {prefix}.meta.json" in output
+    assert re.search(rf"^phoenix: DataError: dataset 'd0' \({re.escape(prefix)}\): sample \d+ holds "
+                     rf"token id 700, outside the vocabulary \[0, 512\) \(document \d+, token \d+ "
+                     rf"of {re.escape(prefix)}\.bin\)", output, re.M), output
+    assert "Traceback" not in output and "IndexError" not in output
