@@ -121,7 +121,8 @@ class Evaluator:
         self.sets = []
         for s in sets:
             index = build_sample_index(s.prefix, seq_length, use_groups=False)
-            self.sets.append((s.display_name, s.prefix, SampleReader(index, eod_id),
+            reader = SampleReader(index, eod_id, vocab_size=vocab_size, name=s.display_name)
+            self.sets.append((s.display_name, s.prefix, reader,
                               select_samples(len(index), max_samples)))
 
     @classmethod

@@ -86,7 +86,7 @@ def test_signal_on_one_rank_saves_and_resume_is_bit_identical(tiny_data, tmp_pat
     resumed = _torchrun(recipe)
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out
-    assert f"resumed from" in out and f"at step {step}" in out
+    assert "resumed from" in out and f"at step {step}" in out
     a = read_checkpoint_tensors(find_latest(tmp_path / "ref" / "checkpoints"))
     b = read_checkpoint_tensors(find_latest(tmp_path / "pre" / "checkpoints"))
     assert find_latest(tmp_path / "pre" / "checkpoints").name == f"step_{STEPS:06d}"
