@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from phoenix.config import RunConfig
 from phoenix.runtime import ParallelLayout
+from phoenix.runtime.capabilities import te_available
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,6 @@ def padded_vocab_size(vocab_size: int, divisible_by: int, tp_size: int) -> int:
 def params_dtype(precision: str) -> torch.dtype:
     """Parameter dtype of ``train.precision`` (fp32 / bf16 / fp16)."""
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _te_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-
-        return True
-    except Exception:
-        return False
 
 
 def transformer_config(cfg: RunConfig, layout: ParallelLayout):
@@ -95,7 +87,7 @@ def layer_spec(cfg: RunConfig, layout: ParallelLayout):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if layout.device.type == "cuda" and _te_available():
+    if layout.device.type == "cuda" and te_available():
         log.info("model: Transformer Engine layer spec")
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
     if layout.device.type == "cuda":

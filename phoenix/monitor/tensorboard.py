@@ -27,10 +27,12 @@ class BackgroundWriter:
     into floats when queued, so later in-place updates cannot change what is logged.
     """
 
-    def __init__(self, log_dir: str):
+    def __init__(self, log_dir: str, purge_step: int | None = None):
+        """``purge_step``: events at this step and later, left by an earlier job in
+        ``log_dir``, are hidden from readers (TensorBoard's own purge on restart)."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=log_dir)
+        self._writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
         self._queue: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="phoenix-tensorboard", daemon=True)
@@ -95,7 +97,10 @@ class TensorBoardLogger(Callback):
     def on_train_start(self, trainer) -> None:
         if not trainer.layout.is_logging_rank:
             return
-        self.writer = BackgroundWriter(str(self.log_dir))
+        # A resumed run re-runs the steps after its checkpoint: purge what the interrupted
+        # job wrote from there on, so every tag has each step once.
+        resumed = trainer.state.step
+        self.writer = BackgroundWriter(str(self.log_dir), purge_step=resumed + 1 if resumed else None)
         self.writer.add_text("config", "```yaml\n" + self.config_yaml + "\n```", trainer.state.step)
 
     def log_metrics(self, trainer, metrics: MetricsCollector) -> None:

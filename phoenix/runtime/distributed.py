@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from phoenix.config import RunConfig
+from phoenix.runtime.capabilities import check_capabilities
 
 if TYPE_CHECKING:
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -141,6 +142,7 @@ def seed_everything(seed: int, pp_rank: int) -> None:
 
 def init_runtime(cfg: RunConfig) -> ParallelLayout:
     """Initialise the device backend, process groups and RNGs for this process."""
+    check_capabilities(cfg)  # before any process group: the same refusals as --dry-run
     device = cfg.runtime.device
     if device == "cpu":  # before megatron is imported: its import-time checks look at CUDA
         from phoenix.runtime import cpu_backend

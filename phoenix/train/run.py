@@ -10,6 +10,7 @@ import sys
 from phoenix.checkpoint.manager import CheckpointError
 from phoenix.config import dump_config, load_config
 from phoenix.data.indexed import DataError
+from phoenix.runtime.capabilities import check_capabilities
 from phoenix.runtime.command import run_command as _run_command
 from phoenix.runtime.command import setup_logging
 from phoenix.train.trainer import NonFiniteLossError
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
             cfg.validate_layout(int(os.environ.get("WORLD_SIZE", "1")))
+            check_capabilities(cfg)
             print(dump_config(cfg), end="")
             return 0
         train(cfg)

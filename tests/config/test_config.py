@@ -463,6 +463,8 @@ def cli_runs(tmp_path_factory):
         "ok": ([str(good), "train.steps=7", "--dry-run"], {"WORLD_SIZE": "4"}),
         "typo": ([str(good), "model.hiden_size=128", "--dry-run"], {}),
         "layout": ([str(good), "--dry-run"], {"WORLD_SIZE": "3"}),
+        "sp_cpu": ([str(good), "parallel.sequence_parallel=true", "runtime.device=cpu",
+                    "--dry-run"], {"WORLD_SIZE": "2"}),
     }
     procs = {name: subprocess.Popen([sys.executable, "-m", "phoenix.train", *args], cwd=REPO,
                                     env=_cli_env(**env), stdout=subprocess.PIPE,
@@ -500,3 +502,13 @@ def test_cli_dry_run_checks_layout(cli_runs):
     assert rc == 2, (out, err)
     assert "phoenix: config error:" in err
     assert "parallel: world size 3 is not divisible" in err
+
+
+def test_cli_dry_run_refuses_what_the_run_would(cli_runs):
+    """Sequence parallelism without Transformer Engine on CUDA: refused by --dry-run, with
+    the key, instead of an AssertionError on every rank of the real run."""
+    rc, out, err = cli_runs["sp_cpu"]
+    assert rc == 2, (out, err)
+    assert "phoenix: config error:" in err and "Traceback" not in err
+    assert "parallel.sequence_parallel: needs the Transformer Engine layer spec on CUDA " \
+           "(runtime.device is cpu" in err

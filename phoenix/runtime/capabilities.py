@@ -1,0 +1,35 @@
+"""What this machine's packages allow, checked against a config before any work.
+
+``--dry-run`` and :func:`phoenix.runtime.init_runtime` both call
+:func:`check_capabilities`, so everything a run would refuse for its device and the
+installed packages is refused by the dry run too, with the key that asks for it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from phoenix.config import ConfigError, RunConfig
+
+
+@functools.cache
+def te_available() -> bool:
+    """Whether Transformer Engine imports (its layer spec and fused kernels)."""
+    try:
+        import transformer_engine  # noqa: F401
+
+        return True
+    except Exception:
+        return False
+
+
+def check_capabilities(cfg: RunConfig) -> None:
+    """Raise ConfigError naming the key when ``cfg`` needs what this setup lacks."""
+    p = cfg.parallel
+    if p.sequence_parallel and not (cfg.runtime.device == "cuda" and te_available()):
+        why = ("runtime.device is cpu" if cfg.runtime.device != "cuda"
+               else "Transformer Engine is not importable")
+        raise ConfigError(
+            f"parallel.sequence_parallel: needs the Transformer Engine layer spec on CUDA "
+            f"({why}; megatron-core's local spec has no sequence-parallel LayerNorm/RMSNorm); "
+            f"set parallel.sequence_parallel=false")
