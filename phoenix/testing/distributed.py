@@ -69,6 +69,25 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo",
     if backend == "nccl" and torch.cuda.device_count() < world_size:
         raise RuntimeError(f"run_distributed: backend 'nccl' needs {world_size} GPUs, "
                            f"{torch.cuda.device_count()} visible")
+    for attempt in range(_PORT_ATTEMPTS):
+        try:
+            return _spawn(fn, world_size, args, backend, timeout)
+        except _PortTaken:
+            if attempt == _PORT_ATTEMPTS - 1:
+                raise RuntimeError(f"run_distributed: no free rendezvous port in "
+                                   f"{_PORT_ATTEMPTS} attempts") from None
+
+
+# The port is picked free, then bound by rank 0 a moment later; on a busy machine another
+# process can take it in between. Only that failure (before ``fn`` runs) is retried.
+_PORT_ATTEMPTS = 3
+
+
+class _PortTaken(Exception):
+    pass
+
+
+def _spawn(fn, world_size: int, args, backend: str, timeout: float) -> list:
     with tempfile.TemporaryDirectory(prefix="phoenix-dist-") as out_dir:
         ctx = mp.start_processes(_entry, args=(fn, args, world_size, free_port(), out_dir,
                                                backend, timeout),
@@ -96,6 +115,8 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo",
             if status == "error":
                 errors.append(f"rank {rank}:\n{value}")
             results.append(value if status == "ok" else None)
+        if errors and "EADDRINUSE" in errors[0] and "init_process_group" in errors[0]:
+            raise _PortTaken()
         if errors or failed is not None:
             raise RuntimeError("distributed run failed:\n" + "\n".join(errors or [str(failed)]))
         return results
