@@ -67,6 +67,12 @@ class RestorePlan:
     """The checkpoint to read (None for ``fresh``)."""
     honoured: tuple = ()
     """Resume: the config changes applied from the resume step on (ConfigChange items)."""
+    old_config: Optional[RunConfig] = None
+    """Resume: the config the checkpoint was trained with."""
+    data_changed: tuple = ()
+    """Resume: changes to the data of begun stages (an implicit stage boundary)."""
+    data_resume: Optional[dict] = None
+    """Resume: the implicit stage boundary the checkpoint's run already had, if any."""
 
 
 def plan_restore(cfg: RunConfig) -> RestorePlan:
@@ -79,7 +85,10 @@ def plan_restore(cfg: RunConfig) -> RestorePlan:
     if latest is not None:
         # Every config change is honoured or refused here, before any work.
         decision = check_resume(latest, cfg, step_of(latest))
-        return RestorePlan("resume", latest, tuple(decision.honoured))
+        bundle = upgrade_bundle(read_checkpoint_state(latest), latest, cfg)
+        return RestorePlan("resume", latest, tuple(decision.honoured), decision.old,
+                           tuple(decision.data_changed),
+                           bundle["states"].get("trainer", {}).get("data_resume"))
     if not ckpt.init_from:
         return RestorePlan("fresh")
     source = resolve_checkpoint(ckpt.init_from)

@@ -17,9 +17,13 @@ The table (also in the README, "Resuming and changing a run"):
   new schedule gives the same LR and weight decay at every step already trained (e.g. a
   decay phase or stage appended, a later phase changed), so ``phoenix lr-plot`` of the
   run's ``config.yaml`` is what was applied at every step; refused otherwise.
-* **The data of a stage that has begun** (its datasets, weights, bursts, groups, batch
-  size, sequence length, length or mixture warmup; ``train.seed``; a dataset's prefix;
-  ``data.sampler``): refused. Stages that begin after the resume step may change freely.
+* **The data of a stage that has begun** (its mixture, bursts, groups, batch size,
+  sequence length or length): honoured from the resume step as an implicit stage
+  boundary that continues every dataset's stream where the run had left it
+  (phoenix.data.data_resume). Refused where no exact continuation exists: a whole-group
+  dataset read mid-stage, a step inside a mixture warmup (both reported when the data is
+  planned), ``train.seed``, a dataset's prefix or name, ``data.sampler``, a begun stage
+  moved or removed. Stages that begin after the resume step may change freely.
 * **The model and tokenizer** (``model.*``, ``tokenizer.model``), ``optim.freeze`` and
   ``optim.param_groups`` (the optimizer state is laid out by them): refused; use
   ``checkpoint.init_from`` to continue from the weights under a new setup.
@@ -59,9 +63,9 @@ _REFUSED_HOW = {
                     "checkpoint.init_from (init_optimizer: false)",
     "optim.param_groups": "the optimizer state is laid out by these groups; change them with "
                           "checkpoint.init_from (init_optimizer: false)",
-    "data": "a stage that has begun keeps its data; to change the mixture, batch size or "
-            "sequence length, add a stage that begins after the resume step (stages:), or "
-            "start a new run from the weights with checkpoint.init_from",
+    "data": "these cannot change under a running stream; keep them, add a stage that "
+            "begins after the resume step (stages:), or start a new run from the weights "
+            "with checkpoint.init_from",
     "schedule": "the LR of steps already trained would differ from the record; change only "
                 "steps after the resume step (append or edit later phases or stages), or use "
                 "checkpoint.init_from",
@@ -127,12 +131,11 @@ def _scheduled_wd(cfg: RunConfig) -> bool:
     return cfg.optim.schedule is not None and cfg.optim.schedule.weight_decay is not None
 
 
-def _begun_stage_changes(old: RunConfig, new: RunConfig, step: int) -> list[str]:
-    """Differences in the data of stages that began before ``step`` (and in what all stages
-    read: prefixes, seed, sampler)."""
-    problems = []
-    fields = ("start_step", "end_step", "global_batch_size", "seq_length", "weights",
-              "min_share", "group_mode", "warmup_steps", "warmup_from")
+def _data_changes(old: RunConfig, new: RunConfig, step: int) -> tuple[list[str], list[str]]:
+    """(changes to the data of stages begun before ``step``, which an implicit stage
+    boundary at ``step`` honours; changes no boundary can honour)."""
+    changed, refused = [], []
+    names_a, names_b = old.resolved.stages.dataset_names, new.resolved.stages.dataset_names
     new_by_name = {s.name: s for s in new.resolved.stages.stages}
     for s in old.resolved.stages.stages:
         if s.start_step >= step:
@@ -141,36 +144,49 @@ def _begun_stage_changes(old: RunConfig, new: RunConfig, step: int) -> list[str]
         if n is None or n.start_step != s.start_step:
             where = (f"starts it at step {n.start_step}" if n is not None
                      else "has no stage of that name")
-            problems.append(f"the checkpoint began stage '{s.name}' at step {s.start_step} but "
-                            f"the config {where}; a stage that has begun cannot be moved or "
-                            f"removed")
+            refused.append(f"the checkpoint began stage '{s.name}' at step {s.start_step} but "
+                           f"the config {where}; a stage that has begun cannot be moved or removed")
             continue
-        for f in fields[1:]:
+        for f in ("end_step", "global_batch_size", "seq_length", "weights", "min_share",
+                  "group_mode", "warmup_steps", "warmup_from"):
             a, b = getattr(s, f), getattr(n, f)
             if f in ("weights", "warmup_from") and a is not None and b is not None:
-                a = {name: round(float(w), 6) for name, w in zip(old.resolved.stages.dataset_names, a) if w}
-                b = {name: round(float(w), 6) for name, w in zip(new.resolved.stages.dataset_names, b) if w}
+                a = {k: round(float(w), 6) for k, w in zip(names_a, a) if w}
+                b = {k: round(float(w), 6) for k, w in zip(names_b, b) if w}
             elif f in ("min_share", "group_mode"):
-                a = dict(zip(old.resolved.stages.dataset_names, a))
-                b = dict(zip(new.resolved.stages.dataset_names, b))
+                a, b = dict(zip(names_a, a)), dict(zip(names_b, b))
             if a != b:
-                problems.append(f"stage '{s.name}' (begun at step {s.start_step}) {f}: {a} -> {b}")
+                changed.append(f"stage '{s.name}' {f}: {a} -> {b}")
+    # A dataset's stream is its samples permuted by (seed, name): those must stay.
+    by_prefix_a = {d.prefix: d.display_name for d in old.data.datasets}
+    for d in new.data.datasets:
+        if d.prefix in by_prefix_a and by_prefix_a[d.prefix] != d.display_name:
+            refused.append(f"dataset {d.prefix} renamed: '{by_prefix_a[d.prefix]}' -> "
+                           f"'{d.display_name}' (its stream is keyed by the name)")
     prefixes_a = {d.display_name: d.prefix for d in old.data.datasets}
-    prefixes_b = {d.display_name: d.prefix for d in new.data.datasets}
-    for name in sorted(set(prefixes_a) & set(prefixes_b)):
-        if prefixes_a[name] != prefixes_b[name]:
-            problems.append(f"dataset '{name}' prefix: {prefixes_a[name]} -> {prefixes_b[name]}")
+    for d in new.data.datasets:
+        if prefixes_a.get(d.display_name, d.prefix) != d.prefix:
+            refused.append(f"dataset '{d.display_name}' prefix: {prefixes_a[d.display_name]} -> "
+                           f"{d.prefix}")
     for key, a, b in (("train.seed", old.train.seed, new.train.seed),
                       ("data.sampler", old.data.sampler, new.data.sampler)):
         if a != b:
-            problems.append(f"{key}: {a!r} -> {b!r}")
-    return problems
+            refused.append(f"{key}: {a!r} -> {b!r}")
+    if changed and new.data.sampler != "plan":
+        refused += [c + " (megatron's sampler has no stage plans to continue)" for c in changed]
+        changed = []
+    return changed, refused
 
 
 @dataclass(frozen=True)
 class ResumeDecision:
     honoured: list[ConfigChange]
     """Changes applied from the resume step on (logged and recorded)."""
+    old: RunConfig
+    """The config the checkpoint was trained with."""
+    data_changed: list[str]
+    """Changes to the data of begun stages: honoured by an implicit stage boundary at the
+    resume step (phoenix.data.data_resume); empty when the data plan is unchanged."""
 
 
 def check_resume(checkpoint: Path, cfg: RunConfig, step: int) -> ResumeDecision:
@@ -186,7 +202,7 @@ def check_resume(checkpoint: Path, cfg: RunConfig, step: int) -> ResumeDecision:
     refused: dict[str, list[str]] = {}
     honoured = []
     schedule_diff = _schedule_differs(old, cfg, step)
-    data_problems = _begun_stage_changes(old, cfg, step)
+    data_changed, data_problems = _data_changes(old, cfg, step)
     for c in changes:
         if _matches(c.key, _FREE):
             continue
@@ -216,7 +232,7 @@ def check_resume(checkpoint: Path, cfg: RunConfig, step: int) -> ResumeDecision:
         raise ConfigError(
             f"checkpoint.resume: the config differs from the one checkpoint {checkpoint} (step "
             f"{step}) was trained with, in ways a resume cannot honour:\n" + "\n".join(lines))
-    return ResumeDecision(honoured=honoured)
+    return ResumeDecision(honoured=honoured, old=old, data_changed=data_changed)
 
 
 def record_changes(output_dir: str | os.PathLike, step: int, changes: list[ConfigChange]) -> None:

@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from phoenix.config import RunConfig
 from phoenix.config.stage_table import ResolvedStage, StageTable
+from phoenix.data.data_resume import DataResume, rebase, streams_at
 from phoenix.data.indexed import DataError, read_meta
 from phoenix.data.megatron_blend import MegatronBlendSource
 from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs
@@ -109,11 +110,16 @@ def mixture_warmup_counts(start: list[Fraction], end: list[Fraction], B: int,
 
 
 def stage_plans(table: StageTable, prefixes: list[str], seed: int,
-                get_plan: Callable[[PlanInputs], DataPlan]) -> list[tuple[StagePlanInputs, DataPlan]]:
+                get_plan: Callable[[PlanInputs], DataPlan], resume: Optional[DataResume] = None,
+                ) -> list[tuple[StagePlanInputs, DataPlan]]:
     """Build (or load, through ``get_plan``) every stage's plan in order; each stage's
-    start offsets come from the plans before it."""
+    start offsets come from the plans before it, or from ``resume`` (where the streams
+    stood at the first stage's start, see phoenix.data.data_resume)."""
     names = table.dataset_names
     tracker = StreamTracker(names)
+    for name, (seq, grouped, offset, n) in (resume.streams if resume else {}).items():
+        if name in names:
+            tracker.finish(names.index(name), (seq, grouped), n, offset)
     index_cache: dict[tuple[int, StreamKey], SampleIndex] = {}
     out = []
     previous: Optional[ResolvedStage] = None
@@ -181,14 +187,25 @@ def cache_dir(cfg: RunConfig) -> Path:
 
 
 def run_stage_plans(cfg: RunConfig, get_plan: Callable[[PlanInputs], DataPlan] | None = None,
-                    ) -> list[tuple[StagePlanInputs, DataPlan]]:
-    """Every stage's (inputs, plan) in order; ``get_plan`` defaults to load-or-build in
-    the run's cache. Raises ValueError naming the stage and dataset on bad inputs."""
+                    resume: Optional[DataResume] = None) -> list[tuple[StagePlanInputs, DataPlan]]:
+    """Every stage's (inputs, plan) in order, from ``resume``'s step when given;
+    ``get_plan`` defaults to load-or-build in the run's cache. Raises ValueError naming
+    the stage and dataset on bad inputs."""
     if get_plan is None:
         def get_plan(inputs):
             return load_or_build_plan(inputs, cache_dir(cfg))[0]
-    return stage_plans(cfg.resolved.stages, [e.prefix for e in cfg.data.datasets], cfg.train.seed,
-                       get_plan)
+    return stage_plans(rebase(cfg.resolved.stages, resume), [e.prefix for e in cfg.data.datasets],
+                       cfg.train.seed, get_plan, resume)
+
+
+def data_change(old: RunConfig, old_resume: Optional[DataResume], step: int) -> DataResume:
+    """The implicit stage boundary of a resume at ``step`` whose data changed: where the
+    old config's plans (as that run had them) left every stream. Rank 0 only (it loads
+    or builds the old plans); raises ValueError when no exact position exists."""
+    plans = run_stage_plans(old, resume=old_resume)
+    table = rebase(old.resolved.stages, old_resume)
+    return DataResume(step=step, start_sample=table.samples_before(step),
+                      streams=streams_at(plans, step, old_resume))
 
 
 def plan_at_step(plans: list[tuple[StagePlanInputs, DataPlan]], step: int
@@ -218,8 +235,15 @@ def warn_unchecked_tokenizers(cfg: RunConfig) -> list[str]:
     return unchecked
 
 
-def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = None):
-    """The sample source of the run; collective (every rank calls it).
+def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = None,
+                 resume: Optional[DataResume] = None,
+                 changed_from: Optional[tuple[RunConfig, int]] = None):
+    """The sample source of the run and its DataResume (None: the plans start at step 0);
+    collective (every rank calls it).
+
+    ``resume``: the boundary the checkpoint recorded, if any. ``changed_from``: ``(the
+    checkpoint's config, the resume step)`` when the resume changes the data: a new
+    boundary at that step is computed on rank 0 (see phoenix.data.data_resume).
 
     Every sample's token ids must lie in ``[0, vocab_size)`` (default: ``model.vocab_size``,
     else the tokenizer's size, as the model is built); an id outside it raises DataError
@@ -235,19 +259,23 @@ def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = 
             names=[e.display_name for e in d.datasets], seq_length=d.seq_length,
             num_samples=cfg.train.steps * cfg.train.global_batch_size, seed=cfg.train.seed,
             vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod_id, cache_dir=str(cache_dir(cfg)),
-            check_vocab_size=vocab_size)
+            check_vocab_size=vocab_size), None
     error = None
     if rank == 0:
         try:
-            plans = run_stage_plans(cfg)
+            if changed_from is not None:
+                resume = data_change(changed_from[0], resume, changed_from[1])
+            plans = run_stage_plans(cfg, resume=resume)
         except ValueError as e:  # the plan's input checks (weights, groups, min_share, ...)
             error = e
-    # Every rank learns whether rank 0 could build the plans, so all stop together.
-    failed = [error is not None]
-    dist.broadcast_object_list(failed, src=0)
-    if failed[0]:
-        raise DataError(f"data plan: {error}" if error else "data plan: rank 0 could not build it")
+    # Every rank learns whether rank 0 could build the plans (and where a data change
+    # left the streams), so all stop together or read the same plans.
+    shared = [None if error is None else str(error), resume.to_dict() if resume else None]
+    dist.broadcast_object_list(shared, src=0)
+    if shared[0] is not None:
+        raise DataError(f"data plan: {shared[0]}")
+    resume = DataResume.from_dict(shared[1])
     if rank != 0:
         plans = run_stage_plans(cfg, lambda inputs: load_or_build_plan(inputs, cache_dir(cfg),
-                                                                       build=False)[0])
-    return StagedSource(plans, tokenizer.eod_id, vocab_size)
+                                                                       build=False)[0], resume)
+    return StagedSource(plans, tokenizer.eod_id, vocab_size), resume

@@ -17,11 +17,13 @@ import torch
 import torch.distributed as dist
 
 from phoenix.checkpoint import Checkpointer, plan_restore
+from phoenix.checkpoint.manager import step_of
 from phoenix.config import ConfigError, RunConfig, dump_config
 from phoenix.data.indexed import check_prefix, read_meta
 from phoenix.eval.callback import EvalCallback
 from phoenix.eval.inputs import check_eval_inputs
 from phoenix.data.loader import GlobalBatchLoader
+from phoenix.data.data_resume import DataResume, rebase
 from phoenix.data.stage_plans import build_source
 from phoenix.io import atomic_write_text
 from phoenix.model import build_model
@@ -60,6 +62,9 @@ class TrainState:
     skipped_steps: int = 0
     stage_starts: dict[str, int] = field(default_factory=dict)
     """Step at which each stage that has begun began (by stage name)."""
+    data_resume: dict | None = None
+    """The latest implicit stage boundary (a resume that changed the data of the stage in
+    progress; phoenix.data.data_resume.DataResume as a dict), None if there was none."""
 
 
 def check_inputs(cfg: RunConfig):
@@ -160,7 +165,17 @@ class Trainer:
         dist.barrier()
 
         # The data plan first: its input errors must stop the run before a model is built.
-        source = build_source(cfg, layout.rank, tokenizer)
+        plan = self.restore_plan
+        resuming = plan.kind == "resume"
+        source, data_resume = build_source(
+            cfg, layout.rank, tokenizer,
+            resume=DataResume.from_dict(plan.data_resume) if resuming else None,
+            changed_from=(plan.old_config, step_of(plan.path)) if plan.data_changed else None)
+        if plan.data_changed and layout.rank == 0:
+            log.warning("resume: the data changes from step %s on (an implicit stage boundary "
+                        "that continues every dataset's stream): %s", step_of(plan.path),
+                        "; ".join(plan.data_changed))
+        self.stages = rebase(cfg.resolved.stages, data_resume)
         self.model = build_model(cfg, layout, vocab_size)
         o = cfg.optim
         self.optimizer = build_optimizer(cfg, self.model, layout, param_rules=o.param_groups,
@@ -184,6 +199,7 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, layout, self.config_yaml, self.model,
                                          self.optimizer, stateful)
         self._log0(self.checkpointer.restore(self.restore_plan))
+        self.state.data_resume = data_resume.to_dict() if data_resume else None
         self.loader.load_state_dict({"step": self.state.step})
 
     def _wire_megatron_hooks(self) -> None:

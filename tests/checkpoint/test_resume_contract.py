@@ -4,6 +4,7 @@ naming each key with its old and new value."""
 import json
 
 import pytest
+import torch
 import yaml
 
 from phoenix.checkpoint.resume_contract import check_resume, config_changes
@@ -39,7 +40,6 @@ def test_free_and_optimizer_changes_are_honoured(saved):
                                r"step 0 would have been trained with LR 0\.0 instead of 0\.0|"
                                r"step 1 would have been trained with LR"]),
     ({"train": {"steps": 20}}, [r"train\.steps: 10 -> 20", r"add a stage|checkpoint\.init_from"]),
-    ({"train": {"global_batch_size": 16}}, [r"stage 'main' .* global_batch_size: 8 -> 16"]),
     ({"train": {"seed": 7}}, [r"train\.seed: 1234 -> 7"]),
     ({"model": {"preset": "tiny", "norm_epsilon": 1e-6}},
      [r"model: model\.norm_epsilon: 1e-05 -> 1e-06", r"checkpoint\.init_from"]),
@@ -53,16 +53,22 @@ def test_refused_changes_name_every_key(saved, sections, expected):
             (pattern, str(e.value))
 
 
-def test_swapped_mixture_is_refused(saved, tiny_data):
+def test_data_changes_of_the_running_stage_are_honoured_or_refused(saved):
+    """Mixture and batch size: honoured (an implicit stage boundary, see the e2e test
+    below); a dataset's prefix or name, which key its stream: refused."""
     ckpt, make = saved
-    d = make()
-    weights = [e.weight for e in d.data.datasets]
-    datasets = [{"prefix": e.prefix, "name": e.name, "weight": w}
-                for e, w in zip(d.data.datasets, reversed(weights))]
-    assert weights != list(reversed(weights))
-    with pytest.raises(ConfigError, match=r"stage 'main' \(begun at step 0\) weights"):
-        check_resume(ckpt, make(data={**yaml.safe_load(dump_config(d))["data"],
-                                      "datasets": datasets}), 5)
+    d = yaml.safe_load(dump_config(make()))["data"]
+    swapped = [{**e, "weight": w} for e, w in zip(d["datasets"], [0.3, 0.7])]
+    decision = check_resume(ckpt, make(data={**d, "datasets": swapped},
+                                       train={"global_batch_size": 16}), 5)
+    assert any("weights" in c for c in decision.data_changed), decision.data_changed
+    assert any("global_batch_size: 8 -> 16" in c for c in decision.data_changed)
+    renamed = [{**d["datasets"][0], "name": "webtext"}, d["datasets"][1]]
+    with pytest.raises(ConfigError, match=r"renamed: 'web' -> 'webtext'"):
+        check_resume(ckpt, make(data={**d, "datasets": renamed}), 5)
+    moved = [{**d["datasets"][0], "prefix": d["datasets"][1]["prefix"]}, d["datasets"][1]]
+    with pytest.raises(ConfigError, match=r"dataset 'web' prefix: "):
+        check_resume(ckpt, make(data={**d, "datasets": moved}), 5)
 
 
 def test_stages_after_the_resume_step_may_change(tiny_data, tmp_path):
@@ -85,9 +91,12 @@ def test_stages_after_the_resume_step_may_change(tiny_data, tmp_path):
     shorter = {**first, "lr": [{"kind": "warmup", "steps": 1}, {"kind": "constant", "steps": 9}]}
     with pytest.raises(ConfigError, match=r"step 1 would have been trained with LR"):
         check_resume(ckpt, make([shorter]), 5)
-    remixed = {**first, "mixture": {"web": 0.5, "code": 0.5}}
-    with pytest.raises(ConfigError, match=r"stage 'stable' \(begun at step 0\) weights"):
-        check_resume(ckpt, make([remixed]), 5)
+    moved = [{**first, "name": "pre", "steps": 1, "lr": [{"kind": "warmup", "steps": 1}]},
+             {**first, "steps": 9, "lr": [{"kind": "warmup", "steps": 1},
+                                          {"kind": "constant", "steps": 8}]}]
+    with pytest.raises(ConfigError, match=r"began stage 'stable' at step 0 but the config "
+                                          r"starts it at step 1"):
+        check_resume(ckpt, make(moved), 5)
 
 
 def test_config_changes_lists_leaves(saved):
@@ -116,3 +125,36 @@ def test_resumed_optimizer_uses_the_new_settings(tiny_data, tmp_path):
     assert record == [{"step": 4, "changes": {"optim.adam_beta2": [0.95, 0.5],
                                               "optim.adam_eps": [1e-08, 0.001],
                                               "optim.weight_decay": [0.1, 0.5]}}]
+
+
+def _reads(steps) -> list[tuple[int, int]]:
+    return [(d, s) for step in steps for d, s in zip(step["dataset_ids"], step["sample_ids"])]
+
+
+@pytest.mark.slow
+def test_data_change_on_resume_continues_every_stream(tiny_data, tmp_path):
+    """The mixture and batch size changed on resume at step 4: from there the run follows the
+    new config as if a stage began at step 4 -- exactly the samples a two-stage recipe with
+    that boundary reads -- and no sample is read twice."""
+    base = tiny_config_dict(tiny_data, tmp_path / "run", train={"steps": 8},
+                            checkpoint={"save_interval": 4})
+    (first,) = run_distributed(train_and_record, 1, base, ["train.stop_at_step=4"])
+    swapped = ["data.datasets[0].weight=0.3", "data.datasets[1].weight=0.7",
+               "train.global_batch_size=16"]
+    (second,) = run_distributed(train_and_record, 1, base, swapped)
+    assert [s["step"] for s in second["steps"]] == [5, 6, 7, 8]
+    assert second["consumed_samples"] == 4 * 8 + 4 * 16
+
+    staged = tiny_config_dict(tiny_data, tmp_path / "staged", train={"steps": None}, stages=[
+        {"name": "main", "steps": 4, "mixture": {"web": 0.7, "code": 0.3}},
+        {"name": "after", "steps": 4, "mixture": {"web": 0.3, "code": 0.7},
+         "global_batch_size": 16}])
+    (reference,) = run_distributed(train_and_record, 1, staged)
+    assert _reads(first["steps"]) == _reads(reference["steps"][:4])
+    assert _reads(second["steps"]) == _reads(reference["steps"][4:])
+    reads = _reads(first["steps"] + second["steps"])
+    assert len(set(reads)) == len(reads)
+    # later checkpoints keep the boundary, so a later resume rebuilds the same plans
+    bundle = torch.load(tmp_path / "run" / "checkpoints" / "step_000008" / "phoenix_state.pt",
+                        weights_only=False)
+    assert bundle["states"]["trainer"]["data_resume"]["step"] == 4

@@ -1,0 +1,98 @@
+"""A data change on resume as an implicit stage boundary.
+
+When a resumed run changes the data of the stage in progress (its mixture, batch size or
+sequence length; see phoenix.checkpoint.resume_contract), the run continues at step
+``r`` under the new config's stages, clipped to start at ``r``, and every dataset's
+stream continues exactly where the interrupted run's plans had consumed it by step
+``r`` -- what ``stages:`` does at a planned boundary. A :class:`DataResume` records that
+point (the step, the samples consumed before it, each dataset's stream position); it is
+kept in the trainer's checkpoint state, so later resumes rebuild the same plans.
+
+Exactness: for an ungrouped dataset the plan consumes its stream in order, so the stream
+position after batch ``k`` of a stage is the stage's start offset plus the dataset's
+counts of batches ``0..k-1``. A whole-group dataset's packing looks ahead, so only a stage
+boundary gives a single position; a mid-stage change while such a dataset is read is
+refused (ValueError naming the dataset).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from phoenix.config.stage_table import ResolvedStage, StageTable
+
+
+@dataclass(frozen=True)
+class DataResume:
+    """Where the data stood at step ``step`` of a run whose data plan changed there."""
+
+    step: int
+    start_sample: int
+    """Samples consumed by steps ``[0, step)``."""
+    streams: dict[str, tuple[int, bool, int, int]]
+    """Dataset name -> (seq_length, grouped, stream position, samples in its index)."""
+
+    def to_dict(self) -> dict:
+        return {"step": self.step, "start_sample": self.start_sample,
+                "streams": {k: list(v) for k, v in self.streams.items()}}
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> Optional["DataResume"]:
+        if not d:
+            return None
+        return cls(step=int(d["step"]), start_sample=int(d["start_sample"]),
+                   streams={k: (int(a), bool(b), int(c), int(n))
+                            for k, (a, b, c, n) in d["streams"].items()})
+
+
+def rebase(table: StageTable, resume: Optional[DataResume]) -> StageTable:
+    """``table`` from ``resume.step`` on: earlier stages dropped, the stage containing the
+    step clipped to start there (after ``resume.start_sample`` samples). Raises ValueError
+    when the step falls inside that stage's mixture warmup."""
+    if resume is None:
+        return table
+    r, sample, stages = resume.step, resume.start_sample, []
+    for s in table.stages:
+        if s.end_step <= r:
+            continue
+        if s.start_step < r:
+            into = r - s.start_step
+            if into < s.warmup_steps:
+                raise ValueError(f"stage '{s.name}': the data change at step {r} falls inside its "
+                                 f"mixture warmup (steps {s.start_step}..{s.start_step + s.warmup_steps - 1})")
+            s = dataclasses.replace(s, start_step=r, warmup_steps=0, warmup_from=None, tokens=None)
+        stages.append(dataclasses.replace(s, index=len(stages), start_sample=sample))
+        sample += s.steps * s.global_batch_size
+    return StageTable(stages, table.dataset_names, table.explicit)
+
+
+def streams_at(plans: list, step: int, start: Optional[DataResume] = None,
+               ) -> dict[str, tuple[int, bool, int, int]]:
+    """Every dataset's stream position after ``step`` steps of a run whose (rebased) stage
+    plans are ``plans`` (``(StagePlanInputs, DataPlan)`` pairs in order) and whose earlier
+    boundary is ``start``. Raises ValueError for a grouped dataset mid-stage."""
+    streams = dict(start.streams) if start is not None else {}
+    for spi, plan in plans:
+        stage: ResolvedStage = spi.stage
+        if stage.start_step >= step:
+            break
+        inside = step - stage.start_step
+        for d, key in enumerate(spi.keys):
+            if key is None:
+                continue
+            name = spi.inputs.datasets[d].name
+            n = len(spi.indices[d])
+            if inside >= stage.steps:
+                streams[name] = (key[0], key[1], int(plan.end_offsets[d]), n)
+                continue
+            if key[1] and plan.counts[:inside, d].any():
+                raise ValueError(f"dataset '{name}' is read whole-group in stage '{stage.name}'; its "
+                                 f"stream has no single position at step {step} (mid-stage): "
+                                 f"change the data at a stage boundary")
+            offset = int(spi.inputs.start_offsets[d]) + int(np.sum(plan.counts[:inside, d], dtype=np.int64))
+            streams[name] = (key[0], key[1], offset, n)
+    return streams
