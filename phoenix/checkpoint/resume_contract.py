@@ -147,8 +147,12 @@ def _data_changes(old: RunConfig, new: RunConfig, step: int) -> tuple[list[str],
             refused.append(f"the checkpoint began stage '{s.name}' at step {s.start_step} but "
                            f"the config {where}; a stage that has begun cannot be moved or removed")
             continue
-        for f in ("end_step", "global_batch_size", "seq_length", "weights", "min_share",
-                  "group_mode", "warmup_steps", "warmup_from"):
+        label = f"stage '{s.name}'" if old.resolved.stages.explicit else "the run (no stages:)"
+        for f, key in (("end_step", "length (train.steps or the stage's steps)"),
+                       ("global_batch_size", "global_batch_size"), ("seq_length", "seq_length"),
+                       ("weights", "mixture (normalised weights)"), ("min_share", "min_share"),
+                       ("group_mode", "group_mode"), ("warmup_steps", "mixture_warmup_steps"),
+                       ("warmup_from", "mixture warmup start")):
             a, b = getattr(s, f), getattr(n, f)
             if f in ("weights", "warmup_from") and a is not None and b is not None:
                 a = {k: round(float(w), 6) for k, w in zip(names_a, a) if w}
@@ -156,7 +160,7 @@ def _data_changes(old: RunConfig, new: RunConfig, step: int) -> tuple[list[str],
             elif f in ("min_share", "group_mode"):
                 a, b = dict(zip(names_a, a)), dict(zip(names_b, b))
             if a != b:
-                changed.append(f"stage '{s.name}' {f}: {a} -> {b}")
+                changed.append(f"{label} {key}: {a} -> {b}")
     # A dataset's stream is its samples permuted by (seed, name): those must stay.
     by_prefix_a = {d.prefix: d.display_name for d in old.data.datasets}
     for d in new.data.datasets:
@@ -216,6 +220,8 @@ def check_resume(checkpoint: Path, cfg: RunConfig, step: int) -> ResumeDecision:
         elif _matches(c.key, _SCHEDULE) or c.key.startswith("stages[") and ".lr" in c.key:
             if schedule_diff is not None:
                 refused.setdefault("schedule", []).append(str(c))
+            else:  # only steps after the resume step change: logged and recorded
+                honoured.append(c)
         elif _matches(c.key, ("data", "stages", "train.global_batch_size", "train.seed")):
             pass  # judged below, by what the begun stages read
         else:

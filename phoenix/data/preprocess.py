@@ -385,9 +385,10 @@ def preprocess(
                 os.remove(path)
     secs = max(time.perf_counter() - start, 1e-9)
     logger.info(
-        "wrote %s.{bin,idx}: %d documents, %d tokens (%s), %s groups, %d skipped lines; "
+        "wrote %s.{bin,idx}: %d documents, %d tokens (%s)%s, %d skipped lines; "
         "%.1fs, %.0f docs/s, %.0f tokens/s",
-        prefix, stats.num_documents, stats.num_tokens, meta["dtype"], meta["num_groups"],
+        prefix, stats.num_documents, stats.num_tokens, meta["dtype"],
+        "" if meta["num_groups"] is None else f", {meta['num_groups']} groups",
         stats.num_skipped, secs, stats.num_documents / secs, stats.num_tokens / secs,
     )  # fmt: skip
     return meta

@@ -43,6 +43,7 @@ class MultiPhaseScheduler:
     Resume: ``state_dict()`` stores ``num_steps`` and the schedule's fingerprint. If a
     checkpoint's fingerprint differs from the configured schedule, ``load_state_dict``
     raises ScheduleMismatchError (``on_schedule_change="error"``, the default), or with
+    ``"accept"`` continues silently (the trainer's resume contract has judged the change);
     ``"warn"`` logs a warning listing both schedules and continues with the configured
     one at the saved step (for deliberate changes, e.g. appending a decay stage). It is
     never applied silently. Unlike megatron (whose ``load_state_dict`` adds the saved
@@ -61,12 +62,13 @@ class MultiPhaseScheduler:
 
     def __init__(self, optimizer, resolved: ResolvedSchedule, *,
                  weight_decay: Optional[float] = None,
-                 on_schedule_change: Literal["error", "warn"] = "error") -> None:
+                 on_schedule_change: Literal["error", "warn", "accept"] = "error") -> None:
         if resolved.wd_style is None and weight_decay is None:
             raise ValueError("MultiPhaseScheduler: the schedule has no weight_decay section; "
                              "pass weight_decay= (a constant)")
-        if on_schedule_change not in ("error", "warn"):
-            raise ValueError(f"on_schedule_change must be 'error' or 'warn', got {on_schedule_change!r}")
+        if on_schedule_change not in ("error", "warn", "accept"):
+            raise ValueError(f"on_schedule_change must be 'error', 'warn' or 'accept', got "
+                             f"{on_schedule_change!r}")
         self.optimizer = optimizer
         self.resolved = resolved
         self.weight_decay = weight_decay
@@ -138,7 +140,7 @@ class MultiPhaseScheduler:
         """Restore the step count; a different saved schedule is reported, never silently used."""
         saved = state_dict.get("schedule_fingerprint")
         mine = self.resolved.fingerprint()
-        if saved != mine:
+        if saved != mine and self.on_schedule_change != "accept":
             message = self._mismatch_message(state_dict, mine)
             if self.on_schedule_change == "error":
                 raise ScheduleMismatchError(message)
@@ -166,13 +168,14 @@ class MultiPhaseScheduler:
 
 
 def build_multi_phase_scheduler(cfg, optimizer, *,
-                                on_schedule_change: Literal["error", "warn"] = "warn"
+                                on_schedule_change: Literal["error", "warn", "accept"] = "accept"
                                 ) -> MultiPhaseScheduler:
     """The run's scheduler: ``cfg.resolved.schedule`` (from ``optim.schedule``, the
     stages' ``lr`` phases or the legacy ``optim`` fields, resolved once with the config)
     applied to ``optimizer``. A schedule that differs from a resumed checkpoint's is
-    logged, not refused: the resume contract (phoenix.checkpoint.resume_contract) has
-    already refused every change that alters a step already trained."""
+    accepted here: the resume contract (phoenix.checkpoint.resume_contract) has already
+    refused every change that alters a step already trained, and logged and recorded the
+    ones it honours."""
     return MultiPhaseScheduler(optimizer, cfg.resolved.schedule,
                                weight_decay=cfg.optim.weight_decay,
                                on_schedule_change=on_schedule_change)

@@ -326,6 +326,9 @@ class Trainer:
                     self._log0(f"stopping after step {state.step}: {reason}; checkpoint "
                                f"{self.checkpointer.latest()} resumes the run")
                     break
+            if state.skipped_steps:
+                log.warning("%d of the run's %d steps so far were skipped (not applied): see "
+                            "train/skipped_steps and the step lines", state.skipped_steps, state.step)
         finally:
             stop.uninstall()
             self.loader.close()
