@@ -23,7 +23,10 @@ What every such filesystem does provide atomically is creating a hard link:
   (same hostname, boot id and pid namespace) and its pid is gone (or is a zombie, or was
   reused by a younger process), or, for a holder on another machine, when its heartbeat is
   older than ``stale_after`` seconds (clocks are assumed synchronised to well within that).
-  A live holder on this machine is never taken over, however old its heartbeat.
+  A live holder on this machine is never taken over, however old its heartbeat. A lock
+  left by an earlier attempt of the same torchrun job (same ``TORCHELASTIC_RUN_ID``, lower
+  restart count) is stale at once: the agents stop every worker of an attempt before the
+  next one starts, and the new rank 0 may be on another node.
 * a takeover renames the stale lock away (only one contender's rename succeeds) and then
   creates a fresh one as above. Should a holder ever find its token replaced (it was
   suspended past ``stale_after`` and another job took over), it stops at once with one
@@ -122,7 +125,9 @@ class RunLock:
         self.token = uuid.uuid4().hex
         self.record = {"host": socket.gethostname(), "pid": os.getpid(),
                        "machine": _machine_id(), "process_start": _process_start(os.getpid()),
-                       "started": time.time(), "heartbeat": time.time(), "token": self.token}
+                       "started": time.time(), "heartbeat": time.time(), "token": self.token,
+                       "torchrun_run_id": os.environ.get("TORCHELASTIC_RUN_ID"),
+                       "torchrun_restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))}
         self.held = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -198,6 +203,12 @@ class RunLock:
             except FileNotFoundError:
                 return "it is gone"
             return f"unreadable and {age:.0f}s old" if age > self.stale_after else None
+        run_id = self.record["torchrun_run_id"]
+        if run_id and holder.get("torchrun_run_id") == run_id \
+                and int(holder.get("torchrun_restart") or 0) < self.record["torchrun_restart"]:
+            # torchrun stops every worker of an attempt before it starts the next one (whose
+            # rank 0 may be on another node); a run id is not shared by two live jobs.
+            return f"an earlier attempt (restart {holder.get('torchrun_restart')}) of this torchrun job"
         if holder.get("host") == self.record["host"] and holder.get("machine") == self.record["machine"]:
             pid = int(holder.get("pid", -1))
             if pid == os.getpid():

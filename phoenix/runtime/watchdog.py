@@ -75,9 +75,9 @@ def exit_with_parent(interval: float = 1.0) -> bool:
         return True
     if not launched_by_torchrun():
         return False
+    # The agent's pid is not in the environment, so a death before this line goes unseen;
+    # pid 1 is no sign of one (torchrun is pid 1 in many containers).
     parent = os.getppid()
-    if parent == 1:  # already re-parented to init: the agent died before we looked
-        _parent_gone(parent)
     if not set_parent_death_signal(signal.SIGKILL):
         log.warning("could not set PR_SET_PDEATHSIG; a thread watches the torchrun agent (pid %d) "
                     "instead", parent)

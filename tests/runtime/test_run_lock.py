@@ -94,6 +94,20 @@ def test_holder_on_another_machine_is_stale_only_after_the_heartbeat_timeout(tmp
     RunLock(tmp_path, stale_after=1).acquire().release()
 
 
+def test_lock_of_an_earlier_attempt_of_the_same_torchrun_job_is_stale(tmp_path, monkeypatch):
+    # torchrun restarted the job (TORCHELASTIC_RESTART_COUNT 1) and rank 0 moved to another node
+    forge_lock(tmp_path, host="node-b", machine="other", pid=4242, torchrun_run_id="job7",
+               torchrun_restart=0)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job7")
+    with pytest.raises(RunLockError, match="host node-b, pid 4242"):
+        RunLock(tmp_path).acquire()  # restart 0 too: not an earlier attempt
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    RunLock(tmp_path).acquire().release()
+    forge_lock(tmp_path, host="node-b", machine="other", pid=4242, torchrun_run_id="job8")
+    with pytest.raises(RunLockError, match="host node-b, pid 4242"):
+        RunLock(tmp_path).acquire()  # another job
+
+
 def test_heartbeat_is_refreshed_and_a_lost_lock_stops_the_holder(tmp_path):
     script = textwrap.dedent("""
         import sys, time
