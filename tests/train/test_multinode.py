@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from phoenix.runtime.startup import RankView
-from phoenix.testing.ports import free_port
+from phoenix.runtime.ports import free_port
 from phoenix.testing.processes import kill_tree, start, torchrun_args
 from phoenix.testing.tiny import tiny_config_dict
 
