@@ -286,6 +286,8 @@ class RunLock:
                 log.warning("run lock: %s had been removed; recreated it", self.path)
                 return
             current = self._read() or {}
+        if not current:
+            return  # unreadable for a moment (a lock being written): look again next beat
         if current.get("token") != self.token:
             if self._stop.is_set():
                 return

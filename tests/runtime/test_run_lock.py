@@ -33,7 +33,8 @@ def dead_pid() -> int:
 def forge_lock(run_dir, **fields) -> dict:
     """Write a lock file as another job would have left it (this machine unless told)."""
     record = RunLock(run_dir).record | {"token": "theirs"} | fields
-    (run_dir / LOCK_NAME).write_text(json.dumps(record))
+    (run_dir / "forged").write_text(json.dumps(record))
+    os.replace(run_dir / "forged", run_dir / LOCK_NAME)  # atomically, as a real job would
     return record
 
 
