@@ -60,6 +60,20 @@ def _parent_gone(parent: int) -> None:
     os._exit(1)
 
 
+def _reparented_to_init(parent: int) -> bool:
+    """Our parent is pid 1 and pid 1 is no launcher (torchrun is pid 1 in some containers).
+    The agent's pid is not in the environment, so this is the one sign of its death before
+    the watch began; a re-parenting to another subreaper goes unseen."""
+    if parent != 1:
+        return False
+    try:
+        with open("/proc/1/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return b"torch" not in cmdline and b"python" not in cmdline
+
+
 def _watch(parent: int, interval: float) -> None:
     while True:
         time.sleep(interval)
@@ -75,9 +89,9 @@ def exit_with_parent(interval: float = 1.0) -> bool:
         return True
     if not launched_by_torchrun():
         return False
-    # The agent's pid is not in the environment, so a death before this line goes unseen;
-    # pid 1 is no sign of one (torchrun is pid 1 in many containers).
     parent = os.getppid()
+    if _reparented_to_init(parent):  # the agent died while this worker was starting up
+        _parent_gone(parent)
     if not set_parent_death_signal(signal.SIGKILL):
         log.warning("could not set PR_SET_PDEATHSIG; a thread watches the torchrun agent (pid %d) "
                     "instead", parent)

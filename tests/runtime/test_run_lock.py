@@ -182,6 +182,30 @@ def test_worker_exits_when_its_agent_is_killed(tmp_path, no_prctl):
         agent.wait()
 
 
+def test_worker_whose_agent_died_during_its_start_up_exits(tmp_path):
+    # The agent exits before the worker arms the watchdog: the worker has been re-parented
+    # to init by then (where pid 1 is a launcher, e.g. torchrun in a container, it cannot tell).
+    with open("/proc/1/cmdline", "rb") as f:
+        if b"torch" in f.read() or os.getpid() == 1:
+            pytest.skip("pid 1 is a launcher here")
+    late = "import sys, time\ntime.sleep(1)\n" + WORKER.format(no_prctl=False)
+    short_lived_agent = AGENT.replace("time.sleep(120)", "")
+    log = tmp_path / "agent.log"
+    with open(log, "w") as out:
+        agent = subprocess.run([sys.executable, "-c", short_lived_agent, late], env=ENV,
+                               stdout=subprocess.PIPE, stderr=out, text=True, timeout=60)
+    worker = int(agent.stdout.split()[0])
+    try:
+        assert wait_until(lambda: not alive(worker), 120), log.read_text()
+        assert "that started this worker has exited" in log.read_text()
+        assert "armed" not in log.read_text()
+    finally:
+        try:
+            os.kill(worker, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def test_plain_python_has_no_watchdog():
     out = subprocess.run([sys.executable, "-c", "from phoenix.runtime import watchdog; "
                           "print(watchdog.exit_with_parent())"],
