@@ -278,26 +278,35 @@ class RunLock:
                 log.warning("run lock: could not refresh %s: %s", self.path, e)
 
     def refresh(self) -> None:
-        """Renew the heartbeat; stop the process if another job has taken the lock over."""
-        current = self._read()
-        if current is None:  # deleted by hand: recreate it if nobody else has
-            self.record["heartbeat"] = time.time()
-            if self._create():
-                log.warning("run lock: %s had been removed; recreated it", self.path)
-                return
-            current = self._read() or {}
-        if not current:
-            return  # unreadable for a moment (a lock being written): look again next beat
-        if current.get("token") != self.token:
-            if self._stop.is_set():
-                return
-            print(f"phoenix: the run lock {self.path} was taken over by host {current.get('host')} "
-                  f"pid {current.get('pid')} (this job's heartbeat had stopped); stopping this job "
-                  f"so that two jobs never write one run directory", file=sys.stderr, flush=True)
-            os._exit(2)
+        """Renew the heartbeat; stop the process if another job has taken the lock over.
+
+        The new record is written (and fsynced) before the lock is read, so only the
+        instant between that read and the rename could overwrite a takeover; the job that
+        took over would then find its token gone at its next beat and stop: one survives."""
         self.record["heartbeat"] = time.time()
         tmp = self._write_tmp()
-        os.replace(tmp, self.path)
+        try:
+            current = self._read()
+            if current is None:  # deleted by hand: recreate it if nobody else has
+                if self._create():
+                    log.warning("run lock: %s had been removed; recreated it", self.path)
+                    return
+                current = self._read() or {}
+            if not current:
+                return  # unreadable for a moment (a lock being written): look again next beat
+            if current.get("token") != self.token:
+                if self._stop.is_set():
+                    return
+                print(f"phoenix: the run lock {self.path} was taken over by host "
+                      f"{current.get('host')} pid {current.get('pid')} (this job's heartbeat had "
+                      f"stopped); stopping this job so that two jobs never write one run "
+                      f"directory", file=sys.stderr, flush=True)
+                tmp.unlink()
+                os._exit(2)
+            os.replace(tmp, self.path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lock if it is still ours (idempotent)."""
