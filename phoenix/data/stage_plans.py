@@ -13,7 +13,8 @@ Every stage plan lists all datasets of ``data.datasets`` in order (unused ones w
 weight 0), so dataset ids are the same in every stage.
 
 :func:`build_source` maps a run config onto this (or onto megatron's blend) and does the
-one distributed step: rank 0 builds and caches every stage's plan, the others load them.
+one distributed step: one rank per cache directory (rank 0, or one per node when
+``data.cache_dir`` is node-local) builds and caches every stage's plan, the others load them.
 """
 
 from __future__ import annotations
@@ -27,9 +28,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import torch.distributed as dist
 
-from phoenix.config import RunConfig
+from phoenix.config import ConfigError, RunConfig
 from phoenix.config.stage_table import ResolvedStage, StageTable
 from phoenix.data.data_resume import DataResume, rebase, streams_at
 from phoenix.data.indexed import DataError, read_meta
@@ -37,6 +37,7 @@ from phoenix.data.megatron_blend import MegatronBlendSource
 from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs
 from phoenix.data.plan_source import PlanSource, load_or_build_plan
 from phoenix.data.samples import SampleIndex, build_sample_index
+from phoenix.runtime.startup import RankView, all_gather, broadcast, dir_views
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +236,17 @@ def warn_unchecked_tokenizers(cfg: RunConfig) -> list[str]:
     return unchecked
 
 
+def plan_builders(views: list[RankView]) -> list[int]:
+    """Ranks that build the data plan into their cache directory: rank 0 for every rank
+    that sees its directory, and the lowest rank of each other (host, path) for the rest
+    (a node-local ``data.cache_dir``). The plan is deterministic, so every copy is the same."""
+    groups: dict[tuple[str, str], int] = {}
+    for v in views:
+        if not v.sees:
+            groups.setdefault((v.host, v.path), v.rank)
+    return [0, *sorted(groups.values())]
+
+
 def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = None,
                  resume: Optional[DataResume] = None,
                  changed_from: Optional[tuple[RunConfig, int]] = None):
@@ -245,6 +257,11 @@ def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = 
     checkpoint's config, the resume step)`` when the resume changes the data: a new
     boundary at that step is computed on rank 0 (see phoenix.data.data_resume).
 
+    Rank 0 builds every stage's plan into its cache directory; where ``data.cache_dir`` is
+    node-local, one rank per other directory then builds its own copy (the plans are
+    deterministic); the other ranks load them. A plan input error stops every rank with
+    the same message.
+
     Every sample's token ids must lie in ``[0, vocab_size)`` (default: ``model.vocab_size``,
     else the tokenizer's size, as the model is built); an id outside it raises DataError
     naming the dataset and sample when it is read, before the forward pass.
@@ -252,14 +269,29 @@ def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = 
     vocab_size = vocab_size or cfg.model.vocab_size or tokenizer.vocab_size
     if rank == 0:
         warn_unchecked_tokenizers(cfg)
+    directory = cache_dir(cfg)
+    try:
+        views = dir_views(directory)
+    except OSError as e:  # raised on every rank
+        raise ConfigError(f"data.cache_dir: {e}") from None
+    blind = [v for v in views if not v.sees]
     if cfg.data.sampler == "megatron":
+        if blind:  # megatron's dataset builder writes its indices on global rank 0 only
+            raise ConfigError(
+                f"data.cache_dir: {', '.join(map(str, blind))} cannot see rank 0's {views[0].path}; "
+                f"data.sampler 'megatron' needs a cache directory that every node shares")
         d = cfg.data
         return MegatronBlendSource(
             prefixes=[e.prefix for e in d.datasets], weights=[e.weight for e in d.datasets],
             names=[e.display_name for e in d.datasets], seq_length=d.seq_length,
             num_samples=cfg.train.steps * cfg.train.global_batch_size, seed=cfg.train.seed,
-            vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod_id, cache_dir=str(cache_dir(cfg)),
+            vocab_size=tokenizer.vocab_size, eod_id=tokenizer.eod_id, cache_dir=str(directory),
             check_vocab_size=vocab_size), None
+    builders = plan_builders(views)
+    if blind and rank == 0:
+        log.warning("data.cache_dir %s is not shared by every rank (%s cannot see rank 0's %s): "
+                    "the data plan is built or loaded once per directory, by ranks %s",
+                    cfg.data.cache_dir, ", ".join(map(str, blind)), views[0].path, builders)
     error = None
     if rank == 0:
         try:
@@ -270,12 +302,21 @@ def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = 
             error = e
     # Every rank learns whether rank 0 could build the plans (and where a data change
     # left the streams), so all stop together or read the same plans.
-    shared = [None if error is None else str(error), resume.to_dict() if resume else None]
-    dist.broadcast_object_list(shared, src=0)
+    shared = broadcast([None if error is None else str(error), resume.to_dict() if resume else None])
     if shared[0] is not None:
         raise DataError(f"data plan: {shared[0]}")
     resume = DataResume.from_dict(shared[1])
-    if rank != 0:
-        plans = run_stage_plans(cfg, lambda inputs: load_or_build_plan(inputs, cache_dir(cfg),
+    if len(builders) > 1:  # node-local caches: one more builder per directory
+        error = None
+        if rank in builders[1:]:
+            try:
+                plans = run_stage_plans(cfg, resume=resume)
+            except ValueError as e:
+                error = str(e)
+        errors = [e for e in all_gather(error) if e is not None]
+        if errors:
+            raise DataError(f"data plan: {errors[0]}")
+    if rank not in builders:
+        plans = run_stage_plans(cfg, lambda inputs: load_or_build_plan(inputs, directory,
                                                                        build=False)[0], resume)
     return StagedSource(plans, tokenizer.eod_id, vocab_size), resume

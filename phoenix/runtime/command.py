@@ -1,5 +1,6 @@
 """What every ``phoenix`` command does around its work: per-rank logging, and turning
-input errors into one line and exit code 2 with the process groups torn down."""
+input errors (and a run directory locked by another job) into one line and exit code 2
+with the process groups torn down."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import sys
 
 from phoenix.config import ConfigError
+from phoenix.runtime.run_lock import RunLockError
 
 # Deprecation notices raised inside megatron-core and torch.distributed on every run;
 # nothing a user can act on, and they bury the progress lines.
@@ -48,6 +50,9 @@ def run_command(body, input_errors: tuple[type[BaseException], ...] = ()) -> int
         return 2
     except input_errors as e:
         print(f"phoenix: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    except RunLockError as e:  # another job holds the run directory
+        print(f"phoenix: {e}", file=sys.stderr)
         return 2
     finally:
         from phoenix.runtime.distributed import shutdown_runtime

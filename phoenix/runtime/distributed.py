@@ -142,6 +142,9 @@ def seed_everything(seed: int, pp_rank: int) -> None:
 
 def init_runtime(cfg: RunConfig) -> ParallelLayout:
     """Initialise the device backend, process groups and RNGs for this process."""
+    from phoenix.runtime.watchdog import exit_with_parent
+
+    exit_with_parent()  # under torchrun: before the rendezvous, which may block
     check_capabilities(cfg)  # before any process group: the same refusals as --dry-run
     device = cfg.runtime.device
     if device == "cpu":  # before megatron is imported: its import-time checks look at CUDA

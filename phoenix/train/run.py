@@ -25,8 +25,12 @@ def train(cfg):
 
     layout = init_runtime(cfg)
     trainer = Trainer(cfg, layout)
-    trainer.setup()
-    trainer.train()
+    try:
+        trainer.setup()
+        trainer.train()
+    finally:
+        if trainer.run_lock is not None:  # when setup failed after taking it
+            trainer.run_lock.release()
     return trainer
 
 

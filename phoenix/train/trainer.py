@@ -40,7 +40,7 @@ from phoenix.monitor.base import Callback, MetricsCollector, StepMetrics, sort_c
 from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.optim.param_groups import frozen_model_params, zero_frozen_grads
 from phoenix.optim.nonfinite import grads_are_finite
-from phoenix.runtime import ParallelLayout, any_rank
+from phoenix.runtime import ParallelLayout, any_rank, claim_run_dir, on_every_rank
 from phoenix.runtime.preemption import StopRequest
 from phoenix.train.step import batch_report, forward_step, reduce_loss
 
@@ -109,6 +109,7 @@ class Trainer:
         self.config_yaml = dump_config(cfg)
         self.stages = cfg.resolved.stages
         self.state = TrainState()
+        self.run_lock = None  # rank 0's lock on out_dir while setup/train run
         self.loss: float = float("nan")
         """Global loss of the step in progress (set before on_before_optimizer_step)."""
         self.skip_reason: str | None = None
@@ -154,12 +155,14 @@ class Trainer:
         ConfigError, DataError or CheckpointError (naming the key or file) before any
         model is built when the inputs are wrong."""
         cfg, layout = self.cfg, self.layout
-        tokenizer = check_inputs(cfg)
-        # Resume, init_from or fresh: decided (and init_from checked) before any model exists.
-        self.restore_plan = plan_restore(cfg)
+        tokenizer = on_every_rank(check_inputs, cfg)  # fails on every rank, or on none
+        # One job per run directory, which every rank must see: locked before the first write.
+        self.run_lock = claim_run_dir(self.out_dir, layout.rank)
+        # Resume, init_from or fresh: decided under the lock (a job that just ended may have
+        # saved a newer checkpoint), and before any model exists.
+        self.restore_plan = on_every_rank(plan_restore, cfg)
         vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
         if layout.rank == 0:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out_dir / "config.yaml", self.config_yaml)
             log.info("run '%s': %s -> %s", cfg.name, layout.describe(), self.out_dir)
         dist.barrier()
@@ -334,6 +337,8 @@ class Trainer:
             self.loader.close()
             for cb in self.callbacks:
                 cb.on_train_end(self)
+            if self.run_lock is not None:
+                self.run_lock.release()
         return state
 
     def request_skip(self, reason: str) -> None:
