@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 
+from phoenix.checkpoint import plan_restore
 from phoenix.checkpoint.manager import CheckpointError
 from phoenix.config import dump_config, load_config
 from phoenix.data.indexed import DataError
@@ -54,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="recipe YAML")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config and check the layout, then exit")
+                        help="print the resolved config, check the layout, the installed packages "
+                             "and (resuming) the config changes against the checkpoint, then exit")
     args = parser.parse_args(argv)
     setup_logging()
 
@@ -63,7 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             cfg.validate_layout(int(os.environ.get("WORLD_SIZE", "1")))
             check_capabilities(cfg)
+            # Where the run would start from, and (resuming) whether the checkpoint's run
+            # allows every config change: the same refusals as the real start.
+            restore = plan_restore(cfg)
             print(dump_config(cfg), end="")
+            if restore.kind != "fresh":
+                print(f"# would {restore.kind.replace('_', ' ')} {restore.path}"
+                      + "".join(f"\n# honoured change: {c}" for c in restore.honoured)
+                      + "".join(f"\n# data change (implicit stage boundary): {c}"
+                                for c in restore.data_changed), file=sys.stderr)
             return 0
         train(cfg)
 

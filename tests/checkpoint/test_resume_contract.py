@@ -160,3 +160,38 @@ def test_data_change_on_resume_continues_every_stream(tiny_data, tmp_path):
     bundle = torch.load(tmp_path / "run" / "checkpoints" / "step_000008" / "phoenix_state.pt",
                         weights_only=False)
     assert bundle["states"]["trainer"]["data_resume"]["step"] == 4
+
+
+@pytest.mark.slow
+def test_dry_run_checks_the_resume(tiny_data, tmp_path):
+    """`phoenix train --dry-run` in a run directory with a checkpoint says what a resume
+    would honour, and refuses what it would refuse (exit 2, one line), with no work done."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    run = tiny_config_dict(tiny_data, tmp_path / "run", train={"steps": 10})
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000005"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.yaml").write_text(dump_config(build_config(run)))
+    (ckpt / "metadata.json").write_text("{}")
+    torch.save({"format": 2, "step": 5, "world_size": 1, "has_optimizer": True,
+                "states": {"trainer": {"step": 5}}}, ckpt / "phoenix_state.pt")
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump(run))
+    root = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(root), PYTHONWARNINGS="ignore")
+    procs = {name: subprocess.Popen([sys.executable, "-m", "phoenix.train", str(recipe), change,
+                                     "--dry-run"], cwd=root, env=env, text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, change in (("ok", "optim.adam_beta2=0.5"), ("refused", "optim.lr=1e-3"))}
+    out = {name: (p.wait(timeout=300), p.stdout.read(), p.stderr.read()) for name, p in procs.items()}
+    rc, stdout, stderr = out["ok"]
+    assert rc == 0, stderr
+    assert f"# would resume {ckpt}" in stderr and "honoured change: optim.adam_beta2: 0.95 -> 0.5" in stderr
+    rc, stdout, stderr = out["refused"]
+    assert rc == 2 and "Traceback" not in stderr, stderr
+    assert "checkpoint.resume: the config differs" in stderr and "optim.lr: 0.003 -> 0.001" in stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()  # nothing was written
