@@ -71,8 +71,13 @@ class RestorePlan:
     """Resume: the config the checkpoint was trained with."""
     data_changed: tuple = ()
     """Resume: changes to the data of begun stages (an implicit stage boundary)."""
-    data_resume: Optional[dict] = None
-    """Resume: the implicit stage boundary the checkpoint's run already had, if any."""
+    bundle: Optional[dict] = None
+    """Resume: the checkpoint's state bundle, in the current format."""
+
+    @property
+    def data_resume(self) -> Optional[dict]:
+        """Resume: the implicit stage boundary the checkpoint's run already had, if any."""
+        return (self.bundle or {}).get("states", {}).get("trainer", {}).get("data_resume")
 
 
 def plan_restore(cfg: RunConfig) -> RestorePlan:
@@ -87,8 +92,7 @@ def plan_restore(cfg: RunConfig) -> RestorePlan:
         decision = check_resume(latest, cfg, step_of(latest))
         bundle = upgrade_bundle(read_checkpoint_state(latest), latest, cfg)
         return RestorePlan("resume", latest, tuple(decision.honoured), decision.old,
-                           tuple(decision.data_changed),
-                           bundle["states"].get("trainer", {}).get("data_resume"))
+                           tuple(decision.data_changed), bundle)
     if not ckpt.init_from:
         return RestorePlan("fresh")
     source = resolve_checkpoint(ckpt.init_from)
@@ -173,8 +177,8 @@ class Checkpointer:
         if plan.kind == "resume":
             self.manager.check_compatible(plan.path, self.model)
             with self._keeping_group_settings():
-                bundle = upgrade_bundle(self.manager.load(plan.path, self.model, self.optimizer),
-                                        plan.path, self.cfg)
+                self.manager.load(plan.path, self.model, self.optimizer)
+            bundle = plan.bundle  # read and upgraded once, by plan_restore
             for key, obj in self.stateful.items():
                 if key in bundle["states"]:
                     obj.load_state_dict(bundle["states"][key])

@@ -55,6 +55,8 @@ _OPTIMIZER = ("optim.adam_beta1", "optim.adam_beta2", "optim.adam_eps", "optim.c
 _SCHEDULE = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_style",
              "optim.decay_steps", "optim.wsd_decay_steps", "optim.wsd_decay_style",
              "optim.schedule", "train.steps", "model.reference_lr")
+# Refused outright, by group (model.reference_lr is a schedule key, judged above them).
+_REFUSED = ("model", "tokenizer", "optim.freeze", "optim.param_groups")
 _REFUSED_HOW = {
     "model": "the weights were trained for the old model; start a new run from them with "
              "checkpoint.init_from",
@@ -212,16 +214,13 @@ def check_resume(checkpoint: Path, cfg: RunConfig, step: int) -> ResumeDecision:
             continue
         if _matches(c.key, _OPTIMIZER):
             honoured.append(c)
-        elif _matches(c.key, ("model", "tokenizer", "optim.freeze", "optim.param_groups")) \
-                and not _matches(c.key, ("model.reference_lr",)):
-            group = next(g for g in ("model", "tokenizer", "optim.freeze", "optim.param_groups")
-                         if _matches(c.key, (g,)))
-            refused.setdefault(group, []).append(str(c))
         elif _matches(c.key, _SCHEDULE) or c.key.startswith("stages[") and ".lr" in c.key:
             if schedule_diff is not None:
                 refused.setdefault("schedule", []).append(str(c))
             else:  # only steps after the resume step change: logged and recorded
                 honoured.append(c)
+        elif (group := next((g for g in _REFUSED if _matches(c.key, (g,))), None)) is not None:
+            refused.setdefault(group, []).append(str(c))
         elif _matches(c.key, ("data", "stages", "train.global_batch_size", "train.seed")):
             pass  # judged below, by what the begun stages read
         else:

@@ -169,10 +169,8 @@ class Trainer:
 
         # The data plan first: its input errors must stop the run before a model is built.
         plan = self.restore_plan
-        resuming = plan.kind == "resume"
         source, data_resume = build_source(
-            cfg, layout.rank, tokenizer,
-            resume=DataResume.from_dict(plan.data_resume) if resuming else None,
+            cfg, layout.rank, tokenizer, resume=DataResume.from_dict(plan.data_resume),
             changed_from=(plan.old_config, step_of(plan.path)) if plan.data_changed else None)
         if plan.data_changed and layout.rank == 0:
             log.warning("resume: the data changes from step %s on (an implicit stage boundary "
