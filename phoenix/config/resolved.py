@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 from phoenix.config.schedule import PhaseConfig, ResolvedSchedule, ScheduleConfig, WeightDecayConfig, resolve
 from phoenix.config.stage_table import StageTable, build_stage_table, stage_lr_phases
@@ -64,17 +64,6 @@ def resolve_run(cfg: RunConfig) -> ResolvedRun:
                        total_steps=table.total_steps if explicit else None)
     return ResolvedRun(stages=table, schedule_config=schedule_config, schedule=schedule,
                        explicit_schedule=explicit)
-
-
-def tokens_per_step_of(cfg: RunConfig) -> Callable[[int], int]:
-    """Tokens per optimizer step of a RunConfig as a function of the step (global batch x
-    sequence length of the stage that contains it)."""
-    return cfg.resolved.stages.tokens_per_step
-
-
-def schedule_from_run_config(cfg: RunConfig) -> ScheduleConfig:
-    """The run's LR schedule as phases (see the module docstring for where it comes from)."""
-    return cfg.resolved.schedule_config
 
 
 def uses_multi_phase(cfg: RunConfig) -> bool:

@@ -116,8 +116,6 @@ class Trainer:
         self.batch_report: dict = {}
         """This rank's per-sample losses and provenance of the latest step (last stage only;
         see phoenix.train.step.batch_report): what per-dataset loss and spike logs read."""
-        self.stopped_early: str | None = None
-        """Why the job ended before its last step (a signal or the time limit), if it did."""
         self.losses: list[tuple[int, float]] = []
         """(step, loss) of the steps this process ran: for tests and the run summary."""
         self.metrics = MetricsCollector(self.state.step, cfg.train.steps, cfg.logging.log_interval)
@@ -323,7 +321,6 @@ class Trainer:
                 if reason is not None:  # preemption or time limit: save and end the job cleanly
                     if self.checkpointer.latest_step() != state.step:
                         self._after_save(self.checkpointer.save_now(state.step))
-                    self.stopped_early = reason
                     self._log0(f"stopping after step {state.step}: {reason}; checkpoint "
                                f"{self.checkpointer.latest()} resumes the run")
                     break

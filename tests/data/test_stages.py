@@ -94,7 +94,6 @@ def test_stage_lr_phases_equal_megatron_wsd(tiny_data, tmp_path):
     """Stage 1 warmup + constant, stage 2 a decay: one WSD schedule in megatron's terms."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    from phoenix.config.resolved import schedule_from_run_config, tokens_per_step_of
     from phoenix.config.schedule import resolve
 
     d = recipe(tiny_data, tmp_path)
@@ -105,7 +104,7 @@ def test_stage_lr_phases_equal_megatron_wsd(tiny_data, tmp_path):
          "lr": [{"kind": "decay", "steps": 20, "target_lr": 3e-4, "shape": "1-sqrt"}]},
     ]
     cfg = build_config(d)
-    resolved = resolve(schedule_from_run_config(cfg), tokens_per_step_of(cfg), total_steps=50)
+    resolved = resolve(cfg.resolved.schedule_config, cfg.resolved.tokens_per_step, total_steps=50)
 
     class _Opt:
         param_groups = [{"max_lr": 3e-3, "min_lr": 3e-4, "lr_mult": 1.0, "wd_mult": 1.0}]

@@ -22,7 +22,6 @@ import yaml
 
 from phoenix.config import build_config
 from phoenix.config.typed import ConfigError, from_dict
-from phoenix.config.resolved import schedule_from_run_config
 from phoenix.config.schedule import PhaseConfig, ScheduleConfig, WeightDecayConfig, resolve
 from phoenix.optim.schedule import MultiPhaseScheduler, ScheduleMismatchError, build_multi_phase_scheduler
 
@@ -209,17 +208,15 @@ def test_legacy_fields(optim):
     assert not bad, bad[:5]
     assert [g["weight_decay"] for g in o_opt.param_groups] == \
         [g["weight_decay"] for g in m_opt.param_groups] == [cfg.optim.weight_decay, 0.0]
-    r = resolve(schedule_from_run_config(cfg), 1)
+    r = resolve(cfg.resolved.schedule_config, 1)
     assert all(_close(r.lr_at(k), row[0]) for k, row in enumerate(expected))
 
 
 def test_legacy_fields_refused_when_not_representable():
     with pytest.raises(ConfigError, match=r"optim.wsd_decay_style: megatron's 'exponential'"):
-        schedule_from_run_config(_run_config(decay_style="WSD", wsd_decay_steps=20,
-                                             wsd_decay_style="exponential"))
+        _run_config(decay_style="WSD", wsd_decay_steps=20, wsd_decay_style="exponential")
     with pytest.raises(ConfigError, match=r"optim.wsd_decay_steps: .* inside the warmup"):
-        schedule_from_run_config(_run_config(warmup_steps=10, decay_style="WSD",
-                                             wsd_decay_steps=75))
+        _run_config(warmup_steps=10, decay_style="WSD", wsd_decay_steps=75)
 
 
 # ---------------------------------------------------------------------- multi-phase

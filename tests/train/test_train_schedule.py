@@ -4,7 +4,6 @@ resume in the middle of a phase continues the same curve."""
 import pytest
 
 from phoenix.config import build_config
-from phoenix.config.resolved import tokens_per_step_of
 from phoenix.config.schedule import resolve
 from phoenix.testing.distributed import run_distributed
 from phoenix.testing.tiny import tiny_config_dict
@@ -28,7 +27,7 @@ def _config(tiny_data, out):
 
 def test_training_follows_the_multi_phase_schedule(tiny_data, tmp_path):
     cfg = _config(tiny_data, tmp_path / "full")
-    resolved = resolve(build_config(cfg).optim.schedule, tokens_per_step_of(build_config(cfg)),
+    resolved = resolve(build_config(cfg).optim.schedule, build_config(cfg).resolved.tokens_per_step,
                        total_steps=6)
     (full,) = run_distributed(train_and_record, 1, cfg)
     assert [s["lr"] for s in full["steps"]] == [resolved.lr_at(k) for k in range(6)]
