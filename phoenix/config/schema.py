@@ -90,7 +90,9 @@ class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
     context: int = 1
-    """Context parallelism (reserved: must be 1 for now)."""
+    """Context parallelism: each sequence split over this many ranks (megatron-core's
+    load-balanced 2*CP chunks, ring attention in Transformer Engine). CUDA with TE only;
+    every stage's seq_length must divide by 2*context."""
     expert: int = 1
     """Expert parallelism for MoE (reserved: must be 1 for now)."""
     sequence_parallel: bool = False
@@ -100,8 +102,6 @@ class ParallelConfig:
     def __post_init__(self):
         positive("parallel", tensor=self.tensor, pipeline=self.pipeline, context=self.context,
                   expert=self.expert)
-        if self.context != 1:
-            raise ConfigError("parallel.context: context parallelism is not supported yet (must be 1)")
         if self.expert != 1:
             raise ConfigError("parallel.expert: expert parallelism is not supported yet (must be 1)")
         if self.sequence_parallel and self.tensor == 1:
@@ -151,6 +151,19 @@ class DataConfig:
     prefetch_batches: int = 2
     """Global batches this rank reads ahead in one background thread while the current
     step trains (0: read each batch when it is needed)."""
+    document_mask: bool = False
+    """Each document of a packed sample attends only to itself and its position ids restart
+    at 0 (Megatron-LM's ``--reset-attention-mask --reset-position-ids``); documents end at
+    the EOD token. Local layer spec (CPU, or CUDA without Transformer Engine): a dense
+    causal block-diagonal mask, O(seq_length^2) memory per micro-batch; with Transformer
+    Engine: packed THD sequences (``cu_seqlens``), no dense mask. Eval uses it too."""
+    eod_mask_loss: bool = False
+    """No loss where the input token is EOD, i.e. on predicting a document's first token
+    from the previous document (Megatron-LM's ``--eod-mask-loss``)."""
+    dense_mask_max_seq_length: int = 16384
+    """Longest sequence (of any stage) for which ``document_mask`` may build the dense
+    mask on the local spec: at 16k the bool mask is 256 MiB and the fp32 attention scores
+    1 GiB per head and sample. Above it a CPU run is refused at start."""
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"num_workers": "prefetch_batches"}
 
@@ -167,6 +180,7 @@ class DataConfig:
         positive("data", seq_length=self.seq_length)
         if self.prefetch_batches < 0:
             raise ConfigError(f"data.prefetch_batches: must be >= 0, got {self.prefetch_batches}")
+        positive("data", dense_mask_max_seq_length=self.dense_mask_max_seq_length)
 
 
 @dataclass(kw_only=True)
@@ -280,6 +294,21 @@ class RunConfig:
         # the LR phases, resolved once; train.steps is then the stages' total.
         self._resolved = resolve_run(self)
         self.train.steps = self._resolved.total_steps
+        self._check_dense_mask()
+
+    def _check_dense_mask(self) -> None:
+        """The dense document mask is O(seq^2): bounded on CPU (CUDA checks at start,
+        when it knows whether Transformer Engine packs the documents instead)."""
+        if not self.data.document_mask or self.runtime.device != "cpu":
+            return
+        longest = max(s.seq_length for s in self._resolved.stages.stages)
+        if longest > self.data.dense_mask_max_seq_length:
+            raise ConfigError(
+                f"data.document_mask: sequences of {longest} tokens need a dense "
+                f"{longest}x{longest} mask per sample on CPU, above "
+                f"data.dense_mask_max_seq_length {self.data.dense_mask_max_seq_length}; "
+                f"raise that limit (memory is O(seq^2)) or train long contexts on CUDA with "
+                f"Transformer Engine (packed THD sequences)")
 
     @property
     def resolved(self) -> ResolvedRun:

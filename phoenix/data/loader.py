@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -79,13 +79,16 @@ class GlobalBatchLoader:
 
     Iterable (``for micro_batches in loader``) up to ``num_steps``; ``next_batch()`` is the
     same one step at a time. ``prefetch``: global batches read ahead in one background
-    thread (0: read on demand). Its only state is the next step, which the trainer sets
+    thread (0: read on demand). ``transform``: applied to every collated micro-batch
+    (e.g. :class:`~phoenix.data.documents.DocumentInputs`). Its only state is the next step, which the trainer sets
     from its own step on resume (``load_state_dict({"step": step})``).
     """
 
     def __init__(self, source: SampleSource, batches: BatchLayout | int, micro_batch_size: int,
-                 dp_rank: int, dp_size: int, num_steps: int, prefetch: int = 2):
+                 dp_rank: int, dp_size: int, num_steps: int, prefetch: int = 2,
+                 transform: Callable[[dict], dict] | None = None):
         self.source = source
+        self.transform = transform  # applied to each collated micro-batch (prefetch thread)
         self.batches = FixedBatches(batches) if isinstance(batches, int) else batches
         self.micro_batch_size = micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -112,7 +115,10 @@ class GlobalBatchLoader:
     def _load(self, step: int) -> list[dict[str, torch.Tensor]]:
         positions = rank_sample_indices(step, self.batches.batch_size(step), self.micro_batch_size,
                                         self.dp_rank, self.dp_size, self.batches.batch_start(step))
-        return [collate([self.source.sample(int(i)) for i in row]) for row in positions]
+        micro_batches = [collate([self.source.sample(int(i)) for i in row]) for row in positions]
+        if self.transform is not None:
+            micro_batches = [self.transform(mb) for mb in micro_batches]
+        return micro_batches
 
     def _worker(self, start: int) -> None:
         for step in range(start, self.num_steps):

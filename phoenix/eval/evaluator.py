@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from phoenix.eval.metrics import STATS, token_stats
+from phoenix.model.attention_inputs import document_forward
 
 log = logging.getLogger("phoenix.eval")
 
@@ -108,16 +109,21 @@ class Evaluator:
     """
 
     def __init__(self, model_chunks, layout, sets, *, seq_length: int, micro_batch_size: int,
-                 max_samples: int, eod_id: int, vocab_size: int):
+                 max_samples: int, eod_id: int, vocab_size: int, documents=None,
+                 packed: bool = False):
         """``layout``: the :class:`~phoenix.runtime.ParallelLayout` (ranks, groups, device).
         ``sets``: :class:`~phoenix.config.eval.EvalSetConfig` items; ``vocab_size``:
-        the unpadded vocabulary (ids from it up to the padded size are never predicted)."""
+        the unpadded vocabulary (ids from it up to the padded size are never predicted).
+        ``documents``: the training run's :class:`~phoenix.data.documents.DocumentInputs`
+        (document mask, EOD loss mask), so eval sees samples as training does; ``packed``:
+        THD sequences instead of the dense mask (Transformer Engine)."""
         from phoenix.data.samples import SampleReader, build_sample_index
 
         self.model = list(model_chunks)
         self.layout = layout
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
         self.vocab_size = vocab_size
+        self.documents, self.packed = documents, packed
         self.sets = []
         for s in sets:
             index = build_sample_index(s.prefix, seq_length, use_groups=False)
@@ -128,10 +134,15 @@ class Evaluator:
     @classmethod
     def from_run_config(cls, model_chunks, layout, cfg, eval_cfg, tokenizer) -> "Evaluator":
         """The evaluator of a run: its seq_length, micro-batch size and vocab."""
+        from phoenix.data.documents import DocumentInputs
+        from phoenix.model.builder import uses_te_spec
+
         return cls(model_chunks, layout, eval_cfg.sets, seq_length=cfg.data.seq_length,
                    micro_batch_size=eval_cfg.micro_batch_size or cfg.train.micro_batch_size,
                    max_samples=eval_cfg.max_samples, eod_id=tokenizer.eod_id,
-                   vocab_size=cfg.model.vocab_size or tokenizer.vocab_size)
+                   vocab_size=cfg.model.vocab_size or tokenizer.vocab_size,
+                   documents=DocumentInputs.from_config(cfg.data, tokenizer.eod_id),
+                   packed=uses_te_spec(layout))
 
     # -- batches ---------------------------------------------------------------------
     def _micro_batches(self, reader, sample_ids: np.ndarray) -> list[dict[str, torch.Tensor]]:
@@ -144,8 +155,9 @@ class Evaluator:
             filler["loss_mask"] = np.zeros_like(filler["loss_mask"])
             samples.append(filler)
         mbs = self.micro_batch_size
-        return [{k: torch.as_tensor(np.stack([s[k] for s in samples[j:j + mbs]])) for k in _FIELDS}
-                for j in range(0, len(samples), mbs)]
+        batches = [{k: torch.as_tensor(np.stack([s[k] for s in samples[j:j + mbs]])) for k in _FIELDS}
+                   for j in range(0, len(samples), mbs)]
+        return [self.documents(b) for b in batches] if self.documents else batches
 
     def _forward_step(self, data_iterator, model):
         batch = next(data_iterator)
@@ -153,7 +165,11 @@ class Evaluator:
         tokens = batch["tokens"].to(device, non_blocking=True)
         position_ids = batch["position_ids"].to(device, non_blocking=True)
         # Without labels the last stage returns the vocab-parallel logits [b, s, vocab/tp].
-        output = model(tokens, position_ids, attention_mask=None)
+        if "segment_ids" in batch:
+            segments = batch["segment_ids"].to(device, non_blocking=True)
+            output = document_forward(model, tokens, position_ids, segments, packed=self.packed)
+        else:
+            output = model(tokens, position_ids, attention_mask=None)
         return output, partial(self._loss_func, batch["labels"], batch["loss_mask"])
 
     def _loss_func(self, labels, loss_mask, logits):

@@ -60,6 +60,7 @@ def transformer_config(cfg: RunConfig, layout: ParallelLayout):
         hidden_dropout=m.hidden_dropout,
         tensor_model_parallel_size=layout.tp_size,
         pipeline_model_parallel_size=layout.pp_size,
+        context_parallel_size=cfg.parallel.context,
         sequence_parallel=cfg.parallel.sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,
@@ -73,12 +74,19 @@ def transformer_config(cfg: RunConfig, layout: ParallelLayout):
         use_cpu_initialization=on_cpu,
         # Fused kernels need CUDA (and apex/TE); the CPU path uses the unfused torch ops.
         bias_activation_fusion=not on_cpu and m.add_bias_linear,
-        masked_softmax_fusion=not on_cpu,
+        # The fused causal softmax ignores a given mask: document masking (a dense
+        # block-diagonal mask on the local spec) needs the unfused one.
+        masked_softmax_fusion=not on_cpu and not cfg.data.document_mask,
         bias_dropout_fusion=not on_cpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
     )
+
+
+def uses_te_spec(layout: ParallelLayout) -> bool:
+    """True when the model is built with the Transformer Engine layer spec (CUDA + TE)."""
+    return layout.device.type == "cuda" and te_available()
 
 
 def layer_spec(cfg: RunConfig, layout: ParallelLayout):
@@ -87,7 +95,7 @@ def layer_spec(cfg: RunConfig, layout: ParallelLayout):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
-    if layout.device.type == "cuda" and te_available():
+    if uses_te_spec(layout):
         log.info("model: Transformer Engine layer spec")
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
     if layout.device.type == "cuda":

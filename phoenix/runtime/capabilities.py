@@ -33,3 +33,28 @@ def check_capabilities(cfg: RunConfig) -> None:
             f"parallel.sequence_parallel: needs the Transformer Engine layer spec on CUDA "
             f"({why}; megatron-core's local spec has no sequence-parallel LayerNorm/RMSNorm); "
             f"set parallel.sequence_parallel=false")
+
+    if p.context > 1:
+        _check_context_parallel(cfg)
+
+
+def _check_context_parallel(cfg: RunConfig) -> None:
+    """Context parallelism runs only in Transformer Engine's attention (megatron-core's
+    local DotProductAttention asserts context_parallel_size == 1)."""
+    cp = cfg.parallel.context
+    if not (cfg.runtime.device == "cuda" and te_available()):
+        why = ("runtime.device is cpu" if cfg.runtime.device != "cuda"
+               else "Transformer Engine is not importable")
+        raise ConfigError(f"parallel.context: context parallelism needs Transformer Engine "
+                          f"attention on CUDA ({why}); set parallel.context=1")
+    if cfg.data.document_mask:
+        raise ConfigError("parallel.context: not supported together with data.document_mask yet "
+                          "(THD sequences would need padding to 2*context per document)")
+    if cfg.eval is not None:
+        raise ConfigError("parallel.context: in-training eval does not split sequences over "
+                          "context-parallel ranks yet; remove the eval section and run "
+                          "`phoenix eval` at parallel.context=1")
+    for stage in cfg.resolved.stages.stages:
+        if stage.seq_length % (2 * cp):
+            raise ConfigError(f"parallel.context: stage '{stage.name}' seq_length "
+                              f"{stage.seq_length} is not divisible by 2*context = {2 * cp}")

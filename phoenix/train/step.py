@@ -12,6 +12,8 @@ from functools import partial
 
 import torch
 
+from phoenix.model.attention_inputs import document_forward
+
 
 # Per-sample provenance carried from the loader into the loss report (when present).
 PROVENANCE = ("dataset_id", "sample_id", "group_id", "document_id")
@@ -33,27 +35,49 @@ def loss_func(loss_mask: torch.Tensor, provenance: dict, output_tensor: torch.Te
     return loss_sum, num_tokens, report
 
 
-def forward_step(data_iterator, model):
-    """megatron ``forward_step_func``: next micro-batch through the model chunk."""
+def forward_step(data_iterator, model, packed: bool = False, cp_group=None):
+    """megatron ``forward_step_func``: next micro-batch through the model chunk.
+
+    A micro-batch with ``segment_ids`` (``data.document_mask``) keeps its documents apart:
+    a dense mask, or THD sequences when ``packed`` (Transformer Engine). ``cp_group``:
+    with context parallelism (CUDA + TE only), this rank keeps its 2 of the 2*CP
+    load-balanced sequence chunks (megatron-core's ``get_batch_on_this_cp_rank``); the
+    loss and token counts are then partial sums, completed over the DP x CP group. Bind
+    both with ``functools.partial``.
+    """
     batch = next(data_iterator)
     device = next(model.parameters()).device
+    if cp_group is not None:
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
+        sliced = get_batch_on_this_cp_rank(
+            {k: batch[k] for k in ("tokens", "labels", "position_ids", "loss_mask")}, cp_group)
+        batch = {**batch, **sliced}
     tokens = batch["tokens"].to(device, non_blocking=True)
     labels = batch["labels"].to(device, non_blocking=True)
     position_ids = batch["position_ids"].to(device, non_blocking=True)
     loss_mask = batch["loss_mask"].to(device, non_blocking=True)
-    output = model(tokens, position_ids, attention_mask=None, labels=labels)
+    if "segment_ids" in batch:
+        segments = batch["segment_ids"].to(device, non_blocking=True)
+        output = document_forward(model, tokens, position_ids, segments, labels, packed)
+    else:
+        output = model(tokens, position_ids, attention_mask=None, labels=labels)
     provenance = {k: batch[k] for k in PROVENANCE if k in batch}
     return output, partial(loss_func, loss_mask, provenance)
 
 
-def batch_report(losses_reduced: list[dict]) -> dict[str, torch.Tensor]:
+def batch_report(losses_reduced: list[dict], cp_group=None) -> dict[str, torch.Tensor]:
     """This rank's micro-batch reports joined: ``per_sample`` [n, 2] (loss sum, tokens)
-    and the provenance fields [n], in training order. Empty off the last stage."""
+    and the provenance fields [n], in training order. Empty off the last stage.
+    ``cp_group``: context parallelism; the per-sample sums are completed over it."""
     if not losses_reduced:
         return {}
     keys = ["per_sample", *[k for k in PROVENANCE if k in losses_reduced[0]]]
-    return {k: torch.cat([r[k].reshape(len(r["per_sample"]), -1).squeeze(1) if k != "per_sample"
-                          else r[k] for r in losses_reduced]) for k in keys}
+    report = {k: torch.cat([r[k].reshape(len(r["per_sample"]), -1).squeeze(1) if k != "per_sample"
+                            else r[k] for r in losses_reduced]) for k in keys}
+    if cp_group is not None:
+        torch.distributed.all_reduce(report["per_sample"], group=cp_group)
+    return report
 
 
 def reduce_loss(losses_reduced: list[dict], dp_group) -> tuple[float, int]:

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -22,11 +23,13 @@ from phoenix.config import ConfigError, RunConfig, dump_config
 from phoenix.data.indexed import check_prefix, read_meta
 from phoenix.eval.callback import EvalCallback
 from phoenix.eval.inputs import check_eval_inputs
+from phoenix.data.documents import DocumentInputs
 from phoenix.data.loader import GlobalBatchLoader
 from phoenix.data.data_resume import DataResume, rebase
 from phoenix.data.stage_plans import build_source
 from phoenix.io import atomic_write_text
 from phoenix.model import build_model
+from phoenix.model.builder import uses_te_spec
 from phoenix.monitor import (
     ConsoleLogger,
     DatasetLossMonitor,
@@ -187,7 +190,10 @@ class Trainer:
         # trainer's step, not a second copy of it in the loader.
         self.loader = GlobalBatchLoader(source, self.stages, cfg.train.micro_batch_size,
                                  layout.dp_rank, layout.dp_size, cfg.train.steps,
-                                 prefetch=cfg.data.prefetch_batches)
+                                 prefetch=cfg.data.prefetch_batches,
+                                 transform=DocumentInputs.from_config(cfg.data, tokenizer.eod_id))
+        cp_group = layout.cp_group if cfg.parallel.context > 1 else None
+        self.forward_step = partial(forward_step, packed=uses_te_spec(layout), cp_group=cp_group)
         stateful = {"trainer": self, "scheduler": self.scheduler}
         for cb in self.callbacks:
             key = getattr(cb, "state_key", None)
@@ -258,12 +264,12 @@ class Trainer:
                     chunk.zero_grad_buffer()
                 self.optimizer.zero_grad()
                 losses = forward_backward(
-                    forward_step_func=forward_step, data_iterator=iter(micro_batches),
+                    forward_step_func=self.forward_step, data_iterator=iter(micro_batches),
                     model=self.model, num_microbatches=len(micro_batches),
                     seq_length=stage.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                     forward_only=False)
                 loss, tokens = self._global_loss(losses)
-                self.batch_report = batch_report(losses)
+                self.batch_report = batch_report(losses, self.forward_step.keywords["cp_group"])
                 t_fwd_bwd = time.perf_counter() - t0 - t_data
 
                 # Frozen parameters: no update and no share of the grad norm / clipping
@@ -353,7 +359,8 @@ class Trainer:
         """Token-mean loss of the global batch, known on every rank (for the NaN check)."""
         report = torch.zeros(2, dtype=torch.float64)
         if self.layout.is_last_stage:
-            loss, tokens = reduce_loss(losses, self.layout.dp_group)
+            # With context parallelism each rank holds part of every sequence's loss.
+            loss, tokens = reduce_loss(losses, self.layout.dp_cp_group)
             report = torch.tensor([loss, tokens], dtype=torch.float64)
         # The last global rank is on the last stage; it tells the other stages.
         dist.broadcast(report, src=self.layout.world_size - 1)

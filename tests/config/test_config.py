@@ -151,7 +151,6 @@ def test_null_allowed_where_optional():
     (base(optim={"decay_style": "constant", "decay_steps": 5}), "optim.decay_steps",
      "not used with decay_style constant"),
     (base(optim={"wsd_decay_steps": 5}), "optim.wsd_decay_steps", "only used with decay_style WSD"),
-    (base(parallel={"context": 2}), "parallel.context", "not supported"),
     (base(model={"num_attention_heads": 3}), "model.num_attention_heads", "not divisible"),
     (base(model={"num_query_groups": 3}), "model.num_query_groups", "not divisible"),
 ])
@@ -465,6 +464,8 @@ def cli_runs(tmp_path_factory):
         "layout": ([str(good), "--dry-run"], {"WORLD_SIZE": "3"}),
         "sp_cpu": ([str(good), "parallel.sequence_parallel=true", "runtime.device=cpu",
                     "--dry-run"], {"WORLD_SIZE": "2"}),
+        "cp_cpu": ([str(good), "parallel.context=2", "parallel.tensor=1", "runtime.device=cpu",
+                    "--dry-run"], {"WORLD_SIZE": "2"}),
     }
     procs = {name: subprocess.Popen([sys.executable, "-m", "phoenix.train", *args], cwd=REPO,
                                     env=_cli_env(**env), stdout=subprocess.PIPE,
@@ -512,3 +513,11 @@ def test_cli_dry_run_refuses_what_the_run_would(cli_runs):
     assert "phoenix: config error:" in err and "Traceback" not in err
     assert "parallel.sequence_parallel: needs the Transformer Engine layer spec on CUDA " \
            "(runtime.device is cpu" in err
+
+
+def test_cli_dry_run_refuses_context_parallel_on_cpu(cli_runs):
+    rc, out, err = cli_runs["cp_cpu"]
+    assert rc == 2, (out, err)
+    assert "Traceback" not in err
+    assert "parallel.context: context parallelism needs Transformer Engine attention on CUDA " \
+           "(runtime.device is cpu); set parallel.context=1" in err
