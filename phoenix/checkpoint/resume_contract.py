@@ -10,7 +10,8 @@ The table (also in the README, "Resuming and changing a run"):
 * **Honoured from the resume step**: Adam's ``optim.adam_beta1``, ``adam_beta2``,
   ``adam_eps``, ``optim.clip_grad`` and a constant ``optim.weight_decay`` (the loaded
   optimizer's param groups take this run's values; a checkpoint load would otherwise
-  bring the old ones back). Each such change is logged and appended to
+  bring the old ones back); how samples are presented (``data.document_mask``,
+  ``data.eod_mask_loss``). Each such change is logged and appended to
   ``<output_dir>/config_changes.jsonl``.
 * **The LR schedule** (``optim.lr``, ``min_lr``, ``warmup_steps``, ``decay_*``,
   ``wsd_*``, ``optim.schedule``, the stages' ``lr``, ``train.steps``): honoured when the
@@ -51,6 +52,8 @@ _FREE = ("name", "output_dir", "parallel.", "runtime.", "logging.", "eval", "che
 # Optimizer settings re-applied to the loaded param groups.
 _OPTIMIZER = ("optim.adam_beta1", "optim.adam_beta2", "optim.adam_eps", "optim.clip_grad",
               "optim.weight_decay")
+# How samples are presented to the model (not which samples): honoured from the resume step.
+_MODEL_INPUTS = ("data.document_mask", "data.eod_mask_loss", "data.dense_mask_max_seq_length")
 # The LR schedule: judged by the resolved schedule at the steps already trained.
 _SCHEDULE = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_style",
              "optim.decay_steps", "optim.wsd_decay_steps", "optim.wsd_decay_style",
@@ -212,7 +215,7 @@ def check_resume(checkpoint: Path, cfg: RunConfig, step: int) -> ResumeDecision:
     for c in changes:
         if _matches(c.key, _FREE):
             continue
-        if _matches(c.key, _OPTIMIZER):
+        if _matches(c.key, _OPTIMIZER + _MODEL_INPUTS):
             honoured.append(c)
         elif _matches(c.key, _SCHEDULE) or c.key.startswith("stages[") and ".lr" in c.key:
             if schedule_diff is not None:

@@ -35,6 +35,15 @@ def test_free_and_optimizer_changes_are_honoured(saved):
         "optim.adam_beta2", "optim.adam_eps", "optim.clip_grad", "optim.weight_decay"]
 
 
+def test_document_mask_change_is_honoured_and_recorded(saved):
+    """Turning the document mask on mid-run changes how samples are presented, not which."""
+    ckpt, make = saved
+    data = {"document_mask": True, "eod_mask_loss": True}
+    decision = check_resume(ckpt, make(data=data), 5)
+    assert sorted(c.key for c in decision.honoured) == ["data.document_mask", "data.eod_mask_loss"]
+    assert not decision.data_changed
+
+
 @pytest.mark.parametrize("sections,expected", [
     ({"optim": {"lr": 1e-3}}, [r"schedule: .*optim\.lr: 0\.003 -> 0\.001",
                                r"step 0 would have been trained with LR 0\.0 instead of 0\.0|"
