@@ -167,16 +167,21 @@ def _data_changes(old: RunConfig, new: RunConfig, step: int) -> tuple[list[str],
             if a != b:
                 changed.append(f"{label} {key}: {a} -> {b}")
     # A dataset's stream is its samples permuted by (seed, name): those must stay.
-    by_prefix_a = {d.prefix: d.display_name for d in old.data.datasets}
+    # Its samples are those of (prefix, min_document_tokens): a long-document view of a
+    # prefix is another dataset than the prefix itself.
+    by_source_a = {d.source: d.display_name for d in old.data.datasets}
     for d in new.data.datasets:
-        if d.prefix in by_prefix_a and by_prefix_a[d.prefix] != d.display_name:
-            refused.append(f"dataset {d.prefix} renamed: '{by_prefix_a[d.prefix]}' -> "
+        if d.source in by_source_a and by_source_a[d.source] != d.display_name:
+            refused.append(f"dataset {d.source_label} renamed: '{by_source_a[d.source]}' -> "
                            f"'{d.display_name}' (its stream is keyed by the name)")
-    prefixes_a = {d.display_name: d.prefix for d in old.data.datasets}
+    sources_a = {d.display_name: d for d in old.data.datasets}
     for d in new.data.datasets:
-        if prefixes_a.get(d.display_name, d.prefix) != d.prefix:
-            refused.append(f"dataset '{d.display_name}' prefix: {prefixes_a[d.display_name]} -> "
-                           f"{d.prefix}")
+        a = sources_a.get(d.display_name, d)
+        if a.prefix != d.prefix:
+            refused.append(f"dataset '{d.display_name}' prefix: {a.prefix} -> {d.prefix}")
+        elif a.min_document_tokens != d.min_document_tokens:
+            refused.append(f"dataset '{d.display_name}' min_document_tokens: "
+                           f"{a.min_document_tokens} -> {d.min_document_tokens}")
     for key, a, b in (("train.seed", old.train.seed, new.train.seed),
                       ("data.sampler", old.data.sampler, new.data.sampler)):
         if a != b:

@@ -40,9 +40,11 @@ class InspectError(Exception):
 
 def sample_documents(index, sample_id: int) -> list[int]:
     """Document ids covered by the sample's real tokens (first to last, inclusive)."""
-    start = int(index.starts[sample_id])
-    end = start + int(index.lengths[sample_id]) - 1
-    return list(range(index.document_of(start), index.document_of(end) + 1))
+    ids = []
+    for bin_start, count in index.physical_ranges(int(index.starts[sample_id]),
+                                                 int(index.lengths[sample_id])):
+        ids += range(index.document_of(bin_start), index.document_of(bin_start + count - 1) + 1)
+    return ids
 
 
 def sample_text(reader, sample_id: int, tokenizer, eod_id: int) -> str:

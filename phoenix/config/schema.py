@@ -123,8 +123,20 @@ class DatasetEntry:
     group_mode: Literal["none", "batch"] = "none"
     """``batch``: keep each group of ``PREFIX.groups.npy`` (a repository, a book) inside one
     global batch (consecutive batches when larger); samples never cross groups."""
+    min_document_tokens: int = 0
+    """Read only the documents of at least this many tokens: a view of the same
+    ``.bin/.idx`` (no copy, no re-tokenisation), packed like any dataset. Next to the
+    full prefix under another name, it upsamples long documents for context extension
+    (e.g. ``{prefix: data/web, name: web_long, min_document_tokens: 16384}``). 0: all."""
 
     def __post_init__(self):
+        if self.min_document_tokens < 0:
+            raise ConfigError(f"min_document_tokens: must be >= 0, got {self.min_document_tokens} "
+                              f"for dataset '{self.prefix}'")
+        if self.min_document_tokens and self.group_mode != "none":
+            raise ConfigError(f"min_document_tokens: cannot be combined with group_mode "
+                              f"'{self.group_mode}' (dataset '{self.prefix}'): a length view "
+                              f"would break groups apart")
         if self.weight < 0 or not math.isfinite(self.weight):
             raise ConfigError(f"weight: must be >= 0 and finite, got {self.weight} for "
                               f"dataset '{self.prefix}'")
@@ -135,6 +147,16 @@ class DatasetEntry:
     @property
     def display_name(self) -> str:
         return self.name or self.prefix.rstrip("/").split("/")[-1]
+
+    @property
+    def source(self) -> tuple[str, int]:
+        """What the dataset's samples are cut from: (prefix, min_document_tokens)."""
+        return self.prefix, self.min_document_tokens
+
+    @property
+    def source_label(self) -> str:
+        m = self.min_document_tokens
+        return self.prefix + (f" (documents >= {m} tokens)" if m else "")
 
 
 @dataclass(kw_only=True)
@@ -181,6 +203,10 @@ class DataConfig:
         if self.prefetch_batches < 0:
             raise ConfigError(f"data.prefetch_batches: must be >= 0, got {self.prefetch_batches}")
         positive("data", dense_mask_max_seq_length=self.dense_mask_max_seq_length)
+        views = [d.display_name for d in self.datasets if d.min_document_tokens]
+        if views and self.sampler != "plan":
+            raise ConfigError(f"data.sampler: '{self.sampler}' cannot read min_document_tokens "
+                              f"views (datasets {views}); use the phoenix plan sampler")
 
 
 @dataclass(kw_only=True)

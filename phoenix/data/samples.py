@@ -16,6 +16,12 @@ a ``.groups.npy`` with one id per sequence is accepted too.
 
 Reading a sample is one slice of a memory map: no per-document assembly, no copies
 beyond the sample itself.
+
+A **document-length view** (``min_document_tokens``) keeps only the documents of at
+least that many tokens. Its token stream is those documents back to back, so a sample
+may join the end of one kept document and the start of the next kept one (they are
+separated by their EOD as in the full stream); the reader copies it from those two
+places in the ``.bin``.
 """
 
 from __future__ import annotations
@@ -45,12 +51,54 @@ class SampleIndex:
     documents as the ``.idx``'s ``document_indices`` define them (an empty document
     starts where the next one does)."""
 
+    view: "DocumentView | None" = None
+    """Set for a ``min_document_tokens`` view: ``starts`` are then offsets in the view's
+    stream, mapped to the ``.bin`` by :meth:`physical_ranges`."""
+
     def __len__(self) -> int:
         return len(self.starts)
 
     def document_of(self, token_offset: int) -> int:
-        """Id of the document holding the token at ``token_offset`` (never an empty one)."""
+        """Id of the document holding the token at ``token_offset`` (never an empty one);
+        ``token_offset`` in the ``.bin``."""
         return int(np.searchsorted(self.doc_starts, token_offset, side="right") - 1)
+
+    def physical_ranges(self, start: int, n: int) -> list[tuple[int, int]]:
+        """``(bin_offset, count)`` pieces holding tokens ``[start, start + n)`` of this
+        index's stream (one piece unless it is a view and the range crosses documents)."""
+        if self.view is None:
+            return [(start, n)]
+        v = self.view
+        pieces, k = [], int(np.searchsorted(v.starts, start, side="right") - 1)
+        while n > 0:
+            take = min(n, int(v.starts[k + 1]) - start)
+            pieces.append((int(v.bin_starts[k]) + start - int(v.starts[k]), take))
+            start, n, k = start + take, n - take, k + 1
+        return pieces
+
+
+@dataclass(frozen=True)
+class DocumentView:
+    """The documents a ``min_document_tokens`` view keeps, as one stream."""
+
+    min_document_tokens: int
+    documents: np.ndarray
+    """int64 [k]: ids of the kept documents."""
+    starts: np.ndarray
+    """int64 [k + 1]: where each kept document starts in the view's stream (and the end)."""
+    bin_starts: np.ndarray
+    """int64 [k]: where each kept document starts in the ``.bin``."""
+
+
+def document_view(prefix: str, doc_starts: np.ndarray, min_document_tokens: int) -> DocumentView:
+    """The view of the documents with at least ``min_document_tokens`` tokens."""
+    lengths = np.diff(doc_starts)
+    kept = np.flatnonzero(lengths >= min_document_tokens).astype(np.int64)
+    if len(kept) == 0:
+        raise DataError(f"data prefix '{prefix}': no document has min_document_tokens "
+                        f"{min_document_tokens} tokens (the longest has {int(lengths.max(initial=0))})")
+    starts = np.concatenate([[0], np.cumsum(lengths[kept], dtype=np.int64)])
+    return DocumentView(min_document_tokens, kept, starts, doc_starts[kept])
 
 
 def _cut(begin: int, end: int, seq_length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,8 +110,10 @@ def _cut(begin: int, end: int, seq_length: int) -> tuple[np.ndarray, np.ndarray]
     return starts, lengths
 
 
-def build_sample_index(prefix: str, seq_length: int, use_groups: bool) -> SampleIndex:
-    """Index the samples of ``prefix``; with ``use_groups``, cut at group boundaries."""
+def build_sample_index(prefix: str, seq_length: int, use_groups: bool,
+                       min_document_tokens: int = 0) -> SampleIndex:
+    """Index the samples of ``prefix``; with ``use_groups``, cut at group boundaries;
+    with ``min_document_tokens``, of the view of the documents at least that long."""
     IndexedDataset = indexed_dataset_module().IndexedDataset
     check_prefix(prefix)
     ds = IndexedDataset(prefix, mmap=True)
@@ -72,6 +122,16 @@ def build_sample_index(prefix: str, seq_length: int, use_groups: bool) -> Sample
     seq_starts = np.concatenate([[0], np.cumsum(ds.sequence_lengths, dtype=np.int64)])
     doc_starts = seq_starts[np.asarray(ds.document_indices, dtype=np.int64)]
     total = int(seq_starts[-1])
+    if min_document_tokens:
+        if use_groups:
+            raise DataError(f"data prefix '{prefix}': min_document_tokens cannot be combined "
+                            f"with group_mode batch")
+        view = document_view(prefix, doc_starts, min_document_tokens)
+        starts, sample_lengths = _cut(0, int(view.starts[-1]), seq_length)
+        if len(starts) == 0:
+            raise DataError(f"data prefix '{prefix}': the documents of >= {min_document_tokens} "
+                            f"tokens are too few for one sample")
+        return SampleIndex(prefix, seq_length, starts, sample_lengths, None, doc_starts, view)
     if not use_groups:
         starts, sample_lengths = _cut(0, total, seq_length)
         if len(starts) == 0:
@@ -152,9 +212,14 @@ class SampleReader:
         start = int(self.index.starts[sample_id])
         n = int(self.index.lengths[sample_id])
         text = np.full(seq + 1, self.eod_id, dtype=np.int64)
-        text[:n] = self.tokens[start:start + n]
+        pieces = self.index.physical_ranges(start, n)
+        at = 0
+        for bin_start, count in pieces:
+            text[at:at + count] = self.tokens[bin_start:bin_start + count]
+            at += count
+        start = pieces[0][0]  # provenance and errors speak of .bin offsets
         if self.vocab_size is not None:
-            self._check_ids(sample_id, start, text[:n])
+            self._check_ids(sample_id, pieces, text[:n])
         loss_mask = np.zeros(seq, dtype=np.float32)
         loss_mask[: n - 1] = 1.0  # label positions that are real tokens
         group = -1 if self.index.group_ids is None else int(self.index.group_ids[sample_id])
@@ -168,13 +233,18 @@ class SampleReader:
             "document_id": self.index.document_of(start),
         }
 
-    def _check_ids(self, sample_id: int, start: int, ids: np.ndarray) -> None:
+    def _check_ids(self, sample_id: int, pieces: list[tuple[int, int]], ids: np.ndarray) -> None:
         if ids.max() < self.vocab_size and ids.min() >= 0:
             return
         at = int(np.flatnonzero((ids >= self.vocab_size) | (ids < 0))[0])
+        bad = ids[at]
+        for start, count in pieces:  # the .bin offset of the bad token
+            if at < count:
+                break
+            at -= count
         prefix = self.index.prefix
         who = f"dataset '{self.name}' ({prefix})" if self.name else f"data prefix '{prefix}'"
         raise DataError(
-            f"{who}: sample {sample_id} holds token id {int(ids[at])}, outside the vocabulary "
+            f"{who}: sample {sample_id} holds token id {int(bad)}, outside the vocabulary "
             f"[0, {self.vocab_size}) (document {self.index.document_of(start + at)}, token "
             f"{start + at} of {prefix}.bin); was it tokenised with another tokenizer?")

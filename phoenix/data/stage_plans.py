@@ -112,10 +112,13 @@ def mixture_warmup_counts(start: list[Fraction], end: list[Fraction], B: int,
 
 def stage_plans(table: StageTable, prefixes: list[str], seed: int,
                 get_plan: Callable[[PlanInputs], DataPlan], resume: Optional[DataResume] = None,
+                min_document_tokens: Optional[list[int]] = None,
                 ) -> list[tuple[StagePlanInputs, DataPlan]]:
     """Build (or load, through ``get_plan``) every stage's plan in order; each stage's
     start offsets come from the plans before it, or from ``resume`` (where the streams
-    stood at the first stage's start, see phoenix.data.data_resume)."""
+    stood at the first stage's start, see phoenix.data.data_resume).
+    ``min_document_tokens``: per dataset, the document-length view it reads (0: all)."""
+    min_document_tokens = min_document_tokens or [0] * len(prefixes)
     names = table.dataset_names
     tracker = StreamTracker(names)
     for name, (seq, grouped, offset, n) in (resume.streams if resume else {}).items():
@@ -140,7 +143,9 @@ def stage_plans(table: StageTable, prefixes: list[str], seed: int,
             group_mode = previous.group_mode[d] if fading else stage.group_mode[d]
             key = (stage.seq_length, group_mode == "batch")
             if (d, key) not in index_cache:
-                index_cache[(d, key)] = build_sample_index(prefixes[d], key[0], use_groups=key[1])
+                index_cache[(d, key)] = build_sample_index(
+                    prefixes[d], key[0], use_groups=key[1],
+                    min_document_tokens=min_document_tokens[d])
             ix = index_cache[(d, key)]
             datasets.append(PlanDataset(
                 name=name, num_samples=len(ix), weight=float(weight), min_share=stage.min_share[d],
@@ -195,8 +200,10 @@ def run_stage_plans(cfg: RunConfig, get_plan: Callable[[PlanInputs], DataPlan] |
     if get_plan is None:
         def get_plan(inputs):
             return load_or_build_plan(inputs, cache_dir(cfg))[0]
-    return stage_plans(rebase(cfg.resolved.stages, resume), [e.prefix for e in cfg.data.datasets],
-                       cfg.train.seed, get_plan, resume)
+    datasets = cfg.data.datasets
+    return stage_plans(rebase(cfg.resolved.stages, resume), [e.prefix for e in datasets],
+                       cfg.train.seed, get_plan, resume,
+                       min_document_tokens=[e.min_document_tokens for e in datasets])
 
 
 def data_change(old: RunConfig, old_resume: Optional[DataResume], step: int) -> DataResume:
