@@ -27,9 +27,9 @@ The table (also in the README, "Resuming and changing a run"):
 * **RoPE** (``model.rope``, the stages' ``rope``): honoured from the resume step (a
   context-extension step; RoPE frequencies are not part of the weights), logged and
   recorded in ``config_changes.jsonl``; ``checkpoint.init_from`` records them too.
-* **The rest of the model and the tokenizer** (``model.*``, ``tokenizer.model``), ``optim.freeze`` and
-  ``optim.param_groups`` (the optimizer state is laid out by them): refused; use
-  ``checkpoint.init_from`` to continue from the weights under a new setup.
+* **The rest of the model and the tokenizer** (``model.*``, ``tokenizer.model``),
+  ``optim.freeze`` and ``optim.param_groups`` (the optimizer state is laid out by them):
+  refused; use ``checkpoint.init_from`` to continue from the weights under a new setup.
 
 A refusal lists every refused key with its old and new value and says how to make the
 change properly.

@@ -50,7 +50,8 @@ def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
 
 
 def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
-    """YaRN's attention factor ``0.1·mscale·ln(s) + 1`` (arXiv 2309.00071 eq. 22), 1 for s <= 1."""
+    """YaRN's attention factor ``0.1·mscale·ln(s) + 1`` (arXiv 2309.00071 eq. 22); 1 for
+    s <= 1."""
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
@@ -60,7 +61,8 @@ def yarn_attention_factor(rope: RopeConfig) -> float:
     if rope.attention_factor is not None:
         return float(rope.attention_factor)
     if rope.mscale and rope.mscale_all_dim:
-        return _yarn_mscale(rope.factor, rope.mscale) / _yarn_mscale(rope.factor, rope.mscale_all_dim)
+        f = rope.factor
+        return _yarn_mscale(f, rope.mscale) / _yarn_mscale(f, rope.mscale_all_dim)
     return _yarn_mscale(rope.factor)
 
 
@@ -173,8 +175,9 @@ def set_yarn_config(config, rope: Optional[RopeConfig]) -> None:
         return
     mscale, mscale_all_dim = ((rope.mscale, rope.mscale_all_dim)
                               if rope.mscale and rope.mscale_all_dim else (None, None))
-    if rope.attention_factor is not None:
-        mscale = (rope.attention_factor - 1) / (0.1 * math.log(rope.factor)) if rope.factor > 1 else 1.0
+    if rope.attention_factor is not None:  # RopeConfig refuses A != 1 with factor <= 1
+        ln_f = math.log(rope.factor) if rope.factor > 1 else 0.0
+        mscale = (rope.attention_factor - 1) / (0.1 * ln_f) if ln_f else 1.0
         mscale_all_dim = 0.0
     values = (rope.factor, rope.original_max_position_embeddings, rope.beta_fast,
               rope.beta_slow, mscale, mscale_all_dim, rope.truncate)

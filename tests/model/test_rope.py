@@ -226,17 +226,13 @@ def model_checks(out_dir: str) -> dict:
             install_rope(model, rope)  # and switched back
             again = model(tokens, positions, attention_mask=None)
         results[name] = dict(
-            module=type(unwrap_rotary(model)).__name__,
+            module=type(model.rotary_pos_emb).__name__,
             inv_freq_rel=((ours - ref).abs() / ref).max().item(),
             logits_abs=(logits - expected).abs().max().item(),
             dropped_abs=(dropped - expected).abs().max().item(),
             reinstalled_abs=(again - expected).abs().max().item(),
             logit_scale=expected.abs().max().item())
     return results
-
-
-def unwrap_rotary(model):
-    return model.rotary_pos_emb
 
 
 @pytest.fixture(scope="module")
