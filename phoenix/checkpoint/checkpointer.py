@@ -39,7 +39,7 @@ from phoenix.checkpoint.manager import (
     resolve_checkpoint,
     step_of,
 )
-from phoenix.checkpoint.resume_contract import check_resume, record_changes
+from phoenix.checkpoint.resume_contract import check_resume, record_changes, rope_changes
 from phoenix.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ class RestorePlan:
     path: Optional[Path] = None
     """The checkpoint to read (None for ``fresh``)."""
     honoured: tuple = ()
-    """Resume: the config changes applied from the resume step on (ConfigChange items)."""
+    """Resume: the config changes applied from the resume step on (ConfigChange items);
+    init_from: the RoPE changes against the source's config."""
     old_config: Optional[RunConfig] = None
     """Resume: the config the checkpoint was trained with."""
     data_changed: tuple = ()
@@ -102,7 +103,7 @@ def plan_restore(cfg: RunConfig) -> RestorePlan:
     if ckpt.init_optimizer and not read_checkpoint_state(source).get("has_optimizer", True):
         raise ConfigError(f"checkpoint.init_optimizer: {source} has no optimizer state (it was "
                           f"saved before the first step); load weights only")
-    return RestorePlan("init_from", source)
+    return RestorePlan("init_from", source, honoured=tuple(rope_changes(source, cfg)))
 
 
 def upgrade_bundle(bundle: dict, path: Path, cfg: RunConfig) -> dict:
@@ -199,6 +200,11 @@ class Checkpointer:
             else:
                 self.manager.load_weights(plan.path, self.model)
                 what = "weights (the optimizer starts fresh)"
+            if plan.honoured:
+                if self.layout.rank == 0:
+                    record_changes(self.cfg.output_dir, 0, list(plan.honoured))
+                log.warning("init_from: the RoPE differs from the one %s was trained with: %s",
+                            plan.path, "; ".join(map(str, plan.honoured)))
             return f"initialised {what} from {plan.path}; schedule and data start at step 0"
         return "starting from scratch"
 

@@ -25,9 +25,12 @@ The table (also in the README, "Resuming and changing a run"):
   dataset read mid-stage, a step inside a mixture warmup (both reported when the data is
   planned), ``train.seed``, a dataset's prefix or name, ``data.sampler``, a begun stage
   moved or removed. Stages that begin after the resume step may change freely.
-* **The model and tokenizer** (``model.*``, ``tokenizer.model``), ``optim.freeze`` and
-  ``optim.param_groups`` (the optimizer state is laid out by them): refused; use
-  ``checkpoint.init_from`` to continue from the weights under a new setup.
+* **RoPE** (``model.rope``, the stages' ``rope``): honoured from the resume step (a
+  context-extension step; RoPE frequencies are not part of the weights), logged and
+  recorded in ``config_changes.jsonl``; ``checkpoint.init_from`` records them too.
+* **The rest of the model and the tokenizer** (``model.*``, ``tokenizer.model``),
+  ``optim.freeze`` and ``optim.param_groups`` (the optimizer state is laid out by them):
+  refused; use ``checkpoint.init_from`` to continue from the weights under a new setup.
 
 A refusal lists every refused key with its old and new value and says how to make the
 change properly.
@@ -58,6 +61,8 @@ _MODEL_INPUTS = ("data.document_mask", "data.eod_mask_loss", "data.dense_mask_ma
 _SCHEDULE = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_style",
              "optim.decay_steps", "optim.wsd_decay_steps", "optim.wsd_decay_style",
              "optim.schedule", "train.steps", "model.reference_lr")
+# RoPE: not in the weights; a change is a context-extension step, honoured and recorded.
+_ROPE = ("model.rope",)
 # Refused outright, by group (model.reference_lr is a schedule key, judged above them).
 _REFUSED = ("model", "tokenizer", "optim.freeze", "optim.param_groups")
 _REFUSED_HOW = {
@@ -112,6 +117,20 @@ def config_changes(old: RunConfig, new: RunConfig) -> list[ConfigChange]:
 def _matches(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p if p.endswith(".") else p + ".")
                or key.startswith(p + "[") for p in prefixes)
+
+
+def _is_rope(key: str) -> bool:
+    return _matches(key, _ROPE) or key.startswith("stages[") and ".rope" in key
+
+
+def rope_changes(checkpoint: Path, cfg: RunConfig) -> list[ConfigChange]:
+    """``checkpoint.init_from``: how ``cfg``'s RoPE differs from the one the source was
+    trained with (empty when equal or when the source has no readable config)."""
+    try:
+        old = load_saved_config(checkpoint / "config.yaml")
+    except (ConfigError, OSError):
+        return []
+    return [c for c in config_changes(old, cfg) if _is_rope(c.key)]
 
 
 def _schedule_differs(old: RunConfig, new: RunConfig, steps: int) -> str | None:
@@ -220,8 +239,10 @@ def check_resume(checkpoint: Path, cfg: RunConfig, step: int) -> ResumeDecision:
     for c in changes:
         if _matches(c.key, _FREE):
             continue
-        if _matches(c.key, _OPTIMIZER + _MODEL_INPUTS):
+        if _matches(c.key, _OPTIMIZER + _MODEL_INPUTS) or _is_rope(c.key) and c.old != c.new:
             honoured.append(c)
+        elif _is_rope(c.key):
+            continue  # a stage appended without a rope of its own
         elif _matches(c.key, _SCHEDULE) or c.key.startswith("stages[") and ".lr" in c.key:
             if schedule_diff is not None:
                 refused.setdefault("schedule", []).append(str(c))

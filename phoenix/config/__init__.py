@@ -9,6 +9,7 @@ from phoenix.config.loader import build_config, dump_config, load_config
 from phoenix.config.monitoring import LoggingConfig, SpikeConfig
 from phoenix.config.optim import FreezeConfig, OptimConfig, ParamGroupRule
 from phoenix.config.resolved import ResolvedRun
+from phoenix.config.rope import RopeConfig
 from phoenix.config.schedule import PhaseConfig, ResolvedSchedule, ScheduleConfig, WeightDecayConfig
 from phoenix.config.schema import (
     CheckpointConfig,
@@ -29,7 +30,7 @@ __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "DatasetEntry", "EvalConfig", "EvalSetConfig",
     "FreezeConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
     "ParamGroupRule", "PhaseConfig", "ReplayConfig", "ResolvedRun", "ResolvedSchedule",
-    "ResolvedStage", "RunConfig", "RuntimeConfig", "ScheduleConfig", "SpikeConfig", "StageConfig",
-    "StageDatasetConfig", "StageTable", "TokenizerConfig", "TrainConfig", "WeightDecayConfig",
+    "ResolvedStage", "RopeConfig", "RunConfig", "RuntimeConfig", "ScheduleConfig", "SpikeConfig",
+    "StageConfig", "StageDatasetConfig", "StageTable", "TokenizerConfig", "TrainConfig", "WeightDecayConfig",
     "build_config", "dump_config", "load_config", "to_dict",
 ]

@@ -101,17 +101,25 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunCo
         raise ConfigError(f"{path}: {e}") from None
 
 
-# Keys renamed since a config could have been saved next to a checkpoint: old -> new.
-_SAVED_RENAMES = {("data", "num_workers"): ("data", "prefetch_batches")}
+# Keys renamed since a config could have been saved next to a checkpoint: old path -> new
+# path (a new path may nest deeper, e.g. model.rotary_base -> model.rope.base).
+_SAVED_RENAMES = {("data", "num_workers"): ("data", "prefetch_batches"),
+                  ("model", "rotary_base"): ("model", "rope", "base")}
 
 
 def load_saved_config(path: str | os.PathLike) -> RunConfig:
     """A ``config.yaml`` written by an earlier run (e.g. next to a checkpoint): keys renamed
     since then are read under their new names instead of refused."""
     data = read_yaml(path)
-    for (section, old), (new_section, new) in _SAVED_RENAMES.items():
+    for (section, old), new_path in _SAVED_RENAMES.items():
         if isinstance(data.get(section), dict) and old in data[section]:
-            data.setdefault(new_section, {})[new] = data[section].pop(old)
+            value = data[section].pop(old)
+            node = data
+            for part in new_path[:-1]:
+                if not isinstance(node.get(part), dict):
+                    node[part] = {}
+                node = node[part]
+            node.setdefault(new_path[-1], value)
     try:
         return build_config(data)
     except ConfigError as e:

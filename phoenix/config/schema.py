@@ -14,6 +14,7 @@ from typing import ClassVar, Literal, Optional
 from phoenix.config.eval import EvalConfig
 from phoenix.config.monitoring import LoggingConfig
 from phoenix.config.optim import OptimConfig
+from phoenix.config.rope import RopeConfig
 from phoenix.config.resolved import ResolvedRun, resolve_run
 from phoenix.config.stages import StageConfig
 from phoenix.config.typed import ConfigError, positive
@@ -51,8 +52,11 @@ class ModelConfig:
     """MLP activation: ``swiglu`` (gated, Llama) or ``gelu`` (GPT-2 style)."""
     position_embedding: Literal["rope", "learned_absolute"] = "rope"
     """Rotary (RoPE) or learned absolute position embeddings."""
-    rotary_base: int = 10000
-    """RoPE base (theta); raised (e.g. to 1e6) when extending the context."""
+    rope: Optional[RopeConfig] = None
+    """Rotary embedding: ``base`` (theta; raised, e.g. to 1e6, when extending the
+    context) and long-context ``scaling`` (linear, ntk, dynamic_ntk, yarn, llama3; see
+    phoenix.config.rope). Left out: plain RoPE with base 10000. A stage may replace it
+    (``stages[i].rope``) for context extension."""
     tie_embeddings: bool = False
     """Share the input embedding with the output layer."""
     add_bias_linear: bool = False
@@ -68,7 +72,14 @@ class ModelConfig:
     reference_lr: Optional[float] = None
     """Peak LR the size table recommends; used when optim.lr is not set."""
 
+    RENAMED_KEYS: ClassVar[dict[str, str]] = {"rotary_base": "rope.base"}
+
     def __post_init__(self):
+        if self.position_embedding == "learned_absolute" and self.rope is not None:
+            raise ConfigError("model.rope: set, but model.position_embedding is learned_absolute "
+                              "(remove model.rope or use position_embedding: rope)")
+        if self.position_embedding == "rope" and self.rope is None:
+            self.rope = RopeConfig()
         positive("model", num_layers=self.num_layers, hidden_size=self.hidden_size,
                   ffn_hidden_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
                   num_query_groups=self.num_query_groups, max_seq_length=self.max_seq_length,

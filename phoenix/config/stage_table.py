@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Optional
 
+from phoenix.config.rope import RopeConfig
 from phoenix.config.typed import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,9 @@ class ResolvedStage:
     warmup_from: Optional[tuple[Fraction, ...]] = None
     tokens: Optional[int] = None
     """Requested length in tokens (None when given in steps)."""
+    rope: Optional[RopeConfig] = None
+    """The stage's rotary embedding: its own ``rope``, else ``model.rope`` (None with
+    learned absolute positions)."""
 
     @property
     def steps(self) -> int:
@@ -131,7 +135,9 @@ def build_stage_table(cfg) -> StageTable:
             index=0, name="main", start_step=0, end_step=steps, start_sample=0,
             global_batch_size=default_B, seq_length=default_seq,
             weights=tuple(_normalised([Fraction(d.weight) for d in pool], "data.datasets")),
-            min_share=tuple(d.min_share for d in pool), group_mode=tuple(d.group_mode for d in pool))
+            min_share=tuple(d.min_share for d in pool), group_mode=tuple(d.group_mode for d in pool),
+            rope=cfg.model.rope)
+        _check_rope_coverage(stage, cfg.model.max_seq_length, "data.seq_length")
         return StageTable([stage], names, explicit=False)
 
     if cfg.data.sampler != "plan":
@@ -152,6 +158,10 @@ def build_stage_table(cfg) -> StageTable:
             raise ConfigError(f"{key}.seq_length: {seq} exceeds model.max_seq_length "
                               f"{cfg.model.max_seq_length}")
         steps = stage.steps if stage.steps is not None else -(-stage.tokens // (B * seq))
+        if stage.rope is not None and cfg.model.position_embedding != "rope":
+            raise ConfigError(f"{key}.rope: set, but model.position_embedding is "
+                              f"{cfg.model.position_embedding}")
+        rope = stage.rope or cfg.model.rope
 
         weights = [Fraction(0)] * len(pool)
         min_share = [d.min_share for d in pool]
@@ -190,7 +200,8 @@ def build_stage_table(cfg) -> StageTable:
             index=i, name=name, start_step=step, end_step=step + steps, start_sample=sample,
             global_batch_size=B, seq_length=seq, weights=tuple(weights),
             min_share=tuple(min_share), group_mode=tuple(group_mode), warmup_steps=warmup,
-            warmup_from=resolved[-1].weights if warmup else None, tokens=stage.tokens)
+            warmup_from=resolved[-1].weights if warmup else None, tokens=stage.tokens, rope=rope)
+        _check_rope_coverage(current, cfg.model.max_seq_length, f"{key}.seq_length")
         resolved.append(current)
         by_name[name] = current
         step += steps
@@ -201,6 +212,18 @@ def build_stage_table(cfg) -> StageTable:
         raise ConfigError(f"stages: the stages add up to {step} steps ({terms}) but train.steps "
                           f"is {cfg.train.steps}; fix one (or leave train.steps out)")
     return StageTable(resolved, names, explicit=True)
+
+
+def _check_rope_coverage(stage: ResolvedStage, max_seq_length: int, key: str) -> None:
+    """Warn (not refuse: a short extrapolation can be deliberate) when a stage trains on
+    sequences longer than its RoPE scaling is meant for."""
+    if stage.rope is None:
+        return
+    covered = stage.rope.covered_length(max_seq_length)
+    if stage.seq_length > covered:
+        log.warning("%s: stage '%s' trains on %d tokens per sample, beyond the %d its rope "
+                    "%s covers; raise rope.factor (or the base) for this stage",
+                    key, stage.name, stage.seq_length, covered, stage.rope.describe())
 
 
 def _replayed_stage(name: Optional[str], resolved: list[ResolvedStage],

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Optional, Union
 
+from phoenix.config.rope import RopeConfig
 from phoenix.config.schedule import PhaseConfig
 from phoenix.config.typed import ConfigError
 
@@ -74,6 +75,11 @@ class StageConfig:
     lr: Optional[list[PhaseConfig]] = None
     """This stage's LR phases (warmup/constant/decay, as optim.schedule.phases); they must
     add up to the stage's length. Either every stage gives ``lr`` or none does."""
+    rope: Optional[RopeConfig] = None
+    """This stage's rotary embedding, a whole RopeConfig replacing ``model.rope`` for this
+    stage only (stages without one use ``model.rope``): context extension, e.g. a larger
+    ``base`` or a yarn ``factor`` with a longer ``seq_length``. The model's RoPE is switched
+    when the stage begins (RoPE frequencies are not part of a checkpoint)."""
 
     def __post_init__(self):
         if (self.steps is None) == (self.tokens is None):

@@ -72,7 +72,7 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
     from phoenix.checkpoint.manager import resolve_checkpoint, step_of
     from phoenix.eval.inputs import check_eval_inputs
     from phoenix.eval.evaluator import Evaluator
-    from phoenix.model import build_model
+    from phoenix.model import build_model, current_rope, install_rope
     from phoenix.runtime import init_runtime
     from phoenix.tokenizer import SentencePieceTokenizer
 
@@ -85,6 +85,11 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
     manager = CheckpointManager(path.parent, layout.rank, layout.world_size)
     manager.load_weights(path, model)
     step = step_of(path)
+    # The RoPE the weights were last trained with: that of the stage of the last step
+    # (a context-extension stage's own rope; RoPE is not stored in the checkpoint).
+    rope = cfg.resolved.stages.stage_at(max(step - 1, 0)).rope
+    if rope is not None and current_rope(model[0]) != rope:
+        install_rope(model[0], rope)
     if layout.rank == 0:
         log.info("eval: %s (step %s) on %s", path, step, layout.describe())
     results = Evaluator.from_run_config(model, layout, cfg, eval_cfg, tokenizer).evaluate()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from phoenix.config import RunConfig
+from phoenix.model.rope import gpt_rope_kwargs, install_rope, needs_phoenix_module, set_yarn_config
 from phoenix.runtime import ParallelLayout
 from phoenix.runtime.capabilities import te_available
 
@@ -111,6 +112,8 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_dd
     from megatron.core.models.gpt import GPTModel
 
     tconfig = transformer_config(cfg, layout)
+    rope = cfg.model.rope if cfg.model.position_embedding == "rope" else None
+    set_yarn_config(tconfig, rope)  # YaRN's settings live on the config (GPTModel, attention)
     padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)
     model = GPTModel(
         config=tconfig,
@@ -120,10 +123,12 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_dd
         pre_process=layout.is_first_stage,
         post_process=layout.is_last_stage,
         share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-        position_embedding_type=cfg.model.position_embedding,
-        rotary_base=cfg.model.rotary_base,
         pg_collection=layout.pg_collection,
+        **gpt_rope_kwargs(rope, tconfig.kv_channels),
     )
+    if needs_phoenix_module(rope):  # a scaling megatron-core lacks (phoenix.model.rope)
+        install_rope(model, rope)
+    model.phoenix_rope = rope
     model.to(layout.device)
     if not wrap_ddp:
         return [model]

@@ -28,7 +28,7 @@ from phoenix.data.loader import GlobalBatchLoader
 from phoenix.data.data_resume import DataResume, rebase
 from phoenix.data.stage_plans import build_source
 from phoenix.io import atomic_write_text
-from phoenix.model import build_model
+from phoenix.model import build_model, current_rope, install_rope
 from phoenix.model.builder import uses_te_spec
 from phoenix.monitor import (
     ConsoleLogger,
@@ -225,6 +225,7 @@ class Trainer:
     def _enter_stage(self, step: int):
         """The stage of 0-based ``step``; records and announces it when it begins."""
         stage = self.stages.stage_at(step)
+        self._switch_rope(stage)
         if stage.name not in self.state.stage_starts:
             self.state.stage_starts[stage.name] = step
             if self.stages.explicit:
@@ -233,6 +234,21 @@ class Trainer:
                            f"{stage.seq_length}, {stage.steps} steps")
             return stage, True
         return stage, False
+
+    def _switch_rope(self, stage) -> None:
+        """Give the model the stage's RoPE when it differs from the one it has (a context-
+        extension stage begins, or a resume into one: the model is built with
+        ``model.rope`` and RoPE frequencies are not checkpointed)."""
+        if stage.rope is None:
+            return
+        old = [current_rope(chunk) for chunk in self.model]
+        if all(rope == stage.rope for rope in old):
+            return
+        for chunk, rope in zip(self.model, old):
+            if rope != stage.rope:
+                install_rope(chunk, stage.rope)
+        before = old[0].describe() if old[0] is not None else "none"
+        self._log0(f"stage '{stage.name}': RoPE {before} -> {stage.rope.describe()}")
 
     # -- the loop --------------------------------------------------------------------
     def train(self) -> TrainState:

@@ -110,6 +110,28 @@ def test_stages_after_the_resume_step_may_change(tiny_data, tmp_path):
         check_resume(ckpt, make(moved), 5)
 
 
+def test_rope_changes_are_honoured_and_recorded(saved, tmp_path):
+    """A new model.rope (or a stage's rope) is a context-extension step: honoured on
+    resume and recorded; init_from reports it against the source's config."""
+    from phoenix.checkpoint.resume_contract import record_changes, rope_changes
+
+    ckpt, make = saved
+    yarn = {"base": 1e6, "scaling": "yarn", "factor": 4, "original_max_position_embeddings": 64}
+    new = make(model={"preset": "tiny", "rope": yarn})
+    honoured = check_resume(ckpt, new, 5).honoured
+    keys = sorted(c.key for c in honoured)
+    assert keys == ["model.rope.base", "model.rope.factor",
+                    "model.rope.original_max_position_embeddings", "model.rope.scaling"], keys
+    record_changes(tmp_path, 5, honoured)
+    line = json.loads((tmp_path / "config_changes.jsonl").read_text())
+    assert line["step"] == 5 and line["changes"]["model.rope.scaling"] == ["none", "yarn"]
+    assert sorted(c.key for c in rope_changes(ckpt, new)) == keys
+    assert rope_changes(ckpt, make()) == []
+    # the rest of the model is still refused
+    with pytest.raises(ConfigError, match=r"model\.norm_epsilon"):
+        check_resume(ckpt, make(model={"preset": "tiny", "rope": yarn, "norm_epsilon": 1e-6}), 5)
+
+
 def test_config_changes_lists_leaves(saved):
     _, make = saved
     keys = [c.key for c in config_changes(make(), make(optim={"adam_beta2": 0.5}))]

@@ -285,13 +285,13 @@ def test_preset_recipe_override_precedence():
     assert preset["num_layers"] == 4 and preset["hidden_size"] == 64
     only_preset = build_config(base())
     assert only_preset.model.num_layers == preset["num_layers"]
-    recipe = base(model={"preset": "tiny", "num_layers": 8, "rotary_base": 500000})
+    recipe = base(model={"preset": "tiny", "num_layers": 8, "rope": {"base": 500000}})
     from_recipe = build_config(recipe)
     assert from_recipe.model.num_layers == 8                  # recipe beats preset
     assert from_recipe.model.hidden_size == preset["hidden_size"]
     from_cli = build_config(recipe, ["model.num_layers=2"])
     assert from_cli.model.num_layers == 2                     # CLI beats recipe
-    assert from_cli.model.rotary_base == 500000
+    assert from_cli.model.rope.base == 500000
     # a CLI override of a key only the preset sets beats the preset
     assert build_config(recipe, ["model.hidden_size=128"]).model.hidden_size == 128
     # and the CLI can switch the preset itself; recipe keys still win over it

@@ -1,0 +1,288 @@
+"""RoPE scaling for long context: the frequencies of every method, and their installation
+in megatron-core's ``GPTModel``.
+
+:func:`inv_freq_and_scaling` is the reference: the inverse frequencies and attention
+scaling of each ``model.rope.scaling`` (formulas in :mod:`phoenix.config.rope`), written
+from the papers. The model uses megatron-core's own modules wherever one computes exactly
+that, and a small subclass where megatron has none:
+
+============  =====================================================================
+none          ``RotaryEmbedding(rotary_base=b)``
+linear        ``RotaryEmbedding(seq_len_interpolation_factor=f)`` (positions / f)
+ntk           ``RotaryEmbedding(rotary_base=b·f^(d/(d-2)))``
+yarn          ``YarnRotaryEmbedding`` (``position_embedding_type='yarn'``) with the
+              ``yarn_*`` attributes on the TransformerConfig; attention.py multiplies
+              cos/sin of q and k by the concentration factor it derives from them
+llama3        ``RotaryEmbedding(rope_scaling=True, rope_scaling_factor=f)`` when
+              low/high/L are megatron's hard-coded 1/4/8192, else :class:`ScaledRotaryEmbedding`
+dynamic_ntk   :class:`ScaledRotaryEmbedding`: the base follows the sequence length of
+              each forward (megatron-core has no dynamic NTK)
+============  =====================================================================
+
+:func:`install_rope` switches the RoPE of an already-built model (a context-extension
+stage, or a resume with a new ``model.rope``): RoPE frequencies are not parameters (megatron
+drops ``inv_freq`` when loading a state dict), so a checkpoint loads under any RoPE.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from phoenix.config import RopeConfig
+
+# megatron's RotaryEmbedding._apply_scaling hard-codes these (Llama-3.1's values).
+_MEGATRON_LLAMA3 = (1.0, 4.0, 8192)
+_YARN_ATTRS = ("yarn_rotary_scaling_factor", "yarn_original_max_position_embeddings",
+               "yarn_beta_fast", "yarn_beta_slow", "yarn_mscale", "yarn_mscale_all_dim",
+               "yarn_correction_range_round_to_int")
+
+
+# ------------------------------------------------------------------ the formulas
+
+
+def _default_inv_freq(base: float, dim: int) -> torch.Tensor:
+    """``θ_i = base^(-2i/dim)``, i = 0 .. dim/2-1, in float64."""
+    exponents = torch.arange(0, dim, 2, dtype=torch.float64) / dim
+    return base ** -exponents
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention factor ``0.1·mscale·ln(s) + 1`` (arXiv 2309.00071 eq. 22); 1 for
+    s <= 1."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def yarn_attention_factor(rope: RopeConfig) -> float:
+    """The factor on cos/sin of YaRN: ``attention_factor`` if given, else DeepSeek's ratio
+    when ``mscale`` and ``mscale_all_dim`` are both non-zero, else ``0.1·ln f + 1``."""
+    if rope.attention_factor is not None:
+        return float(rope.attention_factor)
+    if rope.mscale and rope.mscale_all_dim:
+        f = rope.factor
+        return _yarn_mscale(f, rope.mscale) / _yarn_mscale(f, rope.mscale_all_dim)
+    return _yarn_mscale(rope.factor)
+
+
+def _yarn_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
+    """YaRN "NTK-by-parts": dims that rotate more than ``beta_fast`` times over L keep θ,
+    dims that rotate fewer than ``beta_slow`` times get θ/f, a linear ramp in between."""
+    base, f, L = rope.base, rope.factor, rope.original_max_position_embeddings
+
+    def dim_of(rotations: float) -> float:
+        # the dim index i whose wavelength 2π·base^(2i/d) fits ``rotations`` times in L
+        return dim * math.log(L / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dim_of(rope.beta_fast), dim_of(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a step, not a division by zero
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (θ), 0: interpolate (θ/f)
+    theta = _default_inv_freq(base, dim)
+    return theta / f * (1 - keep) + theta * keep
+
+
+def _llama3_inv_freq(rope: RopeConfig, dim: int) -> torch.Tensor:
+    """Llama-3.1: divide long wavelengths by f, keep short ones, blend the band between."""
+    theta = _default_inv_freq(rope.base, dim)
+    f, L = rope.factor, rope.original_max_position_embeddings
+    low, high = rope.low_freq_factor, rope.high_freq_factor
+    wavelength = 2 * math.pi / theta
+    smooth = (L / wavelength - low) / (high - low)  # 0 at L/low, 1 at L/high
+    blended = (1 - smooth) * theta / f + smooth * theta
+    out = torch.where(wavelength > L / low, theta / f, blended)
+    return torch.where(wavelength < L / high, theta, out)
+
+
+def ntk_base(rope: RopeConfig, dim: int, seq_len: Optional[int] = None) -> float:
+    """The base of ``ntk`` (``b·f^(d/(d-2))``) or ``dynamic_ntk`` at ``seq_len``
+    (``b·(f·s/L − (f−1))^(d/(d-2))`` with ``s = max(seq_len, L)``)."""
+    if rope.scaling == "ntk":
+        return rope.base * rope.factor ** (dim / (dim - 2))
+    L = rope.original_max_position_embeddings
+    s = max(seq_len or L, L)
+    return rope.base * (rope.factor * s / L - (rope.factor - 1)) ** (dim / (dim - 2))
+
+
+def inv_freq_and_scaling(rope: RopeConfig, head_dim: int,
+                         seq_len: Optional[int] = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (float32, ``[head_dim // 2]``) and attention scaling (the factor
+    on cos and sin) of ``rope`` for heads of ``head_dim``. ``seq_len`` is the length of the
+    current sequence; only ``dynamic_ntk`` depends on it (None: the original length)."""
+    kind = rope.scaling
+    if kind == "none":
+        inv_freq = _default_inv_freq(rope.base, head_dim)
+    elif kind == "linear":
+        inv_freq = _default_inv_freq(rope.base, head_dim) / rope.factor
+    elif kind in ("ntk", "dynamic_ntk"):
+        inv_freq = _default_inv_freq(ntk_base(rope, head_dim, seq_len), head_dim)
+    elif kind == "yarn":
+        return _yarn_inv_freq(rope, head_dim).float(), yarn_attention_factor(rope)
+    elif kind == "llama3":
+        inv_freq = _llama3_inv_freq(rope, head_dim)
+    else:
+        raise ValueError(f"unknown rope scaling {kind!r}")
+    return inv_freq.float(), 1.0
+
+
+# ------------------------------------------------------------------ megatron-core
+
+
+def _uses_megatron_llama3(rope: RopeConfig) -> bool:
+    return (rope.low_freq_factor, rope.high_freq_factor,
+            rope.original_max_position_embeddings) == _MEGATRON_LLAMA3
+
+
+def needs_phoenix_module(rope: Optional[RopeConfig]) -> bool:
+    """True when megatron-core has no module computing ``rope`` exactly."""
+    return rope is not None and (rope.scaling == "dynamic_ntk"
+                                 or rope.scaling == "llama3" and not _uses_megatron_llama3(rope))
+
+
+def gpt_rope_kwargs(rope: Optional[RopeConfig], head_dim: int) -> dict:
+    """``GPTModel`` keyword arguments for ``rope`` (None: learned absolute positions).
+    YaRN also needs :func:`set_yarn_config` on the TransformerConfig; dynamic NTK and a
+    non-default llama3 need :func:`install_rope` after the build."""
+    if rope is None:
+        return {"position_embedding_type": "learned_absolute"}
+    kwargs = {"position_embedding_type": "yarn" if rope.scaling == "yarn" else "rope",
+              "rotary_base": rope.base}
+    if rope.scaling == "linear":
+        kwargs["seq_len_interpolation_factor"] = rope.factor
+    elif rope.scaling == "ntk":
+        kwargs["rotary_base"] = ntk_base(rope, head_dim)
+    elif rope.scaling == "llama3" and _uses_megatron_llama3(rope):
+        kwargs.update(rope_scaling=True, rope_scaling_factor=rope.factor)
+    return kwargs
+
+
+def set_yarn_config(config, rope: Optional[RopeConfig]) -> None:
+    """Set (yarn) or remove (any other rope) the ``yarn_*`` attributes that ``GPTModel``
+    reads with getattr and attention.py turns into the concentration factor on cos/sin.
+
+    megatron's factor is ``mscale'(f, m) / mscale'(f, m_all)`` when both are given, else
+    ``0.1·ln f + 1``; an explicit ``attention_factor`` A is expressed exactly as
+    ``m = (A − 1) / (0.1·ln f)``, ``m_all = 0`` (``mscale'(f, 0) = 1``)."""
+    if rope is None or rope.scaling != "yarn":
+        for attr in _YARN_ATTRS:
+            if hasattr(config, attr):
+                delattr(config, attr)
+        return
+    mscale, mscale_all_dim = ((rope.mscale, rope.mscale_all_dim)
+                              if rope.mscale and rope.mscale_all_dim else (None, None))
+    if rope.attention_factor is not None:  # RopeConfig refuses A != 1 with factor <= 1
+        ln_f = math.log(rope.factor) if rope.factor > 1 else 0.0
+        mscale = (rope.attention_factor - 1) / (0.1 * ln_f) if ln_f else 1.0
+        mscale_all_dim = 0.0
+    values = (rope.factor, rope.original_max_position_embeddings, rope.beta_fast,
+              rope.beta_slow, mscale, mscale_all_dim, rope.truncate)
+    for attr, value in zip(_YARN_ATTRS, values):
+        setattr(config, attr, value)
+
+
+def _rotary_embedding_cls():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    class ScaledRotaryEmbedding(RotaryEmbedding):
+        """megatron's ``RotaryEmbedding`` with phoenix's inverse frequencies: llama3 with any
+        low/high/L, and dynamic NTK, whose base follows the sequence length of each call
+        (``max_seq_len + offset``, at least L), as transformers' ``dynamic`` does. Its
+        ``forward`` stays megatron's (lru-cached per length, which fixes the frequencies)."""
+
+        def __init__(self, rope: RopeConfig, kv_channels: int, **kwargs):
+            super().__init__(kv_channels=kv_channels, rotary_percent=1.0,
+                             rotary_base=rope.base, **kwargs)
+            self.rope, self.dim = rope, kv_channels
+            self.inv_freq = inv_freq_and_scaling(rope, kv_channels)[0].to(self.inv_freq.device)
+
+        def inv_freq_at(self, seq_len: int) -> torch.Tensor:
+            """The inverse frequencies used for a sequence of ``seq_len`` positions."""
+            if self.rope.scaling != "dynamic_ntk":
+                return self.inv_freq
+            return inv_freq_and_scaling(self.rope, self.dim, seq_len)[0].to(self.inv_freq.device)
+
+        def get_freqs_non_repeated(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+            inv_freq = self.inv_freq_at(max_seq_len + offset)
+            seq = torch.arange(max_seq_len, device=inv_freq.device, dtype=inv_freq.dtype) + offset
+            return torch.outer(seq, inv_freq)
+
+    return ScaledRotaryEmbedding
+
+
+def unwrap(chunk):
+    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
+    while not hasattr(chunk, "rotary_pos_emb") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def current_rope(chunk) -> Optional[RopeConfig]:
+    """The RopeConfig a model chunk was built or last switched with (None: learned
+    absolute positions or a model phoenix did not build)."""
+    return getattr(unwrap(chunk), "phoenix_rope", None)
+
+
+def install_rope(chunk, rope: RopeConfig) -> None:
+    """Give a built ``GPTModel`` chunk (or its DDP wrapper) the RoPE of ``rope``: replace
+    ``rotary_pos_emb``, set ``position_embedding_type`` and the config's yarn attributes
+    (or remove them). The same module a fresh build with ``rope`` would have."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        YarnRotaryEmbedding,
+    )
+
+    model = unwrap(chunk)
+    config = model.config
+    if getattr(model, "position_embedding_type", None) not in ("rope", "yarn"):
+        raise ValueError("install_rope: the model has no rotary embedding "
+                         f"(position_embedding_type {model.position_embedding_type!r})")
+    head_dim = config.kv_channels
+    kwargs = gpt_rope_kwargs(rope, head_dim)
+    device = model.rotary_pos_emb.inv_freq.device if hasattr(model, "rotary_pos_emb") else None
+    common = dict(rotary_interleaved=config.rotary_interleaved,
+                  use_cpu_initialization=config.use_cpu_initialization,
+                  cp_group=model.pg_collection.cp)
+    set_yarn_config(config, rope)
+    if needs_phoenix_module(rope):
+        module = _rotary_embedding_cls()(rope, head_dim, **common)
+    elif kwargs["position_embedding_type"] == "yarn":
+        module = YarnRotaryEmbedding(
+            kv_channels=head_dim, rotary_percent=model.rotary_percent, rotary_base=rope.base,
+            scaling_factor=config.yarn_rotary_scaling_factor,
+            original_max_position_embeddings=config.yarn_original_max_position_embeddings,
+            beta_fast=config.yarn_beta_fast, beta_slow=config.yarn_beta_slow,
+            mscale=config.yarn_mscale, mscale_all_dim=config.yarn_mscale_all_dim,
+            correction_range_round_to_int=config.yarn_correction_range_round_to_int, **common)
+    else:
+        module = RotaryEmbedding(
+            kv_channels=head_dim, rotary_percent=model.rotary_percent,
+            seq_len_interpolation_factor=kwargs.get("seq_len_interpolation_factor"),
+            rotary_base=kwargs["rotary_base"], rope_scaling=kwargs.get("rope_scaling", False),
+            rope_scaling_factor=kwargs.get("rope_scaling_factor", 8.0), **common)
+    if device is not None and module.inv_freq.device != device:
+        module.inv_freq = module.inv_freq.to(device)
+    model.rotary_pos_emb = module
+    model.position_embedding_type = kwargs["position_embedding_type"]
+    model.rotary_base = kwargs["rotary_base"]
+    model.rotary_scaling = kwargs.get("rope_scaling", False)
+    model.rotary_pos_emb_cache = {}
+    # forward is lru-cached on the class (keyed by instance): drop the old module's tables.
+    RotaryEmbedding.forward.cache_clear()
+    YarnRotaryEmbedding.forward.cache_clear()
+    model.phoenix_rope = rope
+
+
+def rope_module_inv_freq(chunk, seq_len: int) -> torch.Tensor:
+    """The inverse frequencies a chunk's rotary module applies to a sequence of
+    ``seq_len`` positions, read from the table it produces (row 1 = position 1): what the
+    model really uses, whichever megatron or phoenix module it is. Positions scaled by
+    linear interpolation are folded in (``θ / f``)."""
+    model = unwrap(chunk)
+    out = model.rotary_pos_emb(seq_len)
+    emb = out[0] if isinstance(out, tuple) else out
+    return emb[1, 0, 0, : emb.shape[-1] // 2].float().cpu()
