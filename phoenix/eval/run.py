@@ -156,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="phoenix eval",
         description="Evaluate a checkpoint on held-out sets: loss, perplexity, top-1/top-5 "
-                    "next-token accuracy. Launch under torchrun for a parallel layout.")
+                    "next-token accuracy; with --needle, the needle-in-a-haystack (passkey "
+                    "retrieval) test. Launch under torchrun for a parallel layout.")
     parser.add_argument("checkpoint", help="checkpoint directory (step_*), or a run directory")
     parser.add_argument("config", help="run config YAML (e.g. the run's config.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=2")

@@ -216,6 +216,9 @@ def test_needle_config(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.needle\.lengths\[0\]: 512 exceeds model\.max_seq_length 256"):
         build_config(tiny_config_dict(tiny_data, tmp_path, eval={"needle": {
             "haystack_prefix": tiny_data.prefixes["web"], "lengths": [512]}}))
+    with pytest.raises(ConfigError, match=r"^eval\.needle: .*needs parallel\.pipeline=1"):
+        build_config(tiny_config_dict(tiny_data, tmp_path, eval={"needle": {
+            "haystack_prefix": tiny_data.prefixes["web"]}}), ["parallel.pipeline=2"])
 
 
 def test_cli_needle_errors(tiny_data, tmp_path, capsys):
@@ -332,8 +335,11 @@ def test_greedy_generation_matches_plain_argmax_and_tp2(needle_run, tiny_data):
     assert gen == one["reference"]
     assert np.array(one["result"]["accuracy"]).shape == (2, 1)
     assert 0.0 <= one["result"]["mean"] <= 1.0
-    two = run_distributed(needle_greedy, 2, config, ["parallel.tensor=2"], str(out), needle)
-    assert two[0]["layout"].startswith("world=2 tp=2")
-    for r in two:
-        assert r["generated"] == gen
-        assert r["result"]["hits"] == one["result"]["hits"]
+    for layout in ("parallel.tensor=2", "parallel.tensor=1"):  # TP=2, then DP=2
+        two = run_distributed(needle_greedy, 2, config, [layout], str(out), needle)
+        assert two[0]["layout"].startswith("world=2 " + ("tp=2" if layout.endswith("2") else "tp=1"))
+        for r in two:
+            assert r["generated"] == gen
+            # DP: each rank scored half of the prompts; the counts are summed over DP.
+            assert r["result"]["hits"] == one["result"]["hits"]
+            assert r["result"]["counts"] == one["result"]["counts"] == [[2], [2]]
