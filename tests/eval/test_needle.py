@@ -343,3 +343,28 @@ def test_greedy_generation_matches_plain_argmax_and_tp2(needle_run, tiny_data):
             # DP: each rank scored half of the prompts; the counts are summed over DP.
             assert r["result"]["hits"] == one["result"]["hits"]
             assert r["result"]["counts"] == one["result"]["counts"] == [[2], [2]]
+
+
+def test_evaluator_lengths_follow_the_stage_and_layout_refusals(tok, tiny_data):
+    """Without ``lengths`` the prompts follow the stage's seq_length (too short a stage
+    fails when the callback builds its prompts at train start); PP and CP are refused."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from phoenix.eval.needle_run import NeedleEvaluator, check_needle_layout
+
+    layout = SimpleNamespace(pp_size=1, tp_size=1, dp_size=1, dp_cp_size=1, dp_rank=0,
+                             device=torch.device("cpu"), tp_group=None, dp_group=None)
+    cfg = _needle(tiny_data, lengths=None)
+    ev = NeedleEvaluator([None], layout, cfg, tok, vocab_size=tok.vocab_size, micro_batch_size=2)
+    assert ev.lengths(2048) == [1024, 2048] and ev.lengths(200) == [200]
+    assert {t.length for t in ev.tasks(200)} == {200}
+    with pytest.raises(ConfigError, match=r"eval\.needle\.lengths: 64 tokens cannot hold"):
+        ev.tasks(64)
+    assert NeedleEvaluator([None], layout, _needle(tiny_data), tok, vocab_size=tok.vocab_size,
+                           micro_batch_size=2).lengths(2048) == LENGTHS
+    with pytest.raises(ConfigError, match=r"^eval\.needle: needs one pipeline stage"):
+        check_needle_layout(SimpleNamespace(**(vars(layout) | {"pp_size": 2})))
+    with pytest.raises(ConfigError, match=r"^eval\.needle: does not run with context"):
+        check_needle_layout(SimpleNamespace(**(vars(layout) | {"dp_cp_size": 2})))
