@@ -25,7 +25,7 @@ COMMANDS = {
 
 SUMMARIES = {
     "train": "train from a YAML recipe (launch under torchrun for several processes)",
-    "eval": "evaluate a checkpoint on held-out sets (loss, perplexity, top-1/top-5)",
+    "eval": "evaluate a checkpoint: held-out loss, perplexity, top-1/top-5; needle test (--needle)",
     "lr-plot": "write a recipe's LR schedule as lr.csv and lr.png, before training",
     "preprocess": "tokenize JSONL into a megatron-core indexed dataset (.bin/.idx)",
     "train-tokenizer": "train a byte-fallback SentencePiece tokenizer",

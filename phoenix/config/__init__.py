@@ -4,7 +4,7 @@ the pure resolution of stages and LR phases onto the step axis (``cfg.resolved``
 A leaf of the package: nothing here imports any other part of phoenix.
 """
 
-from phoenix.config.eval import EvalConfig, EvalSetConfig
+from phoenix.config.eval import EvalConfig, EvalSetConfig, NeedleConfig
 from phoenix.config.loader import build_config, dump_config, load_config
 from phoenix.config.monitoring import LoggingConfig, SpikeConfig
 from phoenix.config.optim import FreezeConfig, OptimConfig, ParamGroupRule
@@ -28,7 +28,7 @@ from phoenix.config.typed import ConfigError, to_dict
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "DatasetEntry", "EvalConfig", "EvalSetConfig",
-    "FreezeConfig", "LoggingConfig", "ModelConfig", "OptimConfig", "ParallelConfig",
+    "FreezeConfig", "LoggingConfig", "ModelConfig", "NeedleConfig", "OptimConfig", "ParallelConfig",
     "ParamGroupRule", "PhaseConfig", "ReplayConfig", "ResolvedRun", "ResolvedSchedule",
     "ResolvedStage", "RopeConfig", "RunConfig", "RuntimeConfig", "ScheduleConfig", "SpikeConfig",
     "StageConfig", "StageDatasetConfig", "StageTable", "TokenizerConfig", "TrainConfig", "WeightDecayConfig",

@@ -325,6 +325,15 @@ class RunConfig:
         if self.data.seq_length > self.model.max_seq_length:
             raise ConfigError(f"data.seq_length: {self.data.seq_length} exceeds "
                               f"model.max_seq_length {self.model.max_seq_length}")
+        needle = self.eval.needle if self.eval is not None else None
+        if needle is not None and (self.parallel.pipeline > 1 or self.parallel.context > 1):
+            raise ConfigError("eval.needle: the needle eval decodes token by token and needs "
+                              "parallel.pipeline=1 and parallel.context=1; evaluate a checkpoint "
+                              "of this run with phoenix eval --needle parallel.pipeline=1")
+        for i, n in enumerate((needle.lengths or []) if needle is not None else []):
+            if n > self.model.max_seq_length:
+                raise ConfigError(f"eval.needle.lengths[{i}]: {n} exceeds model.max_seq_length "
+                                  f"{self.model.max_seq_length}")
         if self.runtime.device == "cpu":
             self.train.precision = "fp32"
         # Stage lengths (tokens -> steps, sum vs train.steps), mixtures, replay, warmup and

@@ -9,6 +9,12 @@ checkpoint reproduces the numbers), every eval set is evaluated
   ``eval/<set>/loss``, ``eval/<set>/ppl``, ``eval/<set>/top1``, ``eval/<set>/top5`` at
   the training step (steps completed, as ``train/loss``), and ``time/eval`` (seconds).
 * The console (logging rank): one line per set.
+* With ``eval.needle``, the needle-in-a-haystack eval (:mod:`phoenix.eval.needle`) at the
+  same steps: ``eval/needle/<length>`` (accuracy over depths and trials) and
+  ``eval/needle/mean`` scalars, the image ``eval/needle/heatmap`` (accuracy, depth x
+  length) and the same heatmap as ``<output_dir>/needle/step_XXXXXXX.png``; the lengths
+  default to powers of two up to the sequence length of the stage the step trained in.
+  Its time is part of ``time/eval``.
 
 All ranks must have the callback (evaluation is collective). It is passive: training
 numbers are bit-identical with and without it.
@@ -20,6 +26,7 @@ import logging
 
 from phoenix.config.eval import EvalConfig
 from phoenix.eval.evaluator import EvalResult, Evaluator
+from phoenix.eval.needle import NeedleResult, format_needle_table
 from phoenix.monitor.base import Callback, StepMetrics, is_logging_step
 
 log = logging.getLogger("phoenix.eval")
@@ -34,8 +41,11 @@ class EvalCallback(Callback):
     def __init__(self, eval_cfg: EvalConfig):
         self.cfg = eval_cfg
         self.evaluator: Evaluator | None = None
+        self.needle = None
         self.history: list[tuple[int, dict[str, EvalResult]]] = []
         """(step, results by set name) of every evaluation this process ran."""
+        self.needle_history: list[tuple[int, NeedleResult]] = []
+        """(step, result) of every needle evaluation this process ran."""
 
     def on_train_start(self, trainer) -> None:
         from phoenix.tokenizer import SentencePieceTokenizer
@@ -43,6 +53,16 @@ class EvalCallback(Callback):
         tokenizer = SentencePieceTokenizer(trainer.cfg.tokenizer.model)
         self.evaluator = Evaluator.from_run_config(trainer.model, trainer.layout, trainer.cfg,
                                                    self.cfg, tokenizer)
+        if self.cfg.needle is not None:
+            from phoenix.eval.needle_run import NeedleEvaluator
+
+            cfg = trainer.cfg
+            self.needle = NeedleEvaluator(
+                trainer.model, trainer.layout, self.cfg.needle, tokenizer,
+                vocab_size=cfg.model.vocab_size or tokenizer.vocab_size,
+                micro_batch_size=self.cfg.micro_batch_size or cfg.train.micro_batch_size)
+            for stage in trainer.stages.stages:  # prompt errors (a length too short) now
+                self.needle.tasks(stage.seq_length)
         train_prefixes = {d.prefix for d in trainer.cfg.data.datasets}
         if trainer.layout.rank == 0:
             for s in self.cfg.sets:
@@ -61,16 +81,37 @@ class EvalCallback(Callback):
             return
         results, seconds = self.evaluator.evaluate_timed()
         self.history.append((m.step, results))
+        needle = None
+        if self.needle is not None:
+            # The stage of the step just trained (m.step steps completed: 0-based m.step - 1).
+            seq_length = trainer.stages.stage_at(m.step - 1).seq_length
+            needle, needle_seconds = self.needle.evaluate_timed(seq_length)
+            seconds += needle_seconds
+            self.needle_history.append((m.step, needle))
         if not trainer.layout.is_logging_rank:
             return
         for name, r in results.items():
             log.info(f"eval {name} @ step {m.step}: loss {r.loss:.4f} | ppl {r.ppl:.3f} | "
                      f"top1 {r.top1:.4f} | top5 {r.top5:.4f} | {r.tokens} tokens")
+        if needle is not None:
+            self._log_needle(trainer, m.step, needle)
         log.info(f"eval @ step {m.step}: {seconds:.1f}s")
         for name, r in results.items():
             for key, value in r.scalars().items():
                 trainer.metrics.record(f"eval/{name}/{key}", value)
         trainer.metrics.record("time/eval", seconds)
+
+    def _log_needle(self, trainer, step: int, result: NeedleResult) -> None:
+        from phoenix.config.eval import NEEDLE_TAG
+        from phoenix.eval.needle_run import heatmap_path, write_heatmap
+
+        log.info(f"eval needle @ step {step}:\n{format_needle_table(result)}")
+        for key, value in result.scalars().items():
+            trainer.metrics.record(f"eval/{NEEDLE_TAG}/{key}", value)
+        image = write_heatmap(result, heatmap_path(trainer.out_dir, step),
+                              f"needle accuracy @ step {step} (mean {result.mean:.3f})")
+        if image is not None:
+            trainer.metrics.record_image(f"eval/{NEEDLE_TAG}/heatmap", image)
 
     @property
     def last(self) -> dict[str, EvalResult] | None:

@@ -77,6 +77,8 @@ class MetricsCollector:
         self.step, self.last_step, self.log_interval = step, last_step, log_interval
         self.scalars: dict[str, float] = {}
         self.texts: dict[str, str] = {}
+        self.images: dict = {}
+        """Tag -> RGB image, ``uint8 [H, W, 3]`` (e.g. the needle eval's heatmap)."""
 
     def due(self, interval: int | None = None, include_last: bool = True) -> bool:
         """Whether this step is written for ``interval`` (default: ``log_interval``);
@@ -96,6 +98,10 @@ class MetricsCollector:
     def record_text(self, name: str, text: str) -> None:
         self.texts[name] = str(text)
 
+    def record_image(self, name: str, image) -> None:
+        """Record an RGB image ``uint8 [H, W, 3]`` (a numpy array) for this step."""
+        self.images[name] = image
+
     def get(self, name: str, default=None):
         return self.scalars.get(name, default)
 
@@ -104,7 +110,7 @@ class MetricsCollector:
         return {k: v for k, v in self.scalars.items() if k.startswith(prefix)}
 
     def __len__(self) -> int:
-        return len(self.scalars) + len(self.texts)
+        return len(self.scalars) + len(self.texts) + len(self.images)
 
     def __repr__(self) -> str:
         return f"MetricsCollector(step={self.step}, {len(self.scalars)} scalars, {len(self.texts)} texts)"

@@ -63,6 +63,12 @@ class BackgroundWriter:
     def add_text(self, tag: str, text: str, step: int) -> None:
         self._put("add_text", tag, text, int(step))
 
+    def add_image(self, tag: str, image, step: int) -> None:
+        """``image``: RGB ``uint8 [H, W, 3]`` (copied now)."""
+        import numpy as np
+
+        self._put("add_image", tag, np.array(image, dtype=np.uint8), int(step), None, "HWC")
+
     def add_histogram(self, tag: str, values, step: int) -> None:
         self._put("add_histogram", tag, values.detach().float().cpu().clone(), int(step))
 
@@ -84,7 +90,8 @@ class TensorBoardLogger(Callback):
     start (and logs ``config_yaml`` as text under ``config``), writes every scalar and
     text recorded in a step's :class:`~phoenix.monitor.base.MetricsCollector` at that step,
     flushes after each checkpoint and closes at the end. It decides nothing about what is
-    written when: the producers record only on their logging steps.
+    written when: the producers record only on their logging steps. Images (RGB arrays)
+    are written with ``add_image``.
     """
 
     # Runs last: its on_train_end closes the writer after every other callback is done.
@@ -110,6 +117,8 @@ class TensorBoardLogger(Callback):
             self.writer.add_text(tag, text, metrics.step)
         for tag, value in metrics.scalars.items():
             self.writer.add_scalar(tag, value, metrics.step)
+        for tag, image in metrics.images.items():
+            self.writer.add_image(tag, image, metrics.step)
 
     def on_checkpoint_saved(self, trainer, path) -> None:
         if self.writer is not None:

@@ -180,12 +180,20 @@ def train_with_eval(config: dict, overrides: list[str] = (), eval_section: dict 
     evals = [] if evaluator is None else [
         (step, {name: r.to_dict() for name, r in results.items()})
         for step, results in evaluator.history]
-    result = {"losses": list(trainer.losses), "evals": evals, "rank": layout.rank,
-              "layout": layout.describe()}
+    needle = [] if evaluator is None else [(step, r.to_dict())
+                                            for step, r in evaluator.needle_history]
+    result = {"losses": list(trainer.losses), "evals": evals, "needle": needle,
+              "rank": layout.rank, "layout": layout.describe()}
     if direct_reference:
         result["direct"] = direct_eval_metrics(trainer.model[0].module, cfg, evaluator.cfg)
     if cli_argv is not None:
-        result["cli_rc"] = run_eval_cli(cli_argv)
+        import contextlib
+        import io
+
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            result["cli_rc"] = run_eval_cli(cli_argv)
+        result["cli_stdout"] = stdout.getvalue()
     return result
 
 

@@ -53,7 +53,7 @@ def test_eval_config_validation():
     assert cfg.sets[0].display_name == "code_val" and cfg.at_end and cfg.max_samples == 256
     bad = {
         "eval.sets: at least one": {"sets": []},
-        "missing required config key 'eval.sets'": {},
+        "eval.sets: at least one eval set is required": {},
         "eval.sets[1].name: 'a' is used twice": {"sets": [{"prefix": "x/a"}, {"prefix": "y/a"}]},
         "eval.interval: must be >= 0": {"sets": [{"prefix": "a"}], "interval": -1},
         "eval.max_samples": {"sets": [{"prefix": "a"}], "max_samples": -2},

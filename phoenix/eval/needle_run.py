@@ -1,0 +1,205 @@
+"""The needle eval on a megatron model: greedy decoding, the collective evaluation and
+the heatmap.
+
+* :func:`greedy_generate_fn`: a ``generate_fn`` for :func:`phoenix.eval.needle.score`
+  from megatron ``GPTModel`` chunks: each new token is the argmax of a full forward of
+  the growing sequence (no KV cache: prompts are few and the model small at eval scale).
+  Under tensor parallelism every TP rank runs the forward and the argmax is taken over
+  the whole (unpadded) vocabulary from the vocab-parallel logits, so every rank of a TP
+  group generates the same tokens. Pipeline and context parallelism are refused: a
+  sequence that grows token by token does not fit megatron's fixed-shape pipeline
+  schedule (evaluate such a checkpoint with ``phoenix eval ... parallel.pipeline=1``; it
+  reshards).
+* :class:`NeedleEvaluator`: the prompts of a run (built once per set of lengths),
+  dealt round robin over the data-parallel ranks, scored, and the hit counts summed over
+  the ``dp_group``: every rank gets the same :class:`~phoenix.eval.needle.NeedleResult`.
+  Passive like :class:`~phoenix.eval.evaluator.Evaluator` (eval mode, no grad, RNG
+  states restored).
+* :func:`write_heatmap`: the accuracy matrix as a PNG (matplotlib, Agg backend, imported
+  lazily; without matplotlib a warning is logged once and no PNG is written).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from phoenix.config import ConfigError
+from phoenix.eval.needle import (
+    NeedleResult,
+    build_needle_tasks,
+    default_lengths,
+    haystack_tokens_needed,
+    read_haystack,
+    score,
+)
+
+log = logging.getLogger("phoenix.eval")
+
+
+def check_needle_layout(layout) -> None:
+    """Refuse layouts the token-by-token decoding cannot run on (ConfigError)."""
+    if layout.pp_size > 1:
+        raise ConfigError(f"eval.needle: needs one pipeline stage (parallel.pipeline=1), the "
+                          f"layout has {layout.pp_size}; run phoenix eval on the checkpoint "
+                          f"with parallel.pipeline=1 (checkpoints reshard)")
+    if layout.dp_cp_size != layout.dp_size:
+        raise ConfigError("eval.needle: does not run with context parallelism "
+                          "(parallel.context=1 needed)")
+
+
+def vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int, tp_group=None) -> torch.Tensor:
+    """The argmax over the real vocabulary ``[0, vocab_size)`` of vocab-parallel logits
+    ``[b, vocab_padded / tp]`` (this TP rank's slice): int64 ``[b]``, the same on every
+    rank of ``tp_group``. Ties go to the lowest id, as ``torch.argmax`` on the full row."""
+    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
+    rank = dist.get_rank(tp_group) if tp_group is not None else 0
+    logits = logits.float()
+    part = logits.size(-1)
+    start = rank * part
+    real = min(max(vocab_size - start, 0), part)
+    if real > 0:
+        value, index = logits[:, :real].max(dim=-1)
+    else:  # a slice of padding only
+        value = torch.full(logits.shape[:1], float("-inf"), device=logits.device)
+        index = torch.zeros(logits.shape[:1], dtype=torch.long, device=logits.device)
+    index = index + start
+    if tp == 1:
+        return index
+    values = [torch.empty_like(value) for _ in range(tp)]
+    indices = [torch.empty_like(index) for _ in range(tp)]
+    dist.all_gather(values, value.contiguous(), group=tp_group)
+    dist.all_gather(indices, index.contiguous(), group=tp_group)
+    winner = torch.stack(values).argmax(dim=0)  # first max: the lowest TP rank, lowest id
+    return torch.stack(indices).gather(0, winner[None]).squeeze(0)
+
+
+def greedy_generate_fn(model_chunks, layout, new_tokens: int, vocab_size: int):
+    """A ``generate_fn``: prompts (token-id lists of one length) -> ``new_tokens`` greedy
+    ids each. Call it under ``torch.no_grad()`` with the model in eval mode (the
+    :class:`NeedleEvaluator` does). Sequences are padded on the right to a multiple of
+    the TP size (sequence parallelism splits the sequence); with causal attention the
+    padding cannot change the logits that are read."""
+    check_needle_layout(layout)
+    model = list(model_chunks)[0]
+    device = layout.device
+    multiple = max(layout.tp_size, 1)
+
+    def generate(prompts: list[list[int]]) -> list[list[int]]:
+        if len({len(p) for p in prompts}) != 1:
+            raise ValueError("greedy_generate_fn: the prompts of a batch must have one length")
+        tokens = torch.tensor(prompts, dtype=torch.long, device=device)
+        n0 = tokens.size(1)
+        for _ in range(new_tokens):
+            n = tokens.size(1)
+            padded = -(-n // multiple) * multiple
+            inputs = torch.nn.functional.pad(tokens, (0, padded - n), value=0)
+            positions = torch.arange(padded, device=device).unsqueeze(0).expand_as(inputs)
+            logits = model(inputs, positions, attention_mask=None)  # [b, s, vocab / tp]
+            nxt = vocab_parallel_argmax(logits[:, n - 1, :], vocab_size, layout.tp_group)
+            tokens = torch.cat([tokens, nxt.to(tokens.dtype)[:, None]], dim=1)
+        return tokens[:, n0:].tolist()
+
+    return generate
+
+
+class NeedleEvaluator:
+    """Runs the needle eval of ``cfg`` (a NeedleConfig) on ``model_chunks``; collective."""
+
+    def __init__(self, model_chunks, layout, cfg, tokenizer, *, vocab_size: int,
+                 micro_batch_size: int):
+        check_needle_layout(layout)
+        self.model = list(model_chunks)
+        self.layout, self.cfg, self.tokenizer = layout, cfg, tokenizer
+        self.micro_batch_size = micro_batch_size
+        self.generate = greedy_generate_fn(self.model, layout, cfg.new_tokens, vocab_size)
+        self._tasks: dict[tuple[int, ...], list] = {}
+
+    def lengths(self, seq_length: int) -> list[int]:
+        """The lengths evaluated while training at ``seq_length``."""
+        return list(self.cfg.lengths or default_lengths(seq_length))
+
+    def tasks(self, seq_length: int) -> list:
+        lengths = tuple(self.lengths(seq_length))
+        if lengths not in self._tasks:
+            drop = [i for i in (self.tokenizer.eod_id, self.tokenizer.bos_id) if i is not None]
+            hay = read_haystack(self.cfg.haystack_prefix, haystack_tokens_needed(lengths), drop)
+            self._tasks[lengths] = build_needle_tasks(self.tokenizer, hay, self.cfg, seq_length)
+        return self._tasks[lengths]
+
+    def evaluate(self, seq_length: int) -> NeedleResult:
+        """The accuracy matrix at the lengths for ``seq_length`` (the same on every rank)."""
+        from phoenix.eval.evaluator import _passive
+
+        tasks = self.tasks(seq_length)
+        mine = tasks[self.layout.dp_rank::self.layout.dp_size]
+        with _passive(self.model):
+            result = score(mine, self.generate, self.tokenizer.decode,
+                           batch_size=self.micro_batch_size, lengths=self.lengths(seq_length),
+                           depths=self.cfg.depths)
+        counts = torch.as_tensor(np.stack([result.hits, result.counts]), dtype=torch.int64,
+                                 device=self.layout.device)
+        dist.all_reduce(counts, group=self.layout.dp_group)
+        result.hits, result.counts = (c.cpu().numpy() for c in counts)
+        return result
+
+    def evaluate_timed(self, seq_length: int) -> tuple[NeedleResult, float]:
+        t0 = time.perf_counter()
+        result = self.evaluate(seq_length)
+        return result, time.perf_counter() - t0
+
+
+_warned_no_matplotlib = False
+
+
+def heatmap_path(out_dir: str | Path, step: int | None) -> Path:
+    """``<out_dir>/needle/step_XXXXXXX.png`` (``step_unknown.png`` without a step)."""
+    name = f"step_{step:07d}.png" if step is not None else "step_unknown.png"
+    return Path(out_dir) / "needle" / name
+
+
+def write_heatmap(result: NeedleResult, path: str | Path, title: str = "") -> np.ndarray | None:
+    """Write the depth x length accuracy heatmap to ``path`` (atomically) and return it as
+    an RGB image ``uint8 [H, W, 3]`` (for TensorBoard); None, after a one-time warning,
+    when matplotlib is not importable."""
+    global _warned_no_matplotlib
+    try:
+        from matplotlib.figure import Figure  # no pyplot: the Agg canvas, no GUI backend
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+    except ImportError:
+        if not _warned_no_matplotlib:
+            log.warning("needle eval: matplotlib is not installed; no heatmap PNG is written "
+                        "(the scalars are still logged)")
+            _warned_no_matplotlib = True
+        return None
+    from phoenix.io import atomic_write
+
+    matrix = result.matrix
+    fig = Figure(figsize=(1.2 + 0.9 * len(result.lengths), 1.0 + 0.5 * len(result.depths)),
+                 dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    im = ax.imshow(np.nan_to_num(matrix, nan=0.0), vmin=0.0, vmax=1.0, cmap="RdYlGn",
+                   aspect="auto")
+    ax.set_xticks(range(len(result.lengths)), [str(n) for n in result.lengths])
+    ax.set_yticks(range(len(result.depths)), [f"{d:g}" for d in result.depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    ax.set_title(title or f"needle accuracy (mean {result.mean:.3f})", fontsize=9)
+    for i in range(matrix.shape[0]):
+        for j in range(matrix.shape[1]):
+            text = "-" if np.isnan(matrix[i, j]) else f"{matrix[i, j]:.2f}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8)
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[..., :3].copy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    return image
