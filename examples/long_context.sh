@@ -22,6 +22,9 @@ TINY=(
   optim.lr=3.0e-3 optim.min_lr=3.0e-4 optim.warmup_steps=3 optim.wsd_decay_steps=5
   "stages[0].steps=20" "stages[1].steps=10" "stages[1].seq_length=256"
   "stages[1].global_batch_size=8" checkpoint.save_interval=10 logging.log_interval=5
+  "eval.sets[0].prefix=$DATA/heldout_web" eval.interval=10 eval.max_samples=16
+  eval.needle.haystack_prefix=$DATA/heldout_web "eval.needle.lengths=[128,256]"
+  eval.needle.trials=2
 )
 
 examples/prepare_tiny_data.sh "$PY"

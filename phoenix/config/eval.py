@@ -121,7 +121,7 @@ class EvalConfig:
     at_end: bool = True
     """Evaluate after the last step of the job (``train.steps`` or ``train.stop_at_step``)."""
     max_samples: int = 256
-    """Samples (``data.seq_length`` tokens each) per set, spread evenly over the set;
+    """Samples (of the current stage's seq_length) per set, spread evenly over the set;
     the same samples at every evaluation and every parallel layout. 0: the whole set."""
     micro_batch_size: Optional[int] = None
     """Eval micro-batch size (per data-parallel rank); default ``train.micro_batch_size``.

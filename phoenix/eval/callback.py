@@ -5,6 +5,9 @@ Every ``eval.interval`` optimizer steps, and after the last step of the job when
 checkpoint reproduces the numbers), every eval set is evaluated
 (:class:`phoenix.eval.Evaluator`) and logged:
 
+Samples are cut at the sequence length of the stage the step trained in (a
+context-extension stage evaluates at its own length; the loss moves at the boundary).
+
 * The step's metrics (on the logging rank; the TensorBoard sink writes them):
   ``eval/<set>/loss``, ``eval/<set>/ppl``, ``eval/<set>/top1``, ``eval/<set>/top5`` at
   the training step (steps completed, as ``train/loss``), and ``time/eval`` (seconds).
@@ -40,7 +43,9 @@ class EvalCallback(Callback):
 
     def __init__(self, eval_cfg: EvalConfig):
         self.cfg = eval_cfg
-        self.evaluator: Evaluator | None = None
+        self.evaluators: dict[int, Evaluator] = {}
+        """One evaluator per sequence length: sets are cut at the current stage's length."""
+        self._make_evaluator = None
         self.needle = None
         self.history: list[tuple[int, dict[str, EvalResult]]] = []
         """(step, results by set name) of every evaluation this process ran."""
@@ -51,8 +56,12 @@ class EvalCallback(Callback):
         from phoenix.tokenizer import SentencePieceTokenizer
 
         tokenizer = SentencePieceTokenizer(trainer.cfg.tokenizer.model)
-        self.evaluator = Evaluator.from_run_config(trainer.model, trainer.layout, trainer.cfg,
-                                                   self.cfg, tokenizer)
+
+        def make_evaluator(seq_length: int) -> Evaluator:
+            return Evaluator.from_run_config(trainer.model, trainer.layout, trainer.cfg, self.cfg,
+                                             tokenizer, seq_length=seq_length)
+
+        self._make_evaluator = make_evaluator
         if self.cfg.needle is not None:
             from phoenix.eval.needle_run import NeedleEvaluator
 
@@ -77,14 +86,16 @@ class EvalCallback(Callback):
         return is_logging_step(step, self.cfg.interval) or (self.cfg.at_end and step == last_step)
 
     def on_step_end(self, trainer, m: StepMetrics) -> None:
-        if self.evaluator is None or not self._due(trainer, m.step):
+        if self._make_evaluator is None or not self._due(trainer, m.step):
             return
-        results, seconds = self.evaluator.evaluate_timed()
+        # The stage of the step just trained (m.step steps completed: 0-based m.step - 1).
+        seq_length = trainer.stages.stage_at(m.step - 1).seq_length
+        if seq_length not in self.evaluators:
+            self.evaluators[seq_length] = self._make_evaluator(seq_length)
+        results, seconds = self.evaluators[seq_length].evaluate_timed()
         self.history.append((m.step, results))
         needle = None
         if self.needle is not None:
-            # The stage of the step just trained (m.step steps completed: 0-based m.step - 1).
-            seq_length = trainer.stages.stage_at(m.step - 1).seq_length
             needle, needle_seconds = self.needle.evaluate_timed(seq_length)
             seconds += needle_seconds
             self.needle_history.append((m.step, needle))

@@ -132,12 +132,14 @@ class Evaluator:
                               select_samples(len(index), max_samples)))
 
     @classmethod
-    def from_run_config(cls, model_chunks, layout, cfg, eval_cfg, tokenizer) -> "Evaluator":
-        """The evaluator of a run: its seq_length, micro-batch size and vocab."""
+    def from_run_config(cls, model_chunks, layout, cfg, eval_cfg, tokenizer,
+                        seq_length: int | None = None) -> "Evaluator":
+        """The evaluator of a run: its micro-batch size, vocab and document inputs;
+        ``seq_length``: that of the stage being evaluated (default ``data.seq_length``)."""
         from phoenix.data.documents import DocumentInputs
         from phoenix.model.builder import uses_te_spec
 
-        return cls(model_chunks, layout, eval_cfg.sets, seq_length=cfg.data.seq_length,
+        return cls(model_chunks, layout, eval_cfg.sets, seq_length=seq_length or cfg.data.seq_length,
                    micro_batch_size=eval_cfg.micro_batch_size or cfg.train.micro_batch_size,
                    max_samples=eval_cfg.max_samples, eod_id=tokenizer.eod_id,
                    vocab_size=cfg.model.vocab_size or tokenizer.vocab_size,

@@ -134,12 +134,14 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
     step = step_of(path)
     # The RoPE the weights were last trained with: that of the stage of the last step
     # (a context-extension stage's own rope; RoPE is not stored in the checkpoint).
-    rope = cfg.resolved.stages.stage_at(max(step - 1, 0)).rope
-    if rope is not None and current_rope(model[0]) != rope:
-        install_rope(model[0], rope)
+    stage = cfg.resolved.stages.stage_at(max(step - 1, 0))
+    if stage.rope is not None and current_rope(model[0]) != stage.rope:
+        install_rope(model[0], stage.rope)
     if layout.rank == 0:
         log.info("eval: %s (step %s) on %s", path, step, layout.describe())
-    results = Evaluator.from_run_config(model, layout, cfg, eval_cfg, tokenizer).evaluate()
+    # At the sequence length of that stage, as the in-training eval does.
+    results = Evaluator.from_run_config(model, layout, cfg, eval_cfg, tokenizer,
+                                        seq_length=stage.seq_length).evaluate()
     report = {"checkpoint": str(path), "step": step, "layout": layout.describe(),
               "sets": {name: r.to_dict() for name, r in results.items()}}
     if eval_cfg.needle is not None:

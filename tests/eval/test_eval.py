@@ -80,8 +80,7 @@ def test_run_config_eval_section(tiny_data, tmp_path):
     """Once RunConfig has the ``eval`` field and the Trainer registers the callback."""
     from phoenix.config import RunConfig, build_config
 
-    if "eval" not in {f.name for f in dataclasses.fields(RunConfig)}:
-        pytest.skip("RunConfig.eval is not wired yet (see phoenix/config/eval.py)")
+    assert "eval" in {f.name for f in dataclasses.fields(RunConfig)}
     from phoenix.eval.callback import EvalCallback
     from phoenix.train.trainer import Trainer
 
@@ -200,3 +199,24 @@ def test_cli_errors(tiny_data, tmp_path, capsys):
     assert "checkpoint not found" in capsys.readouterr().err
     assert main([str(tmp_path), str(cfg)]) == 2  # no eval sets anywhere
     assert "--set NAME=PREFIX" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_follows_the_stage_sequence_length(tiny_data, tmp_path):
+    """A context-extension stage evaluates at its own length (the same samples count,
+    twice the tokens), and the document mask reaches eval: EOD inputs carry no loss."""
+    config = _config(tiny_data, tmp_path)
+    config["train"] = {**config["train"], "steps": None}
+    config["stages"] = [{"name": "short", "steps": 2, "mixture": {"web": 1.0}},
+                        {"name": "long", "steps": 2, "mixture": {"web": 1.0}, "seq_length": 128}]
+    config["logging"] = {"tensorboard": False}
+    section = {"sets": [{"name": "code", "prefix": tiny_data.prefixes["code"]}], "interval": 2,
+               "max_samples": 4, "micro_batch_size": 2}
+    (result,) = run_distributed(train_with_eval, 1, config, [], section)
+    assert [(step, sets["code"]["tokens"]) for step, sets in result["evals"]] == [(2, 4 * 64),
+                                                                                 (4, 4 * 128)]
+    (masked,) = run_distributed(train_with_eval, 1, config,
+                                ["data.document_mask=true", "data.eod_mask_loss=true",
+                                 f"output_dir={tmp_path / 'masked'}"], section)
+    short, long = (sets["code"]["tokens"] for _, sets in masked["evals"])
+    assert 0 < 4 * 64 - short < 4 * 64 / 4 and 0 < 4 * 128 - long < 4 * 128 / 4
