@@ -34,9 +34,7 @@ class Recorder(Callback):
 def scale_loss_at_step(trainer, step: int, factor: float) -> None:
     """Multiply the per-token losses of optimizer step ``step`` (1-based) by ``factor``
     (NaN to test the non-finite guard, a large number to create a loss spike)."""
-    from phoenix.train import trainer as trainer_mod
-
-    real_step = trainer_mod.forward_step
+    real_step = trainer.forward_step  # set by setup()
 
     def scaled(data_iterator, model):
         output, loss_fn = real_step(data_iterator, model)
@@ -44,7 +42,7 @@ def scale_loss_at_step(trainer, step: int, factor: float) -> None:
             output = output * factor
         return output, loss_fn
 
-    trainer_mod.forward_step = scaled
+    trainer.forward_step = scaled
 
 
 def train_and_record(config: dict, overrides: list[str] = (), inject_nan_at: int | None = None) -> dict:

@@ -192,8 +192,9 @@ class Trainer:
                                  layout.dp_rank, layout.dp_size, cfg.train.steps,
                                  prefetch=cfg.data.prefetch_batches,
                                  transform=DocumentInputs.from_config(cfg.data, tokenizer.eod_id))
-        cp_group = layout.cp_group if cfg.parallel.context > 1 else None
-        self.forward_step = partial(forward_step, packed=uses_te_spec(layout), cp_group=cp_group)
+        self.cp_group = layout.cp_group if cfg.parallel.context > 1 else None
+        self.forward_step = partial(forward_step, packed=uses_te_spec(layout),
+                                    cp_group=self.cp_group)
         stateful = {"trainer": self, "scheduler": self.scheduler}
         for cb in self.callbacks:
             key = getattr(cb, "state_key", None)
@@ -285,7 +286,7 @@ class Trainer:
                     seq_length=stage.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                     forward_only=False)
                 loss, tokens = self._global_loss(losses)
-                self.batch_report = batch_report(losses, self.forward_step.keywords["cp_group"])
+                self.batch_report = batch_report(losses, self.cp_group)
                 t_fwd_bwd = time.perf_counter() - t0 - t_data
 
                 # Frozen parameters: no update and no share of the grad norm / clipping
