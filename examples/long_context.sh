@@ -17,7 +17,7 @@ TINY=(
   tokenizer.model=$DATA/tokenizer.model
   "data.datasets[0].prefix=$DATA/web" "data.datasets[1].prefix=$DATA/web"
   "data.datasets[1].min_document_tokens=200" "data.datasets[2].prefix=$DATA/code"
-  data.seq_length=64 parallel.tensor=1 parallel.pipeline=1
+  data.seq_length=64 parallel.tensor=1 parallel.sequence_parallel=false
   train.global_batch_size=16 train.micro_batch_size=2
   optim.lr=3.0e-3 optim.min_lr=3.0e-4 optim.warmup_steps=3 optim.wsd_decay_steps=5
   "stages[0].steps=20" "stages[1].steps=10" "stages[1].seq_length=256"

@@ -20,6 +20,7 @@ COMMANDS = {
     "make-corpus": "phoenix.cli.make_corpus",
     "build-plan": "phoenix.cli.build_plan",
     "inspect-batch": "phoenix.cli.inspect_batch",
+    "describe": "phoenix.cli.describe",
 }
 """Command name -> the module whose ``main(argv)`` runs it."""
 
@@ -32,6 +33,7 @@ SUMMARIES = {
     "make-corpus": "write a deterministic synthetic JSONL corpus (web / code / math)",
     "build-plan": "build and cache a recipe's data plans and print their summary",
     "inspect-batch": "print the documents of one global batch of a run",
+    "describe": "parameters, FLOPs per token and memory per GPU of a recipe's layout",
 }
 
 

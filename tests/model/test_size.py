@@ -1,0 +1,90 @@
+"""Parameter counts against megatron-core's built GPTModel; the memory estimate and
+``phoenix describe`` against numbers worked out by hand."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+from phoenix.config import build_config
+from phoenix.model.size import Layout, memory_estimate, parameter_count
+from phoenix.testing.distributed import run_distributed
+
+from tests.config.test_config import base
+
+ROOT = Path(__file__).resolve().parents[2]
+VARIANTS = {
+    "tiny": {},
+    "layernorm_gelu_bias_tied_qknorm": {"normalization": "LayerNorm", "activation": "gelu",
+                                        "add_bias_linear": True, "tie_embeddings": True,
+                                        "qk_layernorm": True},
+    "learned_absolute_mha": {"position_embedding": "learned_absolute", "num_query_groups": None},
+}
+
+
+def _model_cfg(**model):
+    return build_config(base(model={"preset": "tiny", **model})).model
+
+
+def test_tiny_by_hand():
+    # L=4, h=64, 4 heads of d=16, 2 query groups, SwiGLU ffn 176, RMSNorm, vocab 512, untied.
+    # Per layer: qkv 64*(64+2*32) = 8192, proj 64*64 = 4096, norms 2*64, fc1 64*2*176 = 22528,
+    # fc2 176*64 = 11264 -> 46208; x4 = 184832; + embedding and output 2*512*64, final norm 64.
+    count = parameter_count(_model_cfg(), 512)
+    assert count.total == 184832 + 2 * 32768 + 64 == 250432
+    assert count.active == count.total and count.experts == 0
+
+
+def _built_numel(out_dir):
+    from phoenix.model import build_model
+    from phoenix.runtime import init_runtime
+    from phoenix.testing.tiny import TinyData, tiny_config
+
+    files = TinyData("/unused/tokenizer.model", {"web": "/unused/web", "code": "/unused/code"})
+    configs = {name: tiny_config(files, out_dir, model={"preset": "tiny", **model})
+               for name, model in VARIANTS.items()}
+    layout = init_runtime(configs["tiny"])  # one process: the same layout for every variant
+    return {name: sum(p.numel() for p in build_model(cfg, layout, 500, wrap_ddp=False)[0].parameters())
+            for name, cfg in configs.items()}
+
+
+def test_counts_equal_the_built_model(tmp_path):
+    numel = run_distributed(_built_numel, 1, str(tmp_path))[0]
+    for name, model in VARIANTS.items():
+        # 500 tokens pad to 512 (make_vocab_size_divisible_by 64 in the tiny preset).
+        assert parameter_count(_model_cfg(**model), 512).total == numel[name], name
+
+
+def test_memory_by_hand():
+    layout = Layout(tensor=2, pipeline=2, data=2, precision="bf16", micro_batch_size=1,
+                    num_micro_batches=4, seq_length=64, flash_attention=False)
+    mem = memory_estimate(_model_cfg(), 512, layout)
+    # First stage (the most loaded: 2 micro-batches in flight): layers 0-1, each
+    # (12288 + 33792) / TP 2 + 128 norms = 23168, + embedding 32768 / 2 -> 62720 params.
+    assert mem.params == 62720
+    assert (mem.weights, mem.gradients) == (2 * 62720, 4 * 62720)
+    assert mem.optimizer == 12 * 62720 // 2 and mem.optimizer_not_distributed == 12 * 62720
+    # Activations per layer (s=64, b=1, h=64, t=2, no SP): outside the TP region
+    # 2*2sbh + 2sbh + 2sbh = 32768; inside: q,k,v 2*64*128 + proj input 2*64*64 + scores
+    # 2*4*64*64 + MLP 2*64*352 + 2*64*176 = 124928, / 2 -> 95232 per layer.
+    assert mem.activations_per_micro_batch == 2 * 95232
+    assert mem.activations == 2 * 2 * 95232 and mem.logits == 0
+    assert mem.total == 125440 + 250880 + 376320 + 380928
+
+
+def test_describe_cli_prints_and_json(tmp_path):
+    cmd = [sys.executable, "-m", "phoenix.cli", "describe", "configs/recipes/long_context.yaml",
+           "--world-size", "64", "--vocab-size", "32000"]
+    text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert text.returncode == 0, text.stderr
+    assert "parameters: total 6.69 B | active per token 6.69 B" in text.stdout
+    assert "64 GPUs = TP 8 x PP 1 x CP 1 x DP 8" in text.stdout
+    data = json.loads(subprocess.run(cmd + ["--json"], cwd=ROOT, capture_output=True, text=True,
+                                     timeout=120).stdout)
+    mem = data["memory_bytes"]
+    assert mem["total"] == sum(mem[k] for k in ("weights", "gradients", "optimizer",
+                                                "activations", "logits"))
+    bad = subprocess.run(cmd[:5] + ["--world-size", "12"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "model.vocab_size: not set" in bad.stderr
