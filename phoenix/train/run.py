@@ -48,6 +48,18 @@ def run_command(body) -> int:
     return _run_command(guarded, (DataError, CheckpointError))
 
 
+def _print_plan_summary(cfg) -> None:
+    """--dry-run: size, FLOPs and memory per GPU on stderr (stdout is the config)."""
+    from phoenix.train.describe import describe, format_description, vocab_size_of
+
+    vocab = vocab_size_of(cfg)
+    if vocab is None:
+        print("# size and memory: unknown vocabulary (set model.vocab_size)", file=sys.stderr)
+        return
+    summary = format_description(describe(cfg, int(os.environ.get("WORLD_SIZE", "1")), vocab))
+    print("".join(f"# {line}\n" for line in summary.splitlines()), end="", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="phoenix train",
@@ -69,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             # allows every config change: the same refusals as the real start.
             restore = plan_restore(cfg)
             print(dump_config(cfg), end="")
+            _print_plan_summary(cfg)
             if restore.kind != "fresh":
                 print(f"# would {restore.kind.replace('_', ' ')} {restore.path}"
                       + "".join(f"\n# honoured change: {c}" for c in restore.honoured)
