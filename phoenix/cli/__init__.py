@@ -20,6 +20,8 @@ COMMANDS = {
     "make-corpus": "phoenix.cli.make_corpus",
     "build-plan": "phoenix.cli.build_plan",
     "inspect-batch": "phoenix.cli.inspect_batch",
+    "convert": "phoenix.cli.convert",
+    "tokenizer": "phoenix.cli.tokenizer_check",
 }
 """Command name -> the module whose ``main(argv)`` runs it."""
 
@@ -32,6 +34,8 @@ SUMMARIES = {
     "make-corpus": "write a deterministic synthetic JSONL corpus (web / code / math)",
     "build-plan": "build and cache a recipe's data plans and print their summary",
     "inspect-batch": "print the documents of one global batch of a run",
+    "convert": "Hugging Face <-> phoenix checkpoints (hf-to-phoenix, phoenix-to-hf)",
+    "tokenizer": "tokenizer tools: check A B --corpus FILE (do two tokenizers agree?)",
 }
 
 
