@@ -26,6 +26,7 @@ ALLOWED = {
     "checkpoint": {"config", "runtime", "model", "optim", "tokenizer", "io"},
     "train": {"config", "runtime", "tokenizer", "model", "data", "optim", "monitor", "eval",
               "checkpoint", "io"},
+    "convert": {"config", "runtime", "model", "checkpoint", "tokenizer", "io"},
 }
 # The command line and the test support may import anything (nothing imports testing).
 UNRESTRICTED = {"cli", "testing"}

@@ -21,6 +21,8 @@ COMMANDS = {
     "build-plan": "phoenix.cli.build_plan",
     "inspect-batch": "phoenix.cli.inspect_batch",
     "describe": "phoenix.cli.describe",
+    "convert": "phoenix.cli.convert",
+    "tokenizer": "phoenix.cli.tokenizer_check",
 }
 """Command name -> the module whose ``main(argv)`` runs it."""
 
@@ -34,6 +36,8 @@ SUMMARIES = {
     "build-plan": "build and cache a recipe's data plans and print their summary",
     "inspect-batch": "print the documents of one global batch of a run",
     "describe": "parameters, FLOPs per token and memory per GPU of a recipe's layout",
+    "convert": "Hugging Face <-> phoenix checkpoints (hf-to-phoenix, phoenix-to-hf)",
+    "tokenizer": "tokenizer tools: check A B --corpus FILE (do two tokenizers agree?)",
 }
 
 

@@ -105,7 +105,7 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
     from phoenix.data.plan import build_plan
     from phoenix.data.plan_source import load_or_build_plan
     from phoenix.data.samples import SampleReader
-    from phoenix.tokenizer import SentencePieceTokenizer
+    from phoenix.tokenizer import load_tokenizer
     from phoenix.data.stage_plans import cache_dir, plan_at_step, run_stage_plans
 
     candidates = [Path(cfg.data.cache_dir)] if cfg.data.cache_dir else [run_dir / "data_cache",
@@ -126,7 +126,7 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
         return build_plan(inputs)
 
     try:
-        tokenizer = SentencePieceTokenizer(cfg.tokenizer.model)
+        tokenizer = load_tokenizer(cfg.tokenizer)
         plans = run_stage_plans(cfg, get_plan)
     except ValueError as e:
         raise InspectError(f"data plan: {e}") from None

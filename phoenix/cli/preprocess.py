@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input", nargs="+", required=True,
                    help="UTF-8 JSONL files, plain or compressed by name: .gz, .bz2, .xz")
     p.add_argument("--output-prefix", required=True, help="writes PREFIX.bin/.idx/.meta.json")
-    p.add_argument("--tokenizer-model", required=True, help="SentencePiece .model file")
+    p.add_argument("--tokenizer-model", required=True,
+                   help="SentencePiece .model file, Hugging Face tokenizer.json, or a Hugging "
+                        "Face tokenizer folder")
     p.add_argument("--text-key", default="text", help="JSON key holding the document text")
     p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
                    help="append the tokenizer's EOS id after every document (default: on)")

@@ -61,6 +61,8 @@ class ModelConfig:
     """Share the input embedding with the output layer."""
     add_bias_linear: bool = False
     """Biases in the attention and MLP linear layers."""
+    add_qkv_bias: bool = False
+    """Biases in the query/key/value projection only (Qwen2; megatron ``add_qkv_bias``)."""
     qk_layernorm: bool = False
     """Normalise queries and keys per head before attention (stabilises large-LR runs)."""
     init_method_std: float = 0.02
@@ -222,8 +224,31 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TokenizerConfig:
-    model: str
-    """Path to a sentencepiece ``.model`` file (the one the data was tokenised with)."""
+    """The tokenizer the data was tokenised with: exactly one of ``model`` and ``hf_dir``."""
+
+    model: Optional[str] = None
+    """A sentencepiece ``.model`` file, or a Hugging Face ``tokenizer.json`` (read with the
+    ``tokenizers`` library; its post-processor decides BOS, e.g. Llama-3 prepends it)."""
+    hf_dir: Optional[str] = None
+    """A Hugging Face tokenizer folder: ``tokenizer.json`` plus ``tokenizer_config.json``
+    (whose ``bos_token`` / ``eos_token`` name BOS and the end-of-document token)."""
+
+    def __post_init__(self):
+        if self.model is None and self.hf_dir is None:
+            raise ConfigError("missing required config key 'tokenizer.model' (a sentencepiece "
+                              ".model or a tokenizer.json; or set tokenizer.hf_dir to a Hugging "
+                              "Face tokenizer folder)")
+        if self.model is not None and self.hf_dir is not None:
+            raise ConfigError("tokenizer.hf_dir: set together with tokenizer.model; set only one")
+        if self.model is not None and not self.model.endswith((".model", ".json")):
+            raise ConfigError(f"tokenizer.model: {self.model} is neither a sentencepiece .model "
+                              f"nor a Hugging Face tokenizer.json (use tokenizer.hf_dir for a "
+                              f"folder)")
+
+    @property
+    def path(self) -> str:
+        """The file or folder the tokenizer is loaded from (for messages)."""
+        return self.model if self.model is not None else self.hf_dir
 
 
 @dataclass(kw_only=True)

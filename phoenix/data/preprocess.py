@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from phoenix.tokenizer import SentencePieceTokenizer
+from phoenix.tokenizer import SentencePieceTokenizer, Tokenizer, load_tokenizer
 from phoenix.data.indexed import indexed_dataset_module
 from phoenix.data.jsonl_input import Chunk, InputError, check_input, read_chunks
 
@@ -89,7 +89,7 @@ class _Encoder:
     """
 
     def __init__(
-        self, tokenizer: SentencePieceTokenizer, text_key: str, group_key: str | None, eod: bool
+        self, tokenizer: Tokenizer, text_key: str, group_key: str | None, eod: bool
     ) -> None:
         self.tokenizer = tokenizer
         self.text_key = text_key
@@ -316,10 +316,14 @@ def preprocess(
     for path in paths:
         check_input(path)
     model_path = os.fspath(tokenizer_model)
-    if os.path.isdir(model_path):
-        raise InputError(f"tokenizer model {model_path}: is a directory, not a .model file")
+    is_hf = model_path.endswith(".json") or os.path.isfile(os.path.join(model_path, "tokenizer.json"))
+    if os.path.isdir(model_path) and not is_hf:
+        raise InputError(f"tokenizer model {model_path}: is a directory without a tokenizer.json, "
+                         f"not a .model file")
     try:
-        tokenizer = SentencePieceTokenizer(model_path)
+        tokenizer = load_tokenizer(model_path) if is_hf else SentencePieceTokenizer(model_path)
+    except ValueError as e:  # not a tokenizer.json, or a special token it lacks
+        raise InputError(f"tokenizer {model_path}: {e}") from None
     except RuntimeError as e:  # sentencepiece's parse error: "INTERNAL: ... ParseFromArray ..."
         raise InputError(f"tokenizer model {model_path}: not a SentencePiece model "
                          f"({str(e).strip().splitlines()[0][:120]})") from None

@@ -238,7 +238,7 @@ def warn_unchecked_tokenizers(cfg: RunConfig) -> list[str]:
         log.warning("data prefix '%s': %s %s.meta.json (not written by phoenix preprocess), so "
                     "its tokenizer cannot be checked against tokenizer.model %s; only its token "
                     "ids are checked, as samples are read", prefix, why, prefix,
-                    cfg.tokenizer.model)
+                    cfg.tokenizer.path)
         unchecked.append(prefix)
     return unchecked
 

@@ -53,9 +53,9 @@ class EvalCallback(Callback):
         """(step, result) of every needle evaluation this process ran."""
 
     def on_train_start(self, trainer) -> None:
-        from phoenix.tokenizer import SentencePieceTokenizer
+        from phoenix.tokenizer import load_tokenizer
 
-        tokenizer = SentencePieceTokenizer(trainer.cfg.tokenizer.model)
+        tokenizer = load_tokenizer(trainer.cfg.tokenizer)
 
         def make_evaluator(seq_length: int) -> Evaluator:
             return Evaluator.from_run_config(trainer.model, trainer.layout, trainer.cfg, self.cfg,

@@ -121,10 +121,10 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
     from phoenix.eval.evaluator import Evaluator
     from phoenix.model import build_model, current_rope, install_rope
     from phoenix.runtime import init_runtime
-    from phoenix.tokenizer import SentencePieceTokenizer
+    from phoenix.tokenizer import load_tokenizer
 
     path = resolve_checkpoint(checkpoint)
-    tokenizer = SentencePieceTokenizer(cfg.tokenizer.model)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     check_eval_inputs(eval_cfg, tokenizer)
     layout = init_runtime(cfg)
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size

@@ -55,6 +55,7 @@ def transformer_config(cfg: RunConfig, layout: ParallelLayout):
         gated_linear_unit=m.activation == "swiglu",
         activation_func=F.silu if m.activation == "swiglu" else F.gelu,
         add_bias_linear=m.add_bias_linear,
+        add_qkv_bias=m.add_qkv_bias,
         qk_layernorm=m.qk_layernorm,
         init_method_std=m.init_method_std,
         attention_dropout=m.attention_dropout,
@@ -106,12 +107,20 @@ def layer_spec(cfg: RunConfig, layout: ParallelLayout):
                                     normalization=cfg.model.normalization)
 
 
-def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_ddp: bool = True):
-    """Build this rank's model chunk(s): a list (one chunk; virtual PP is not used yet)."""
+def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_ddp: bool = True,
+                initialize: bool = True, dtype: torch.dtype | None = None):
+    """Build this rank's model chunk(s): a list (one chunk; virtual PP is not used yet).
+
+    For checkpoint conversion: ``initialize=False`` leaves the weights uninitialised
+    (``torch.empty``) when every one is overwritten next; ``dtype`` overrides the
+    parameter dtype of ``train.precision`` (e.g. bf16 weights on the cpu device)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
 
     tconfig = transformer_config(cfg, layout)
+    tconfig.perform_initialization = initialize
+    if dtype is not None:
+        tconfig.params_dtype = dtype
     rope = cfg.model.rope if cfg.model.position_embedding == "rope" else None
     set_yarn_config(tconfig, rope)  # YaRN's settings live on the config (GPTModel, attention)
     padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)

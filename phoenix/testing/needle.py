@@ -36,11 +36,11 @@ def needle_greedy(config: dict, overrides: list[str], checkpoint: str, needle: d
     from phoenix.eval.needle_run import NeedleEvaluator
     from phoenix.model import build_model
     from phoenix.runtime import init_runtime
-    from phoenix.tokenizer import SentencePieceTokenizer
+    from phoenix.tokenizer import load_tokenizer
 
     cfg = build_config(config, overrides)
     layout = init_runtime(cfg)
-    tokenizer = SentencePieceTokenizer(cfg.tokenizer.model)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     model = build_model(cfg, layout, vocab, wrap_ddp=False)
     path = resolve_checkpoint(checkpoint)

@@ -203,9 +203,9 @@ def direct_eval_metrics(gpt, cfg, eval_cfg) -> dict:
 
     from phoenix.data.samples import SampleReader, build_sample_index
     from phoenix.eval.metrics import token_stats
-    from phoenix.tokenizer import SentencePieceTokenizer
+    from phoenix.tokenizer import load_tokenizer
 
-    tokenizer = SentencePieceTokenizer(cfg.tokenizer.model)
+    tokenizer = load_tokenizer(cfg.tokenizer)
     vocab = cfg.model.vocab_size or tokenizer.vocab_size
     was_training = gpt.training
     gpt.eval()

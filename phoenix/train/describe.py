@@ -97,16 +97,16 @@ def vocab_size_of(cfg, given: int | None = None) -> int | None:
     """``model.vocab_size``, else ``given``, else the tokenizer's when its file exists."""
     if cfg.model.vocab_size or given:
         return cfg.model.vocab_size or given
-    if os.path.isfile(cfg.tokenizer.model):
-        from phoenix.tokenizer import SentencePieceTokenizer
+    if os.path.exists(cfg.tokenizer.path):
+        from phoenix.tokenizer import load_tokenizer
 
-        return SentencePieceTokenizer(cfg.tokenizer.model).vocab_size
+        return load_tokenizer(cfg.tokenizer).vocab_size
     return None
 
 
 def require_vocab_size(cfg, given: int | None = None) -> int:
     vocab = vocab_size_of(cfg, given)
     if vocab is None:
-        raise ConfigError(f"model.vocab_size: not set and tokenizer.model {cfg.tokenizer.model} "
+        raise ConfigError(f"model.vocab_size: not set and the tokenizer {cfg.tokenizer.path} "
                           f"does not exist; give model.vocab_size=N or --vocab-size N")
     return vocab

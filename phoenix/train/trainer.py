@@ -73,15 +73,16 @@ class TrainState:
 def check_inputs(cfg: RunConfig):
     """Tokenizer, data and eval-set checks that must fail before any model is built;
     returns the tokenizer."""
-    from phoenix.tokenizer import SentencePieceTokenizer
+    from phoenix.tokenizer import load_tokenizer
 
+    key = "tokenizer.model" if cfg.tokenizer.model is not None else "tokenizer.hf_dir"
     try:
-        tokenizer = SentencePieceTokenizer(cfg.tokenizer.model)
-    except (OSError, RuntimeError) as e:  # sentencepiece raises RuntimeError on a bad file
-        raise ConfigError(f"tokenizer.model: cannot load {cfg.tokenizer.model}: {e}") from None
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    except (OSError, RuntimeError, ValueError) as e:  # sentencepiece: RuntimeError on a bad file
+        raise ConfigError(f"{key}: cannot load {cfg.tokenizer.path}: {e}") from None
     if cfg.model.vocab_size is not None and tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
-            f"model.vocab_size: the tokenizer {cfg.tokenizer.model} has {tokenizer.vocab_size} "
+            f"model.vocab_size: the tokenizer {cfg.tokenizer.path} has {tokenizer.vocab_size} "
             f"tokens, more than the model's vocab_size {cfg.model.vocab_size}")
     for i, entry in enumerate(cfg.data.datasets):
         check_prefix(entry.prefix)
@@ -90,7 +91,7 @@ def check_inputs(cfg: RunConfig):
         if fingerprint and fingerprint != tokenizer.fingerprint:
             raise ConfigError(
                 f"data.datasets[{i}]: '{entry.prefix}' was tokenised with a different tokenizer "
-                f"than tokenizer.model {cfg.tokenizer.model} (fingerprints differ)")
+                f"than {key} {cfg.tokenizer.path} (fingerprints differ)")
     for warning in check_eval_inputs(cfg.eval, tokenizer, [e.prefix for e in cfg.data.datasets]):
         log.warning(warning)
     return tokenizer

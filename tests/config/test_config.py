@@ -107,7 +107,7 @@ def test_renamed_key_names_its_new_name():
     (base(model={"normalization": "rmsnorm"}), "model.normalization", "'rmsnorm' is not one of 'RMSNorm' | 'LayerNorm'"),
     (base(train={"precision": None}), "train.precision", "None is not one of"),
     (base(name=None), "name", "expected a string, got None"),
-    (base(tokenizer={"model": None}), "tokenizer.model", "expected a string, got None"),
+    (base(tokenizer={"model": 3}), "tokenizer.model", "expected a string, got 3"),
     (base(optim=None), "optim", "expected a mapping for OptimConfig, got None"),
     (base(data={"datasets": {"prefix": "/x/web"}}), "data.datasets", "expected a list"),
     (base(data={"datasets": ["/x/web"]}), "data.datasets[0]", "expected a mapping for DatasetEntry"),
