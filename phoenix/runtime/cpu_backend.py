@@ -130,7 +130,11 @@ def _patch_torch_cuda() -> None:
         "set_rng_state": set_rng_state,
         "manual_seed": manual_seed,
         "manual_seed_all": manual_seed,
-        "current_device": lambda: 0,
+        # The CPU device itself, not the ordinal 0: the TorchFunctionMode below is not
+        # active inside autograd's backward, where megatron still allocates with
+        # ``device=torch.cuda.current_device()`` (the EP all-to-all's and the sequence-
+        # parallel all-gather's backward); an ordinal there would mean a CUDA device.
+        "current_device": lambda: _CPU,
         "set_device": lambda *a, **k: None,
         "device_count": lambda: 1,
         "synchronize": lambda *a, **k: None,
@@ -173,6 +177,17 @@ def _patch_megatron() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    # Expert parallelism: the all-to-all dispatcher moves its split sizes to the host with
+    # ``maybe_move_tensor_to_cpu(as_numpy=True)``, which converts CUDA tensors only; on CPU
+    # they would stay tensors, and gloo's all_to_all_single refuses tensor split sizes.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def move_to_host(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = move_to_host
 
 
 def enable() -> None:
