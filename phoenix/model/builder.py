@@ -93,6 +93,13 @@ def moe_kwargs(cfg: RunConfig) -> dict:
     moe, p = cfg.model.moe, cfg.parallel
     if moe is None:
         return {}
+    # With calculate_per_token_loss, megatron-core 0.16.1 scales each rank's aux and z
+    # losses by its *local* token count (router.attach_and_log_load_balancing_loss), while
+    # under sequence/context parallelism a TP x CP rank routes only 1/(TP*CP) of the
+    # sequence: the router's summed gradient, hence the effective coefficients, would
+    # shrink by TP*CP. Scaled back here, so a coefficient means the same at every layout
+    # (tests/train/test_moe_layout_parity.py: TP=2 x EP=2 equals one process).
+    split = p.tensor * p.context
     return dict(
         num_moe_experts=moe.num_experts,
         moe_router_topk=moe.router_topk,
@@ -105,8 +112,8 @@ def moe_kwargs(cfg: RunConfig) -> dict:
         moe_router_enable_expert_bias=moe.router_enable_expert_bias,
         moe_router_bias_update_rate=moe.router_bias_update_rate,
         moe_router_load_balancing_type=moe.aux_loss_type,
-        moe_aux_loss_coeff=moe.aux_loss_coeff,
-        moe_z_loss_coeff=moe.z_loss_coeff,
+        moe_aux_loss_coeff=moe.aux_loss_coeff * split,
+        moe_z_loss_coeff=None if moe.z_loss_coeff is None else moe.z_loss_coeff * split,
         moe_expert_capacity_factor=moe.capacity_factor,
         moe_pad_expert_input_to_capacity=moe.pad_expert_input_to_capacity,
         moe_token_drop_policy=moe.token_drop_policy,

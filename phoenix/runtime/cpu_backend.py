@@ -188,6 +188,39 @@ def _patch_megatron() -> None:
         return tensor
 
     token_dispatcher.maybe_move_tensor_to_cpu = move_to_host
+    _patch_uneven_collectives()
+
+
+def _patch_uneven_collectives() -> None:
+    """MoE under TP (ETP > 1): the all-to-all dispatcher all-gathers and reduce-scatters
+    each TP rank's routed tokens over the TP group, in uneven pieces (split sizes). NCCL
+    takes uneven lists; gloo's all_gather/reduce_scatter refuse them. Emulated on CPU:
+    pad to the largest piece and all-gather; all-reduce and keep this rank's piece."""
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+        padded[: input_.size(0)] = input_
+        pieces = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(pieces, padded, group=group)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None,
+                                       use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        sizes = [int(n) for n in input_split_sizes]
+        return torch.split(total, sizes)[group.rank()].clone()
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
 def enable() -> None:

@@ -155,6 +155,12 @@ def test_transformer_config_fields():
     import dataclasses
     fields = {f.name for f in dataclasses.fields(TransformerConfig)}
     assert set(kw) <= fields, set(kw) - fields
+    # under TP x CP, megatron's per-token aux/z losses are scaled by the local token count:
+    # phoenix multiplies the coefficients back (parity: tests/train/test_moe_layout_parity.py)
+    tp2 = moe_kwargs(build_config(moe_base({"z_loss_coeff": 1e-3}),
+                                  ["parallel.tensor=2", "parallel.sequence_parallel=true"]))
+    assert tp2["moe_aux_loss_coeff"] == 2e-2 and tp2["moe_z_loss_coeff"] == 2e-3
+    assert tp2["expert_tensor_parallel_size"] == 2
     # the expert width defaults to the dense one
     no_width = build_config(moe_base({"ffn_hidden_size": None}))
     assert moe_kwargs(no_width)["moe_ffn_hidden_size"] == no_width.model.ffn_hidden_size == 176

@@ -12,15 +12,19 @@ from phoenix.testing.workers import train_and_record
 
 pytestmark = pytest.mark.slow
 
-# 2 layers of 4 experts (top-2, width 64, aux loss 1e-2): the tiny_moe preset, shortened.
+# 2 layers of 4 experts (top-2, width 64, aux loss 1e-2, z-loss 1e-3): the tiny_moe preset,
+# shortened.
 # "mixed": a dense first layer and a MoE second one (moe.layer_freq), so with PP=2 the
 # stages hold different layer kinds.
-VARIANTS = {"moe": {"preset": "tiny_moe", "num_layers": 2},
+VARIANTS = {"moe": {"preset": "tiny_moe", "num_layers": 2, "moe": {"z_loss_coeff": 1e-3}},
             "mixed": {"preset": "tiny_moe", "num_layers": 2, "moe": {"layer_freq": [0, 1]}}}
 
 LAYOUTS = {
     "ep2": ("moe", 2, ["parallel.expert=2"]),
     "ep2_dp2": ("moe", 4, ["parallel.expert=2"]),  # 4 DP ranks: 2 EP x 2 expert-DP
+    # MoE under TP needs sequence parallelism (phoenix's SP norms on the local spec)
+    "tp2_ep2": ("moe", 4, ["parallel.tensor=2", "parallel.expert=2",
+                           "parallel.sequence_parallel=true"]),
     "mixed_ep2_pp2": ("mixed", 4, ["parallel.expert=2", "parallel.pipeline=2"]),
 }
 
