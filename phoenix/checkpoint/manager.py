@@ -36,7 +36,48 @@ log = logging.getLogger(__name__)
 STATE_FILE = "phoenix_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 # The distributed optimizer's canonical (per-parameter) layout: loadable at any TP/PP/DP.
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# ``chained_optim_avoid_prefix``: with expert parallelism megatron chains a dense and an
+# expert optimizer and would prefix their keys ``chained_0.``/``chained_1.``; without the
+# prefix the keys are the parameters' own, so EP=2 state loads at EP=1 (one optimizer).
+# A single (dense) optimizer never had a prefix: dense checkpoints are unchanged.
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                   "chained_optim_avoid_prefix": True}
+
+
+def _merge(a: dict, b: dict) -> dict:
+    """``a`` updated by ``b``, nested mappings merged key by key."""
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) and isinstance(v, dict) else v
+    return out
+
+
+def fit_chained_optimizer_state(state: dict, n: int) -> dict:
+    """Fit a loaded optimizer state to an optimizer of ``n`` chained parts.
+
+    With expert parallelism megatron chains a dense and an expert optimizer; their tensor
+    state is keyed by parameter (``chained_optim_avoid_prefix``) and reshards, but their
+    non-tensor part (param groups, saved by rank 0) keeps the saving layout's nesting:
+    ``{0: {...}, 1: {...}}`` for a chain, ``{"optimizer": ..., ...}`` for one optimizer.
+    The param groups are matched by megatron through (wd_mult, lr_mult,
+    is_expert_parallel, is_decoupled_lr); the hyperparameters in them are the schedule's,
+    which the scheduler sets again every step. Same nesting: returned unchanged.
+    """
+    parts = sorted(k for k in state if isinstance(k, int))
+    if (n > 1) == bool(parts):
+        return state
+    rest = {k: v for k, v in state.items() if not isinstance(k, int)}
+    if parts:  # a chain (EP > 1) loaded by one optimizer (EP = 1): one set of groups
+        groups = [g for k in parts for g in state[k]["optimizer"]["param_groups"]]
+        common = _merge(state[parts[0]], {"optimizer": {"param_groups": groups}})
+        return _merge(common, rest)
+    # One optimizer loaded by a chain: every part may look up every group, as an expert
+    # group (is_expert_parallel) or not.
+    groups = [{**g, "is_expert_parallel": flag} for g in rest["optimizer"]["param_groups"]
+              for flag in (False, True)]
+    common = _merge({k: v for k, v in rest.items() if k in ("optimizer", "param_state_sharding_type")},
+                    {"optimizer": {"param_groups": groups}})
+    return {i: _merge(common, state[i]) for i in range(n)}
 
 
 class CheckpointError(RuntimeError):
@@ -210,7 +251,8 @@ class CheckpointManager:
         loaded = dist_checkpointing.load(sharded, str(path))
         _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
         if optimizer is not None:
-            optimizer.load_state_dict(loaded["optimizer"])
+            n = len(getattr(optimizer, "chained_optimizers", [optimizer]))
+            optimizer.load_state_dict(fit_chained_optimizer_state(loaded["optimizer"], n))
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
         if load_rng and state.get("world_size") == self.world_size and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -6,6 +6,7 @@ A leaf of the package: nothing here imports any other part of phoenix.
 
 from phoenix.config.eval import EvalConfig, EvalSetConfig, NeedleConfig
 from phoenix.config.loader import build_config, dump_config, load_config
+from phoenix.config.moe import MoEConfig
 from phoenix.config.monitoring import LoggingConfig, SpikeConfig
 from phoenix.config.optim import FreezeConfig, OptimConfig, ParamGroupRule
 from phoenix.config.resolved import ResolvedRun
@@ -28,7 +29,8 @@ from phoenix.config.typed import ConfigError, to_dict
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "DatasetEntry", "EvalConfig", "EvalSetConfig",
-    "FreezeConfig", "LoggingConfig", "ModelConfig", "NeedleConfig", "OptimConfig", "ParallelConfig",
+    "FreezeConfig", "LoggingConfig", "MoEConfig", "ModelConfig", "NeedleConfig", "OptimConfig",
+    "ParallelConfig",
     "ParamGroupRule", "PhaseConfig", "ReplayConfig", "ResolvedRun", "ResolvedSchedule",
     "ResolvedStage", "RopeConfig", "RunConfig", "RuntimeConfig", "ScheduleConfig", "SpikeConfig",
     "StageConfig", "StageDatasetConfig", "StageTable", "TokenizerConfig", "TrainConfig", "WeightDecayConfig",

@@ -89,7 +89,12 @@ def build_config(data: dict, overrides: Iterable[str] = ()) -> RunConfig:
     model = data.get("model")
     if isinstance(model, dict) and model.get("preset"):
         preset = read_yaml(resolve_model_preset(model["preset"]))
-        data["model"] = {**preset, **model}
+        merged = {**preset, **model}
+        # model.moe merges key by key, so `model.moe.aux_loss_coeff=0` on a MoE preset
+        # changes one setting instead of replacing the preset's whole moe section.
+        if isinstance(preset.get("moe"), dict) and isinstance(model.get("moe"), dict):
+            merged["moe"] = {**preset["moe"], **model["moe"]}
+        data["model"] = merged
     return from_dict(RunConfig, data)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Optional
 
 from phoenix.config.eval import EvalConfig
+from phoenix.config.moe import MoEConfig, check_moe_layout, check_moe_model
 from phoenix.config.monitoring import LoggingConfig
 from phoenix.config.optim import OptimConfig
 from phoenix.config.rope import RopeConfig
@@ -73,6 +74,10 @@ class ModelConfig:
     """Dropout on the residual branches."""
     reference_lr: Optional[float] = None
     """Peak LR the size table recommends; used when optim.lr is not set."""
+    moe: Optional[MoEConfig] = None
+    """Mixture of experts in place of the dense MLP (``num_experts``, ``router_topk``,
+    ``layer_freq``, expert width, shared experts, router and load-balancing settings; see
+    phoenix.config.moe). None: a dense model. Expert parallelism is ``parallel.expert``."""
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"rotary_base": "rope.base"}
 
@@ -94,6 +99,8 @@ class ModelConfig:
             raise ConfigError(
                 f"model.num_query_groups: num_attention_heads {self.num_attention_heads} is not "
                 f"divisible by num_query_groups {self.num_query_groups}")
+        if self.moe is not None:
+            check_moe_model(self.moe, self.num_layers)
 
 
 @dataclass(kw_only=True)
@@ -107,16 +114,21 @@ class ParallelConfig:
     load-balanced 2*CP chunks, ring attention in Transformer Engine). CUDA with TE only;
     every stage's seq_length must divide by 2*context."""
     expert: int = 1
-    """Expert parallelism for MoE (reserved: must be 1 for now)."""
+    """Expert parallelism (EP) for MoE: each MoE layer's experts are split over this many
+    ranks (``num_experts / expert`` each), tokens reach them through the
+    ``model.moe.token_dispatcher``. EP ranks are taken from the tensor x context x data
+    ranks of a pipeline stage: ``expert_tensor * expert`` must divide ``world / pipeline``
+    (megatron-core's rule); the dense layers keep their own TP/DP layout."""
+    expert_tensor: Optional[int] = None
+    """Expert tensor parallelism (ETP): each expert's weights split over this many ranks.
+    None: parallel.tensor (megatron-core's default). 1 keeps experts whole under TP > 1."""
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (megatron-core DistributedOptimizer)."""
 
     def __post_init__(self):
         positive("parallel", tensor=self.tensor, pipeline=self.pipeline, context=self.context,
-                  expert=self.expert)
-        if self.expert != 1:
-            raise ConfigError("parallel.expert: expert parallelism is not supported yet (must be 1)")
+                  expert=self.expert, expert_tensor=self.expert_tensor)
         if self.sequence_parallel and self.tensor == 1:
             raise ConfigError("parallel.sequence_parallel: needs parallel.tensor > 1")
 
@@ -366,6 +378,7 @@ class RunConfig:
         self._resolved = resolve_run(self)
         self.train.steps = self._resolved.total_steps
         self._check_dense_mask()
+        self._check_moe()
 
     def _check_dense_mask(self) -> None:
         """The dense document mask is O(seq^2): bounded on CPU (CUDA checks at start,
@@ -380,6 +393,14 @@ class RunConfig:
                 f"data.dense_mask_max_seq_length {self.data.dense_mask_max_seq_length}; "
                 f"raise that limit (memory is O(seq^2)) or train long contexts on CUDA with "
                 f"Transformer Engine (packed THD sequences)")
+
+    def _check_moe(self, world_size: Optional[int] = None) -> None:
+        """MoE against the parallel layout (phoenix.config.moe.check_moe_layout)."""
+        m, p = self.model, self.parallel
+        check_moe_layout(m.moe, dense_ffn_hidden_size=m.ffn_hidden_size,
+                         add_bias_linear=m.add_bias_linear, tensor=p.tensor, pipeline=p.pipeline,
+                         expert=p.expert, expert_tensor=p.expert_tensor,
+                         sequence_parallel=p.sequence_parallel, world_size=world_size)
 
     @property
     def resolved(self) -> ResolvedRun:
@@ -415,6 +436,7 @@ class RunConfig:
             raise ConfigError(
                 f"train.global_batch_size: {t.global_batch_size} is not divisible by "
                 f"micro_batch_size * data_parallel_size = {t.micro_batch_size}*{dp}")
+        self._check_moe(world_size)
         for i, stage in enumerate(self.stages or []):
             B = stage.global_batch_size
             if B is not None and B % (t.micro_batch_size * dp):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from phoenix.config import RunConfig
+from phoenix.model.norms import sequence_parallel_spec
 from phoenix.model.rope import gpt_rope_kwargs, install_rope, needs_phoenix_module, set_yarn_config
 from phoenix.runtime import ParallelLayout
 from phoenix.runtime.capabilities import te_available
@@ -83,6 +84,46 @@ def transformer_config(cfg: RunConfig, layout: ParallelLayout):
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
+        **moe_kwargs(cfg),
+    )
+
+
+def moe_kwargs(cfg: RunConfig) -> dict:
+    """``TransformerConfig`` fields of ``model.moe`` and the expert-parallel layout; empty
+    for a dense model (so a dense config is exactly what it was before MoE existed)."""
+    moe, p = cfg.model.moe, cfg.parallel
+    if moe is None:
+        return {}
+    # With calculate_per_token_loss, megatron-core 0.16.1 scales each rank's aux and z
+    # losses by its *local* token count (router.attach_and_log_load_balancing_loss), while
+    # under sequence/context parallelism a TP x CP rank routes only 1/(TP*CP) of the
+    # sequence: the router's summed gradient, hence the effective coefficients, would
+    # shrink by TP*CP. Scaled back here, so a coefficient means the same at every layout
+    # (tests/train/test_moe_layout_parity.py: TP=2 x EP=2 equals one process).
+    split = p.tensor * p.context
+    return dict(
+        num_moe_experts=moe.num_experts,
+        moe_router_topk=moe.router_topk,
+        moe_layer_freq=moe.layer_freq,
+        moe_ffn_hidden_size=moe.expert_ffn_hidden_size(cfg.model.ffn_hidden_size),
+        moe_shared_expert_intermediate_size=moe.shared_expert_intermediate_size,
+        moe_shared_expert_gate=moe.shared_expert_gate,
+        moe_router_score_function=moe.router_score_function,
+        moe_router_pre_softmax=moe.router_pre_softmax,
+        moe_router_enable_expert_bias=moe.router_enable_expert_bias,
+        moe_router_bias_update_rate=moe.router_bias_update_rate,
+        moe_router_load_balancing_type=moe.aux_loss_type,
+        moe_aux_loss_coeff=moe.aux_loss_coeff * split,
+        moe_z_loss_coeff=None if moe.z_loss_coeff is None else moe.z_loss_coeff * split,
+        moe_expert_capacity_factor=moe.capacity_factor,
+        moe_pad_expert_input_to_capacity=moe.pad_expert_input_to_capacity,
+        moe_token_drop_policy=moe.token_drop_policy,
+        moe_token_dispatcher_type=moe.token_dispatcher,
+        moe_grouped_gemm=moe.grouped_gemm,
+        moe_router_dtype=moe.router_dtype,
+        moe_permute_fusion=moe.permute_fusion,
+        expert_model_parallel_size=p.expert,
+        expert_tensor_parallel_size=p.expert_tensor if p.expert_tensor is not None else p.tensor,
     )
 
 
@@ -91,12 +132,25 @@ def uses_te_spec(layout: ParallelLayout) -> bool:
     return layout.device.type == "cuda" and te_available()
 
 
-def layer_spec(cfg: RunConfig, layout: ParallelLayout):
+def layer_spec(cfg: RunConfig, layout: ParallelLayout, tconfig=None):
+    """The decoder spec: one layer spec for a dense model; for MoE, megatron-core's block
+    spec of this pipeline stage's layers (MoE or dense per ``moe.layer_freq``; experts as
+    SequentialMLP, or TEGroupedMLP with ``grouped_gemm`` on CUDA + TE)."""
     from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_decoder_block_spec,
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    if cfg.model.moe is not None:
+        te = uses_te_spec(layout)
+        log.info("model: MoE, %s layer spec", "Transformer Engine" if te else "local")
+        spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=te,
+                                          normalization=cfg.model.normalization,
+                                          pp_rank=layout.pp_rank)
+        if cfg.parallel.sequence_parallel and not te:  # torch norms marked for SP
+            spec = sequence_parallel_spec(spec, tconfig, layout.pp_rank)
+        return spec
     if uses_te_spec(layout):
         log.info("model: Transformer Engine layer spec")
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
@@ -126,7 +180,7 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_dd
     padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=layer_spec(cfg, layout),
+        transformer_layer_spec=layer_spec(cfg, layout, tconfig),
         vocab_size=padded,
         max_sequence_length=cfg.model.max_seq_length,
         pre_process=layout.is_first_stage,

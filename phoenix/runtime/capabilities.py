@@ -26,7 +26,10 @@ def te_available() -> bool:
 def check_capabilities(cfg: RunConfig) -> None:
     """Raise ConfigError naming the key when ``cfg`` needs what this setup lacks."""
     p = cfg.parallel
-    if p.sequence_parallel and not (cfg.runtime.device == "cuda" and te_available()):
+    # MoE under TP (which megatron trains only with SP) gets phoenix's SP-capable torch
+    # norms on the local spec (phoenix.model.norms); dense models keep the TE requirement.
+    if p.sequence_parallel and cfg.model.moe is None and not (cfg.runtime.device == "cuda"
+                                                             and te_available()):
         why = ("runtime.device is cpu" if cfg.runtime.device != "cuda"
                else "Transformer Engine is not importable")
         raise ConfigError(
@@ -36,6 +39,29 @@ def check_capabilities(cfg: RunConfig) -> None:
 
     if p.context > 1:
         _check_context_parallel(cfg)
+    if cfg.model.moe is not None:
+        _check_moe(cfg)
+
+
+def _check_moe(cfg: RunConfig) -> None:
+    """MoE features that exist only as Transformer Engine / CUDA kernels (on CPU the
+    experts run as megatron-core's SequentialMLP with the alltoall/allgather dispatcher)."""
+    if cfg.runtime.device == "cuda" and te_available():
+        return
+    why = ("runtime.device is cpu" if cfg.runtime.device != "cuda"
+           else "Transformer Engine is not importable")
+    moe = cfg.model.moe
+    needs_te = {
+        "grouped_gemm": (moe.grouped_gemm, "grouped GEMM is Transformer Engine's TEGroupedMLP; "
+                         "set model.moe.grouped_gemm=false (one GEMM per expert)"),
+        "token_dispatcher": (moe.token_dispatcher == "flex", "the flex dispatcher runs DeepEP/"
+                             "HybridEP kernels; use token_dispatcher alltoall"),
+        "permute_fusion": (moe.permute_fusion, "fused permutation is a Transformer Engine "
+                           "kernel; set model.moe.permute_fusion=false"),
+    }
+    for key, (asked, what) in needs_te.items():
+        if asked:
+            raise ConfigError(f"model.moe.{key}: needs CUDA with Transformer Engine ({why}); {what}")
 
 
 def _check_context_parallel(cfg: RunConfig) -> None:

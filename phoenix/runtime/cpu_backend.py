@@ -130,7 +130,11 @@ def _patch_torch_cuda() -> None:
         "set_rng_state": set_rng_state,
         "manual_seed": manual_seed,
         "manual_seed_all": manual_seed,
-        "current_device": lambda: 0,
+        # The CPU device itself, not the ordinal 0: the TorchFunctionMode below is not
+        # active inside autograd's backward, where megatron still allocates with
+        # ``device=torch.cuda.current_device()`` (the EP all-to-all's and the sequence-
+        # parallel all-gather's backward); an ordinal there would mean a CUDA device.
+        "current_device": lambda: _CPU,
         "set_device": lambda *a, **k: None,
         "device_count": lambda: 1,
         "synchronize": lambda *a, **k: None,
@@ -173,6 +177,50 @@ def _patch_megatron() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    # Expert parallelism: the all-to-all dispatcher moves its split sizes to the host with
+    # ``maybe_move_tensor_to_cpu(as_numpy=True)``, which converts CUDA tensors only; on CPU
+    # they would stay tensors, and gloo's all_to_all_single refuses tensor split sizes.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def move_to_host(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = move_to_host
+    _patch_uneven_collectives()
+
+
+def _patch_uneven_collectives() -> None:
+    """MoE under TP (ETP > 1): the all-to-all dispatcher all-gathers and reduce-scatters
+    each TP rank's routed tokens over the TP group, in uneven pieces (split sizes). NCCL
+    takes uneven lists; gloo's all_gather/reduce_scatter refuse them. Emulated on CPU:
+    pad to the largest piece and all-gather; all-reduce and keep this rank's piece."""
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded = input_.new_zeros((max(sizes), *input_.shape[1:]))
+        padded[: input_.size(0)] = input_
+        pieces = [torch.empty_like(padded) for _ in sizes]
+        torch.distributed.all_gather(pieces, padded, group=group)
+        return torch.cat([piece[:n] for piece, n in zip(pieces, sizes)])
+
+    def reduce_scatter_along_first_dim(input_, group, input_split_sizes=None,
+                                       use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        sizes = [int(n) for n in input_split_sizes]
+        return torch.split(total, sizes)[group.rank()].clone()
+
+    mappings._gather_along_first_dim = gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_along_first_dim
 
 
 def enable() -> None:

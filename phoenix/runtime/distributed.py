@@ -93,8 +93,9 @@ class ParallelLayout:
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
 
     def describe(self) -> str:
+        ep = dist.get_world_size(self.ep_group) if self.ep_group is not None else 1
         return (f"world={self.world_size} tp={self.tp_size} pp={self.pp_size} dp={self.dp_size} "
-                f"device={self.device.type}")
+                + (f"ep={ep} " if ep > 1 else "") + f"device={self.device.type}")
 
 
 def _init_process_group(device: str, timeout_minutes: int) -> None:
@@ -168,6 +169,7 @@ def init_runtime(cfg: RunConfig) -> ParallelLayout:
             pipeline_model_parallel_size=cfg.parallel.pipeline,
             context_parallel_size=cfg.parallel.context,
             expert_model_parallel_size=cfg.parallel.expert,
+            expert_tensor_parallel_size=cfg.parallel.expert_tensor,  # None: = tensor
             distributed_timeout_minutes=cfg.runtime.distributed_timeout_minutes,
         )
     layout = ParallelLayout(
