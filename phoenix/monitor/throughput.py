@@ -15,8 +15,9 @@ from the architecture. Convention (PaLM appendix B / Megatron-LM's
   attention with ``n_kv = num_query_groups``), output projection ``n_q d x h``, MLP
   ``3 h f`` (SwiGLU: gate, up, down) or ``2 h f`` (GeLU); plus the logits ``h x V``
   once per token (pass the *padded* vocabulary: that is the matrix multiplied).
-* MoE (not built yet): only the active parameters count, ``top_k`` experts of
-  ``moe_ffn_hidden_size`` each plus the ``h x num_experts`` router.
+* MoE (``model.moe``): in each MoE layer (``layer_freq``) only the active parameters
+  count, ``top_k`` experts of ``moe.ffn_hidden_size`` each, the shared experts and the
+  ``h x num_experts`` router.
 
 In closed form (forward, per token)::
 
@@ -91,10 +92,10 @@ def model_flops_per_token(model_cfg, seq_length: int, vocab_size: int, *, causal
 
     ``model_cfg``: anything with ``num_layers``, ``hidden_size``, ``ffn_hidden_size``,
     ``num_attention_heads``, ``num_query_groups`` (None = multi-head) and ``activation``
-    (``swiglu``/``gelu``), e.g. :class:`phoenix.config.ModelConfig`. ``vocab_size``: the
-    padded vocabulary of the output layer. ``num_experts``/``top_k``: a MoE MLP in every
-    layer (default ``num_experts``/``top_k``/``moe_ffn_hidden_size`` read from
-    ``model_cfg`` when it has them); only the ``top_k`` active experts are counted.
+    (``swiglu``/``gelu``), e.g. :class:`phoenix.config.ModelConfig`, whose ``moe`` section
+    (when set) gives the MoE layers. ``vocab_size``: the padded vocabulary of the output
+    layer. ``num_experts``/``top_k``: instead, a MoE MLP in every layer. Only the
+    ``top_k`` active experts are counted.
     See the module docstring for the convention.
     """
     L = model_cfg.num_layers
@@ -104,25 +105,32 @@ def model_flops_per_token(model_cfg, seq_length: int, vocab_size: int, *, causal
     d = h // n_q  # kv_channels
     activation = getattr(model_cfg, "activation", "swiglu")
     mlp_matrices = {"swiglu": 3, "gelu": 2}[activation]
-    if num_experts is None:
-        num_experts = getattr(model_cfg, "num_experts", None)
-    if top_k is None:
-        top_k = getattr(model_cfg, "moe_router_topk", None) or getattr(model_cfg, "top_k", None)
-    if moe_ffn_hidden_size is None:
-        moe_ffn_hidden_size = getattr(model_cfg, "moe_ffn_hidden_size", None)
-
     attn_proj = h * (n_q * d + 2 * n_kv * d) + n_q * d * h  # weights touched per token
+    dense_mlp = mlp_matrices * h * model_cfg.ffn_hidden_size
+
+    moe = getattr(model_cfg, "moe", None)
+    if num_experts is None and moe is not None:  # a phoenix ModelConfig with model.moe
+        freq = moe.layer_freq
+        moe_layers = (sum(i % freq == 0 for i in range(L)) if isinstance(freq, int)
+                      else sum(map(bool, freq)))
+        num_experts, top_k = moe.num_experts, moe.router_topk
+        moe_ffn_hidden_size = moe.ffn_hidden_size
+        shared = mlp_matrices * h * (moe.shared_expert_intermediate_size or 0)
+    else:  # explicit arguments: a MoE MLP in every layer
+        moe_layers, shared = (L if num_experts else 0), 0
     if num_experts:
         if not top_k or top_k > num_experts:
             raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         f = moe_ffn_hidden_size or model_cfg.ffn_hidden_size
-        mlp = top_k * mlp_matrices * h * f + h * num_experts  # active experts + router
+        # active experts + shared experts + router
+        moe_mlp = top_k * mlp_matrices * h * f + shared + h * num_experts
     else:
-        mlp = mlp_matrices * h * model_cfg.ffn_hidden_size
+        moe_mlp = 0
+    mlp_total = (L - moe_layers) * dense_mlp + moe_layers * moe_mlp
     scores = 2 * seq_length * n_q * d  # Q K^T and A V: s*d MACs each, per head and token
     if causal:
         scores /= 2
-    forward = 2 * L * (attn_proj + mlp) + 2 * L * scores + 2 * h * vocab_size
+    forward = 2 * (L * attn_proj + mlp_total) + 2 * L * scores + 2 * h * vocab_size
     return float(3 * forward if training else forward)
 
 

@@ -20,6 +20,12 @@ VARIANTS = {
                                         "add_bias_linear": True, "tie_embeddings": True,
                                         "qk_layernorm": True},
     "learned_absolute_mha": {"position_embedding": "learned_absolute", "num_query_groups": None},
+    "moe": {"preset": "tiny_moe"},
+    "moe_shared_gated_interleaved": {
+        "preset": "tiny_moe",
+        "moe": {"num_experts": 4, "router_topk": 1, "router_pre_softmax": True,
+                "ffn_hidden_size": 32, "shared_expert_intermediate_size": 48,
+                "shared_expert_gate": True, "layer_freq": [1, 0, 0, 1]}},
 }
 
 
@@ -34,6 +40,16 @@ def test_tiny_by_hand():
     count = parameter_count(_model_cfg(), 512)
     assert count.total == 184832 + 2 * 32768 + 64 == 250432
     assert count.active == count.total and count.experts == 0
+
+
+def test_moe_by_hand():
+    # tiny_moe: 4 layers, each with 4 experts of width 64 (top-2) and a 4 x 64 router:
+    # per layer attention 12288 + norms 128 + router 256 + experts 4 * (64*128 + 64*64).
+    count = parameter_count(_model_cfg(preset="tiny_moe"), 512)
+    expert = 64 * 128 + 64 * 64
+    assert count.experts == 4 * 4 * expert
+    assert count.total == 4 * (12288 + 128 + 256 + 4 * expert) + 2 * 32768 + 64
+    assert count.active == count.total - 4 * 2 * expert  # 2 of 4 experts unused per layer
 
 
 def _built_numel(out_dir):

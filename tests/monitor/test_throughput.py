@@ -194,3 +194,17 @@ def test_memory_tags_on_gpu():
     if default_peak_tflops(torch.cuda.get_device_name(), "bf16"):
         assert "throughput/mfu" in v
     del x
+
+
+def test_flops_of_moe_presets_by_hand():
+    """model.moe: dense and MoE layers from layer_freq, shared experts, active experts."""
+    from phoenix.config import build_config
+
+    from tests.config.test_config import base
+
+    m = build_config(base(model={"preset": "moe_deepseek_style"})).model
+    L, h, d, f_dense, f_e, shared, E, k = 28, 2048, 128, 10944, 1408, 2816, 64, 6
+    attn = h * (16 * d + 2 * 16 * d) + 16 * d * h
+    mlp = 3 * h * f_dense + 27 * (k * 3 * h * f_e + 3 * h * shared + h * E)  # layer 0 dense
+    forward = 2 * (L * attn + mlp) + 2 * L * (2 * 4096 * 16 * d) + 2 * h * 102400
+    assert model_flops_per_token(m, 4096, 102400) == 3 * forward
