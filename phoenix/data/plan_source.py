@@ -100,7 +100,8 @@ def summary_table(plan: DataPlan) -> str:
               "groups whole")
     rows = [header]
     for r in plan.summary():
-        groups = f"{r['groups_kept_whole']}/{r['groups_total']}" if r["groups_total"] else "-"
+        # fitting groups kept whole / groups that fit the batch where they start
+        groups = f"{r['groups_kept_whole']}/{r['groups_fitting']}" if r["groups_total"] else "-"
         rows.append((r["name"], f"{r['weight']:.4f}", "yes" if r["burst"] else "", str(r["samples_used"]),
                      f"{r['epochs_consumed']:.2f}", str(r["batches_present"]), str(r["min_per_batch"]),
                      str(r["max_per_batch"]), groups))
