@@ -346,3 +346,21 @@ def test_megatron_blend_checks_token_ids(tmp_path):
         r"token id 600, outside the vocabulary \[0, 512\); was it tokenised with another "
         r"tokenizer\?", e) for e in errors), errors
     assert all(unchecked.sample(i) for i in range(len(unchecked)))
+
+
+def test_loss_bearing_fraction_matches_the_samples_loss_masks(grouped_data, tmp_path):
+    from phoenix.data.plan_source import loss_bearing_fraction, summary_table
+
+    specs = [PlanDatasetSpec("web", grouped_data["web"], 0.7),
+             PlanDatasetSpec("repos", grouped_data["repos"], 0.3, group_mode="batch")]
+    indices = build_indices(specs, SEQ)
+    plan, _ = load_or_build_plan(plan_inputs(specs, indices, B, 6, seed=2), tmp_path)
+    source = PlanSource(plan, indices, eod_id=2)
+    masks = [[], []]
+    for i in range(len(source)):
+        item = source.sample(i)
+        masks[item["dataset_id"]].append(item["loss_mask"].mean())
+    got = loss_bearing_fraction(plan, indices)
+    assert np.allclose(got, [np.mean(m) for m in masks])
+    assert got[1] < 1.0                      # grouped: padded group tails carry no loss
+    assert f"{got[1]:.4f}" in summary_table(plan, indices)
