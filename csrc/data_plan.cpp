@@ -288,6 +288,7 @@ std::vector<i64> pack_flexible(const Inputs& in, std::vector<int32_t>* flex_coun
     if (in.kind[d] != 2) continue;
     FlexPacker fp(in.n[d], in.starts[d], in.num_groups[d], in.seed, in.keys[d], in.start[d]);
     const u64 q = in.quota[d];
+    out.flex[d].reserve(static_cast<size_t>((static_cast<u128>(q) * static_cast<u64>(in.B * K)) >> kQBits) + 64);
     u128 cum = 0;
     for (i64 k = 0; k < K; ++k) {
       const i64 f = free_slots(in.bursts, in.B, k);
