@@ -16,6 +16,10 @@ Printed metrics (one ``name=value`` per line):
                                         (ours, F_k = slots not taken by bursts; = w_d * B
                                         when there are no bursts)
   *_max_prefix_error                    the same for the cumulative counts over batch prefixes
+                                        (ours: datasets without flexible groups, against
+                                        their share of the slots the grouped ones leave)
+  phoenix_groups_whole_fraction         fitting groups (size <= ceil(v F_k)) kept whole
+  phoenix_grouped_max_prefix_error      the grouped datasets' prefix error vs v * F_k
 """
 
 from __future__ import annotations
@@ -108,10 +112,16 @@ def main() -> None:
         t0 = time.perf_counter()
         plan = build_plan(inputs, threads=args.threads)
         phoenix_s = min(phoenix_s, time.perf_counter() - t0)
-    blended = ~plan.burst
-    target = plan.free_slots[:, None] * (plan.weights / plan.weights[blended].sum())[None, :]
-    p_batch, p_prefix = errors(plan.counts[:, blended].astype(np.float64), target[:, blended])
-    whole = 1 - plan.groups_split.sum() / max(1, plan.groups_total.sum())
+    # Non-burst datasets without flexible groups: their share of the slots left by the
+    # bursts and the flexible grouped datasets (whose count follows their whole groups).
+    exact = ~plan.burst & ~plan.flexible
+    left = plan.free_slots - plan.counts[:, plan.flexible].sum(axis=1)
+    target = left[:, None] * (plan.weights / plan.weights[exact].sum())[None, :]
+    p_batch, p_prefix = errors(plan.counts[:, exact].astype(np.float64), target[:, exact])
+    whole = (plan.groups_fit - plan.groups_fit_split).sum() / max(1, plan.groups_fit.sum())
+    flex = plan.flexible
+    v = plan.weights[flex] / plan.weights[~plan.burst].sum()
+    g_prefix = float(np.abs(np.cumsum(plan.counts[:, flex] - plan.free_slots[:, None] * v, axis=0)).max(initial=0))
 
     print(f"samples={n}")
     print(f"megatron_blend_s={megatron_s:.3f}")
@@ -124,7 +134,8 @@ def main() -> None:
     print(f"phoenix_max_prefix_error={p_prefix:.6f}")
     print(f"megatron_max_prefix_error={m_prefix:.6f}")
     print(f"phoenix_allocator={plan.allocator}")
-    print(f"phoenix_groups_whole_fraction={whole:.5f}")
+    print(f"phoenix_groups_whole_fraction={whole:.5f}")       # of the groups that fit
+    print(f"phoenix_grouped_max_prefix_error={g_prefix:.3f}")  # bound: half the largest fitting group
     print(f"threads={args.threads}")
     for phase, seconds in plan.build_seconds.items():
         print(f"phoenix_{phase}_s={seconds:.3f}")

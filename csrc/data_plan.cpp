@@ -27,7 +27,7 @@ void split_kinds(const std::vector<int>& kind, const std::vector<u64>& quota,
                  std::vector<int>* blended) {
   for (int d = 0; d < static_cast<int>(kind.size()); ++d) {
     if (kind[d] == 1) bursts->push_back({d, quota[d], burst_size[d]});
-    else if (quota[d] > 0) blended->push_back(d);
+    else if (kind[d] == 0 && quota[d] > 0) blended->push_back(d);
   }
 }
 
@@ -43,9 +43,10 @@ bool lag_ok(i64 x, i64* level, u64* rem, u64 add) {
 }
 
 // PD^2 on the fractional parts of the per-batch targets (see plan.py, step 2).
-Allocation allocate_pd2(const std::vector<Burst>& bursts, const std::vector<int>& blended,
+Allocation allocate_pd2(const Slots& slots, const std::vector<int>& blended,
                         const std::vector<u64>& quota, int D, i64 batch_size,
                         i64 num_batches, i64 horizon) {
+  const std::vector<Burst>& bursts = *slots.bursts;
   const size_t nb = blended.size();
   std::vector<Fluid> fluid;
   std::vector<char> heavy(nb);
@@ -53,7 +54,7 @@ Allocation allocate_pd2(const std::vector<Burst>& bursts, const std::vector<int>
   std::vector<u64> rem(nb, 0), phi(nb);
   for (size_t i = 0; i < nb; ++i) {
     const u64 q = quota[blended[i]];
-    fluid.emplace_back(q, &bursts, batch_size);
+    fluid.emplace_back(q, &slots);
     // PD^2 "heavy" task: extras weight (at full capacity) >= 1/2.
     heavy[i] = 2 * static_cast<u128>((static_cast<u128>(q) * static_cast<u64>(batch_size)) & kQMask) >= kQ;
   }
@@ -75,7 +76,7 @@ Allocation allocate_pd2(const std::vector<Burst>& bursts, const std::vector<int>
   std::vector<char> chosen(nb);
   for (i64 t = 0; t < num_batches; ++t) {
     int32_t* row = out.counts.data() + static_cast<size_t>(t) * D;
-    const i64 ft = free_slots(bursts, batch_size, t);
+    const i64 ft = slots.at(t);
     fill_bursts(bursts, t, row);
     i64 need = ft;
     for (size_t i = 0; i < nb; ++i) {
@@ -108,11 +109,13 @@ Allocation allocate_pd2(const std::vector<Burst>& bursts, const std::vector<int>
   return out;
 }
 
-// sum_{m<u} F_m in closed form.
-u128 cum_free(const std::vector<Burst>& bursts, i64 batch_size, i64 u) {
-  u128 s = static_cast<u128>(batch_size) * static_cast<u64>(u);
-  for (const auto& b : bursts)
+// sum_{m<u} F_m in closed form (the flexible datasets' share through prefix sums).
+u128 cum_free(const Slots& slots, i64 u) {
+  u128 s = static_cast<u128>(slots.batch_size) * static_cast<u64>(u);
+  for (const auto& b : *slots.bursts)
     s -= static_cast<u128>(b.size) * ((static_cast<u128>(kQ / 2) + static_cast<u128>(u) * b.rate) >> kQBits);
+  if (!slots.taken.empty())
+    s -= static_cast<u128>(slots.taken_cum[std::min<i64>(u, static_cast<i64>(slots.taken.size()))]);
   return s;
 }
 
@@ -122,12 +125,12 @@ u128 cum_free(const std::vector<Burst>& bursts, i64 batch_size, i64 u) {
 // optimal for unit jobs; the fluid schedule shows a feasible assignment exists), so
 // floor(T_d) <= count <= ceil(T_d) after every batch. Per-batch counts may then differ by
 // up to 2 from the per-batch target instead of 1.
-Allocation allocate_edf(const std::vector<Burst>& bursts, const std::vector<int>& blended,
-                        const std::vector<u64>& quota, int D, i64 batch_size,
-                        i64 num_batches) {
+Allocation allocate_edf(const Slots& slots, const std::vector<int>& blended,
+                        const std::vector<u64>& quota, int D, i64 num_batches) {
+  const std::vector<Burst>& bursts = *slots.bursts;
   const size_t nb = blended.size();
   auto reached = [&](size_t i, i64 u, i64 j) {  // T_d(u) >= j
-    return static_cast<u128>(quota[blended[i]]) * cum_free(bursts, batch_size, u) >=
+    return static_cast<u128>(quota[blended[i]]) * cum_free(slots, u) >=
            static_cast<u128>(j) << kQBits;
   };
   auto deadline = [&](size_t i, i64 j, i64 lo) {  // min u > lo with T_d(u) >= j
@@ -149,8 +152,8 @@ Allocation allocate_edf(const std::vector<Burst>& bursts, const std::vector<int>
   for (i64 t = 0; t < num_batches; ++t) {
     int32_t* row = out.counts.data() + static_cast<size_t>(t) * D;
     fill_bursts(bursts, t, row);
-    const u128 total = cum_free(bursts, batch_size, t + 1);
-    i64 need = free_slots(bursts, batch_size, t);
+    const u128 total = cum_free(slots, t + 1);
+    i64 need = slots.at(t);
     cands.clear();
     for (size_t i = 0; i < nb; ++i) {
       const u128 prod = static_cast<u128>(quota[blended[i]]) * total;
@@ -179,14 +182,16 @@ Allocation allocate_edf(const std::vector<Burst>& bursts, const std::vector<int>
 
 Allocation allocate(const std::vector<int>& kind, const std::vector<u64>& quota,
                     const std::vector<i64>& burst_size, i64 batch_size, i64 num_batches,
-                    i64 horizon) {
+                    i64 horizon, const std::vector<i64>& taken) {
   std::vector<Burst> bursts;
   std::vector<int> blended;
   split_kinds(kind, quota, burst_size, &bursts, &blended);
   const int D = static_cast<int>(kind.size());
-  Allocation out = allocate_pd2(bursts, blended, quota, D, batch_size, num_batches, horizon);
+  Slots slots{&bursts, batch_size, taken, std::vector<i64>(taken.size() + 1, 0)};
+  for (size_t u = 0; u < taken.size(); ++u) slots.taken_cum[u + 1] = slots.taken_cum[u] + taken[u];
+  Allocation out = allocate_pd2(slots, blended, quota, D, batch_size, num_batches, horizon);
   if (out.violations == 0) return out;
-  out = allocate_edf(bursts, blended, quota, D, batch_size, num_batches);
+  out = allocate_edf(slots, blended, quota, D, num_batches);
   out.edf = true;
   return out;
 }
@@ -249,14 +254,58 @@ struct Inputs {
   i64 B, K;
   u64 seed;
   int window;
+  std::vector<int> kind;
+  std::vector<u64> quota;
+  std::vector<Burst> bursts;  // of the allocator's batches (after the K0 fixed ones)
+  i64 K0 = 0;
 };
 
 struct Outputs {
   uint16_t* ds;
   i64* ss;
-  std::vector<i64> end, epochs, split, total;
+  std::vector<i64> end, epochs, split, total, fit, fit_split;
   i64 pending_left = 0;
+  std::vector<std::vector<i64>> flex;  // samples of each flexible dataset, in order
 };
+
+// Fit limit of grouped dataset d in batch k: its count in a fixed (warmup) batch, else
+// ceil of its share of the batch's free slots.
+i64 batch_fit(const Inputs& in, const Allocation& al, int d, i64 k) {
+  const int D = static_cast<int>(in.n.size());
+  if (k < in.K0) return al.counts[static_cast<size_t>(k) * D + d];
+  return fit_limit(in.quota[d], free_slots(in.bursts, in.B, k - in.K0));
+}
+
+// Flexible grouped datasets, in dataset order: each takes whole groups against its
+// cumulative target from the slots the bursts and the flexible datasets before it left.
+// Returns what they took per batch (the slots the allocator must not plan).
+std::vector<i64> pack_flexible(const Inputs& in, std::vector<int32_t>* flex_counts, Outputs& out) {
+  const int D = static_cast<int>(in.n.size());
+  const i64 K = in.K;
+  std::vector<i64> taken(static_cast<size_t>(K), 0);
+  flex_counts->assign(static_cast<size_t>(K) * D, 0);
+  for (int d = 0; d < D; ++d) {
+    if (in.kind[d] != 2) continue;
+    FlexPacker fp(in.n[d], in.starts[d], in.num_groups[d], in.seed, in.keys[d], in.start[d]);
+    const u64 q = in.quota[d];
+    out.flex[d].reserve(static_cast<size_t>((static_cast<u128>(q) * static_cast<u64>(in.B * K)) >> kQBits) + 64);
+    u128 cum = 0;
+    for (i64 k = 0; k < K; ++k) {
+      const i64 f = free_slots(in.bursts, in.B, k);
+      cum += static_cast<u128>(f);
+      const bool force = static_cast<u128>(q) * static_cast<u64>(f) >= static_cast<u128>(kQ);
+      const i64 c = fp.batch(static_cast<u128>(q) * cum, f - taken[k], fit_limit(q, f), force, out.flex[d]);
+      (*flex_counts)[static_cast<size_t>(k) * D + d] = static_cast<int32_t>(c);
+      taken[k] += c;
+    }
+    out.end[d] = fp.end_offset();
+    out.epochs[d] = fp.epochs_touched();
+    out.split[d] = fp.groups_split();
+    out.total[d] = fp.groups_total();
+    out.fit[d] = fp.groups_fit();
+  }
+  return taken;
+}
 
 void fill_plain(const Inputs& in, const Allocation& al, const std::vector<i64>& cum,
                 const std::vector<int32_t>& first, const std::vector<i64>& pos, int d, i64 k0,
@@ -297,15 +346,33 @@ void fill_grouped(const Inputs& in, const Allocation& al, const std::vector<int3
     remaining -= c;
     SlotWriter w{out.ds, out.ss, pos.data(), k * in.B, first[static_cast<size_t>(k) * D + d], 0,
                  static_cast<uint16_t>(d)};
+    gp.set_fit(batch_fit(in, al, d, k));
     gp.batch(c, remaining, w);
   }
   out.end[d] = gp.end_offset();
   out.epochs[d] = gp.epochs_touched();
   out.split[d] = gp.groups_split();
   out.total[d] = gp.groups_total();
+  out.fit[d] = gp.groups_fit();
+  out.fit_split[d] = gp.groups_fit_split();
   if (!gp.pending_empty()) {
     std::lock_guard<std::mutex> lock(mu);
     ++out.pending_left;
+  }
+}
+
+// Writes a flexible dataset's samples (already chosen) to their slots.
+void fill_flex(const Inputs& in, const Allocation& al, const std::vector<int32_t>& first,
+               const std::vector<i64>& pos, int d, Outputs& out) {
+  const int D = static_cast<int>(in.n.size());
+  const i64* src = out.flex[d].data();
+  for (i64 k = 0; k < in.K; ++k) {
+    const i64 c = al.counts[static_cast<size_t>(k) * D + d];
+    const i64* slot = pos.data() + first[static_cast<size_t>(k) * D + d];
+    for (i64 j = 0; j < c; ++j) {
+      out.ds[k * in.B + slot[j]] = static_cast<uint16_t>(d);
+      out.ss[k * in.B + slot[j]] = *src++;
+    }
   }
 }
 
@@ -364,7 +431,9 @@ void fill(const Inputs& in, const Allocation& al, const std::vector<i64>& pos, i
   std::mutex mu;
   std::vector<int> plain;
   for (int d = 0; d < D; ++d) {
-    if (l.total[d] == 0) {
+    if (in.kind[d] == 2) {
+      if (l.total[d] > 0) tasks.push_back([&, d] { fill_flex(in, al, l.first, pos, d, out); });
+    } else if (l.total[d] == 0) {
       out.end[d] = in.start[d];
     } else if (in.starts[d]) {
       tasks.push_back([&, d] { fill_grouped(in, al, l.first, pos, d, l.total[d], out, mu); });
@@ -432,22 +501,37 @@ py::dict build(const I64Array& num_samples,
       quota.size() != D || burst_size.size() != D || start.size() != D || keys.size() != D)
     throw std::invalid_argument("_plan_cpp.build: inconsistent arguments");
   std::vector<I64Array> keep;
-  const Inputs in = parse_inputs(num_samples, keys, start, group_starts, B, K, seed, window, &keep);
+  Inputs in = parse_inputs(num_samples, keys, start, group_starts, B, K, seed, window, &keep);
   std::vector<int> kind_v(kind.data(), kind.data() + D);
   std::vector<u64> quota_v(quota.data(), quota.data() + D);
   std::vector<i64> burst_v = to_vec(burst_size);
+  std::vector<int> blended_unused;
+  split_kinds(kind_v, quota_v, burst_v, &in.bursts, &blended_unused);
+  in.kind = kind_v, in.quota = quota_v, in.K0 = K0;
+  bool has_flex = false;
+  for (py::ssize_t d = 0; d < D; ++d) {
+    if (kind_v[d] == 2 && (K0 > 0 || !in.starts[d]))
+      throw std::invalid_argument("_plan_cpp.build: a flexible grouped dataset needs group starts and no fixed_counts");
+    has_flex |= kind_v[d] == 2;
+  }
 
   py::array_t<uint16_t> ds_arr(K * B);
   py::array_t<i64> ss_arr(K * B);
   Outputs out{ds_arr.mutable_data(), ss_arr.mutable_data(), std::vector<i64>(D, 0),
-              std::vector<i64>(D, 0), std::vector<i64>(D, 0), std::vector<i64>(D, 0)};
+              std::vector<i64>(D, 0), std::vector<i64>(D, 0), std::vector<i64>(D, 0),
+              std::vector<i64>(D, 0), std::vector<i64>(D, 0), 0,
+              std::vector<std::vector<i64>>(D)};
   Allocation al;
   double alloc_s = 0, fill_s = 0;
   {
     py::gil_scoped_release nogil;
     using clock = std::chrono::steady_clock;
     const auto t0 = clock::now();
-    al = allocate(kind_v, quota_v, burst_v, B, K - K0, horizon);
+    std::vector<int32_t> flex_counts;
+    const std::vector<i64> taken = has_flex ? pack_flexible(in, &flex_counts, out) : std::vector<i64>();
+    al = allocate(kind_v, quota_v, burst_v, B, K - K0, horizon, taken);
+    if (has_flex)
+      for (size_t i = 0; i < al.counts.size(); ++i) al.counts[i] += flex_counts[i];
     al.counts.insert(al.counts.begin(), fixed_counts.data(), fixed_counts.data() + K0 * D);
     const auto t1 = clock::now();
     fill(in, al, interleave_positions(B, interleave), std::max(1, threads), out);
@@ -464,6 +548,8 @@ py::dict build(const I64Array& num_samples,
   res["epochs"] = to_array(out.epochs);
   res["groups_split"] = to_array(out.split);
   res["groups_total"] = to_array(out.total);
+  res["groups_fit"] = to_array(out.fit);
+  res["groups_fit_split"] = to_array(out.fit_split);
   res["violations"] = al.violations;
   res["allocator"] = al.edf ? "edf" : "pd2";
   res["pending_left"] = out.pending_left;

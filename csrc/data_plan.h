@@ -5,7 +5,10 @@
 // Three independent parts, all exact integer arithmetic:
 //   * Feistel      - the per-epoch sample (or group) permutation, O(1) random access.
 //   * allocate()   - per-batch counts c[k][d]: Bresenham bursts + PD^2 (Pfair) rounding.
-//   * GroupPacker  - whole-group consumption of a grouped dataset into exact counts.
+//   * FlexPacker   - whole-group consumption of a grouped dataset whose per-batch count
+//                    follows its groups (the other datasets fill the slots it leaves).
+//   * GroupPacker  - whole-group consumption of a grouped dataset into exact counts
+//                    (stages with no dataset to absorb the deviation, or a mixture warmup).
 #pragma once
 
 #include <algorithm>
@@ -141,14 +144,28 @@ inline i64 free_slots(const std::vector<Burst>& bursts, i64 batch_size, i64 u) {
   return f;
 }
 
+// Slots of batch u left to the blended datasets the allocator plans: B minus the bursts
+// minus what the flexible grouped datasets took (`taken`, known for u < K; beyond the
+// stage only the bursts count, which only shapes deadlines past its end).
+struct Slots {
+  const std::vector<Burst>* bursts;
+  i64 batch_size;
+  std::vector<i64> taken;      // per batch (empty: none)
+  std::vector<i64> taken_cum;  // prefix sums of taken, size taken.size() + 1
+  i64 at(i64 u) const {
+    i64 f = free_slots(*bursts, batch_size, u);
+    if (u < static_cast<i64>(taken.size())) f -= taken[u];
+    return f;
+  }
+};
+
 // Extras fluid of one blended dataset: E(u) = sum_{m<u} frac(q * F_m / kQ), scanned
 // forward lazily. Subtask j (its j-th extra sample) is released at
 // r_j = min{u : E(u+1) > j-1} and due before d_j = min{u : E(u) >= j};
 // b_j = [E(d_j) > j] is PD^2's successor bit.
 class Fluid {
  public:
-  Fluid(u64 q, const std::vector<Burst>* bursts, i64 batch_size)
-      : q_(q), bursts_(bursts), batch_size_(batch_size) {}
+  Fluid(u64 q, const Slots* slots) : q_(q), slots_(slots) {}
 
   // PD^2 key of subtask i at batch t; false if the subtask is not released yet.
   bool key(i64 i, i64 t, i64 horizon, bool heavy, i64* dl, int* b, i64* gd) {
@@ -183,7 +200,7 @@ class Fluid {
   }
   void step() {
     u64 phi = static_cast<u64>((static_cast<u128>(q_) *
-                                static_cast<u64>(free_slots(*bursts_, batch_size_, u_))) & kQMask);
+                                static_cast<u64>(slots_->at(u_))) & kQMask);
     u64 rem = rem_ + phi;  // < 2^61, no overflow
     if (rem >= kQ) {
       rem -= kQ;
@@ -217,8 +234,7 @@ class Fluid {
   }
 
   u64 q_;
-  const std::vector<Burst>* bursts_;
-  i64 batch_size_;
+  const Slots* slots_;
   i64 u_ = 0, level_ = 0;
   u64 rem_ = 0;
   std::deque<Rec> recs_;
@@ -232,13 +248,23 @@ struct Allocation {
   bool edf = false;             // PD^2 failed (bursts only) and the EDF fallback was used
 };
 
-// Per-batch counts. kind[d]: 0 blended (quota = share of the free slots * kQ), 1 burst
-// (quota = appearance rate * kQ, burst_size samples each time). PD^2 first; if its lag
-// check fails anywhere (possible only when bursts make the free slots vary), the whole
+// Per-batch counts. kind[d]: 0 blended (quota = share of the slots left * kQ), 1 burst
+// (quota = appearance rate * kQ, burst_size samples each time), 2 flexible grouped (not
+// planned here: its per-batch counts come in `taken`, summed over such datasets). PD^2
+// first; if its lag check fails anywhere (possible only when the slots vary), the whole
 // allocation is redone with the cumulative-EDF fallback, whose lag bound is a theorem.
 Allocation allocate(const std::vector<int>& kind, const std::vector<u64>& quota,
                     const std::vector<i64>& burst_size, i64 batch_size, i64 num_batches,
-                    i64 horizon);
+                    i64 horizon, const std::vector<i64>& taken = {});
+
+// ceil(q * F / kQ) after removing the quota's rounding (|q - v kQ| <= 1): the fit limit of
+// a dataset with share v = q / kQ of F slots, equal to ceil(v * F) unless v * F lies
+// within 2F / kQ above an integer.
+inline i64 fit_limit(u64 q, i64 f) {
+  const u128 x = static_cast<u128>(q) * static_cast<u64>(f);
+  const u128 y = x > static_cast<u128>(f) ? x - static_cast<u128>(f) : 0;
+  return static_cast<i64>((y + kQ - 1) >> kQBits);
+}
 
 // ------------------------------------------------------------------- consumption
 // Whole-group consumption of one grouped dataset. Positions are in the dataset's
@@ -254,6 +280,9 @@ class GroupPacker {
   bool pending_empty() const { return st_.pending.empty(); }
   i64 groups_split() const { return st_.split; }
   i64 groups_total() const { return st_.total; }
+  i64 groups_fit() const { return st_.fit_total; }
+  i64 groups_fit_split() const { return st_.fit_split; }
+  void set_fit(i64 fit) { fit_ = fit; }  // fit limit of the next batch (statistics only)
   i64 epochs_touched() const { return st_.first_touched < 0 ? 0 : st_.last_touched - st_.first_touched + 1; }
 
  private:
@@ -267,6 +296,7 @@ class GroupPacker {
     Item partial{0, 0};
     i64 done = 0;
     i64 split = 0, total = 0, first_touched = -1, last_touched = -1;
+    i64 fit_total = 0, fit_split = 0;
   };
   template <class Emit> void emit_range(Emit& emit, i64 g, i64 lo, i64 hi);
   template <class Emit> void split_item(Emit& emit, Item it, i64 cap);
@@ -292,6 +322,7 @@ class GroupPacker {
   const i64* starts_;
   u64 seed_, key_;
   int window_;
+  i64 fit_ = 0;
   bool closing_ = false;
   State st_;
   Permutation fe_;
@@ -375,7 +406,7 @@ inline i64 GroupPacker::end_offset() const {
 template <class Emit>
 void GroupPacker::emit_range(Emit& emit, i64 g, i64 lo, i64 hi) {
   if (lo == hi) return;
-  if (lo == 0) ++st_.total;
+  if (lo == 0) ++st_.total, st_.fit_total += starts_[g + 1] - starts_[g] <= fit_;
   if (st_.first_touched < 0) st_.first_touched = st_.epoch;
   st_.last_touched = st_.epoch;
   for (i64 s = starts_[g] + lo; s < starts_[g] + hi; ++s) emit(s);
@@ -388,6 +419,7 @@ void GroupPacker::split_item(Emit& emit, Item it, i64 cap) {
   st_.partial = it;
   st_.done = cap;
   ++st_.split;
+  st_.fit_split += it.size <= fit_;
 }
 
 template <class Emit>
@@ -524,5 +556,105 @@ void GroupPacker::batch(i64 count, i64 remaining_after, Emit& emit) {
   }
   close(emit, count);
 }
+
+// ------------------------------------------------------------- FlexPacker (inline)
+// Whole-group consumption of a grouped dataset whose per-batch count follows its groups.
+// Groups are taken strictly in stream order, so the consumed part is always a stream
+// prefix. With the cumulative target T_k (in units of 1/kQ) and C samples taken so far:
+//   * a group of size s <= fit (the batch's fit limit) is taken whole iff C + s/2 <= T_k
+//     (taking it leaves C nearer T_k than not) and s <= the slots left in the batch;
+//     otherwise the batch closes and the group waits for the next one;
+//   * a larger group starts when round(T_k - C) >= 1 and takes round(T_k - C) samples
+//     per batch (at least 1 while the target grows by >= 1 per batch, so consecutive
+//     batches), capped by the slots left.
+// Hence, while the cap never binds, -S/2 < C_k - T_k <= max(S, 1)/2 after every batch,
+// S the largest group taken whole or considered for it (see plan.py, "Whole groups").
+class FlexPacker {
+ public:
+  FlexPacker(i64 n, const i64* starts, i64 num_groups, u64 seed, u64 key, i64 start)
+      : n_(n), num_groups_(num_groups), starts_(starts), seed_(seed), key_(key) {
+    epoch_ = start / n;
+    const i64 target = start % n;
+    while (pulled_ < target) {
+      const i64 g = order()(q_), size = starts_[g + 1] - starts_[g];
+      ++q_, pulled_ += size;
+      if (pulled_ > target) partial_g_ = g, partial_size_ = size, done_ = size - (pulled_ - target);
+    }
+  }
+
+  // Samples for one batch, appended to `out`. tq: cumulative target through this batch
+  // times kQ; cap: slots left in the batch; fit: the batch's fit limit; force: a started
+  // large group takes >= 1 sample (the target grows by >= 1 per batch).
+  i64 batch(u128 tq, i64 cap, i64 fit, bool force, std::vector<i64>& out) {
+    const i64 before = taken_;
+    if (partial_g_ >= 0) {
+      const i64 want = std::max<i64>(rounded_gap(tq), force ? 1 : 0);
+      const i64 piece = std::min({want, partial_size_ - done_, cap});
+      emit(out, partial_g_, done_, done_ + piece);
+      done_ += piece, cap -= piece;
+      if (done_ < partial_size_) return taken_ - before;
+      partial_g_ = -1;
+    }
+    for (;;) {
+      if (q_ == num_groups_) epoch_ += 1, q_ = 0, pulled_ = 0;
+      const i64 g = order()(q_), size = starts_[g + 1] - starts_[g];
+      if (size <= fit) {
+        // C + s/2 <= T  <=>  2 C kQ + s kQ <= 2 T kQ
+        if ((static_cast<u128>(2 * taken_ + size) << kQBits) > 2 * tq || size > cap) break;
+        ++q_, pulled_ += size, ++total_, ++fit_total_;
+        emit(out, g, 0, size);
+        cap -= size;
+      } else {
+        const i64 piece = std::min({rounded_gap(tq), size, cap});
+        if (piece < 1) break;
+        ++q_, pulled_ += size, ++total_;
+        emit(out, g, 0, piece);
+        cap -= piece;
+        if (piece < size) {
+          ++split_;
+          partial_g_ = g, partial_size_ = size, done_ = piece;
+          break;
+        }
+      }
+    }
+    return taken_ - before;
+  }
+  i64 end_offset() const { return epoch_ * n_ + pulled_ - (partial_g_ >= 0 ? partial_size_ - done_ : 0); }
+  i64 groups_split() const { return split_; }
+  i64 groups_total() const { return total_; }
+  i64 groups_fit() const { return fit_total_; }
+  i64 epochs_touched() const { return first_touched_ < 0 ? 0 : last_touched_ - first_touched_ + 1; }
+
+ private:
+  // round(T - C) with halves rounded up; <= 0 when T - C < 1/2.
+  i64 rounded_gap(u128 tq) const {
+    const u128 c = static_cast<u128>(taken_) << kQBits;
+    if (tq + kQ / 2 < c + kQ) return 0;
+    return static_cast<i64>((tq + kQ / 2 - c) >> kQBits);
+  }
+  void emit(std::vector<i64>& out, i64 g, i64 lo, i64 hi) {
+    if (lo == hi) return;
+    if (first_touched_ < 0) first_touched_ = epoch_;
+    last_touched_ = epoch_;
+    for (i64 s = starts_[g] + lo; s < starts_[g] + hi; ++s) out.push_back(s);
+    taken_ += hi - lo;
+  }
+  const Permutation& order() {
+    if (fe_epoch_ != epoch_) {
+      fe_ = Permutation(num_groups_, epoch_key(seed_, key_, static_cast<u64>(epoch_)));
+      fe_epoch_ = epoch_;
+    }
+    return fe_;
+  }
+
+  i64 n_, num_groups_;
+  const i64* starts_;
+  u64 seed_, key_;
+  i64 epoch_ = 0, q_ = 0, pulled_ = 0, taken_ = 0;
+  i64 partial_g_ = -1, partial_size_ = 0, done_ = 0;
+  i64 split_ = 0, total_ = 0, fit_total_ = 0, first_touched_ = -1, last_touched_ = -1;
+  Permutation fe_;
+  i64 fe_epoch_ = -1;
+};
 
 }  // namespace phoenix_plan

@@ -4,7 +4,8 @@ training job starts.
     phoenix build-plan CONFIG.yaml [dotted.key=value ...] [--dump-batch K]
 
 Prints, for every stage of the recipe (one plan each) and per dataset: weight, whether it comes in bursts (min_share), samples used,
-epochs consumed, batches present, min/max samples per batch and groups kept whole.
+epochs consumed, batches present, min/max samples per batch, groups kept whole (of the
+groups that fit the batch where they start) and the loss-bearing fraction of its tokens.
 The plan is written to the run's data cache (``data.cache_dir``, default
 ``OUTPUT_DIR/data_cache``) under a fingerprint of its inputs; the trainer then loads it.
 ``--dump-batch K`` also lists the samples of global batch K (dataset, sample, group,
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
               f"({plan.num_batches} batches x {plan.global_batch_size} samples, seq_length "
               f"{st.seq_length}, allocator {plan.allocator}"
               + (f", mixture warmup {st.warmup_steps} steps" if st.warmup_steps else "") + ")")
-        print(summary_table(plan))
+        print(summary_table(plan, spi.indices))
     for k in args.dump_batch:
         if not 0 <= k < cfg.train.steps:
             print(f"phoenix build-plan: error: batch {k} is not in [0, {cfg.train.steps})",

@@ -8,10 +8,12 @@ tests require both to agree bit for bit.
 
 Algorithm (all arithmetic is exact: shares are integers in units of ``Q = 2**60``)
 --------------------------------------------------------------------------------------
-1. *Bursts.* A dataset with ``0 < w < min_share`` appears in a fraction ``w / min_share``
-   of the batches (Bresenham with phase 1/2, so appearances are evenly spaced) with
-   ``round(min_share * B)`` samples, and in no other batch. Batch ``k`` has
-   ``F_k = B - (burst samples in k)`` free slots.
+1. *Bursts.* A dataset with ``0 < w < min_share`` appears with ``s = max(round(min_share
+   * B), ceil(w * B))`` samples in a fraction ``w * B / s`` of the batches (the rate from
+   the exact weight, in units of ``1/Q``; Bresenham with phase 1/2, so appearances are
+   evenly spaced and the first ``K`` batches hold ``round(K * w * B / s)`` of them: the
+   cumulative count stays within ``s / 2`` of ``w * B * K``), and in no other batch.
+   Batch ``k`` has ``F_k = B - (burst samples in k)`` free slots.
 2. *Exact mixture.* Every other dataset ``d`` has the fluid target ``a[k,d] = F_k * v_d``
    with ``v_d = w_d / W_free``. It gets ``floor(a[k,d])`` plus 0 or 1 "extra"; the
    ``F_k - sum floor`` extras of a batch go to the datasets chosen by PD^2, the optimal
@@ -37,8 +39,23 @@ Algorithm (all arithmetic is exact: shares are integers in units of ``Q = 2**60`
    and no division for consecutive positions. Every sample is used once before any is
    used again. ``start_offsets`` / ``end_offsets`` are stream positions, so a stage
    continues exactly where the previous one stopped.
-4. *Whole groups* (``group_mode="batch"``). Groups are packed into the dataset's exact
-   per-batch counts: a group that is started continues first (a group larger than the
+4. *Whole groups* (``group_mode="batch"``). *Flexible* (the default, whenever another
+   blended dataset without groups can absorb the difference and no batch has fixed
+   counts): the grouped dataset ``g`` (share ``v`` of the free slots) takes its groups
+   strictly in stream order against its cumulative target ``T_k = v * sum_{m<=k} F_m``
+   (``FlexPacker`` in ``csrc/data_plan.h``). A group *fits* batch ``k`` when its size is
+   at most ``ceil(v * F_k)``; a fitting group is taken whole iff ``C + size/2 <= T_k``
+   (``C`` = samples taken so far) and it fits the slots left in the batch, else the
+   batch closes and it comes first in the next one. So every fitting group lands whole
+   in one batch (always), and while the batch has room (``v * F + S <= F``, ``S`` the
+   largest group ``<= ceil(v * B)``; ``prepare`` logs when this may fail)
+   ``-S/2 < C - T_k <= max(S, 1)/2`` after every batch. A larger group starts once
+   ``round(T_k - C) >= 1`` and takes ``round(T_k - C)`` samples per batch (at least one
+   while ``v * F_k >= 1``: consecutive batches). The flexible datasets are packed first,
+   in dataset order; the allocator (step 2) then plans the others on the slots left,
+   ``F_k - flexible counts``, with their quotas renormalised over themselves, so they stay
+   within 1 of their share of those slots. *Exact* (no such dataset, or a mixture
+   warmup): groups are packed into the dataset's exact per-batch counts: a group that is started continues first (a group larger than the
    count spans consecutive batches); then the oldest looked-ahead groups (up to
    ``GROUP_WINDOW``, never across an epoch boundary) that fill the count exactly, chosen
    by a subset-sum DP preferring older groups; if no exact fill exists, the largest fill
@@ -73,17 +90,16 @@ from fractions import Fraction
 
 import numpy as np
 
+from phoenix.data.plan_checks import _check_dataset, _check_fixed_counts, _check_slack, _err
 from phoenix.io import atomic_write
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 Q_BITS = 60
 Q = 1 << Q_BITS
 HORIZON = 1 << 16        # batches of look-ahead for PD^2 deadlines
 GROUP_WINDOW = 32        # groups considered at once when packing a batch
-MAX_NUM_SAMPLES = 1 << 40
-GROUP_MODES = ("none", "batch")
 
 
 @dataclass
@@ -143,6 +159,9 @@ class DataPlan:
     epochs: np.ndarray           # int64 (D,): epochs this stage drew samples from
     groups_split: np.ndarray     # int64 (D,): groups started here that span > 1 batch
     groups_total: np.ndarray     # int64 (D,): groups started in this stage
+    groups_fit: np.ndarray       # int64 (D,): of those, groups that fit (size <= fit limit)
+    groups_fit_split: np.ndarray  # int64 (D,): fitting groups split anyway (0 when flexible)
+    flexible: np.ndarray         # bool (D,): grouped dataset whose per-batch count follows its groups
     violations: int = 0          # (batch, dataset) lag checks failed; 0 unless a bug
     allocator: str = "pd2"       # "pd2", or "edf" when the fallback was needed (bursts only)
     fingerprint: str = ""
@@ -162,12 +181,14 @@ class DataPlan:
 
     def summary(self) -> list[dict]:
         """One dict per dataset: weight, samples used, epochs, batches present, per-batch
-        min/max count and groups kept whole."""
+        min/max count, groups started (``groups_total``), those that fit a batch
+        (``groups_fitting``: size <= the fit limit of the batch where they start, see the
+        module doc) and the fitting ones kept whole in one batch (``groups_kept_whole``)."""
         rows = []
         for d, name in enumerate(self.names):
             col = self.counts[:, d]
             used = int(col.sum())
-            total, split = int(self.groups_total[d]), int(self.groups_split[d])
+            total, fit = int(self.groups_total[d]), int(self.groups_fit[d])
             rows.append(dict(
                 name=name, weight=float(self.weights[d]), burst=bool(self.burst[d]),
                 samples_used=used,
@@ -176,7 +197,9 @@ class DataPlan:
                 batches_present=int((col > 0).sum()),
                 min_per_batch=int(col.min()) if len(col) else 0,
                 max_per_batch=int(col.max()) if len(col) else 0,
-                groups_total=total, groups_kept_whole=total - split,
+                groups_total=total, groups_fitting=fit,
+                groups_kept_whole=fit - int(self.groups_fit_split[d]),
+                flexible=bool(self.flexible[d]),
             ))
         return rows
 
@@ -204,11 +227,6 @@ def rank_slice(plan: DataPlan, k: int, dp_rank: int, dp_size: int,
 
 
 # ----------------------------------------------------------------------- validation
-def _err(d: PlanDataset | None, fieldname: str, msg: str) -> ValueError:
-    where = f"dataset {d.name!r}: " if d is not None else ""
-    return ValueError(f"{where}{fieldname}: {msg}")
-
-
 def _group_starts(d: PlanDataset) -> np.ndarray:
     """Start of every group plus ``num_samples`` (int64, G+1), validating ``group_ids``."""
     ids = np.asarray(d.group_ids)
@@ -245,23 +263,6 @@ def _runs(ids: np.ndarray) -> tuple[np.ndarray, bool]:
 
 def _starts_of(ids: np.ndarray) -> np.ndarray:
     return _runs(ids)[0]
-
-
-def _check_dataset(d: PlanDataset) -> None:
-    if not isinstance(d.name, str) or not d.name:
-        raise _err(None, "name", f"every dataset needs a non-empty name, got {d.name!r}")
-    if int(d.num_samples) != d.num_samples or not 0 <= d.num_samples < MAX_NUM_SAMPLES:
-        raise _err(d, "num_samples", f"must be an integer in [0, 2**40), got {d.num_samples!r}")
-    if not math.isfinite(d.weight) or d.weight < 0:
-        raise _err(d, "weight", f"must be finite and >= 0, got {d.weight!r}")
-    if d.weight > 0 and d.num_samples == 0:
-        raise _err(d, "num_samples", "is 0 but weight is positive")
-    if not (math.isfinite(d.min_share) and 0 <= d.min_share < 1):
-        raise _err(d, "min_share", f"must be in [0, 1) (0 = off), got {d.min_share!r}")
-    if d.group_mode not in GROUP_MODES:
-        raise _err(d, "group_mode", f"must be one of {GROUP_MODES}, got {d.group_mode!r}")
-    if d.group_mode == "batch" and d.group_ids is None:
-        raise _err(d, "group_ids", "group_mode='batch' needs group_ids")
 
 
 def _bursts_in(rate: int, k: int) -> int:
@@ -325,10 +326,12 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
     for i, d in enumerate(ds):
         if burst[i]:
             kind[i] = 1
-            quota[i] = round(w[i] / Fraction(d.min_share) * Q)
-            size[i] = math.floor(d.min_share * B + 0.5)   # round half up, as written
+            # round half up, as written; at least w*B so that the rate is <= 1
+            size[i] = max(math.floor(d.min_share * B + 0.5), math.ceil(w[i] * B))
             if size[i] < 1:
                 raise _err(d, "min_share", f"min_share * B = {d.min_share * B:g} rounds to 0 samples")
+            # rate w*B/size from the exact weight: on average w*B samples per batch
+            quota[i] = round(w[i] * B / size[i] * Q)
     always = [d.name for i, d in enumerate(ds) if d.min_share > 0 and w[i] >= Fraction(d.min_share)]
     if B < len(always):
         raise _err(None, "global_batch_size",
@@ -340,6 +343,15 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
         raise _err(None, "min_share", "every weighted dataset is a burst; one with weight >= min_share must fill the rest")
     for i, qi in zip(blended, _quotas([w[i] for i in blended])):
         quota[i] = qi
+    # Flexible whole groups: a grouped dataset's per-batch count follows its groups when
+    # another blended dataset absorbs the difference (and no batch has fixed counts).
+    absorbers = [i for i in blended if ds[i].group_mode != "batch"]
+    flexible = [i for i in blended if ds[i].group_mode == "batch"] if absorbers and not K0 else []
+    for i in flexible:
+        kind[i] = 2
+    if flexible:
+        for i, qi in zip(absorbers, _quotas([w[i] for i in absorbers])):
+            quota[i] = qi
     free_total = B * K_main - sum(size[i] * _bursts_in(quota[i], K_main)
                                   for i in range(len(ds)) if burst[i])
 
@@ -356,6 +368,8 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
             raise _err(d, "group_ids", f"a group of {biggest} samples is larger than the "
                        f"{expected} samples this stage takes from the dataset")
         group_starts.append(starts)
+    if flexible:
+        _check_slack(ds, w, flexible, burst, size, B, group_starts)
     keys = [int.from_bytes(hashlib.sha256(n.encode()).digest()[:8], "little") for n in names]
     return dict(
         names=names, weights=np.array([float(x) for x in w]), burst=np.array(burst, dtype=bool),
@@ -365,25 +379,8 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
         start=np.array([int(s) for s in start], dtype=np.int64), group_starts=group_starts,
         global_batch_size=int(B), num_batches=int(K), seed=int(inputs.seed),
         interleave=bool(inputs.interleave), horizon=int(horizon), window=int(window),
-        fixed_counts=fixed,
+        fixed_counts=fixed, flexible=np.array([k == 2 for k in kind], dtype=bool),
     )
-
-
-def _check_fixed_counts(fixed, D: int, B: int, K: int) -> np.ndarray:
-    if fixed is None:
-        return np.zeros((0, D), dtype=np.int32)
-    fixed = np.asarray(fixed)
-    if fixed.ndim != 2 or fixed.shape[1] != D or not np.issubdtype(fixed.dtype, np.integer):
-        raise _err(None, "fixed_counts", f"must be an integer array of shape (K0, {D}), got "
-                   f"{fixed.dtype} {fixed.shape}")
-    if len(fixed) > K:
-        raise _err(None, "fixed_counts", f"{len(fixed)} rows but the stage has {K} batches")
-    if (fixed < 0).any():
-        raise _err(None, "fixed_counts", "counts must be >= 0")
-    bad = np.flatnonzero(fixed.sum(axis=1) != B)
-    if len(bad):
-        raise _err(None, "fixed_counts", f"row {bad[0]} sums to {fixed[bad[0]].sum()}, not B={B}")
-    return np.ascontiguousarray(fixed, dtype=np.int32)
 
 
 # -------------------------------------------------------------------------- building
@@ -451,13 +448,16 @@ def _to_plan(prep: dict, out: dict, fingerprint: str) -> DataPlan:
         num_batches=prep["num_batches"], dataset_ids=out["dataset_ids"],
         sample_ids=out["sample_ids"], counts=out["counts"], start_offsets=prep["start"],
         end_offsets=out["end_offsets"], epochs=out["epochs"], groups_split=out["groups_split"],
-        groups_total=out["groups_total"], violations=int(out["violations"]),
+        groups_total=out["groups_total"], groups_fit=out["groups_fit"],
+        groups_fit_split=out["groups_fit_split"], flexible=prep["flexible"],
+        violations=int(out["violations"]),
         allocator=str(out["allocator"]), fingerprint=fingerprint)
 
 
 # ------------------------------------------------------------------------------ I/O
 _ARRAYS = ("weights", "num_samples", "burst", "dataset_ids", "sample_ids", "counts",
-           "start_offsets", "end_offsets", "epochs", "groups_split", "groups_total")
+           "start_offsets", "end_offsets", "epochs", "groups_split", "groups_total", "groups_fit",
+           "groups_fit_split", "flexible")
 
 
 def save_plan(plan: DataPlan, path: str) -> None:

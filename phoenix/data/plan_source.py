@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs, build_plan, load_plan, plan_fingerprint, save_plan
 from phoenix.data.samples import SampleIndex, SampleReader, build_sample_index
 
@@ -94,16 +96,34 @@ class PlanSource:
         return item
 
 
-def summary_table(plan: DataPlan) -> str:
-    """The plan summary as a fixed-width table (printed by ``phoenix build-plan``)."""
+def loss_bearing_fraction(plan: DataPlan, indices: list[SampleIndex | None]) -> list[float | None]:
+    """Per dataset: the fraction of its planned samples' ``seq_length`` label positions
+    that carry loss (real tokens; a padded group tail carries none). None: not read."""
+    out = []
+    for d, ix in enumerate(indices):
+        ids = plan.sample_ids[plan.dataset_ids == d]
+        if ix is None or len(ids) == 0:
+            out.append(None)
+            continue
+        real = ix.lengths[ids].astype(np.int64) - 1
+        out.append(float(real.sum()) / (len(ids) * ix.seq_length))
+    return out
+
+
+def summary_table(plan: DataPlan, indices: list[SampleIndex | None] | None = None) -> str:
+    """The plan summary as a fixed-width table (printed by ``phoenix build-plan``); with
+    the sample ``indices``, a ``loss`` column: :func:`loss_bearing_fraction`."""
     header = ("dataset", "weight", "burst", "samples", "epochs", "batches", "min/b", "max/b",
-              "groups whole")
+              "groups whole") + (("loss",) if indices is not None else ())
+    loss = loss_bearing_fraction(plan, indices) if indices is not None else None
     rows = [header]
-    for r in plan.summary():
-        groups = f"{r['groups_kept_whole']}/{r['groups_total']}" if r["groups_total"] else "-"
+    for d, r in enumerate(plan.summary()):
+        # fitting groups kept whole / groups that fit the batch where they start
+        groups = f"{r['groups_kept_whole']}/{r['groups_fitting']}" if r["groups_total"] else "-"
         rows.append((r["name"], f"{r['weight']:.4f}", "yes" if r["burst"] else "", str(r["samples_used"]),
                      f"{r['epochs_consumed']:.2f}", str(r["batches_present"]), str(r["min_per_batch"]),
-                     str(r["max_per_batch"]), groups))
+                     str(r["max_per_batch"]), groups)
+                    + ((("-" if loss[d] is None else f"{loss[d]:.4f}"),) if loss is not None else ()))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

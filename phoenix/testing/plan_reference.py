@@ -2,9 +2,8 @@
 
 It implements the algorithm documented in :mod:`phoenix.data.plan` step by step, with
 Python integers for all exact arithmetic, so that tests can check that the C++ builder
-(``csrc/data_plan.cpp``) produces bit-identical plans. It is slow (a Python loop per
-batch and per group); keep inputs small. Inputs are the *prepared* integers produced by
-:func:`phoenix.data.plan.prepare` (quotas scaled by ``Q``, burst rates, group starts).
+(``csrc/data_plan.cpp``) produces bit-identical plans. It is slow; keep inputs small.
+Inputs are the *prepared* integers of :func:`phoenix.data.plan.prepare`.
 """
 
 from __future__ import annotations
@@ -145,15 +144,30 @@ class _Fluid:
             j += 1
 
 
-def _setup(prep):
+def burst_free(prep, u: int) -> int:
+    """Slots of batch ``u`` not taken by bursts."""
+    D = len(prep["kind"])
+    return prep["global_batch_size"] - sum(
+        int(prep["burst_size"][d]) * burst_on(int(prep["quota"][d]), u)
+        for d in range(D) if prep["kind"][d] == 1)
+
+
+def fit_limit(q: int, f: int) -> int:
+    """ceil(q * f / Q) after removing the quota's rounding (see data_plan.h)."""
+    return -(-max(0, q * f - f) // Q)
+
+
+def _setup(prep, taken=()):
     B, K, D = prep["global_batch_size"], prep["num_batches"], len(prep["kind"])
     bursts = [(d, int(prep["quota"][d]), int(prep["burst_size"][d]))
               for d in range(D) if prep["kind"][d] == 1]
     blended = [d for d in range(D) if prep["kind"][d] == 0 and prep["quota"][d] > 0]
     q = {d: int(prep["quota"][d]) for d in blended}
+    taken = list(taken)
 
-    def free(u):
-        return B - sum(s * burst_on(p, u) for _, p, s in bursts)
+    def free(u):   # slots left by the bursts and the flexible grouped datasets
+        return (B - sum(s * burst_on(p, u) for _, p, s in bursts)
+                - (taken[u] if u < len(taken) else 0))
 
     counts = np.zeros((K, D), dtype=np.int64)
     for t in range(K):
@@ -169,10 +183,10 @@ def _lag_ok(x: int, level: list, add: int) -> bool:
     return x == level[0] or (x == level[0] + 1 and level[1] > 0)
 
 
-def allocate_pd2(prep: dict) -> tuple[np.ndarray, int]:
+def allocate_pd2(prep: dict, taken=()) -> tuple[np.ndarray, int]:
     """Per-batch counts ``(K, D)`` by PD^2 on the fractional parts, and the number of
     (batch, dataset) lag violations."""
-    B, K, bursts, blended, q, free, counts = _setup(prep)
+    B, K, bursts, blended, q, free, counts = _setup(prep, taken)
     heavy = {d: 2 * ((q[d] * B) & (Q - 1)) >= Q for d in blended}
     fluid = {d: _Fluid(q[d], free) for d in blended}
     extras = {d: 0 for d in blended}
@@ -198,13 +212,17 @@ def allocate_pd2(prep: dict) -> tuple[np.ndarray, int]:
     return counts, violations
 
 
-def allocate_edf(prep: dict) -> tuple[np.ndarray, int]:
+def allocate_edf(prep: dict, flex_taken=()) -> tuple[np.ndarray, int]:
     """Fallback: cumulative EDF over unit jobs (sample j of d is due in the batch where
     its total fluid reaches j). Returns counts and lag violations (provably 0)."""
-    B, K, bursts, blended, q, free, counts = _setup(prep)
+    B, K, bursts, blended, q, free, counts = _setup(prep, flex_taken)
+    flex_cum = [0]
+    for x in flex_taken:
+        flex_cum.append(flex_cum[-1] + int(x))
 
     def cum_free(u):   # sum of F_m for m < u
-        return B * u - sum(s * ((Q // 2 + u * p) >> Q_BITS) for _, p, s in bursts)
+        return (B * u - sum(s * ((Q // 2 + u * p) >> Q_BITS) for _, p, s in bursts)
+                - flex_cum[min(u, len(flex_cum) - 1)])
 
     def deadline(d, j, lo):   # min u >= lo with T_d(u) >= j
         step = 1
@@ -238,17 +256,21 @@ def allocate_edf(prep: dict) -> tuple[np.ndarray, int]:
     return counts, violations
 
 
-def allocate(prep: dict) -> tuple[np.ndarray, int, str]:
+def allocate(prep: dict, flex_counts=None) -> tuple[np.ndarray, int, str]:
     """Counts, lag violations and the allocator used ("pd2", or "edf" if PD^2 failed).
 
-    The caller's ``fixed_counts`` rows come first; the allocator plans the rest."""
+    The caller's ``fixed_counts`` rows come first; the allocator plans the rest.
+    ``flex_counts`` (K, D): what the flexible grouped datasets took (their columns)."""
     fixed = np.asarray(prep.get("fixed_counts", np.zeros((0, len(prep["kind"])))), dtype=np.int64)
     rest = dict(prep, num_batches=prep["num_batches"] - len(fixed))
-    counts, violations = allocate_pd2(rest)
+    taken = () if flex_counts is None else flex_counts.sum(axis=1).tolist()
+    counts, violations = allocate_pd2(rest, taken)
     allocator = "pd2"
     if violations:
-        counts, violations = allocate_edf(rest)
+        counts, violations = allocate_edf(rest, taken)
         allocator = "edf"
+    if flex_counts is not None:
+        counts = counts + flex_counts
     return np.concatenate([fixed, counts]), violations, allocator
 
 
@@ -277,7 +299,8 @@ class GroupPacker:
         self.n, self.starts, self.seed, self.key, self.window = n, starts, seed, key, window
         self.ngroups = len(starts) - 1
         self.pending, self.partial, self.closing = [], None, False
-        self.split = self.total = 0
+        self.split = self.total = self.fit_total = self.fit_split = 0
+        self.fit = 0                     # fit limit of the current batch (statistics only)
         self.touched = set()
         self._enter(start // n)
         target = start % n
@@ -304,6 +327,7 @@ class GroupPacker:
             return
         if lo == 0:
             self.total += 1
+            self.fit_total += int(self.starts[g + 1] - self.starts[g]) <= self.fit
         self.touched.add(self.epoch)
         out.extend(range(int(self.starts[g]) + lo, int(self.starts[g]) + hi))
 
@@ -311,6 +335,7 @@ class GroupPacker:
         self._emit(out, item[0], 0, cap)
         self.partial = [item[0], item[1], cap]
         self.split += 1
+        self.fit_split += item[1] <= self.fit
 
     def _maybe_next_epoch(self):
         if self.q == self.ngroups and not self.pending and self.partial is None:
@@ -377,12 +402,12 @@ class GroupPacker:
         if not self.closing:
             saved = (self.epoch, self.q, self.pulled, self.order, list(self.pending),
                      None if self.partial is None else list(self.partial), self.split,
-                     self.total, set(self.touched))
+                     self.total, set(self.touched), self.fit_total, self.fit_split)
             self._normal(out, count)
             if self._load() <= remaining_after:
                 return out
             (self.epoch, self.q, self.pulled, self.order, self.pending, self.partial,
-             self.split, self.total, self.touched) = saved
+             self.split, self.total, self.touched, self.fit_total, self.fit_split) = saved
             self.closing, out = True, []
         self._close(out, count)
         return out
@@ -427,14 +452,24 @@ def build(prep: dict) -> dict:
     """The whole plan from prepared inputs (same dict layout as the C++ builder returns)."""
     B, K = prep["global_batch_size"], prep["num_batches"]
     D = len(prep["kind"])
-    counts, violations, allocator = allocate(prep)
-    remaining = np.cumsum(counts[::-1], axis=0)[::-1] - counts   # samples after batch k
     per_batch = [[None] * D for _ in range(K)]
+    stats = {}
+    from phoenix.testing.plan_reference_flex import pack_flexible   # imports this module
+    flex = pack_flexible(prep, per_batch, stats) if 2 in list(prep["kind"]) else None
+    counts, violations, allocator = allocate(prep, flex)
+    remaining = np.cumsum(counts[::-1], axis=0)[::-1] - counts   # samples after batch k
     end, epochs = np.zeros(D, np.int64), np.zeros(D, np.int64)
     split, total = np.zeros(D, np.int64), np.zeros(D, np.int64)
+    fit, fit_split = np.zeros(D, np.int64), np.zeros(D, np.int64)
+    K0 = len(prep.get("fixed_counts", ()))
     for d in range(D):
         n, key, start = int(prep["num_samples"][d]), int(prep["keys"][d]), int(prep["start"][d])
         starts = prep["group_starts"][d]
+        if prep["kind"][d] == 2:
+            end[d], epochs[d], split[d], total[d], fit[d], fit_split[d] = stats[d]
+            if not counts[:, d].sum():
+                end[d], epochs[d] = start, 0
+            continue
         if starts is None:
             ids, epochs[d] = consume_plain(n, prep["seed"], key, start, int(counts[:, d].sum()))
             cut = np.cumsum(counts[:, d])[:-1]
@@ -444,10 +479,13 @@ def build(prep: dict) -> dict:
             continue
         packer = GroupPacker(n, starts, prep["seed"], key, start, prep["window"])
         for k in range(K):
+            packer.fit = (int(counts[k, d]) if k < K0 else
+                          fit_limit(int(prep["quota"][d]), burst_free(prep, k - K0)))
             per_batch[k][d] = np.array(packer.batch(int(counts[k, d]), int(remaining[k, d])),
                                        dtype=np.int64)
         end[d], epochs[d] = packer.end_offset(), len(packer.touched)
         split[d], total[d] = packer.split, packer.total
+        fit[d], fit_split[d] = packer.fit_total, packer.fit_split
     pos = interleave_positions(B, prep["interleave"])
     dataset_ids = np.zeros(K * B, dtype=np.uint16)
     sample_ids = np.zeros(K * B, dtype=np.int64)
@@ -458,4 +496,4 @@ def build(prep: dict) -> dict:
         sample_ids[k * B + pos] = src_s
     return dict(dataset_ids=dataset_ids, sample_ids=sample_ids, counts=counts.astype(np.int32),
                 end_offsets=end, epochs=epochs, groups_split=split, groups_total=total,
-                violations=violations, allocator=allocator)
+                groups_fit=fit, groups_fit_split=fit_split, violations=violations, allocator=allocator)
