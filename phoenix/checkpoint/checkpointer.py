@@ -103,7 +103,46 @@ def plan_restore(cfg: RunConfig) -> RestorePlan:
     if ckpt.init_optimizer and not read_checkpoint_state(source).get("has_optimizer", True):
         raise ConfigError(f"checkpoint.init_optimizer: {source} has no optimizer state (it was "
                           f"saved before the first step); load weights only")
+    check_init_vocab(source, cfg)
     return RestorePlan("init_from", source, honoured=tuple(rope_changes(source, cfg)))
+
+
+def _vocab_of(cfg: RunConfig) -> Optional[int]:
+    """The vocabulary a run's model is built for (model.vocab_size, else its tokenizer's)."""
+    from phoenix.tokenizer import load_tokenizer
+
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    try:
+        return load_tokenizer(cfg.tokenizer).vocab_size
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+def check_init_vocab(source: Path, cfg: RunConfig) -> None:
+    """Refuse ``checkpoint.init_from`` of a checkpoint built for another vocabulary size.
+
+    Embedding and output rows are indexed by token id, and padding to a multiple of 128
+    can give two vocabularies the same shape: a shape check alone would load a
+    checkpoint of the old vocabulary into the new one with zero rows for the new tokens.
+    A vocabulary is grown offline instead (``phoenix expand-vocab --checkpoint``, whose
+    output has the new size and initialised rows); init_from then loads it like any
+    checkpoint. Unknown sizes (an unreadable tokenizer of the source) are not checked."""
+    from phoenix.config.loader import load_saved_config
+
+    try:
+        saved = load_saved_config(source / "config.yaml")
+    except (OSError, ValueError):
+        return
+    theirs, mine = _vocab_of(saved), _vocab_of(cfg)
+    if theirs is None or mine is None or theirs == mine:
+        return
+    hint = (f"grow it with phoenix expand-vocab OLD_TOKENIZER --tokenizer "
+            f"{cfg.tokenizer.path} --checkpoint {source} --out OUT, then init_from OUT"
+            if mine > theirs else "a vocabulary cannot shrink")
+    raise ConfigError(f"checkpoint.init_from: {source} was trained with a vocabulary of {theirs} "
+                      f"tokens, this run's model has {mine} ({cfg.tokenizer.path}); its embedding "
+                      f"rows belong to the other tokenizer: {hint}")
 
 
 def upgrade_bundle(bundle: dict, path: Path, cfg: RunConfig) -> dict:

@@ -279,6 +279,10 @@ class CheckpointManager:
                 problems.append(f"{sh.key}: the model has shape {tuple(sh.global_shape)}, the "
                                 f"checkpoint {tuple(saved[sh.key].global_shape)}")
         if problems:
+            vocab_rows = ("embedding.word_embeddings.weight", "output_layer.weight")
+            if all(p.startswith(vocab_rows) and "shape" in p for p in problems):
+                problems.append("(only the vocabulary rows differ: a checkpoint is resized to a "
+                                "new tokenizer with phoenix expand-vocab --checkpoint)")
             shown = "\n  ".join(sorted(set(problems))[:8])
             more = f"\n  ... and {len(set(problems)) - 8} more" if len(set(problems)) > 8 else ""
             raise CheckpointError(

@@ -23,6 +23,7 @@ COMMANDS = {
     "describe": "phoenix.cli.describe",
     "convert": "phoenix.cli.convert",
     "tokenizer": "phoenix.cli.tokenizer_check",
+    "expand-vocab": "phoenix.cli.expand_vocab",
 }
 """Command name -> the module whose ``main(argv)`` runs it."""
 
@@ -38,6 +39,7 @@ SUMMARIES = {
     "describe": "parameters, FLOPs per token and memory per GPU of a recipe's layout",
     "convert": "Hugging Face <-> phoenix checkpoints (hf-to-phoenix, phoenix-to-hf)",
     "tokenizer": "tokenizer tools: check A B --corpus FILE (do two tokenizers agree?)",
+    "expand-vocab": "append tokens to a tokenizer (no id changes) and resize a checkpoint to it",
 }
 
 

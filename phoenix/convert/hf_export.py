@@ -46,9 +46,11 @@ log = logging.getLogger(__name__)
 
 
 def _import_root(checkpoint: Path) -> Optional[Path]:
-    """The hf-to-phoenix folder a checkpoint lies in (OUT/checkpoints/step_*), if any."""
+    """The hf-to-phoenix (or expand-vocab) folder a checkpoint lies in
+    (OUT/checkpoints/step_*), if any."""
     root = checkpoint.parent.parent
-    return root if (root / "hf_import.json").is_file() else None
+    marks = ("hf_import.json", "vocab_expansion.json")
+    return root if any((root / m).is_file() for m in marks) else None
 
 
 def _source_hf_config(checkpoint: Path, cfg) -> Optional[dict]:

@@ -7,7 +7,9 @@ topic, and sentences follow a handful of templates. Three ``domain`` styles exis
 
 * ``web``:  English-like prose in paragraphs,
 * ``code``: small python-like functions and classes,
-* ``math``: arithmetic statements that are actually correct (``12 + 7 = 19.``).
+* ``math``: arithmetic statements that are actually correct (``12 + 7 = 19.``),
+* ``zh``:   Chinese-like prose: two- and three-character words of a fixed lexicon in
+  sentences without spaces (for vocabulary-expansion and continual-pretraining tests).
 
 Determinism: the output depends only on ``(num_docs, seed, domain, options)``; the word
 lists are fixed (built from an internal constant seed), and ``.gz`` files are written with
@@ -23,7 +25,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
-DOMAINS = ("web", "code", "math")
+DOMAINS = ("web", "code", "math", "zh")
 
 _FUNCTION_WORDS = ("the", "a", "of", "and", "in", "on", "with", "near", "under", "to")
 _PREPS = ("in", "on", "with", "near", "under", "behind", "over")
@@ -174,7 +176,30 @@ def _math_doc(rng: random.Random, t: _Topic, n_words: int) -> str:
     return _lines_doc(_math_sentence, rng, t, n_words)
 
 
-_GENERATORS = {"web": _web_doc, "code": _code_doc, "math": _math_doc}
+_ZH_CHARS = ("的一是在人有我他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自"
+             "着去之过家学对可她里后小么心多天而能好都然没日于起还发成事只作当想看文无开手"
+             "十用主行方又如前所本见经头面公同三已老从动两长知民样现分将外但身些与高意进把")
+_ZH_RNG = random.Random(20240612)
+_ZH_WORDS = sorted({"".join(_ZH_RNG.choice(_ZH_CHARS) for _ in range(_ZH_RNG.choice((2, 2, 3))))
+                    for _ in range(240)})
+
+
+def _zh_sentence(rng: random.Random, t: _Topic) -> str:
+    words = [_Topic._zipf(rng, _ZH_WORDS) for _ in range(rng.randint(3, 8))]
+    return "".join(words) + rng.choice("。，！？")
+
+
+def _zh_doc(rng: random.Random, t: _Topic, n_words: int) -> str:
+    # A "word" of the word count is one sentence-internal lexicon word.
+    sentences, words = [], 0
+    while words < n_words:
+        sentence = _zh_sentence(rng, t)
+        words += 5
+        sentences.append(sentence)
+    return "".join(sentences)
+
+
+_GENERATORS = {"web": _web_doc, "code": _code_doc, "math": _math_doc, "zh": _zh_doc}
 
 
 def generate_documents(

@@ -170,6 +170,10 @@ class HFTokenizer:
         """Ids of ``text`` with the file's post-processor (e.g. Llama-3's BOS); no EOD."""
         return self._tok.encode(text).ids
 
+    def id_to_token(self, tid: int) -> Optional[str]:
+        """The vocabulary entry of ``tid`` (byte-level string for a byte-level BPE)."""
+        return self._tok.id_to_token(int(tid))
+
     def decode(self, ids: Sequence[int]) -> str:
         """Text of ``ids``, special tokens included."""
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -111,6 +111,10 @@ class SentencePieceTokenizer:
         """Encode ``text`` to ids. No BOS/EOS is added; callers append ``eod_id`` themselves."""
         return self._sp.encode(text, out_type=int)
 
+    def id_to_token(self, tid: int) -> str:
+        """The piece of ``tid`` (``▁`` for a space)."""
+        return self._sp.id_to_piece(int(tid))
+
     def decode(self, ids: Sequence[int]) -> str:
         """Decode ids back to text (lossless for models trained by :func:`train_sentencepiece`)."""
         return self._sp.decode([int(i) for i in ids])
