@@ -130,7 +130,7 @@ def rope_changes(checkpoint: Path, cfg: RunConfig) -> list[ConfigChange]:
         old = load_saved_config(checkpoint / "config.yaml")
     except (ConfigError, OSError):
         return []
-    return [c for c in config_changes(old, cfg) if _is_rope(c.key)]
+    return [c for c in config_changes(old, cfg) if _is_rope(c.key) and c.old != c.new]
 
 
 def _schedule_differs(old: RunConfig, new: RunConfig, steps: int) -> str | None:
