@@ -28,7 +28,7 @@ import torch
 import yaml
 
 from phoenix.convert.common import atomic_output, conversion_config, one_process_runtime
-from phoenix.model.upcycling import UpcycleError, UpcycleSpec, granularity, upcycle_state_dict
+from phoenix.model.upcycling import UpcycleError, UpcycleSpec, granularity, upcycled_tensors
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +175,7 @@ def upcycle(dense_ckpt: str | Path, moe_config: str | Path, out: str | Path, *,
             init_routers(moe_gpt, seed)
             target = {k: v for k, v in moe_gpt.state_dict().items() if not k.endswith("_extra_state")}
             dense = {k: v for k, v in dense_gpt.state_dict().items() if not k.endswith("_extra_state")}
-            for key, value in upcycle_state_dict(dense, target, spec).items():
+            for key, value in upcycled_tensors(dense, target, spec):
                 target[key].copy_(value)
             del dense_gpt, dense
             manager = CheckpointManager(tmp / "checkpoints", layout.rank, layout.world_size)

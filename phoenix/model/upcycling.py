@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -128,7 +129,8 @@ def expert_tensor(dense: torch.Tensor, name: str, expert: int, spec: UpcycleSpec
     g, j = spec.granularity, expert % spec.granularity
     if name == "linear_fc2.bias":
         return dense.clone()
-    scaled = dense * spec.weight_scale if spec.weight_scale != 1.0 else dense
+    # Scaled in fp32 (a bf16 product would round twice); cast to the model's dtype after.
+    scaled = dense.float() * spec.weight_scale if spec.weight_scale != 1.0 else dense
     if name.startswith("linear_fc1"):
         return split_fc1(scaled, g, spec.gated)[j].clone()
     return torch.tensor_split(scaled, g, dim=1)[j].clone()  # fc2 weight [h, ffn]
@@ -142,12 +144,13 @@ def grouped_router(router: torch.Tensor, g: int) -> torch.Tensor:
     return router[: router.shape[0] // g].repeat_interleave(g, dim=0).clone()
 
 
-def upcycle_state_dict(dense: dict[str, torch.Tensor], moe: dict[str, torch.Tensor],
-                       spec: UpcycleSpec) -> dict[str, torch.Tensor]:
-    """The MoE model's full state dict: ``moe`` (its own, for the router's init) filled
-    from ``dense``. Every MoE key is accounted for and every dense key used, or
-    UpcycleError names the first that is not (a config the weights do not fit)."""
-    out, used = {}, set()
+def upcycled_tensors(dense: dict[str, torch.Tensor], moe: dict[str, torch.Tensor],
+                     spec: UpcycleSpec) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(key, tensor)`` for every key of the MoE model's full state dict ``moe`` (its own
+    tensors: the router's init), filled from ``dense``, one at a time (the caller copies
+    each into place, so the experts are never held twice). Every MoE key is accounted
+    for and every dense key used, or UpcycleError names the first that is not."""
+    used = set()
     for key, target in moe.items():
         if (m := _EXPERT.match(key)) is not None:
             layer, expert, name = int(m.group(1)), int(m.group(2)), m.group(3)
@@ -169,8 +172,13 @@ def upcycle_state_dict(dense: dict[str, torch.Tensor], moe: dict[str, torch.Tens
         if tuple(value.shape) != tuple(target.shape):
             raise UpcycleError(f"{key}: the dense checkpoint gives shape {tuple(value.shape)}, "
                                f"the MoE config needs {tuple(target.shape)}")
-        out[key] = value.to(target.dtype)
+        yield key, value.to(target.dtype)
     unused = sorted(set(dense) - used)
     if unused:
         raise UpcycleError(f"dense weight(s) the MoE model has no place for: {unused[:3]}")
-    return out
+
+
+def upcycle_state_dict(dense: dict[str, torch.Tensor], moe: dict[str, torch.Tensor],
+                       spec: UpcycleSpec) -> dict[str, torch.Tensor]:
+    """:func:`upcycled_tensors` as one state dict."""
+    return dict(upcycled_tensors(dense, moe, spec))

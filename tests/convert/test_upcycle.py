@@ -133,3 +133,16 @@ def test_bad_input_is_one_line_naming_it(dense, tmp_path, capsys, model, message
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_refuses_a_moe_source_and_an_existing_output(dense, upcycled, tmp_path, capsys):
+    from phoenix.cli import main
+
+    _, ckpt = dense
+    root, _, _ = upcycled
+    recipe = str(root / "exact_mixed.yaml")
+    assert main(["upcycle", str(root / "exact_mixed"), recipe, str(tmp_path / "out")]) == 2
+    assert "is already a MoE checkpoint" in capsys.readouterr().err
+    assert main(["upcycle", ckpt, recipe, str(root / "exact_mixed")]) == 2
+    assert "already exists; choose a new output folder" in capsys.readouterr().err
