@@ -22,6 +22,7 @@ COMMANDS = {
     "inspect-batch": "phoenix.cli.inspect_batch",
     "describe": "phoenix.cli.describe",
     "convert": "phoenix.cli.convert",
+    "upcycle": "phoenix.cli.upcycle",
     "tokenizer": "phoenix.cli.tokenizer_check",
     "expand-vocab": "phoenix.cli.expand_vocab",
 }
@@ -38,6 +39,7 @@ SUMMARIES = {
     "inspect-batch": "print the documents of one global batch of a run",
     "describe": "parameters, FLOPs per token and memory per GPU of a recipe's layout",
     "convert": "Hugging Face <-> phoenix checkpoints (hf-to-phoenix, phoenix-to-hf)",
+    "upcycle": "a dense checkpoint as a MoE one (experts from the dense MLP, granular too)",
     "tokenizer": "tokenizer tools: check A B --corpus FILE (do two tokenizers agree?)",
     "expand-vocab": "append tokens to a tokenizer (no id changes) and resize a checkpoint to it",
 }
