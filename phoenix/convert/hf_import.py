@@ -172,5 +172,12 @@ def hf_to_phoenix(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int =
                 "tokenizer_files": copied, "tokenizer": summary,
                 "use": {"checkpoint.init_from": str(out), "model.preset": str(out / "model.yaml"),
                         **{f"tokenizer.{k}": v for k, v in tokenizer.items()}}}
+        if "moe" in model:  # a training setting whose meaning differs (phoenix.convert.hf_moe)
+            info["moe_note"] = (f"model.moe.aux_loss_coeff {model['moe']['aux_loss_coeff']} is "
+                                f"router_aux_loss_coef copied as is; megatron sums its aux loss "
+                                f"over the MoE layers and it is 1/top-k of transformers' per "
+                                f"layer: coef * top-k / (MoE layers) gives about the same "
+                                f"balancing pressure")
+            log.warning("hf-to-phoenix: %s", info["moe_note"])
         (tmp / "hf_import.json").write_text(json.dumps(info, indent=2) + "\n")
     return out

@@ -244,3 +244,27 @@ def test_ep_must_divide_the_experts_and_names_are_checked(hf_models, tmp_path):
                                               r"experts.3.w2.weight'\]"):
         hf_to_phoenix(folder, tmp_path / "out", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mixtral"]
+
+
+def test_an_upcycled_dense_import_exports_as_mixtral_and_back():
+    """A Llama import given a model.moe (phoenix upcycling) exports as Mixtral; a Qwen2 one
+    (QKV bias, no shared expert) fits neither MoE architecture and is refused."""
+    from phoenix.config import ModelConfig, MoEConfig
+    from phoenix.convert import ConversionError
+    from phoenix.convert.hf_config import hf_from_model, model_from_hf
+
+    llama = {**_config("mixtral"), "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    for key in ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef",
+                "router_jitter_noise", "output_router_logits"):
+        llama.pop(key)
+    section = model_from_hf(llama)
+    section.pop("rope")
+    moe = MoEConfig(num_experts=8, router_topk=2, aux_loss_coeff=0.01)
+    hf = hf_from_model(ModelConfig(**section, moe=moe), VOCAB, "float32", llama)
+    assert hf["architectures"] == ["MixtralForCausalLM"] and hf["num_local_experts"] == 8
+    back = model_from_hf(hf)
+    assert back["moe"]["num_experts"] == 8 and back["ffn_hidden_size"] == section["ffn_hidden_size"]
+    qwen2 = {**llama, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+    with pytest.raises(ConversionError, match=r"as mixtral: model.add_qkv_bias must be false"):
+        hf_from_model(ModelConfig(**{**section, "add_qkv_bias": True}, moe=moe), VOCAB,
+                      "float32", qwen2)
