@@ -1,12 +1,14 @@
-"""``phoenix convert``: Hugging Face <-> phoenix checkpoints (dense Llama / Qwen2 / Mistral).
+"""``phoenix convert``: Hugging Face <-> phoenix checkpoints (Llama / Qwen2 / Mistral, and
+the MoE Mixtral / Qwen2-MoE).
 
-    phoenix convert hf-to-phoenix HF_DIR OUT [--tp N --pp N] [--dtype bf16]
+    phoenix convert hf-to-phoenix HF_DIR OUT [--tp N --pp N --ep N] [--dtype bf16]
     phoenix convert phoenix-to-hf CKPT OUT [--dtype bf16] [--max-shard-size-gb 5]
 
 hf-to-phoenix writes OUT/checkpoints/step_000000 (TP=PP=1; it loads at any TP/PP through
 ``checkpoint.init_from: OUT``), OUT/model.yaml (use as ``model.preset``), OUT/tokenizer/
-and OUT/hf_import.json; --tp/--pp are checked (TP must divide heads, query groups, the
-padded vocab and the FFN; PP the layers) and recorded as the suggested layout.
+and OUT/hf_import.json; --tp/--pp/--ep are checked (TP must divide heads, query groups, the
+padded vocab and the FFNs; PP the layers; EP the experts) and recorded as the suggested
+layout.
 phoenix-to-hf writes safetensors shards, model.safetensors.index.json, config.json, the
 tokenizer files and phoenix_export.json (tokenizer fingerprint). Both run in one process
 on CPU and never leave a partial OUT behind. Unsupported architectures, config keys and
@@ -29,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     imp.add_argument("out")
     imp.add_argument("--tp", type=int, default=1, help="suggested tensor parallel size (checked)")
     imp.add_argument("--pp", type=int, default=1, help="suggested pipeline parallel size (checked)")
+    imp.add_argument("--ep", type=int, default=1,
+                     help="suggested expert parallel size (checked; MoE models)")
     imp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                      help="weights dtype (default: the source's)")
     exp = sub.add_parser("phoenix-to-hf", help="a phoenix checkpoint -> a Hugging Face folder")
@@ -50,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.direction == "hf-to-phoenix":
             from phoenix.convert.hf_import import hf_to_phoenix
 
-            out = hf_to_phoenix(args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+            out = hf_to_phoenix(args.hf_dir, args.out, tp=args.tp, pp=args.pp, ep=args.ep,
+                                dtype=args.dtype,
                                 progress=not args.no_progress)
         else:
             from phoenix.convert.hf_export import phoenix_to_hf

@@ -39,8 +39,8 @@ def conversion_config(model: dict, tokenizer: dict, output_dir: str | Path) -> R
     })
 
 
-def check_layout(model: dict, tp: int, pp: int) -> int:
-    """Refuse a suggested TP/PP the checkpoint could not be loaded at; returns the padded
+def check_layout(model: dict, tp: int, pp: int, ep: int = 1) -> int:
+    """Refuse a suggested TP/PP/EP the checkpoint could not be loaded at; returns the padded
     vocabulary (rows of the embedding and output layer)."""
     padded = padded_vocab_size(model["vocab_size"], model.get("make_vocab_size_divisible_by", 128), 1)
     heads, groups = model["num_attention_heads"], model.get("num_query_groups") or model["num_attention_heads"]
@@ -49,8 +49,17 @@ def check_layout(model: dict, tp: int, pp: int) -> int:
         ("padded vocab size", padded), ("ffn_hidden_size", model["ffn_hidden_size"])) if n % tp]
     if model["num_layers"] % pp:
         problems.append(f"num_layers {model['num_layers']} is not divisible by --pp {pp}")
-    if tp < 1 or pp < 1:
-        problems.append("--tp and --pp must be >= 1")
+    moe = model.get("moe")
+    if moe:  # experts split over EP whole, their width over ETP (= TP by default)
+        f = moe.get("ffn_hidden_size") or model["ffn_hidden_size"]
+        shared = moe.get("shared_expert_intermediate_size")
+        problems += [f"{what} {n} is not divisible by --{flag} {k}" for what, n, flag, k in (
+            ("num_experts", moe["num_experts"], "ep", ep), ("expert ffn_hidden_size", f, "tp", tp),
+            ("shared_expert_intermediate_size", shared or 0, "tp", tp)) if k >= 1 and n % k]
+    elif ep != 1:
+        problems.append(f"--ep {ep}: a dense model has no experts")
+    if tp < 1 or pp < 1 or ep < 1:
+        problems.append("--tp, --pp and --ep must be >= 1")
     if problems:
         raise ConversionError("; ".join(problems))
     return padded

@@ -1,7 +1,9 @@
-"""Hugging Face ``config.json`` <-> phoenix ``model`` section, for dense decoders.
+"""Hugging Face ``config.json`` <-> phoenix ``model`` section.
 
 Supported: ``LlamaForCausalLM`` (Llama 2, 3, 3.1, 3.2), ``Qwen2ForCausalLM`` (Qwen2 and
-2.5: QKV bias) and ``MistralForCausalLM`` (without a sliding window). Every key of the
+2.5: QKV bias), ``MistralForCausalLM`` (without a sliding window), and the MoE
+``MixtralForCausalLM`` and ``Qwen2MoeForCausalLM`` (their ``model.moe``:
+:mod:`phoenix.convert.hf_moe`). Every key of the
 config is either mapped, checked against the one value phoenix implements, or known to
 carry no architecture (ids, inference switches, bookkeeping); any other key is refused by
 name, never dropped.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from phoenix.config import ModelConfig, RopeConfig
+from phoenix.config import ModelConfig, MoEConfig, RopeConfig
 
 
 class ConversionError(ValueError):
@@ -25,7 +27,8 @@ class ConversionError(ValueError):
 
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                 "MistralForCausalLM": "mistral"}
+                 "MistralForCausalLM": "mistral", "MixtralForCausalLM": "mixtral",
+                 "Qwen2MoeForCausalLM": "qwen2_moe"}
 
 # Keys that describe no weights or numerics of the forward pass.
 _IGNORED = {
@@ -58,11 +61,12 @@ _ROPE_KEYS = {
 
 
 def architecture_of(hf: dict) -> str:
-    """``llama`` / ``qwen2`` / ``mistral`` from ``architectures``; refuses anything else."""
+    """``llama`` / ``qwen2`` / ``mistral`` / ``mixtral`` / ``qwen2_moe`` from
+    ``architectures``; refuses anything else."""
     archs = hf.get("architectures") or []
     if len(archs) != 1 or archs[0] not in ARCHITECTURES:
         raise ConversionError(f"config.json architectures {archs}: not supported (supported: "
-                              f"{', '.join(ARCHITECTURES)}; MoE models come later)")
+                              f"{', '.join(ARCHITECTURES)})")
     return ARCHITECTURES[archs[0]]
 
 
@@ -132,20 +136,23 @@ def model_from_hf(hf: dict) -> dict:
     """The phoenix ``model`` section (plain data, as in model.yaml) of a config.json.
 
     Raises ConversionError naming the key for anything phoenix does not implement."""
+    from phoenix.convert.hf_moe import MOE_KEYS, moe_from_hf
+
     arch = architecture_of(hf)
-    unknown = sorted(set(hf) - _IGNORED - _MAPPED)
+    unknown = sorted(set(hf) - _IGNORED - _MAPPED - MOE_KEYS.get(arch, set()))
     if unknown:
         raise ConversionError(f"config.json key(s) {unknown}: not supported by the {arch} "
                               f"converter (refused rather than dropped)")
     _require(hf, "hidden_act", ("silu",), "SwiGLU needs silu")
     _require(hf, "mlp_bias", (False,), "phoenix's MLP has no bias")
     _require(hf, "pretraining_tp", (1,), "only 1: the slicing changes the numerics")
-    if arch != "qwen2":
+    qwen = arch in ("qwen2", "qwen2_moe")
+    if not qwen:
         _require(hf, "attention_bias", (False,), "QKV bias is Qwen2's; use add_qkv_bias")
-    if arch == "qwen2" and hf.get("use_sliding_window"):
+    if qwen and hf.get("use_sliding_window"):
         raise ConversionError("config.json use_sliding_window=true: sliding-window attention "
                               "is not supported")
-    if "sliding_window" in hf and arch == "mistral" and hf["sliding_window"] is not None \
+    if "sliding_window" in hf and arch in ("mistral", "mixtral") and hf["sliding_window"] is not None \
             and hf["sliding_window"] < hf["max_position_embeddings"]:
         raise ConversionError(
             f"config.json sliding_window={hf['sliding_window']}: smaller than "
@@ -170,11 +177,15 @@ def model_from_hf(hf: dict) -> dict:
         "normalization": "RMSNorm", "norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
         "activation": "swiglu", "position_embedding": "rope", "rope": rope_dict,
         "tie_embeddings": bool(hf.get("tie_word_embeddings", arch == "qwen2")),
-        "add_bias_linear": False, "add_qkv_bias": arch == "qwen2",
+        "add_bias_linear": False,
+        "add_qkv_bias": arch == "qwen2" or arch == "qwen2_moe" and bool(hf.get("qkv_bias", True)),
         "init_method_std": float(hf.get("initializer_range", 0.02)),
         "attention_dropout": float(hf.get("attention_dropout", 0.0)),
     }
-    ModelConfig(**{**section, "rope": rope})  # validates (raises ConfigError)
+    if arch in MOE_KEYS:
+        section["moe"] = moe_from_hf(hf, arch)
+    ModelConfig(**{**section, "rope": rope, "moe": section.get("moe") and MoEConfig(
+        **section["moe"])})  # validates (raises ConfigError)
     return section
 
 
@@ -212,11 +223,17 @@ def hf_from_model(m: ModelConfig, vocab_size: int, dtype: str,
             or m.qk_layernorm or m.position_embedding != "rope":
         raise ConversionError("phoenix-to-hf: only Llama-style models export (RMSNorm, swiglu, "
                               "rope, no linear biases, no qk_layernorm)")
+    from phoenix.convert.hf_moe import moe_architecture, moe_to_hf
+
     arch = architecture_of(base) if base else ("qwen2" if m.add_qkv_bias else "llama")
-    if (arch == "qwen2") != m.add_qkv_bias:
+    if m.moe is not None:  # an upcycled dense import exports as Mixtral / Qwen2-MoE
+        arch = moe_architecture(m, arch)
+    elif arch in ("mixtral", "qwen2_moe") or (arch == "qwen2") != m.add_qkv_bias:
         arch = "qwen2" if m.add_qkv_bias else "llama"
     name = {v: k for k, v in ARCHITECTURES.items()}[arch]
     hf = {k: v for k, v in (base or {}).items() if k in _IGNORED | {"pretraining_tp"}}
+    if arch in ("mixtral", "qwen2_moe"):
+        hf.pop("pretraining_tp", None)
     rope = m.rope or RopeConfig()
     params = _rope_to_hf(rope)
     max_pos = m.max_seq_length
@@ -235,9 +252,13 @@ def hf_from_model(m: ModelConfig, vocab_size: int, dtype: str,
         "rope_scaling": None if params["rope_type"] == "default" else
         {k: v for k, v in params.items() if k != "rope_theta"},
     })
-    if arch == "qwen2":
+    if m.moe is not None:
+        hf.update(moe_to_hf(m, arch, base))
+    if arch in ("qwen2", "qwen2_moe"):
         hf.update(use_sliding_window=False, sliding_window=None,
                   layer_types=["full_attention"] * m.num_layers)
+    elif arch == "mixtral":
+        hf.update(head_dim=m.hidden_size // heads, sliding_window=None)
     else:
         hf.update(head_dim=m.hidden_size // heads, attention_bias=False)
         if arch == "mistral":

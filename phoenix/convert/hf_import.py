@@ -1,9 +1,9 @@
-"""``phoenix convert hf-to-phoenix HF_DIR OUT``: a Hugging Face dense decoder as a phoenix
-checkpoint.
+"""``phoenix convert hf-to-phoenix HF_DIR OUT``: a Hugging Face decoder (dense, or the MoE
+Mixtral / Qwen2-MoE) as a phoenix checkpoint.
 
 Output folder (written as ``.tmp-OUT-*`` and renamed when complete)::
 
-    OUT/checkpoints/step_000000/   the weights (dist_checkpointing, TP=PP=1, reshardable)
+    OUT/checkpoints/step_000000/   the weights (dist_checkpointing, TP=PP=EP=1, reshardable)
     OUT/checkpoints/latest
     OUT/model.yaml                 the phoenix model section (use as ``model.preset``)
     OUT/tokenizer/                 the tokenizer files, copied verbatim
@@ -11,7 +11,7 @@ Output folder (written as ``.tmp-OUT-*`` and renamed when complete)::
     OUT/hf_import.json             provenance: source, dtype, suggested TP/PP, tokenizer
 
 Train from it with ``checkpoint.init_from: OUT``, ``model.preset: OUT/model.yaml`` and
-``tokenizer.hf_dir: OUT/tokenizer`` at any TP/PP the check below accepted.
+``tokenizer.hf_dir: OUT/tokenizer`` at any TP/PP/EP the check below accepted.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from phoenix.convert.common import (
     tokenizer_summary,
 )
 from phoenix.convert.hf_config import ConversionError, model_from_hf
+from phoenix.convert.hf_moe import moe_shape
 from phoenix.convert.safetensors_io import DTYPES, SafetensorsReader, cast
 from phoenix.convert.weights import (
     EMBED,
@@ -56,7 +57,8 @@ def shape_of(model: dict) -> Shape:
     return Shape(num_layers=model["num_layers"], hidden=model["hidden_size"],
                  heads=model["num_attention_heads"],
                  groups=model.get("num_query_groups") or model["num_attention_heads"],
-                 qkv_bias=model.get("add_qkv_bias", False), tied=model["tie_embeddings"])
+                 qkv_bias=model.get("add_qkv_bias", False), tied=model["tie_embeddings"],
+                 moe=moe_shape(model))
 
 
 def _check_tensor_names(reader: SafetensorsReader, shape: Shape) -> None:
@@ -85,10 +87,10 @@ def _tokenizer_section(hf_dir: Path, out: Path, copied: list[str]) -> dict:
     return {"hf_dir": str(out / "tokenizer")}
 
 
-def hf_to_phoenix(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1,
+def hf_to_phoenix(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
                   dtype: Optional[str] = None, progress: bool = True) -> Path:
     """Convert the HF folder ``hf_dir`` into the phoenix folder ``out`` (see the module
-    docstring); ``tp``/``pp`` are checked and recorded as the suggested layout; ``dtype``
+    docstring); ``tp``/``pp``/``ep`` are checked and recorded as the suggested layout; ``dtype``
     (fp32/bf16/fp16) defaults to the source's. Returns ``out``.
 
     Raises ConversionError naming the file, key or tensor that cannot be converted."""
@@ -105,7 +107,7 @@ def hf_to_phoenix(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int =
         raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
     hf = json.loads(config_path.read_text())
     model = model_from_hf(hf)
-    padded = check_layout(model, tp, pp)
+    padded = check_layout(model, tp, pp, ep)
     reader = SafetensorsReader(hf_dir)
     shape = shape_of(model)
     _check_tensor_names(reader, shape)
@@ -166,9 +168,16 @@ def hf_to_phoenix(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int =
                 log.warning("hf-to-phoenix: the tokenizer files cannot be read by phoenix: %s", e)
         info = {"source": str(hf_dir.resolve()), "architecture": hf["architectures"][0],
                 "dtype": str(target).replace("torch.", ""), "vocab_size": model["vocab_size"],
-                "padded_vocab_size": padded, "suggested_parallel": {"tensor": tp, "pipeline": pp},
+                "padded_vocab_size": padded, "suggested_parallel": {"tensor": tp, "pipeline": pp, "expert": ep},
                 "tokenizer_files": copied, "tokenizer": summary,
                 "use": {"checkpoint.init_from": str(out), "model.preset": str(out / "model.yaml"),
                         **{f"tokenizer.{k}": v for k, v in tokenizer.items()}}}
+        if "moe" in model:  # a training setting whose meaning differs (phoenix.convert.hf_moe)
+            info["moe_note"] = (f"model.moe.aux_loss_coeff {model['moe']['aux_loss_coeff']} is "
+                                f"router_aux_loss_coef copied as is; megatron sums its aux loss "
+                                f"over the MoE layers and it is 1/top-k of transformers' per "
+                                f"layer: coef * top-k / (MoE layers) gives about the same "
+                                f"balancing pressure")
+            log.warning("hf-to-phoenix: %s", info["moe_note"])
         (tmp / "hf_import.json").write_text(json.dumps(info, indent=2) + "\n")
     return out

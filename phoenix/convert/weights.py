@@ -1,5 +1,6 @@
-"""The tensor map between Hugging Face Llama/Qwen2/Mistral and megatron-core's GPTModel
-(local layer spec, TP = PP = 1), one decoder layer at a time.
+"""The tensor map between Hugging Face Llama/Qwen2/Mistral (and the attention, norms and
+dense MLPs of Mixtral/Qwen2-MoE, whose MoE MLPs map by :mod:`phoenix.convert.hf_moe`) and
+megatron-core's GPTModel (local layer spec, TP = PP = EP = 1), one decoder layer at a time.
 
 ===========================================  ============================================
 HF (``model.layers.i.`` ...)                 megatron-core (``decoder.layers.i.`` ...)
@@ -24,8 +25,11 @@ with GQA. Padded vocabulary rows are zero on import and cut on export.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
+
+from phoenix.convert.hf_moe import MoEShape, moe_mlp_names, moe_mlp_to_hf, moe_mlp_to_megatron
 
 EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 M_EMBED, M_FINAL_NORM, M_OUTPUT = ("embedding.word_embeddings.weight",
@@ -42,6 +46,11 @@ class Shape:
     groups: int
     qkv_bias: bool
     tied: bool
+    moe: Optional[MoEShape] = None
+    """Mixtral / Qwen2-MoE: the MLP of its MoE layers maps by :mod:`phoenix.convert.hf_moe`."""
+
+    def is_moe(self, i: int) -> bool:
+        return self.moe is not None and i in self.moe.layers
 
     @property
     def head_dim(self) -> int:
@@ -53,8 +62,11 @@ def hf_layer_names(i: int, shape: Shape) -> list[str]:
     p = f"model.layers.{i}."
     names = [p + "input_layernorm.weight", p + "post_attention_layernorm.weight",
              p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
-             p + "self_attn.v_proj.weight", p + "self_attn.o_proj.weight",
-             p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"]
+             p + "self_attn.v_proj.weight", p + "self_attn.o_proj.weight"]
+    if shape.is_moe(i):
+        names += moe_mlp_names(i, shape.moe)
+    else:
+        names += [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight", p + "mlp.down_proj.weight"]
     if shape.qkv_bias:
         names += [p + f"self_attn.{x}_proj.bias" for x in "qkv"]
     return names
@@ -93,10 +105,13 @@ def layer_to_megatron(i: int, hf: dict[str, torch.Tensor], shape: Shape) -> dict
         m + "self_attention.linear_qkv.weight": interleave_qkv(
             hf[a + "q_proj.weight"], hf[a + "k_proj.weight"], hf[a + "v_proj.weight"], shape),
         m + "self_attention.linear_proj.weight": hf[a + "o_proj.weight"],
-        m + "mlp.linear_fc1.weight": torch.cat([hf[p + "mlp.gate_proj.weight"],
-                                                hf[p + "mlp.up_proj.weight"]]),
-        m + "mlp.linear_fc2.weight": hf[p + "mlp.down_proj.weight"],
     }
+    if shape.is_moe(i):
+        out.update(moe_mlp_to_megatron(i, hf, shape.moe))
+    else:
+        out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"],
+                                                      hf[p + "mlp.up_proj.weight"]])
+        out[m + "mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]
     if shape.qkv_bias:
         out[m + "self_attention.linear_qkv.bias"] = interleave_qkv(
             hf[a + "q_proj.bias"], hf[a + "k_proj.bias"], hf[a + "v_proj.bias"], shape)
@@ -109,15 +124,19 @@ def layer_to_hf(i: int, mg: dict[str, torch.Tensor], shape: Shape) -> dict[str, 
     p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
     a = p + "self_attn."
     q, k, v = split_qkv(mg[m + "self_attention.linear_qkv.weight"], shape)
-    gate, up = mg[m + "mlp.linear_fc1.weight"].chunk(2)
     out = {
         p + "input_layernorm.weight": mg[m + "input_layernorm.weight"],
         p + "post_attention_layernorm.weight": mg[m + "pre_mlp_layernorm.weight"],
         a + "q_proj.weight": q, a + "k_proj.weight": k, a + "v_proj.weight": v,
         a + "o_proj.weight": mg[m + "self_attention.linear_proj.weight"],
-        p + "mlp.gate_proj.weight": gate.contiguous(), p + "mlp.up_proj.weight": up.contiguous(),
-        p + "mlp.down_proj.weight": mg[m + "mlp.linear_fc2.weight"],
     }
+    if shape.is_moe(i):
+        out.update(moe_mlp_to_hf(i, mg, shape.moe))
+    else:
+        gate, up = mg[m + "mlp.linear_fc1.weight"].chunk(2)
+        out[p + "mlp.gate_proj.weight"] = gate.contiguous()
+        out[p + "mlp.up_proj.weight"] = up.contiguous()
+        out[p + "mlp.down_proj.weight"] = mg[m + "mlp.linear_fc2.weight"]
     if shape.qkv_bias:
         out[a + "q_proj.bias"], out[a + "k_proj.bias"], out[a + "v_proj.bias"] = split_qkv(
             mg[m + "self_attention.linear_qkv.bias"], shape)

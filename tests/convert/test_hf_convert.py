@@ -82,6 +82,8 @@ def _logits(path: str, out_dir: str, layout_kw: dict):
     model = read_yaml(os.path.join(path, "model.yaml"))
     cfg = conversion_config(model, {"model": "unused.model"}, out_dir)
     cfg.parallel.tensor, cfg.parallel.pipeline = layout_kw.get("tp", 1), layout_kw.get("pp", 1)
+    if layout_kw.get("ep", 1) > 1:  # MoE (test_hf_moe_convert.py): EP ranks are DP ranks
+        cfg.parallel.expert = cfg.train.global_batch_size = layout_kw["ep"]
     layout = init_runtime(cfg)
     (gpt,) = build_model(cfg, layout, model["vocab_size"], wrap_ddp=False)
     ckpt = resolve_checkpoint(path)
