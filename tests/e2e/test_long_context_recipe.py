@@ -3,6 +3,7 @@ tiny sizes): the RoPE base switches at the stage boundary, eval follows each sta
 length, the needle eval logs to TensorBoard (read back with its own reader) and writes
 its heatmap."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -42,3 +43,15 @@ def test_long_context_example_runs_both_stages(tmp_path):
     assert [e.step for e in acc.Images("eval/needle/heatmap")] == [10, 20, 30]
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert len(losses) >= 6 and losses[-1] < losses[0] - 1.0
+
+    # `phoenix eval` on the final checkpoint reproduces the in-training eval of step 30:
+    # it must use the last stage's RoPE (base 1M) and sequence length (256).
+    report = out / "eval.json"
+    proc = subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "phoenix.cli", "eval",
+                           str(out), str(out / "config.yaml"), "--out", str(report)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    standalone = json.loads(report.read_text())["sets"]["web_val"]
+    in_training = acc.Scalars("eval/web_val/loss")[-1].value
+    assert standalone["tokens"] == 16 * 256
+    assert abs(standalone["loss"] - in_training) <= 1e-5 * abs(in_training)
