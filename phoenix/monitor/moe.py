@@ -13,7 +13,8 @@ zero-padded like the norm tags, ``layer_07``)::
                                    assignments; the shares sum to 1, 1/E is perfect balance
                                    (only for E <= ``expert_scalars_max``)
     moe/layer_07/tokens_per_expert a histogram of those shares (every E)
-    moe/layer_07/imbalance         max / mean tokens per expert (1 = balanced, E = all on one)
+    moe/layer_07/imbalance         max / mean tokens per expert (1 = balanced; at most E/k,
+                                   when every token picks the same k experts)
     moe/layer_07/min_load          min / mean tokens per expert (0 = an expert got nothing)
     moe/layer_07/router_entropy    mean over tokens of the entropy of the router's
                                    distribution over all E experts, in nats (ln E = uniform)
@@ -25,8 +26,8 @@ zero-padded like the norm tags, ``layer_07``)::
 Losses. megatron-core's routers save ``aux_loss / coeff`` (and ``z_loss / coeff``) into
 ``get_moe_layer_wise_logging_tracker()``: the values here are the *unscaled* losses, so a
 curve does not move when the coefficient changes (``aux_loss`` is 1.0 for a perfectly
-balanced softmax router, ``E`` when every token goes to the same k experts). The loss
-that reaches the gradients is ``coeff x`` this value; it never appears in ``train/loss``
+balanced softmax router, about ``E/k`` when every token goes to the same k experts). The
+loss that reaches the gradients is ``coeff x`` this value; it never appears in ``train/loss``
 (``MoEAuxLossAutoScaler`` attaches it to the router's activations through autograd).
 Each micro-batch adds its loss to the tracker: the value is the mean over the step's
 micro-batches; it is then reduced as megatron's ``reduce_aux_losses_tracker_across_ranks``
@@ -151,15 +152,19 @@ class MoEMonitor(Callback):
             return  # eval, or the no-grad first pass of activation recomputation
         if not self._trainer.metrics.due(self.interval, self.log_last_step):
             return
+        index = self._row.get(int(router.layer_number) - 1)
+        if index is None:  # not a decoder MoE layer (e.g. a multi-token-prediction layer)
+            return
         with torch.no_grad():
             _, routing_map = output
-            row = self._stats[self._row[int(router.layer_number) - 1]]
+            row = self._stats[index]
             counts = routing_map.sum(dim=0, dtype=torch.float64)
             num_experts = counts.numel()
             row[:num_experts] += counts
             row[num_experts + _TOKENS] += routing_map.shape[0]
             logits = router.gating(args[0]).reshape(-1, num_experts)
-            row[num_experts + _ENTROPY] += router_entropy_sum(logits, self._moe.router_score_function)
+            score_function = self._moe.router_score_function
+            row[num_experts + _ENTROPY] += router_entropy_sum(logits, score_function)
             row[num_experts + _FORWARDS] += 1
 
     def on_step_end(self, trainer, metrics) -> None:
