@@ -66,6 +66,10 @@ class LoggingConfig:
     throughput_interval: Optional[int] = None
     """throughput/* (TFLOP/s, MFU, time split) and memory/* every N steps (default
     log_interval; 0: off)."""
+    moe_interval: Optional[int] = None
+    """MoE routing in TensorBoard (``moe/*``: aux/z losses, tokens per expert, imbalance,
+    router entropy, dropped tokens; see phoenix.monitor.moe) every N steps (default
+    log_interval; 0: off). Only with model.moe; costs one small all-reduce on those steps."""
     peak_tflops: Optional[float] = None
     """Per-GPU peak TFLOP/s for throughput/mfu; default from the GPU name (bf16 dense,
     e.g. H100/H200 989); on CPU MFU is logged only when this is set."""
@@ -75,7 +79,8 @@ class LoggingConfig:
 
     def __post_init__(self):
         positive("logging", log_interval=self.log_interval)
-        for key in ("norm_interval", "dataset_loss_interval", "throughput_interval"):
+        for key in ("norm_interval", "dataset_loss_interval", "throughput_interval",
+                    "moe_interval"):
             if getattr(self, key) is None:
                 setattr(self, key, self.log_interval)
             if getattr(self, key) < 0:

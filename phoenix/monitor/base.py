@@ -79,6 +79,8 @@ class MetricsCollector:
         self.texts: dict[str, str] = {}
         self.images: dict = {}
         """Tag -> RGB image, ``uint8 [H, W, 3]`` (e.g. the needle eval's heatmap)."""
+        self.histograms: dict = {}
+        """Tag -> 1-D tensor of values (e.g. the MoE monitor's tokens per expert)."""
 
     def due(self, interval: int | None = None, include_last: bool = True) -> bool:
         """Whether this step is written for ``interval`` (default: ``log_interval``);
@@ -102,6 +104,10 @@ class MetricsCollector:
         """Record an RGB image ``uint8 [H, W, 3]`` (a numpy array) for this step."""
         self.images[name] = image
 
+    def record_histogram(self, name: str, values) -> None:
+        """Record the values of a histogram (a 1-D tensor, copied now) for this step."""
+        self.histograms[name] = values.detach().float().cpu().clone()
+
     def get(self, name: str, default=None):
         return self.scalars.get(name, default)
 
@@ -110,7 +116,7 @@ class MetricsCollector:
         return {k: v for k, v in self.scalars.items() if k.startswith(prefix)}
 
     def __len__(self) -> int:
-        return len(self.scalars) + len(self.texts) + len(self.images)
+        return len(self.scalars) + len(self.texts) + len(self.images) + len(self.histograms)
 
     def __repr__(self) -> str:
         return f"MetricsCollector(step={self.step}, {len(self.scalars)} scalars, {len(self.texts)} texts)"

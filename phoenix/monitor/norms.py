@@ -1,4 +1,4 @@
-"""Per-layer gradient, parameter and update norms in TensorBoard, under any TP/PP/DP layout.
+"""Per-layer gradient, parameter and update norms in TensorBoard, under any TP/PP/DP/EP layout.
 
 Every ``interval`` optimizer steps :class:`NormMonitor` records L2 norms, reduced over
 the whole world, so that the numbers are those of the full (unsharded) model, into the
@@ -25,6 +25,10 @@ zero-padded to at least two digits, whatever the pipeline stage that holds them)
     layer_07/mlp/fc1   layer_07/mlp/fc2
     layer_07/norms                    the layer's RMSNorm/LayerNorm weights (also qk-norm
                                       and Transformer Engine's fused layer_norm_weight)
+    layer_07/mlp/router               MoE layers: the router (weight, expert bias)
+    layer_07/mlp/expert_05/fc1        routed expert 5 (global id: local expert j of EP rank
+    layer_07/mlp/expert_05/fc2        r is r * E / EP + j), whichever rank holds it
+    layer_07/mlp/shared/fc1   .../shared/fc2   .../shared/gate    the shared experts
     layer_07/other                    anything else in the layer (only if present)
     embedding   final_norm   output_layer   other (only if present)
     global                            all parameters
@@ -47,6 +51,11 @@ vector of per-key sums, and one ``all_reduce(SUM)`` over the world gathers them.
   disjoint and cover every parameter once. Parameter and update norms use the same
   slices (of the fp32 main shards). Without it, every DP rank holds full reduced
   gradients and weights, and each parameter is added by one DP rank (round robin).
+* Expert parallel: routed experts (``allreduce=False``) live on one EP rank each and are
+  replicated over the *expert* data-parallel group (megatron's ``expt_dp``, whose grad
+  buffers and distributed-optimizer shards are separate from the dense ones) and split
+  over the expert-tensor group: the same rules with those groups in place of DP and TP.
+  The sum over the world then counts every expert once, as megatron's global norm does.
 * Weights marked ``shared`` (the last stage's copy of a tied embedding) are skipped,
   as megatron does, so they are counted once (under ``embedding``).
 
@@ -71,19 +80,54 @@ FAMILIES = ("grad_norm", "param_norm", "update_norm", "update_ratio")
 _ATTENTION = ("self_attention", "cross_attention")
 
 
-def layer_part(name: str) -> str:
+def expert_key(expert: int, num_experts: int) -> str:
+    """``expert_03``: a global expert id, zero-padded like :func:`layer_key`."""
+    width = max(2, len(str(max(num_experts - 1, 0))))
+    return f"expert_{expert:0{width}d}"
+
+
+def _fc(parts: list[str]) -> str:
+    for fc in ("fc1", "fc2"):
+        if any(p == f"linear_{fc}" or p.startswith(f"linear_{fc}.") for p in parts):
+            return fc
+    return "other"
+
+
+def layer_part(name: str, expert_ids: list[int] | None = None, num_experts: int = 0) -> str:
     """The part of a transformer layer a parameter belongs to, from its name inside the
-    layer (e.g. ``self_attention.linear_qkv.weight`` -> ``attention/qkv``)."""
+    layer (e.g. ``self_attention.linear_qkv.weight`` -> ``attention/qkv``).
+
+    MoE layers: routed expert ``j`` of this rank (``mlp.experts.local_experts.j.*``, or
+    TE's grouped ``mlp.experts.linear_fc1.weight<j>``) is ``mlp/expert_<id>/fc1|fc2`` with
+    its global id ``expert_ids[j]`` (megatron's ``local_expert_indices``; None: ``j``);
+    ``mlp/router`` (weight and expert bias), ``mlp/shared/fc1|fc2|gate`` for the shared
+    experts, and ``mlp/experts/fc1|fc2`` for the legacy GroupedMLP's stacked weights.
+    """
     parts = name.split(".")
     if "norm" in name.lower():  # input_layernorm, pre_mlp_layernorm, q/k_layernorm,
         return "norms"          # TE's linear_qkv.layer_norm_weight, linear_fc1.layer_norm_bias
     if parts[0] in _ATTENTION:
         return "attention/proj" if "linear_proj" in parts else "attention/qkv"
-    if parts[0] == "mlp":
-        for fc in ("fc1", "fc2"):
-            if f"linear_{fc}" in parts:
-                return f"mlp/{fc}"
-    return "other"
+    if parts[0] != "mlp":
+        return "other"
+    if len(parts) > 1 and parts[1] == "router":
+        return "mlp/router"
+    if len(parts) > 1 and parts[1] == "shared_experts":
+        return "mlp/shared/gate" if "gate_weight" in parts else f"mlp/shared/{_fc(parts)}"
+    if len(parts) > 1 and parts[1] == "experts":
+        local = None
+        if len(parts) > 3 and parts[2] == "local_experts":  # SequentialMLP
+            local = int(parts[3])
+        elif len(parts) > 3 and parts[3].rstrip("0123456789") in ("weight", "bias") \
+                and parts[3][-1].isdigit():  # TEGroupedMLP: linear_fc1.weight7
+            local = int(parts[3][len(parts[3].rstrip("0123456789")):])
+        if local is None:  # legacy GroupedMLP: weight1 / weight2 hold every local expert
+            return {"weight1": "mlp/experts/fc1", "weight2": "mlp/experts/fc2"}.get(
+                parts[-1], "mlp/experts/other")
+        gid = expert_ids[local] if expert_ids is not None else local
+        return f"mlp/{expert_key(gid, max(num_experts, gid + 1))}/{_fc(parts)}"
+    fc = _fc(parts)
+    return f"mlp/{fc}" if fc != "other" else "other"
 
 
 def layer_key(layer_index: int, num_layers: int) -> str:
@@ -102,8 +146,11 @@ def named_parameter_keys(module, num_layers: int) -> list[tuple[str, str, torch.
     decoder = getattr(module, "decoder", None)
     for layer in getattr(decoder, "layers", None) or []:
         prefix = layer_key(int(layer.layer_number) - 1, num_layers)
+        mlp = getattr(layer, "mlp", None)
+        expert_ids = getattr(mlp, "local_expert_indices", None)  # MoE: global expert ids
+        num_experts = getattr(getattr(mlp, "config", None), "num_moe_experts", None) or 0
         for name, p in layer.named_parameters():
-            keyed.setdefault(id(p), f"{prefix}/{layer_part(name)}")
+            keyed.setdefault(id(p), f"{prefix}/{layer_part(name, expert_ids, num_experts)}")
     for attr, key in (("embedding", "embedding"), ("output_layer", "output_layer")):
         sub = getattr(module, attr, None)
         if sub is not None:
@@ -116,6 +163,14 @@ def named_parameter_keys(module, num_layers: int) -> list[tuple[str, str, torch.
                 keyed.setdefault(id(p), "final_norm")
     return [(keyed.get(id(p), "other"), name, p)
             for name, p in module.named_parameters() if p.requires_grad]
+
+
+def _group(layout, name: str) -> tuple[int, int]:
+    """(rank, size) in megatron's group ``name`` of the layout (``(0, 1)`` if absent)."""
+    group = getattr(layout.pg_collection, name, None)
+    if group is None:
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def _unwrap(chunk):
@@ -207,13 +262,19 @@ class NormMonitor(Callback):
         optimizers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
         sharded = [o for o in optimizers if hasattr(o, "model_param_gbuf_map")]
         # Data x context parallel: the ranks megatron's grad buffers are sharded over.
-        dp_rank, dp_size = layout.dp_cp_rank, layout.dp_cp_size
+        dense_dp = (layout.dp_cp_rank, layout.dp_cp_size)
+        # Routed experts (``allreduce=False``) are replicated over the expert-data-parallel
+        # group instead and split over the expert-tensor group (EP ranks hold different ones).
+        expt_dp, expt_tp = (_group(layout, "expt_dp"), _group(layout, "expt_tp"))
         owned = []
         for i, (key, _, p) in enumerate(self._entries):
+            expert = not getattr(p, "allreduce", True)
             if getattr(p, "shared", False):
                 continue  # the last stage's copy of a tied embedding: counted at the first
-            if not getattr(p, "tensor_model_parallel", False) and layout.tp_rank != 0:
-                continue  # duplicated on every TP rank: count once
+            tp_rank = expt_tp[0] if expert else layout.tp_rank
+            if not getattr(p, "tensor_model_parallel", False) and tp_rank != 0:
+                continue  # duplicated on every (expert) TP rank: count once
+            dp_rank, dp_size = expt_dp if expert else dense_dp
             grad = getattr(p, "main_grad", None)
             if grad is None:
                 grad = p.grad

@@ -91,7 +91,7 @@ class TensorBoardLogger(Callback):
     text recorded in a step's :class:`~phoenix.monitor.base.MetricsCollector` at that step,
     flushes after each checkpoint and closes at the end. It decides nothing about what is
     written when: the producers record only on their logging steps. Images (RGB arrays)
-    are written with ``add_image``.
+    are written with ``add_image``, histograms (1-D tensors) with ``add_histogram``.
     """
 
     # Runs last: its on_train_end closes the writer after every other callback is done.
@@ -119,6 +119,8 @@ class TensorBoardLogger(Callback):
             self.writer.add_scalar(tag, value, metrics.step)
         for tag, image in metrics.images.items():
             self.writer.add_image(tag, image, metrics.step)
+        for tag, values in metrics.histograms.items():
+            self.writer.add_histogram(tag, values, metrics.step)
 
     def on_checkpoint_saved(self, trainer, path) -> None:
         if self.writer is not None:

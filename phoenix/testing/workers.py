@@ -373,3 +373,31 @@ def optimizer_state_after_setup(config: dict, overrides: list[str] = ()) -> dict
     torch.distributed.all_reduce(total)
     return {"exp_avg": total[0].item(), "exp_avg_sq": total[1].item(),
             "step": trainer.state.step, "lr": trainer.optimizer.param_groups[0]["lr"]}
+
+
+# -- MoE routing monitor (tests/monitor/test_moe_monitor.py) --------------------------------
+def train_with_moe_monitor(config: dict, overrides: list[str] = (), moe_interval: int = 1,
+                           norm_interval: int = 1) -> dict:
+    """Train with exactly one ``MoEMonitor(moe_interval)`` and one
+    ``NormMonitor(norm_interval)`` (none for an interval of 0), whatever the trainer's
+    defaults are. Returns the recorded steps, the monitor's last tags and the layout."""
+    from phoenix.monitor.moe import MoEMonitor
+    from phoenix.monitor.norms import NormMonitor
+    from phoenix.runtime import init_runtime
+    from phoenix.train.trainer import Trainer
+
+    cfg = build_config(config, overrides)
+    layout = init_runtime(cfg)
+    recorder = Recorder()
+    trainer = Trainer(cfg, layout)
+    trainer.callbacks = [cb for cb in trainer.callbacks
+                         if not isinstance(cb, (MoEMonitor, NormMonitor))]
+    monitor = MoEMonitor(moe_interval) if moe_interval else None
+    trainer.callbacks += [cb for cb in (monitor, NormMonitor(norm_interval) if norm_interval
+                                        else None) if cb is not None]
+    trainer.callbacks.append(recorder)
+    trainer.setup()
+    state = trainer.train()
+    return {"steps": recorder.steps, "step": state.step, "rank": layout.rank,
+            "layout": layout.describe(), "is_logging_rank": layout.is_logging_rank,
+            "moe_last": monitor.last if monitor is not None else None}

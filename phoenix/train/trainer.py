@@ -33,6 +33,7 @@ from phoenix.model.builder import uses_te_spec
 from phoenix.monitor import (
     ConsoleLogger,
     DatasetLossMonitor,
+    MoEMonitor,
     NormMonitor,
     SpikeMonitor,
     TensorBoardLogger,
@@ -129,9 +130,9 @@ class Trainer:
         # callers may add some). The order that matters, as the priorities state it:
         # ConsoleLogger (1000) first, so a step's progress line precedes its spike/eval
         # lines; the producers TrainScalars (900), NormMonitor (600), DatasetLossMonitor
-        # (500), ThroughputMonitor (400); SpikeMonitor (300) after NormMonitor, because a
-        # spike record lists the per-layer grad norms NormMonitor recorded that step;
-        # EvalCallback (100) after the monitors of the training step; callbacks added by
+        # (500), MoEMonitor (450, with model.moe), ThroughputMonitor (400); SpikeMonitor
+        # (300) after NormMonitor, because a spike record lists the per-layer grad norms
+        # NormMonitor recorded that step; EvalCallback (100) after the monitors of the training step; callbacks added by
         # callers default to 0; the TensorBoardLogger sink (-1000) last, so it closes its
         # writer after everything else at train end. Sinks write in log_metrics, after
         # every callback's on_step_end, so no producer has to come before a sink.
@@ -144,6 +145,9 @@ class Trainer:
               if cfg.logging.tensorboard and cfg.logging.norm_interval else []),
             *([DatasetLossMonitor(cfg.logging.dataset_loss_interval)]
               if cfg.logging.tensorboard and cfg.logging.dataset_loss_interval else []),
+            *([MoEMonitor(cfg.logging.moe_interval)]
+              if cfg.logging.tensorboard and cfg.logging.moe_interval and cfg.model.moe is not None
+              else []),
             *([ThroughputMonitor(cfg.logging.throughput_interval, cfg.logging.peak_tflops)]
               if cfg.logging.tensorboard and cfg.logging.throughput_interval else []),
             *([SpikeMonitor(cfg.logging.spikes, self.out_dir)] if cfg.logging.spikes.enabled else []),

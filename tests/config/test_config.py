@@ -6,6 +6,7 @@ Fast: no model, no data, no torch in this process. The CLI tests run
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import subprocess
@@ -343,7 +344,9 @@ def test_recipe_loads(path, monkeypatch):
     monkeypatch.chdir(REPO)  # relative paths (presets, data) are resolved from the repo root
     cfg = load_config(path.relative_to(REPO))
     p = cfg.parallel
-    cfg.validate_layout(p.tensor * p.pipeline * p.context)  # the smallest world it can run on
+    # The smallest world it can run on: experts (ETP x EP) lie on the ranks of a stage.
+    etp = p.expert_tensor if p.expert_tensor is not None else p.tensor
+    cfg.validate_layout(p.pipeline * math.lcm(p.tensor * p.context, etp * p.expert))
     assert build_config(yaml.safe_load(dump_config(cfg))) == cfg
 
 

@@ -36,7 +36,7 @@ LAYOUTS = {
     ("self_attention.linear_proj.weight", "attention/proj"),
     ("mlp.linear_fc1.weight", "mlp/fc1"),
     ("mlp.linear_fc2.weight", "mlp/fc2"),
-    ("mlp.router.weight", "other"),
+    ("mlp.router.weight", "mlp/router"),  # MoE: tests/monitor/test_moe_monitor.py
 ])
 def test_layer_part(name, part):
     assert layer_part(name) == part

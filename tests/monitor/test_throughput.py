@@ -208,3 +208,23 @@ def test_flops_of_moe_presets_by_hand():
     mlp = 3 * h * f_dense + 27 * (k * 3 * h * f_e + 3 * h * shared + h * E)  # layer 0 dense
     forward = 2 * (L * attn + mlp) + 2 * L * (2 * 4096 * 16 * d) + 2 * h * 102400
     assert model_flops_per_token(m, 4096, 102400) == 3 * forward
+
+
+def test_monitor_counts_moe_flops_from_the_model_config():
+    """ThroughputMonitor hands the run's ModelConfig to the FLOPs count, so model.moe is
+    read: tiny_moe counts top-2 of 4 experts of width 64 (+ the router), by hand."""
+    from phoenix.config import build_config
+
+    from tests.config.test_config import base
+
+    trainer, tb = _fake_trainer(world=2)
+    trainer.cfg.model = build_config(base(model={"preset": "tiny_moe"})).model
+    trainer.model = [SimpleNamespace(vocab_size=512)]
+    _run(ThroughputMonitor(interval=1), trainer, 1)
+    L, h, d, n_q, n_kv, E, k, f, s, V = 4, 64, 16, 4, 2, 4, 2, 64, 64, 512
+    attn = h * (n_q * d + 2 * n_kv * d) + n_q * d * h
+    moe_mlp = k * 3 * h * f + h * E
+    forward = 2 * L * (attn + moe_mlp) + 2 * L * (2 * s * n_q * d) + 2 * h * V
+    tflops = 3 * forward * 8 * 64 / 2.0 / 2 / 1e12
+    (step, value), = tb.writer.scalars["throughput/tflops_per_gpu"]
+    assert step == 1 and math.isclose(value, tflops, rel_tol=1e-12)
