@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs, build_plan, load_plan, plan_fingerprint, save_plan
-from phoenix.data.samples import SampleIndex, SampleReader, build_sample_index
+from phoenix.data.sample_cache import cached_sample_index
+from phoenix.data.samples import SampleIndex, SampleReader
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,12 @@ def plan_inputs(specs: list[PlanDatasetSpec], indices: list[SampleIndex], global
                       num_batches=num_batches, seed=seed, start_offsets=start_offsets)
 
 
-def build_indices(specs: list[PlanDatasetSpec], seq_length: int) -> list[SampleIndex]:
-    return [build_sample_index(s.prefix, seq_length, use_groups=s.group_mode == "batch")
+def build_indices(specs: list[PlanDatasetSpec], seq_length: int,
+                  cache_dir: str | Path | None = None) -> list[SampleIndex]:
+    """The sample index of every dataset; with ``cache_dir``, cached there and
+    memory-mapped (:func:`phoenix.data.sample_cache.cached_sample_index`)."""
+    return [cached_sample_index(s.prefix, seq_length, use_groups=s.group_mode == "batch",
+                                cache_dir=cache_dir)
             for s in specs]
 
 
