@@ -215,7 +215,10 @@ class SampleReader:
 
     def __init__(self, index: SampleIndex, eod_id: int, vocab_size: int | None = None,
                  name: str | None = None):
-        dtype = indexed_dataset_module().IndexedDataset(index.prefix, mmap=True).index.dtype
+        # the token dtype is byte 17 of the .idx header (after the magic and the version):
+        # reading it is cheaper than opening the index at every start
+        with open(index.prefix + ".idx", "rb") as f:
+            dtype = indexed_dataset_module().DType.dtype_from_code(f.read(18)[17])
         self.index = index
         self.eod_id = eod_id
         self.vocab_size = vocab_size
