@@ -4,11 +4,17 @@ Everything phoenix writes that another process may read (plans, configs, checkpo
 pointers, CSVs, eval reports) goes through here: the content is written to a temporary
 file in the destination's directory (same filesystem, so the rename is atomic), flushed
 and fsynced, then renamed over the destination. On any error the temporary file is removed.
+
+:func:`publish_dir` does the same for a directory of files (e.g. ``.npy`` arrays that
+readers memory-map): it is filled under a temporary name and renamed into place whole;
+a published directory is never modified, so a reader's memory maps stay valid.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -32,3 +38,46 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def publish_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> bool:
+    """Publish the directory ``path`` with the files ``write(tmp_dir)`` creates in it.
+
+    The files are fsynced and the directory renamed into place, so readers see no
+    directory or the complete one. When another process publishes ``path`` first (two
+    jobs building the same deterministic cache entry at once), ours is discarded and
+    False is returned; True when this call published it.
+    """
+    path = Path(path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; other users' jobs read caches too
+        write(tmp)
+        for f in tmp.iterdir():
+            with open(f, "rb+") as handle:
+                os.fsync(handle.fileno())
+        try:
+            os.rename(tmp, path)
+        except OSError as e:
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY) and path.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                return False
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory
+        pass
+    finally:
+        os.close(fd)

@@ -74,7 +74,8 @@ Algorithm (all arithmetic is exact: shares are integers in units of ``Q = 2**60`
    ``phoenix.data.loader.rank_sample_indices``) and ``B`` a power of two, any with >= 3.
 
 Memory: the plan stores a uint16 dataset id and an int64 sample id per sample (10 B),
-like Megatron's blending index; nothing per sample lives in Python objects.
+like Megatron's blending index; nothing per sample lives in Python objects. On disk it is
+a directory of ``.npy`` files that every rank memory-maps (``phoenix.data.plan_io``).
 """
 
 from __future__ import annotations
@@ -91,11 +92,10 @@ from fractions import Fraction
 import numpy as np
 
 from phoenix.data.plan_checks import _check_dataset, _check_fixed_counts, _check_slack, _err
-from phoenix.io import atomic_write
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3          # 3: stored as a directory of .npy files (phoenix.data.plan_io)
 Q_BITS = 60
 Q = 1 << Q_BITS
 HORIZON = 1 << 16        # batches of look-ahead for PD^2 deadlines
@@ -452,35 +452,3 @@ def _to_plan(prep: dict, out: dict, fingerprint: str) -> DataPlan:
         groups_fit_split=out["groups_fit_split"], flexible=prep["flexible"],
         violations=int(out["violations"]),
         allocator=str(out["allocator"]), fingerprint=fingerprint)
-
-
-# ------------------------------------------------------------------------------ I/O
-_ARRAYS = ("weights", "num_samples", "burst", "dataset_ids", "sample_ids", "counts",
-           "start_offsets", "end_offsets", "epochs", "groups_split", "groups_total", "groups_fit",
-           "groups_fit_split", "flexible")
-
-
-def save_plan(plan: DataPlan, path: str) -> None:
-    """Write ``plan`` to ``path`` (.npz) atomically: a temp file in the same directory,
-    fsync, then ``os.replace``, so readers never see a partial plan."""
-    meta = dict(format=FORMAT_VERSION, fingerprint=plan.fingerprint, names=plan.names,
-                global_batch_size=plan.global_batch_size, num_batches=plan.num_batches,
-                violations=plan.violations, allocator=plan.allocator)
-    atomic_write(path, lambda f: np.savez(f, meta=np.array(json.dumps(meta)),
-                                          **{k: getattr(plan, k) for k in _ARRAYS}))
-
-
-def load_plan(path: str, expected_fingerprint: str) -> DataPlan:
-    """Load a plan written by :func:`save_plan`; raise ValueError if it was built from
-    other inputs (fingerprint mismatch) or by another format version."""
-    with np.load(path, allow_pickle=False) as z:
-        meta = json.loads(str(z["meta"]))
-        if meta.get("format") != FORMAT_VERSION:
-            raise ValueError(f"plan {path}: format {meta.get('format')} != {FORMAT_VERSION}; rebuild it")
-        if meta["fingerprint"] != expected_fingerprint:
-            raise ValueError(f"plan {path} was built from different inputs: fingerprint "
-                             f"{meta['fingerprint']} != expected {expected_fingerprint}; rebuild it")
-        arrays = {k: z[k] for k in _ARRAYS}
-    return DataPlan(names=meta["names"], global_batch_size=meta["global_batch_size"],
-                    num_batches=meta["num_batches"], violations=meta["violations"],
-                    allocator=meta["allocator"], fingerprint=meta["fingerprint"], **arrays)

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs, build_plan, load_plan, plan_fingerprint, save_plan
-from phoenix.data.samples import SampleIndex, SampleReader, build_sample_index
+from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs, build_plan, plan_fingerprint
+from phoenix.data.plan_io import load_plan, plan_exists, save_plan
+from phoenix.data.sample_cache import cached_sample_index
+from phoenix.data.samples import SampleIndex, SampleReader
 
 log = logging.getLogger(__name__)
 
@@ -43,20 +45,26 @@ def plan_inputs(specs: list[PlanDatasetSpec], indices: list[SampleIndex], global
                       num_batches=num_batches, seed=seed, start_offsets=start_offsets)
 
 
-def build_indices(specs: list[PlanDatasetSpec], seq_length: int) -> list[SampleIndex]:
-    return [build_sample_index(s.prefix, seq_length, use_groups=s.group_mode == "batch")
+def build_indices(specs: list[PlanDatasetSpec], seq_length: int,
+                  cache_dir: str | Path | None = None) -> list[SampleIndex]:
+    """The sample index of every dataset; with ``cache_dir``, cached there and
+    memory-mapped (:func:`phoenix.data.sample_cache.cached_sample_index`)."""
+    return [cached_sample_index(s.prefix, seq_length, use_groups=s.group_mode == "batch",
+                                cache_dir=cache_dir)
             for s in specs]
 
 
 def load_or_build_plan(inputs: PlanInputs, cache_dir: str | Path, *, build: bool = True) -> tuple[DataPlan, Path]:
-    """The cached plan for ``inputs`` (verified by fingerprint), building it if missing.
+    """The cached plan for ``inputs`` (verified by fingerprint), building it if missing;
+    its per-sample arrays are memory-mapped from the cache (``phoenix.data.plan_io``),
+    also right after a build, so the builder does not keep its own copy either.
 
     With ``build=False`` a missing plan is an error (ranks other than the builder).
     """
     cache_dir = Path(cache_dir)
     fingerprint = plan_fingerprint(inputs)
-    path = cache_dir / f"plan-{fingerprint[:16]}.npz"
-    if path.is_file():
+    path = cache_dir / f"plan-{fingerprint[:16]}"
+    if plan_exists(path):
         t0 = time.perf_counter()
         plan = load_plan(str(path), fingerprint)
         log.info("data plan: loaded %s (%.1fs)", path, time.perf_counter() - t0)
@@ -65,10 +73,13 @@ def load_or_build_plan(inputs: PlanInputs, cache_dir: str | Path, *, build: bool
         raise FileNotFoundError(f"data plan {path} is missing (it is built by rank 0)")
     cache_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    plan = build_plan(inputs)
-    save_plan(plan, str(path))
-    log.info("data plan: built %d batches x %d samples in %.1fs -> %s", plan.num_batches,
-             plan.global_batch_size, time.perf_counter() - t0, path)
+    built = build_plan(inputs)
+    published = save_plan(built, path)
+    log.info("data plan: built %d batches x %d samples in %.1fs -> %s%s", built.num_batches,
+             built.global_batch_size, time.perf_counter() - t0, path,
+             "" if published else " (another process published it first)")
+    plan = load_plan(path, fingerprint)
+    plan.build_seconds = built.build_seconds
     return plan, path
 
 

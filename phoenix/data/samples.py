@@ -149,18 +149,34 @@ def build_sample_index(prefix: str, seq_length: int, use_groups: bool,
     # Token range of each group: from its first unit's start to its last's end.
     boundaries = np.flatnonzero(np.diff(unit_groups)) + 1
     group_unit_starts = np.concatenate([[0], boundaries, [len(unit_groups)]])
-    all_starts, all_lengths, all_groups = [], [], []
-    for g in range(len(group_unit_starts) - 1):
-        s, e = _cut(int(unit_starts[group_unit_starts[g]]),
-                    int(unit_starts[group_unit_starts[g + 1]]), seq_length)
-        all_starts.append(s)
-        all_lengths.append(e)
-        all_groups.append(np.full(len(s), g, dtype=np.int64))
-    starts = np.concatenate(all_starts)
+    bounds = unit_starts[group_unit_starts]
+    starts, lengths, groups = _cut_ranges(bounds[:-1], bounds[1:], seq_length)
     if len(starts) == 0:
         raise DataError(f"data prefix '{prefix}': no group has enough tokens for a sample")
-    return SampleIndex(prefix, seq_length, starts, np.concatenate(all_lengths),
-                       np.concatenate(all_groups), doc_starts)
+    return SampleIndex(prefix, seq_length, starts, lengths, groups, doc_starts)
+
+
+def _cut_ranges(begins: np.ndarray, ends: np.ndarray, seq_length: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_cut` of every range ``[begins[g], ends[g])`` on its own, vectorised:
+    (starts int64, lengths int32, range id int64 of each sample), ranges in order."""
+    begins = np.asarray(begins, dtype=np.int64)
+    ends = np.asarray(ends, dtype=np.int64)
+    # _cut's np.arange(begin, end - 1, seq_length) has ceil((end - 1 - begin) / seq) items
+    counts = np.maximum(ends - 1 - begins, 0)
+    counts += seq_length - 1
+    counts //= seq_length
+    first = np.cumsum(counts) - counts          # index of each range's first sample
+    ids = np.repeat(np.arange(len(begins), dtype=np.int64), counts)
+    # sample i of range g starts at begins[g] + (i - first[g]) * seq_length
+    starts = np.arange(len(ids), dtype=np.int64)
+    starts -= first[ids]
+    starts *= seq_length
+    starts += begins[ids]
+    lengths = ends[ids]
+    lengths -= starts
+    np.minimum(lengths, seq_length + 1, out=lengths)
+    return starts, lengths.astype(np.int32), ids
 
 
 def load_groups(prefix: str, num_documents: int, num_sequences: int) -> np.ndarray:
@@ -199,7 +215,10 @@ class SampleReader:
 
     def __init__(self, index: SampleIndex, eod_id: int, vocab_size: int | None = None,
                  name: str | None = None):
-        dtype = indexed_dataset_module().IndexedDataset(index.prefix, mmap=True).index.dtype
+        # the token dtype is byte 17 of the .idx header (after the magic and the version):
+        # reading it is cheaper than opening the index at every start
+        with open(index.prefix + ".idx", "rb") as f:
+            dtype = indexed_dataset_module().DType.dtype_from_code(f.read(18)[17])
         self.index = index
         self.eod_id = eod_id
         self.vocab_size = vocab_size

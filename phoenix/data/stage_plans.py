@@ -36,7 +36,8 @@ from phoenix.data.indexed import DataError, read_meta
 from phoenix.data.megatron_blend import MegatronBlendSource
 from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs
 from phoenix.data.plan_source import PlanSource, load_or_build_plan
-from phoenix.data.samples import SampleIndex, build_sample_index
+from phoenix.data.sample_cache import cached_sample_index
+from phoenix.data.samples import SampleIndex
 from phoenix.runtime.startup import RankView, all_gather, broadcast, dir_views
 
 log = logging.getLogger(__name__)
@@ -113,11 +114,14 @@ def mixture_warmup_counts(start: list[Fraction], end: list[Fraction], B: int,
 def stage_plans(table: StageTable, prefixes: list[str], seed: int,
                 get_plan: Callable[[PlanInputs], DataPlan], resume: Optional[DataResume] = None,
                 min_document_tokens: Optional[list[int]] = None,
+                index_dir: Optional[Path] = None,
                 ) -> list[tuple[StagePlanInputs, DataPlan]]:
     """Build (or load, through ``get_plan``) every stage's plan in order; each stage's
     start offsets come from the plans before it, or from ``resume`` (where the streams
     stood at the first stage's start, see phoenix.data.data_resume).
-    ``min_document_tokens``: per dataset, the document-length view it reads (0: all)."""
+    ``min_document_tokens``: per dataset, the document-length view it reads (0: all).
+    ``index_dir``: where the sample indices are cached and memory-mapped from
+    (:mod:`phoenix.data.sample_cache`); None builds them in memory."""
     min_document_tokens = min_document_tokens or [0] * len(prefixes)
     names = table.dataset_names
     tracker = StreamTracker(names)
@@ -143,9 +147,9 @@ def stage_plans(table: StageTable, prefixes: list[str], seed: int,
             group_mode = previous.group_mode[d] if fading else stage.group_mode[d]
             key = (stage.seq_length, group_mode == "batch")
             if (d, key) not in index_cache:
-                index_cache[(d, key)] = build_sample_index(
+                index_cache[(d, key)] = cached_sample_index(
                     prefixes[d], key[0], use_groups=key[1],
-                    min_document_tokens=min_document_tokens[d])
+                    min_document_tokens=min_document_tokens[d], cache_dir=index_dir)
             ix = index_cache[(d, key)]
             datasets.append(PlanDataset(
                 name=name, num_samples=len(ix), weight=float(weight), min_share=stage.min_share[d],
@@ -203,7 +207,8 @@ def run_stage_plans(cfg: RunConfig, get_plan: Callable[[PlanInputs], DataPlan] |
     datasets = cfg.data.datasets
     return stage_plans(rebase(cfg.resolved.stages, resume), [e.prefix for e in datasets],
                        cfg.train.seed, get_plan, resume,
-                       min_document_tokens=[e.min_document_tokens for e in datasets])
+                       min_document_tokens=[e.min_document_tokens for e in datasets],
+                       index_dir=cache_dir(cfg))
 
 
 def data_change(old: RunConfig, old_resume: Optional[DataResume], step: int) -> DataResume:

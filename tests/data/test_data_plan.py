@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from phoenix.data import plan as P
+from phoenix.data.plan_io import load_plan, save_plan
 from phoenix.testing import plan_reference as R
 
 # No importorskip: a missing or broken extension must fail the suite, not skip it.
@@ -381,18 +382,20 @@ def test_fingerprint_covers_every_input():
 def test_save_load_roundtrip_atomic_and_fingerprint_checked(tmp_path):
     inputs = P.PlanInputs([ds("a", 100, 0.6, sizes=[3] * 33), ds("b", 80, 0.4)], 16, 12, 3)
     plan = P.build_plan(inputs)
-    path = str(tmp_path / "plan.npz")
-    P.save_plan(plan, path)
-    P.save_plan(plan, path)                                   # overwrite in place
-    assert os.listdir(tmp_path) == ["plan.npz"]               # no temp files left
-    loaded = P.load_plan(path, P.plan_fingerprint(inputs))
+    path = str(tmp_path / "plan")
+    assert save_plan(plan, path)
+    assert not save_plan(plan, path)                          # already published: kept
+    assert os.listdir(tmp_path) == ["plan"]                   # no temp files left
+    loaded = load_plan(path, P.plan_fingerprint(inputs))
     for key in ARRAYS + ("weights", "burst", "num_samples", "start_offsets"):
         assert np.array_equal(getattr(loaded, key), getattr(plan, key)), key
+    for key in ("dataset_ids", "sample_ids", "counts"):         # mapped, not read whole
+        assert isinstance(getattr(loaded, key), np.memmap), key
     assert loaded.names == plan.names and loaded.fingerprint == plan.fingerprint
     assert loaded.summary() == plan.summary()
     other = P.plan_fingerprint(P.PlanInputs(inputs.datasets, 16, 13, 3))
     with pytest.raises(ValueError, match="different inputs"):
-        P.load_plan(path, other)
+        load_plan(path, other)
 
 
 # ------------------------------------------------------------ 6. interleave

@@ -62,7 +62,7 @@ def test_quickstart_pipeline(tmp_path):
     plan = _run(*PHOENIX, "build-plan", cfg, cwd=tmp_path)
     for name in ("web", "code", "math"):
         assert name in plan
-    assert len(list((tmp_path / "run" / "data_cache").glob("plan-*.npz"))) == 1
+    assert len(list((tmp_path / "run" / "data_cache").glob("plan-*"))) == 1
 
     torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", 2,
                 "-m", "phoenix.train", cfg]
@@ -97,9 +97,9 @@ def test_quickstart_pipeline(tmp_path):
 
     from phoenix.data.samples import build_sample_index
 
-    (plan_file,) = (run / "data_cache").glob("plan-*.npz")
-    with np.load(plan_file) as z:
-        ds_ids, sample_ids = z["dataset_ids"][: 8 * 8], z["sample_ids"][: 8 * 8]
+    (plan_dir,) = (run / "data_cache").glob("plan-*")
+    ds_ids = np.load(plan_dir / "dataset_ids.npy")[: 8 * 8]
+    sample_ids = np.load(plan_dir / "sample_ids.npy")[: 8 * 8]
     lengths = [build_sample_index(str(data / n), 64, use_groups=n == "code").lengths
                for n in ("web", "code", "math")]
     expected = sum(int(lengths[d][s]) - 1 for d, s in zip(ds_ids, sample_ids))

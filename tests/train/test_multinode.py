@@ -58,11 +58,17 @@ def test_two_nodes_with_node_local_cache_train_checkpoint_and_resume(tiny_data, 
     logs = "".join(log for _, log in first)
     assert "is not shared by every rank" in logs and "once per directory, by ranks [0, 1]" in logs
     assert logs.count("data plan: built") == 2  # once per node
-    plans = [sorted((tmp_path / "nodes" / f"node{n}" / "local_cache").glob("plan-*.npz"))
+    plans = [sorted((tmp_path / "nodes" / f"node{n}" / "local_cache").glob("plan-*"))
              for n in (0, 1)]
     assert len(plans[0]) == 1 and [p.name for p in plans[0]] == [p.name for p in plans[1]]
-    with np.load(plans[0][0]) as a, np.load(plans[1][0]) as b:  # the same plan on both nodes
-        assert all(np.array_equal(a[k], b[k]) for k in a.files)
+    files = sorted(f.name for f in plans[0][0].glob("*.npy"))
+    assert "sample_ids.npy" in files and files == sorted(f.name for f in plans[1][0].glob("*.npy"))
+    for name in files:  # the same plan on both nodes
+        assert np.array_equal(np.load(plans[0][0] / name), np.load(plans[1][0] / name)), name
+    # and the same sample indices, built once per node and memory-mapped by its ranks
+    indices = [sorted(p.name for p in (tmp_path / "nodes" / f"node{n}" / "local_cache").glob("samples-*"))
+               for n in (0, 1)]
+    assert indices[0] and len(indices[0]) == len(indices[1])
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_000002"
 
