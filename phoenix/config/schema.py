@@ -239,8 +239,9 @@ class TokenizerConfig:
     """The tokenizer the data was tokenised with: exactly one of ``model`` and ``hf_dir``."""
 
     model: Optional[str] = None
-    """A sentencepiece ``.model`` file, or a Hugging Face ``tokenizer.json`` (read with the
-    ``tokenizers`` library; its post-processor decides BOS, e.g. Llama-3 prepends it)."""
+    """A sentencepiece model file (``.model``), or a Hugging Face ``tokenizer.json`` (a file
+    ending in ``.json``, read with the ``tokenizers`` library; its post-processor decides
+    BOS, e.g. Llama-3 prepends it). Checked when the run's inputs are checked."""
     hf_dir: Optional[str] = None
     """A Hugging Face tokenizer folder: ``tokenizer.json`` plus ``tokenizer_config.json``
     (whose ``bos_token`` / ``eos_token`` name BOS and the end-of-document token)."""
@@ -252,10 +253,6 @@ class TokenizerConfig:
                               "Face tokenizer folder)")
         if self.model is not None and self.hf_dir is not None:
             raise ConfigError("tokenizer.hf_dir: set together with tokenizer.model; set only one")
-        if self.model is not None and not self.model.endswith((".model", ".json")):
-            raise ConfigError(f"tokenizer.model: {self.model} is neither a sentencepiece .model "
-                              f"nor a Hugging Face tokenizer.json (use tokenizer.hf_dir for a "
-                              f"folder)")
 
     @property
     def path(self) -> str:

@@ -21,7 +21,8 @@ def load_tokenizer(source: TokenizerConfig | str | os.PathLike[str]) -> Tokenize
     """The tokenizer of a ``tokenizer`` config section, or of a path: a sentencepiece
     ``.model``, a ``tokenizer.json``, or a Hugging Face tokenizer folder.
 
-    Raises FileNotFoundError naming a missing path, ValueError for an unknown file type."""
+    Raises FileNotFoundError naming a missing path; a file that is neither a
+    ``tokenizer.json`` nor a sentencepiece model is refused naming it."""
     if isinstance(source, TokenizerConfig):
         if source.hf_dir is not None:
             return HFTokenizer.from_dir(source.hf_dir)
@@ -31,10 +32,9 @@ def load_tokenizer(source: TokenizerConfig | str | os.PathLike[str]) -> Tokenize
         return HFTokenizer.from_dir(path)
     if path.endswith(".json"):
         return HFTokenizer(path)
-    if path.endswith(".model"):
-        return SentencePieceTokenizer(path)
-    raise ValueError(f"tokenizer {path}: expected a sentencepiece .model, a tokenizer.json or "
-                     f"a Hugging Face tokenizer folder")
+    # Anything else is read as a sentencepiece model (whatever its suffix); a file that is
+    # not one is refused by SentencePieceTokenizer with its path.
+    return SentencePieceTokenizer(path)
 
 
 __all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_tokenizer",
