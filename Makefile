@@ -17,7 +17,7 @@ TEST_DEPS = pytest hypothesis matplotlib transformers
 
 .PHONY: install quickstart test test-fast clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py $(wildcard csrc/*)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install -q $(CPU_TORCH)
