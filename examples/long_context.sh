@@ -30,4 +30,6 @@ TINY=(
 examples/prepare_tiny_data.sh "$PY"
 $PY -m phoenix.cli build-plan $RECIPE "${TINY[@]}" "$@"
 $PY -m torch.distributed.run --standalone --nproc_per_node 2 -m phoenix.train $RECIPE "${TINY[@]}" "$@"
-echo "TensorBoard: $(dirname $PY)/tensorboard --logdir runs/long_context/tensorboard"
+OUT=runs/long_context
+for arg in "$@"; do case $arg in output_dir=*) OUT=${arg#output_dir=} ;; esac; done
+echo "TensorBoard: $(dirname $PY)/tensorboard --logdir $OUT/tensorboard"

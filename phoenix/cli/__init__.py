@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 COMMANDS = {
     "train": "phoenix.train.run",
@@ -63,4 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv:
             print(f"phoenix: error: unknown command '{argv[0]}'", file=sys.stderr)
         return 2
+    # megatron-core warns at import that TE/Apex are missing; the commands that build a
+    # model log the layer spec and backend they use instead (set before any import).
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex|apex).*"
+                                              r"(not installed|Falling back).*")
     return importlib.import_module(COMMANDS[argv[0]]).main(argv[1:])

@@ -23,13 +23,17 @@ from phoenix.data.indexed import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="phoenix build-plan",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
+    parser = argparse.ArgumentParser(
+        prog="phoenix build-plan", description=__doc__.split("\n\n")[0],
+        epilog="Columns: min/b, max/b = samples per batch where present; groups whole/fit = "
+               "groups kept whole / groups that fit the batch where they start; loss tokens "
+               "= fraction of label positions that carry loss (the rest pads a group's last "
+               "sample).")
+    parser.add_argument("config", help="recipe YAML")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     parser.add_argument("--dump-batch", type=int, action="append", default=[],
                         help="list the samples of this global batch (repeatable)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
     try:

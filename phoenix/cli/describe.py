@@ -6,7 +6,7 @@ Prints total and active parameters (MoE: the routed experts a token is not sent 
 not active), the training FLOPs per token (forward + backward, the convention of
 ``throughput/tflops_per_gpu``), and the memory of the most loaded GPU for the recipe's
 layout at ``--world-size`` GPUs (default ``$WORLD_SIZE``, else the smallest world the
-layout needs): weights, gradients, optimizer states with and without the distributed
+layout fits): weights, gradients, optimizer states with and without the distributed
 optimizer, activations per micro-batch and in flight, logits. The counts and formulas
 are in :mod:`phoenix.model.size`. The sequence length and batch are those of the
 recipe's longest stage. The vocabulary is ``model.vocab_size``, else ``--vocab-size``,
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -30,16 +31,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="recipe YAML")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=8")
     parser.add_argument("--world-size", type=int, default=None,
-                        help="GPUs of the run (default $WORLD_SIZE, else TP x PP x CP)")
+                        help="GPUs of the run (default $WORLD_SIZE, else the smallest world the layout "
+                             "fits: PP x lcm(TP x CP, EP x ETP))")
     parser.add_argument("--vocab-size", type=int, default=None,
                         help="vocabulary when model.vocab_size is not set")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
         p = cfg.parallel
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or (
-            p.tensor * p.pipeline * p.context)
+        # The smallest world the layout fits: PP x a multiple of TP x CP that EP x ETP divides.
+        smallest = p.pipeline * math.lcm(p.tensor * p.context,
+                                         p.expert * (p.expert_tensor or p.tensor))
+        world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or smallest
         d = describe(cfg, world, require_vocab_size(cfg, args.vocab_size))
     except (ConfigError, OSError) as e:
         print(f"phoenix describe: error: {e}", file=sys.stderr)

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of MOE_CONFIG")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the router init (default: MOE_CONFIG's train.seed, else 1234)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
 
     from phoenix.checkpoint import CheckpointError

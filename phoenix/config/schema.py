@@ -361,9 +361,11 @@ class RunConfig:
                               f"model.max_seq_length {self.model.max_seq_length}")
         needle = self.eval.needle if self.eval is not None else None
         if needle is not None and (self.parallel.pipeline > 1 or self.parallel.context > 1):
-            raise ConfigError("eval.needle: the needle eval decodes token by token and needs "
-                              "parallel.pipeline=1 and parallel.context=1; evaluate a checkpoint "
-                              "of this run with phoenix eval --needle parallel.pipeline=1")
+            key = "pipeline" if self.parallel.pipeline > 1 else "context"
+            raise ConfigError(f"eval.needle: the needle eval decodes token by token and needs "
+                              f"parallel.{key}=1 (got {getattr(self.parallel, key)}); remove "
+                              f"eval.needle and evaluate a checkpoint of this run with "
+                              f"phoenix eval --needle parallel.{key}=1")
         for i, n in enumerate((needle.lengths or []) if needle is not None else []):
             if n > self.model.max_seq_length:
                 raise ConfigError(f"eval.needle.lengths[{i}]: {n} exceeds model.max_seq_length "

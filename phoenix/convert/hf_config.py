@@ -17,6 +17,7 @@ both spellings are written.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Optional
 
 from phoenix.config import ModelConfig, MoEConfig, RopeConfig
@@ -130,6 +131,28 @@ def rope_from_hf(hf: dict) -> RopeConfig:
                       original_max_position_embeddings=int(original),
                       low_freq_factor=float(params.get("low_freq_factor", 1.0)),
                       high_freq_factor=float(params.get("high_freq_factor", 4.0)))
+
+
+# Keys every supported architecture's config.json must give (no transformers default).
+_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "max_position_embeddings", "vocab_size")
+
+
+def read_hf_config(path) -> dict:
+    """``config.json`` as a dict; ConversionError naming the file when it is not JSON, not an
+    object, or lacks a key the conversion needs."""
+    import json
+
+    try:
+        hf = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not a readable JSON file ({e})") from None
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    missing = [k for k in _REQUIRED if k not in hf]
+    if missing:
+        raise ConversionError(f"{path}: missing key(s) {missing}")
+    return hf
 
 
 def model_from_hf(hf: dict) -> dict:

@@ -33,7 +33,7 @@ from phoenix.convert.common import (
     one_process_runtime,
     tokenizer_summary,
 )
-from phoenix.convert.hf_config import ConversionError, model_from_hf
+from phoenix.convert.hf_config import ConversionError, model_from_hf, read_hf_config
 from phoenix.convert.hf_moe import moe_shape
 from phoenix.convert.safetensors_io import DTYPES, SafetensorsReader, cast
 from phoenix.convert.weights import (
@@ -103,9 +103,11 @@ def hf_to_phoenix(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int =
 
     hf_dir, out = Path(hf_dir), Path(out)
     config_path = hf_dir / "config.json"
+    if not hf_dir.exists():
+        raise ConversionError(f"{hf_dir}: does not exist")
     if not config_path.is_file():
         raise ConversionError(f"{hf_dir}: no config.json (not a Hugging Face model folder)")
-    hf = json.loads(config_path.read_text())
+    hf = read_hf_config(config_path)
     model = model_from_hf(hf)
     padded = check_layout(model, tp, pp, ep)
     reader = SafetensorsReader(hf_dir)

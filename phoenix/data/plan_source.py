@@ -122,15 +122,21 @@ def loss_bearing_fraction(plan: DataPlan, indices: list[SampleIndex | None]) -> 
 
 
 def summary_table(plan: DataPlan, indices: list[SampleIndex | None] | None = None) -> str:
-    """The plan summary as a fixed-width table (printed by ``phoenix build-plan``); with
-    the sample ``indices``, a ``loss`` column: :func:`loss_bearing_fraction`."""
+    """The plan summary as a fixed-width table (printed by ``phoenix build-plan``).
+
+    ``groups whole/fit``: groups kept whole / groups that fit the batch where they start
+    (and, after ``+``, groups split; larger groups span batches by design). With the
+    sample ``indices``, ``loss tokens``: the fraction of label positions that carry loss
+    (:func:`loss_bearing_fraction`; the rest is padding of a group's last sample)."""
     header = ("dataset", "weight", "burst", "samples", "epochs", "batches", "min/b", "max/b",
-              "groups whole") + (("loss",) if indices is not None else ())
+              "groups whole/fit") + (("loss tokens",) if indices is not None else ())
     loss = loss_bearing_fraction(plan, indices) if indices is not None else None
     rows = [header]
     for d, r in enumerate(plan.summary()):
         # fitting groups kept whole / groups that fit the batch where they start
         groups = f"{r['groups_kept_whole']}/{r['groups_fitting']}" if r["groups_total"] else "-"
+        if r["groups_total"] and r["groups_kept_whole"] < r["groups_fitting"]:
+            groups += f" ({r['groups_fitting'] - r['groups_kept_whole']} split)"
         rows.append((r["name"], f"{r['weight']:.4f}", "yes" if r["burst"] else "", str(r["samples_used"]),
                      f"{r['epochs_consumed']:.2f}", str(r["batches_present"]), str(r["min_per_batch"]),
                      str(r["max_per_batch"]), groups)

@@ -117,6 +117,7 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
     with ``eval_cfg.needle``)."""
     from phoenix.checkpoint import CheckpointManager
     from phoenix.checkpoint.manager import resolve_checkpoint, step_of
+    from phoenix.config import ConfigError
     from phoenix.eval.inputs import check_eval_inputs
     from phoenix.eval.evaluator import Evaluator
     from phoenix.model import build_model, current_rope, install_rope
@@ -126,7 +127,13 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
     path = resolve_checkpoint(checkpoint)
     tokenizer = load_tokenizer(cfg.tokenizer)
     check_eval_inputs(eval_cfg, tokenizer)
-    layout = init_runtime(cfg)
+    try:
+        layout = init_runtime(cfg)
+    except ConfigError as e:
+        if not str(e).startswith("parallel"):
+            raise
+        raise ConfigError(f"{e}; phoenix eval may use any layout (checkpoints reshard): "
+                          f"override it, e.g. parallel.pipeline=1 parallel.tensor=1") from None
     vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
     model = build_model(cfg, layout, vocab_size, wrap_ddp=False)  # no grad buffers needed
     manager = CheckpointManager(path.parent, layout.rank, layout.world_size)

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, check the layout, the installed packages "
                              "and (resuming) the config changes against the checkpoint, then exit")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     setup_logging()
 
     def body():

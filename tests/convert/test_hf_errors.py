@@ -83,6 +83,19 @@ def test_mistral_sliding_window_is_refused_unless_null(llama, tmp_path):
 def test_folder_and_shard_errors(llama, tmp_path):
     with pytest.raises(ConversionError, match=r"no config.json"):
         convert(tmp_path, tmp_path / "out")
+    with pytest.raises(ConversionError, match=r"nowhere: does not exist"):
+        convert(tmp_path / "nowhere", tmp_path / "out")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{bad json")
+    with pytest.raises(ConversionError, match=r"config.json: not a readable JSON file"):
+        convert(broken, tmp_path / "out")
+    config = json.loads((llama / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(
+        {k: v for k, v in config.items() if k != "max_position_embeddings"}))
+    with pytest.raises(ConversionError, match=r"missing key\(s\) \['max_position_embeddings'\]"):
+        convert(broken, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
     index = json.loads((llama / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 2

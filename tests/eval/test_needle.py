@@ -216,9 +216,10 @@ def test_needle_config(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match=r"eval\.needle\.lengths\[0\]: 512 exceeds model\.max_seq_length 256"):
         build_config(tiny_config_dict(tiny_data, tmp_path, eval={"needle": {
             "haystack_prefix": tiny_data.prefixes["web"], "lengths": [512]}}))
-    with pytest.raises(ConfigError, match=r"^eval\.needle: .*needs parallel\.pipeline=1"):
-        build_config(tiny_config_dict(tiny_data, tmp_path, eval={"needle": {
-            "haystack_prefix": tiny_data.prefixes["web"]}}), ["parallel.pipeline=2"])
+    for key in ("pipeline", "context"):  # the message names the key that is wrong
+        with pytest.raises(ConfigError, match=rf"^eval\.needle: .*needs parallel\.{key}=1 \(got 2\)"):
+            build_config(tiny_config_dict(tiny_data, tmp_path, eval={"needle": {
+                "haystack_prefix": tiny_data.prefixes["web"]}}), [f"parallel.{key}=2"])
 
 
 def test_cli_needle_errors(tiny_data, tmp_path, capsys):
