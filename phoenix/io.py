@@ -12,12 +12,14 @@ a published directory is never modified, so a reader's memory maps stay valid.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
@@ -81,3 +83,23 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike,
+                      exists_error: type[Exception] = FileExistsError) -> Iterator[Path]:
+    """A temporary folder next to ``out``, renamed to ``out`` when the block succeeds and
+    removed when it fails: a partial output is never left behind. Raises ``exists_error``
+    naming ``out`` when it already exists (an output is never overwritten)."""
+    out = Path(out)
+    if out.exists():
+        raise exists_error(f"{out} already exists; choose a new output folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

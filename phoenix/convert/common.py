@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
-import uuid
 from pathlib import Path
 
 from phoenix.config import RunConfig, build_config
 from phoenix.convert.hf_config import ConversionError
 from phoenix.model.builder import padded_vocab_size
+from phoenix.io import atomic_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +65,9 @@ def check_layout(model: dict, tp: int, pp: int, ep: int = 1) -> int:
     return padded
 
 
-@contextlib.contextmanager
 def atomic_output(out: str | Path):
-    """A temporary folder next to ``out``, renamed to ``out`` when the block succeeds and
-    removed when it fails: a partial output is never left behind."""
-    out = Path(out)
-    if out.exists():
-        raise ConversionError(f"{out} already exists; choose a new output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """:func:`phoenix.io.atomic_output_dir` with a ConversionError when ``out`` exists."""
+    return atomic_output_dir(out, ConversionError)
 
 
 @contextlib.contextmanager

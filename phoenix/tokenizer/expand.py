@@ -28,9 +28,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from phoenix.io import atomic_output_dir
 
 SPACE = "\u2581"
 # Files of an HF tokenizer folder that stay valid after the expansion (vocab.json /
@@ -304,13 +305,7 @@ def expand_tokenizer(base: str | os.PathLike, surfaces: list[str],
     temporary folder and renamed); checked with :func:`check_extends`."""
     from phoenix.tokenizer import load_tokenizer
 
-    out = Path(out)
-    if out.exists():
-        raise ExpansionError(f"{out} already exists; choose a new output folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".tmp-{out.name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_output_dir(out, ExpansionError) as tmp:
         old = load_tokenizer(base)
         if str(base).endswith(".model"):
             result = expand_sentencepiece(base, surfaces, tmp)
@@ -324,8 +319,4 @@ def expand_tokenizer(base: str | os.PathLike, surfaces: list[str],
         check_extends(old, load_tokenizer(new_file))
         (tmp / REPORT).write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n",
                                   encoding="utf-8")
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
