@@ -48,12 +48,8 @@ def moe_layer_pattern(model_cfg) -> list[bool]:
     k-th layer from layer 0, a list gives one 0/1 per layer); all False when dense."""
     moe = getattr(model_cfg, "moe", None)
     L = model_cfg.num_layers
-    if moe is None:
-        return [False] * L
-    freq = moe.layer_freq
-    if isinstance(freq, int):
-        return [i % freq == 0 for i in range(L)]
-    return [bool(x) for x in freq]
+    moe_layers = set(moe.moe_layers(L)) if moe is not None else set()
+    return [i in moe_layers for i in range(L)]
 
 
 @dataclass(frozen=True)

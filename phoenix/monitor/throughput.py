@@ -110,9 +110,7 @@ def model_flops_per_token(model_cfg, seq_length: int, vocab_size: int, *, causal
 
     moe = getattr(model_cfg, "moe", None)
     if num_experts is None and moe is not None:  # a phoenix ModelConfig with model.moe
-        freq = moe.layer_freq
-        moe_layers = (sum(i % freq == 0 for i in range(L)) if isinstance(freq, int)
-                      else sum(map(bool, freq)))
+        moe_layers = len(moe.moe_layers(L))
         num_experts, top_k = moe.num_experts, moe.router_topk
         moe_ffn_hidden_size = moe.ffn_hidden_size
         shared = mlp_matrices * h * (moe.shared_expert_intermediate_size or 0)
