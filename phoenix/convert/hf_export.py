@@ -26,6 +26,7 @@ from phoenix.convert.common import (
     TOKENIZER_FILES,
     atomic_output,
     conversion_config,
+    load_checkpoint_model,
     one_process_runtime,
     tokenizer_summary,
 )
@@ -101,11 +102,9 @@ def phoenix_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: Optional[st
     from megatron.core.dist_checkpointing import load_tensors_metadata
     from tqdm import tqdm
 
-    from phoenix.checkpoint import CheckpointManager
     from phoenix.checkpoint.manager import resolve_checkpoint, step_of
     from phoenix.config.loader import load_saved_config
     from phoenix.config.typed import to_dict
-    from phoenix.model import build_model
     from phoenix.tokenizer import load_tokenizer
 
     path = resolve_checkpoint(checkpoint)
@@ -138,10 +137,7 @@ def phoenix_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: Optional[st
         cfg = conversion_config(model, {"model": "unused.model"}, tmp)
         hf_config = hf_from_model(cfg.model, vocab, HF_DTYPE_NAMES[target], base)
         with one_process_runtime(cfg) as layout:
-            (gpt,) = build_model(cfg, layout, vocab, wrap_ddp=False, initialize=False, dtype=stored)
-            manager = CheckpointManager(path.parent, layout.rank, layout.world_size)
-            manager.check_compatible(path, [gpt])
-            manager.load_weights(path, [gpt])
+            gpt = load_checkpoint_model(cfg, layout, path, vocab, stored)
             state = {k: v for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
             writer = ShardWriter(tmp, max_shard_bytes)
 

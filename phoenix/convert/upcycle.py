@@ -27,7 +27,12 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
-from phoenix.convert.common import atomic_output, conversion_config, one_process_runtime
+from phoenix.convert.common import (
+    atomic_output,
+    conversion_config,
+    load_checkpoint_model,
+    one_process_runtime,
+)
 from phoenix.model.upcycling import UpcycleError, UpcycleSpec, granularity, upcycled_tensors
 
 log = logging.getLogger(__name__)
@@ -165,11 +170,7 @@ def upcycle(dense_ckpt: str | Path, moe_config: str | Path, out: str | Path, *,
     seed = router_seed if seed is None else seed
     with atomic_output(out) as tmp:
         with one_process_runtime(moe_cfg) as layout:
-            (dense_gpt,) = build_model(dense_cfg, layout, vocab, wrap_ddp=False, initialize=False,
-                                       dtype=stored)
-            source = CheckpointManager(path.parent, layout.rank, layout.world_size)
-            source.check_compatible(path, [dense_gpt])
-            source.load_weights(path, [dense_gpt])
+            dense_gpt = load_checkpoint_model(dense_cfg, layout, path, vocab, stored)
             (moe_gpt,) = build_model(moe_cfg, layout, vocab, wrap_ddp=False, initialize=False,
                                      dtype=stored)
             init_routers(moe_gpt, seed)

@@ -32,6 +32,7 @@ from phoenix.convert.common import (
     TOKENIZER_FILES,
     atomic_output,
     conversion_config,
+    load_checkpoint_model,
     one_process_runtime,
 )
 from phoenix.convert.hf_config import ConversionError
@@ -156,11 +157,7 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
         model["vocab_size"] = new_vocab
         cfg = conversion_config(model, tok_section, out)
         with one_process_runtime(cfg) as layout:
-            (old_gpt,) = build_model(old_cfg, layout, old_vocab, wrap_ddp=False, initialize=False,
-                                     dtype=stored)
-            manager = CheckpointManager(path.parent, layout.rank, layout.world_size)
-            manager.check_compatible(path, [old_gpt])
-            manager.load_weights(path, [old_gpt])
+            old_gpt = load_checkpoint_model(old_cfg, layout, path, old_vocab, stored)
             state = old_gpt.state_dict()
             del old_gpt
             keep = min(old_vocab, old_tok.vocab_size)  # rows past the tokenizer are reused
