@@ -32,6 +32,18 @@ def _close(a, b, rel=1e-4):
     return math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
 
 
+def assert_steps_match_reference(name: str, results: list[dict], ref_steps: list[dict]) -> None:
+    """Every rank's 3 recorded steps have the reference's loss and grad norm (1e-4), and
+    the reference really trained (its loss moved). Also used by the MoE parity tests."""
+    for result in results:  # every rank agrees on the global numbers
+        steps = result["steps"]
+        assert [s["step"] for s in steps] == [1, 2, 3]
+        for got, ref in zip(steps, ref_steps):
+            assert _close(got["loss"], ref["loss"]), (name, got, ref)
+            assert _close(got["grad_norm"], ref["grad_norm"]), (name, got, ref)
+    assert ref_steps[0]["loss"] != ref_steps[-1]["loss"]
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_process(name, reference, tiny_data, tmp_path):
     init, ref_steps = reference
@@ -40,11 +52,4 @@ def test_layout_matches_single_process(name, reference, tiny_data, tmp_path):
                            checkpoint={"init_from": str(init), "save_at_end": False})
     results = run_distributed(train_and_record, world, cfg, overrides)
     assert results[0]["layout"].startswith(f"world={world}")
-    for result in results:  # every rank agrees on the global numbers
-        steps = result["steps"]
-        assert [s["step"] for s in steps] == [1, 2, 3]
-        for got, ref in zip(steps, ref_steps):
-            assert _close(got["loss"], ref["loss"]), (name, got, ref)
-            assert _close(got["grad_norm"], ref["grad_norm"]), (name, got, ref)
-    # The reference really trained: its loss moved between steps.
-    assert ref_steps[0]["loss"] != ref_steps[-1]["loss"]
+    assert_steps_match_reference(name, results, ref_steps)

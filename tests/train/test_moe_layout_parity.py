@@ -1,7 +1,6 @@
 """MoE layers train the same at every expert-parallel layout as in one process, from the
 same weights and data; a checkpoint saved at EP=2 resumes at EP=1."""
 
-import math
 import shutil
 
 import pytest
@@ -9,6 +8,8 @@ import pytest
 from phoenix.testing.distributed import run_distributed
 from phoenix.testing.tiny import tiny_config_dict
 from phoenix.testing.workers import train_and_record
+
+from tests.train.test_layout_parity import _close, assert_steps_match_reference
 
 pytestmark = pytest.mark.slow
 
@@ -46,10 +47,6 @@ def references(tiny_data, tmp_path_factory):
     return refs
 
 
-def _close(a, b, rel=1e-4):
-    return math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
-
-
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_moe_layout_matches_single_process(name, references, tiny_data, tmp_path):
     variant, world, overrides = LAYOUTS[name]
@@ -58,13 +55,7 @@ def test_moe_layout_matches_single_process(name, references, tiny_data, tmp_path
                   checkpoint={"init_from": str(init), "save_at_end": False})
     results = run_distributed(train_and_record, world, cfg, overrides)
     assert "ep=2" in results[0]["layout"], results[0]["layout"]
-    for result in results:  # every rank agrees on the global numbers
-        steps = result["steps"]
-        assert [s["step"] for s in steps] == [1, 2, 3]
-        for got, ref in zip(steps, ref_steps):
-            assert _close(got["loss"], ref["loss"]), (name, got, ref)
-            assert _close(got["grad_norm"], ref["grad_norm"]), (name, got, ref)
-    assert ref_steps[0]["loss"] != ref_steps[-1]["loss"]  # the reference really trained
+    assert_steps_match_reference(name, results, ref_steps)
 
 
 def test_moe_checkpoint_reshards_from_ep2_to_ep1(tiny_data, tmp_path):
