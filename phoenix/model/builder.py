@@ -18,7 +18,7 @@ from phoenix.config import RunConfig
 from phoenix.model.norms import sequence_parallel_spec
 from phoenix.model.rope import gpt_rope_kwargs, install_rope, needs_phoenix_module, set_yarn_config
 from phoenix.runtime import ParallelLayout
-from phoenix.runtime.capabilities import te_available
+from phoenix.runtime.capabilities import megatron_softmax_kernels_available, te_available
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,10 @@ def transformer_config(cfg: RunConfig, layout: ParallelLayout):
         # Fused kernels need CUDA (and apex/TE); the CPU path uses the unfused torch ops.
         bias_activation_fusion=not on_cpu and m.add_bias_linear,
         # The fused causal softmax ignores a given mask: document masking (a dense
-        # block-diagonal mask on the local spec) needs the unfused one.
-        masked_softmax_fusion=not on_cpu and not cfg.data.document_mask,
+        # block-diagonal mask on the local spec) needs the unfused one. megatron-core's
+        # wheel has no softmax kernels: megatron would import them at the first forward.
+        masked_softmax_fusion=(not on_cpu and not cfg.data.document_mask
+                               and megatron_softmax_kernels_available()),
         bias_dropout_fusion=not on_cpu,
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,

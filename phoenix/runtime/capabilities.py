@@ -23,6 +23,16 @@ def te_available() -> bool:
         return False
 
 
+@functools.cache
+def megatron_softmax_kernels_available() -> bool:
+    """Whether megatron's fused scale-mask-softmax CUDA kernels import (built by
+    Megatron-LM's or apex's C++ extensions; megatron-core's wheel does not ship them)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda"))
+
+
 def check_capabilities(cfg: RunConfig) -> None:
     """Raise ConfigError naming the key when ``cfg`` needs what this setup lacks."""
     p = cfg.parallel
