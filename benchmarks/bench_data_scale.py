@@ -71,10 +71,11 @@ def _rss_anon() -> int:
     return 0
 
 
-def _specs(prefixes):
+def _specs(prefixes, pack_groups: int):
     from phoenix.data.plan_source import PlanDatasetSpec
 
-    return [PlanDatasetSpec(n, prefixes[n], float(s), group_mode="batch" if n == GROUPED else "none")
+    return [PlanDatasetSpec(n, prefixes[n], float(s), group_mode="batch" if n == GROUPED else "none",
+                            pack_groups=pack_groups if n == GROUPED else 0)
             for n, s in zip(NAMES, SHARES)]
 
 
@@ -82,7 +83,7 @@ def phoenix_source(a, cache: str | None, build: bool, copy: bool = False):
     """(source, plan, indices) as a rank gets them; ``cache=None``: indices in memory."""
     from phoenix.data.plan_source import PlanSource, build_indices, load_or_build_plan, plan_inputs
 
-    specs = _specs(a["prefixes"])
+    specs = _specs(a["prefixes"], a["pack_groups"])
     indices = build_indices(specs, a["seq_length"], cache_dir=cache)
     inputs = plan_inputs(specs, indices, a["batch_size"], a["num_batches"], seed=1)
     plan, _ = load_or_build_plan(inputs, a["plan_dir"], build=build)
@@ -159,8 +160,24 @@ def child(phase: str, a: dict) -> dict:
         out["groups_fitting"] = int(plan.groups_fit.sum())
         out["groups"] = int(plan.groups_total.sum())
         out["samples"] = int(len(plan.dataset_ids))
+        out["packed_groups_split"] = packed_groups_split(plan, indices[g], g, a["batch_size"])
     dist.destroy_process_group()
     return out
+
+
+def packed_groups_split(plan, index, d: int, B: int) -> int:
+    """Groups inside units of >= 2 groups (tail packing) whose unit spans > 1 batch:
+    each such group may be split (must be 0; a unit is never larger than the fit limit)."""
+    from phoenix.data.samples import groups_per_unit
+
+    at = np.flatnonzero(np.asarray(plan.dataset_ids) == d)
+    units = np.asarray(index.group_ids)[np.asarray(plan.sample_ids)[at]]
+    n = int(index.group_ids[-1]) + 1
+    lo, hi = np.full(n, np.iinfo(np.int64).max), np.full(n, -1)
+    np.minimum.at(lo, units, at // B)
+    np.maximum.at(hi, units, at // B)
+    members = groups_per_unit(index)
+    return int(members[(hi > lo) & (members >= 2)].sum())
 
 
 # ------------------------------------------------------------------ the parent
@@ -182,6 +199,8 @@ def main() -> None:
     ap.add_argument("--seq-length", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--read-samples", type=int, default=3000)
+    ap.add_argument("--pack-groups", type=int, default=32,
+                    help="tail packing of the grouped dataset (pack_groups; 0: off)")
     ap.add_argument("--workdir", default=None, help="default: a temporary directory, removed")
     args = ap.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_scale."))
@@ -194,6 +213,7 @@ def main() -> None:
         samples = tokens // args.seq_length
         a = dict(prefixes=prefixes, seq_length=args.seq_length, batch_size=args.batch_size,
                  num_batches=samples // args.batch_size, read_samples=args.read_samples,
+                 pack_groups=args.pack_groups,
                  cache=str(root / "cache"), plan_dir=str(root / "cache"),
                  megatron_cache=str(root / "megatron_cache"))
         r = {p: run(p, a) for p in ("megatron_build", "megatron_cached", "phoenix_build",
@@ -208,7 +228,8 @@ def main() -> None:
     print(f"tokens={tokens}")
     print(f"documents={docs}")
     print(f"planned_samples={n}")
-    print(f"groups={r['phoenix_cached']['groups']}")
+    print(f"groups={r['phoenix_cached']['groups']}  # units of groups with pack_groups")
+    print(f"pack_groups={args.pack_groups}")
     print(f"make_data_s={make_s:.1f}")
     print(f"disk_used_mb={disk / mb:.0f}")
     for who in ("phoenix", "megatron"):
@@ -231,6 +252,7 @@ def main() -> None:
     print(f"loss_bearing_fraction_grouped={r['phoenix_cached']['loss_grouped']:.4f}")
     print(f"groups_fitting={r['phoenix_cached']['groups_fitting']}")
     print(f"groups_fitting_split={r['phoenix_cached']['groups_fitting_split']}")
+    print(f"packed_groups_split={r['phoenix_cached']['packed_groups_split']}")
 
 
 if __name__ == "__main__":

@@ -596,6 +596,50 @@ py::tuple group_starts(py::array_t<T, py::array::c_style> ids) {
   return py::make_tuple(out, increasing);
 }
 
+// Tail packing of a grouped dataset (phoenix.data.samples, "pack_groups"): split the
+// sequence of groups (token counts `tokens`, in the order given) into units of
+// consecutive groups, each cut as one stream into samples of seq_length (+1) tokens,
+// minimising the total number of samples (so the padding of the units' last samples).
+// A unit of >= 2 groups holds at most `max_samples` samples and `max_groups` groups; a
+// single group may be any size. Exact dynamic programme over the unit's last group,
+// O(G * max_groups); ties prefer the shorter last unit. Returns the G_units + 1 unit
+// boundaries as positions in the group sequence.
+py::array_t<i64> pack_units(py::array_t<i64, py::array::c_style | py::array::forcecast> tokens,
+                            i64 seq_length, i64 max_samples, i64 max_groups) {
+  if (seq_length < 1 || max_samples < 1 || max_groups < 1)
+    throw std::invalid_argument("pack_units: seq_length, max_samples and max_groups must be >= 1");
+  const i64 G = tokens.size();
+  const i64* t = tokens.data();
+  std::vector<i64> bounds;
+  {
+    py::gil_scoped_release nogil;
+    std::vector<i64> cs(G + 1, 0), f(G + 1, 0), from(G + 1, 0);
+    for (i64 g = 0; g < G; ++g) {
+      if (t[g] < 0) throw std::invalid_argument("pack_units: negative token count");
+      cs[g + 1] = cs[g] + t[g];
+    }
+    auto samples = [&](i64 i, i64 j) {  // as _cut: ceil((T - 1) / seq) for T >= 2 tokens
+      const i64 T = cs[j] - cs[i];
+      return T >= 2 ? (T - 2) / seq_length + 1 : 0;
+    };
+    for (i64 j = 1; j <= G; ++j) {
+      i64 best = f[j - 1] + samples(j - 1, j), arg = j - 1;
+      for (i64 i = j - 2; i >= 0 && j - i <= max_groups; --i) {
+        const i64 n = samples(i, j);
+        if (n > max_samples) break;  // grows with the span
+        if (f[i] + n < best) best = f[i] + n, arg = i;
+      }
+      f[j] = best, from[j] = arg;
+    }
+    for (i64 j = G; j > 0; j = from[j]) bounds.push_back(j);
+    bounds.push_back(0);
+    std::reverse(bounds.begin(), bounds.end());
+  }
+  py::array_t<i64> out(static_cast<py::ssize_t>(bounds.size()));
+  std::copy(bounds.begin(), bounds.end(), out.mutable_data());
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_plan_cpp, m) {
@@ -609,6 +653,8 @@ PYBIND11_MODULE(_plan_cpp, m) {
         py::arg("fixed_counts") = py::array_t<int32_t>(std::vector<py::ssize_t>{0, 0}));
   m.def("group_starts", &group_starts<int64_t>, py::arg("ids"));
   m.def("group_starts", &group_starts<int32_t>, py::arg("ids"));
+  m.def("pack_units", &pack_units, "Unit boundaries of tail packing (see phoenix.data.samples).",
+        py::arg("tokens"), py::arg("seq_length"), py::arg("max_samples"), py::arg("max_groups"));
   m.def("permutation", &permutation, "Epoch permutation of range(n) at positions x.",
         py::arg("n"), py::arg("seed"), py::arg("key"), py::arg("epoch"), py::arg("x"));
   m.def(

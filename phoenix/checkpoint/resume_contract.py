@@ -201,6 +201,9 @@ def _data_changes(old: RunConfig, new: RunConfig, step: int) -> tuple[list[str],
         elif a.min_document_tokens != d.min_document_tokens:
             refused.append(f"dataset '{d.display_name}' min_document_tokens: "
                            f"{a.min_document_tokens} -> {d.min_document_tokens}")
+        elif a.pack_groups != d.pack_groups:  # another cut into samples: another stream
+            refused.append(f"dataset '{d.display_name}' pack_groups: "
+                           f"{a.pack_groups} -> {d.pack_groups}")
     for key, a, b in (("train.seed", old.train.seed, new.train.seed),
                       ("data.sampler", old.data.sampler, new.data.sampler)):
         if a != b:

@@ -148,6 +148,12 @@ class DatasetEntry:
     group_mode: Literal["none", "batch"] = "none"
     """``batch``: keep each group of ``PREFIX.groups.npy`` (a repository, a book) inside one
     global batch (consecutive batches when larger); samples never cross groups."""
+    pack_groups: int = 0
+    """Tail packing for ``group_mode: batch``: join groups (in a fixed shuffle) into units
+    of at most this many samples, each cut as one stream, so only a unit's last sample is
+    padded (see phoenix.data.samples). Every group still lands whole in one global batch:
+    the plan refuses a value above the smallest per-batch count it can keep whole (its
+    error names the largest allowed). 0: off, every group's last sample is padded."""
     min_document_tokens: int = 0
     """Read only the documents of at least this many tokens: a view of the same
     ``.bin/.idx`` (no copy, no re-tokenisation), packed like any dataset. Next to the
@@ -158,6 +164,9 @@ class DatasetEntry:
         if self.min_document_tokens < 0:
             raise ConfigError(f"min_document_tokens: must be >= 0, got {self.min_document_tokens} "
                               f"for dataset '{self.prefix}'")
+        if self.pack_groups < 0:
+            raise ConfigError(f"pack_groups: must be >= 0, got {self.pack_groups} for dataset "
+                              f"'{self.prefix}'")
         if self.min_document_tokens and self.group_mode != "none":
             raise ConfigError(f"min_document_tokens: cannot be combined with group_mode "
                               f"'{self.group_mode}' (dataset '{self.prefix}'): a length view "

@@ -120,6 +120,9 @@ class PlanDataset:
     min_share: float = 0.0
     group_mode: str = "none"
     group_ids: np.ndarray | None = None
+    pack_groups: int = 0
+    """The sample index's tail packing (``group_ids`` are then units of groups of at most
+    this many samples, each kept whole like a group): validated against the fit limit."""
 
 
 @dataclass
@@ -370,6 +373,7 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
         group_starts.append(starts)
     if flexible:
         _check_slack(ds, w, flexible, burst, size, B, group_starts)
+        _check_pack_groups(ds, flexible, quota, B - sum(size))
     keys = [int.from_bytes(hashlib.sha256(n.encode()).digest()[:8], "little") for n in names]
     return dict(
         names=names, weights=np.array([float(x) for x in w]), burst=np.array(burst, dtype=bool),
@@ -381,6 +385,20 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
         interleave=bool(inputs.interleave), horizon=int(horizon), window=int(window),
         fixed_counts=fixed, flexible=np.array([k == 2 for k in kind], dtype=bool),
     )
+
+
+def _check_pack_groups(ds, flexible, quota, f_min: int) -> None:
+    """A unit of tail packing joins several groups: it must fit every batch (size <= the
+    fit limit, smallest at the fewest free slots ``f_min``), or the plan could split it
+    across batches and with it a group that fits."""
+    for i in flexible:
+        p = int(ds[i].pack_groups)
+        fit = max(0, (int(quota[i]) * f_min - f_min + Q - 1) >> Q_BITS)
+        if p > fit:
+            raise _err(ds[i], "pack_groups", f"units of up to {p} samples may not fit a "
+                       f"batch: the smallest count this stage keeps whole is {fit} samples "
+                       f"(the dataset's share of the {f_min} slots left by bursts); set "
+                       f"pack_groups <= {fit}" + ("" if fit else " or 0"))
 
 
 # -------------------------------------------------------------------------- building

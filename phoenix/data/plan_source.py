@@ -33,13 +33,16 @@ class PlanDatasetSpec:
     weight: float
     min_share: float = 0.0
     group_mode: str = "none"
+    pack_groups: int = 0
+    """Tail packing of a grouped dataset (``DatasetEntry.pack_groups``; 0: off)."""
 
 
 def plan_inputs(specs: list[PlanDatasetSpec], indices: list[SampleIndex], global_batch_size: int,
                 num_batches: int, seed: int, start_offsets: list[int] | None = None) -> PlanInputs:
     datasets = [PlanDataset(name=s.name, num_samples=len(ix), weight=s.weight, min_share=s.min_share,
                             group_mode=s.group_mode,
-                            group_ids=ix.group_ids if s.group_mode == "batch" else None)
+                            group_ids=ix.group_ids if s.group_mode == "batch" else None,
+                            pack_groups=ix.pack_groups)
                 for s, ix in zip(specs, indices)]
     return PlanInputs(datasets=datasets, global_batch_size=global_batch_size,
                       num_batches=num_batches, seed=seed, start_offsets=start_offsets)
@@ -50,7 +53,7 @@ def build_indices(specs: list[PlanDatasetSpec], seq_length: int,
     """The sample index of every dataset; with ``cache_dir``, cached there and
     memory-mapped (:func:`phoenix.data.sample_cache.cached_sample_index`)."""
     return [cached_sample_index(s.prefix, seq_length, use_groups=s.group_mode == "batch",
-                                cache_dir=cache_dir)
+                                cache_dir=cache_dir, pack_groups=s.pack_groups)
             for s in specs]
 
 

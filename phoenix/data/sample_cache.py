@@ -12,8 +12,8 @@ between the ranks of a node through the page cache.
 The key covers everything the index depends on: the prefix's resolved path; the
 ``.idx``'s size, modification time and the sha256 of its first and last 64 KiB (header,
 first and last sequence lengths and document indices); the ``.bin``'s size; with groups,
-the same for ``.groups.npy``; ``seq_length``, grouped or not, ``min_document_tokens``
-and :data:`INDEX_FORMAT`. A rewritten ``.idx``, a new groups file or another cut is a
+the same for ``.groups.npy``; ``seq_length``, grouped or not, ``min_document_tokens``,
+``pack_groups`` and :data:`INDEX_FORMAT`. A rewritten ``.idx``, a new groups file or another cut is a
 miss and builds a new entry; stale entries are left for the user to delete.
 
 Two processes building the same entry at once (two jobs, or one rank per node on a
@@ -39,7 +39,7 @@ from phoenix.io import publish_dir
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: tail packing (pack_groups); views named in index.json
 _EDGE = 1 << 16  # bytes hashed at each end of a file
 
 
@@ -55,7 +55,7 @@ def _file_identity(path: Path) -> dict:
 
 
 def sample_index_key(prefix: str, seq_length: int, use_groups: bool,
-                     min_document_tokens: int = 0) -> str:
+                     min_document_tokens: int = 0, pack_groups: int = 0) -> str:
     """sha256 of everything :func:`build_sample_index` reads and is asked for (see the
     module doc). Raises DataError naming the file when the prefix is incomplete."""
     try:
@@ -68,24 +68,28 @@ def sample_index_key(prefix: str, seq_length: int, use_groups: bool,
     groups = _file_identity(groups_path) if use_groups and groups_path.is_file() else None
     doc = dict(format=INDEX_FORMAT, prefix=os.path.realpath(prefix), idx=idx, bin_size=bin_size,
                groups=groups, seq_length=int(seq_length), grouped=bool(use_groups),
-               min_document_tokens=int(min_document_tokens))
+               min_document_tokens=int(min_document_tokens),
+               pack_groups=int(pack_groups) if use_groups else 0)
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()
 
 
 def cached_sample_index(prefix: str, seq_length: int, use_groups: bool,
                         min_document_tokens: int = 0,
-                        cache_dir: str | os.PathLike | None = None) -> SampleIndex:
+                        cache_dir: str | os.PathLike | None = None,
+                        pack_groups: int = 0) -> SampleIndex:
     """The sample index of ``prefix`` (as :func:`build_sample_index`), memory-mapped from
     ``cache_dir``, built and published there first if missing. ``cache_dir=None``: built
     in memory, nothing cached."""
+    pack_groups = pack_groups if use_groups else 0
     if cache_dir is None:
-        return build_sample_index(prefix, seq_length, use_groups, min_document_tokens)
-    key = sample_index_key(prefix, seq_length, use_groups, min_document_tokens)
+        return build_sample_index(prefix, seq_length, use_groups, min_document_tokens, pack_groups)
+    key = sample_index_key(prefix, seq_length, use_groups, min_document_tokens, pack_groups)
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(prefix).name)[:40]
     path = Path(cache_dir) / f"samples-{name}-{key[:16]}"
     if not (path / "index.json").is_file():
         t0 = time.perf_counter()
-        index = build_sample_index(prefix, seq_length, use_groups, min_document_tokens)
+        index = build_sample_index(prefix, seq_length, use_groups, min_document_tokens,
+                                   pack_groups)
         Path(cache_dir).mkdir(parents=True, exist_ok=True)
         published = publish_dir(path, lambda tmp: _save(index, key, tmp))
         log.info("sample index: %s %s in %.1fs -> %s", prefix,
@@ -109,7 +113,8 @@ def _save(index: SampleIndex, key: str, directory: Path) -> None:
             np.save(directory / f"view_{name}.npy", getattr(index.view, name))
     meta = dict(format=INDEX_FORMAT, key=key, prefix=index.prefix, seq_length=index.seq_length,
                 grouped=index.group_ids is not None, num_samples=len(index),
-                min_document_tokens=index.view.min_document_tokens if index.view else 0)
+                min_document_tokens=index.view.min_document_tokens if index.view else 0,
+                view=index.view is not None, pack_groups=index.pack_groups)
     (directory / "index.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -127,8 +132,9 @@ def load_sample_index(path: str | os.PathLike, prefix: str, key: str) -> SampleI
         return np.load(file, mmap_mode="r") if file.is_file() else None
 
     view = None
-    if meta["min_document_tokens"]:
+    if meta["view"]:
         view = DocumentView(meta["min_document_tokens"],
                             *(array(f"view_{name}") for name in _VIEW_ARRAYS))
     return SampleIndex(prefix, meta["seq_length"], array("starts"), array("lengths"),
-                       array("group_ids"), array("doc_starts"), view)
+                       array("group_ids"), array("doc_starts"), view,
+                       pack_groups=meta["pack_groups"])

@@ -17,6 +17,16 @@ a ``.groups.npy`` with one id per sequence is accepted too.
 Reading a sample is one slice of a memory map: no per-document assembly, no copies
 beyond the sample itself.
 
+**Tail packing** (``pack_groups = P``, grouped datasets only) removes most of that
+padding: the groups, in a fixed seeded shuffle, are joined into *units* of consecutive
+groups, each cut as one stream, so only a unit's last sample is padded. A unit of two or
+more groups holds at most ``P`` samples; the split into units minimises the dataset's
+total samples (an exact dynamic programme, ``pack_units`` in ``csrc/``). The plan keeps
+each unit in one batch as it keeps a group, so every group of a unit does too; a sample
+may join the end of one group and the start of the next only inside a unit (the EOD
+between them keeps the document boundary for ``data.document_mask``). The shuffled
+stream is a view like the one below; ``group_ids`` are then unit ids.
+
 A **document-length view** (``min_document_tokens``) keeps only the documents of at
 least that many tokens. Its token stream is those documents back to back, so a sample
 may join the end of one kept document and the start of the next kept one (they are
@@ -52,8 +62,10 @@ class SampleIndex:
     starts where the next one does)."""
 
     view: "DocumentView | None" = None
-    """Set for a ``min_document_tokens`` view: ``starts`` are then offsets in the view's
-    stream, mapped to the ``.bin`` by :meth:`physical_ranges`."""
+    """Set for a ``min_document_tokens`` view or tail packing: ``starts`` are then offsets
+    in the view's stream, mapped to the ``.bin`` by :meth:`physical_ranges`."""
+    pack_groups: int = 0
+    """Tail packing's largest unit of several groups, in samples (0: off)."""
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -79,11 +91,12 @@ class SampleIndex:
 
 @dataclass(frozen=True)
 class DocumentView:
-    """The documents a ``min_document_tokens`` view keeps, as one stream."""
+    """Pieces of the ``.bin`` read as one stream: the documents a ``min_document_tokens``
+    view keeps, or a grouped dataset's groups in tail packing's shuffled order."""
 
     min_document_tokens: int
     documents: np.ndarray
-    """int64 [k]: ids of the kept documents."""
+    """int64 [k]: ids of the kept documents (tail packing: of the groups, in file order)."""
     starts: np.ndarray
     """int64 [k + 1]: where each kept document starts in the view's stream (and the end)."""
     bin_starts: np.ndarray
@@ -111,9 +124,10 @@ def _cut(begin: int, end: int, seq_length: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def build_sample_index(prefix: str, seq_length: int, use_groups: bool,
-                       min_document_tokens: int = 0) -> SampleIndex:
-    """Index the samples of ``prefix``; with ``use_groups``, cut at group boundaries;
-    with ``min_document_tokens``, of the view of the documents at least that long."""
+                       min_document_tokens: int = 0, pack_groups: int = 0) -> SampleIndex:
+    """Index the samples of ``prefix``; with ``use_groups``, cut at group boundaries
+    (with ``pack_groups``, at unit boundaries); with ``min_document_tokens``, of the
+    view of the documents at least that long."""
     IndexedDataset = indexed_dataset_module().IndexedDataset
     check_prefix(prefix)
     ds = IndexedDataset(prefix, mmap=True)
@@ -150,10 +164,51 @@ def build_sample_index(prefix: str, seq_length: int, use_groups: bool,
     boundaries = np.flatnonzero(np.diff(unit_groups)) + 1
     group_unit_starts = np.concatenate([[0], boundaries, [len(unit_groups)]])
     bounds = unit_starts[group_unit_starts]
+    view = None
+    if pack_groups:
+        view, bounds = _pack(bounds, seq_length, pack_groups)
     starts, lengths, groups = _cut_ranges(bounds[:-1], bounds[1:], seq_length)
     if len(starts) == 0:
         raise DataError(f"data prefix '{prefix}': no group has enough tokens for a sample")
-    return SampleIndex(prefix, seq_length, starts, lengths, groups, doc_starts)
+    return SampleIndex(prefix, seq_length, starts, lengths, groups, doc_starts, view,
+                       pack_groups=pack_groups)
+
+
+PACK_SEED = 0x7068656E6978  # the fixed shuffle of tail packing (independent of train.seed)
+PACK_MAX_GROUPS = 1024      # groups per unit considered by the packing programme
+
+
+def _pack(bounds: np.ndarray, seq_length: int, pack_groups: int
+          ) -> tuple[DocumentView, np.ndarray]:
+    """Tail packing of the groups with ``.bin`` token ranges ``[bounds[g], bounds[g+1])``:
+    the view of the groups in a fixed shuffle and the unit boundaries in its stream."""
+    from phoenix.data.plan import plan_cpp
+
+    order = np.random.default_rng(PACK_SEED).permutation(len(bounds) - 1).astype(np.int64)
+    sizes = np.diff(bounds)[order]
+    starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+    units = plan_cpp().pack_units(sizes, seq_length, pack_groups, PACK_MAX_GROUPS)
+    return DocumentView(0, order, starts, bounds[:-1][order]), starts[units]
+
+
+def groups_per_unit(index: SampleIndex) -> np.ndarray:
+    """int64 [units]: how many groups each unit of a tail-packed index joins (all ones
+    without packing); units in id order. Groups of fewer than 2 tokens hold no sample and
+    are not counted."""
+    if index.group_ids is None:
+        raise ValueError("groups_per_unit: the index is not grouped")
+    if not index.pack_groups:
+        return np.ones(int(index.group_ids[-1]) + 1 if len(index) else 0, dtype=np.int64)
+    ids = np.asarray(index.group_ids)
+    first = np.flatnonzero(np.diff(ids, prepend=-1))
+    last = np.append(first[1:], len(ids)) - 1
+    begin = np.asarray(index.starts)[first]
+    end = np.asarray(index.starts)[last] + np.asarray(index.lengths)[last]
+    seg = np.asarray(index.view.starts)
+    lengths = np.diff(seg)
+    # segments (groups) of >= 2 tokens whose start lies inside the unit
+    nonempty = np.concatenate([[0], np.cumsum(lengths >= 2)])
+    return nonempty[np.searchsorted(seg[:-1], end, "left")] - nonempty[np.searchsorted(seg[:-1], begin, "left")]
 
 
 def _cut_ranges(begins: np.ndarray, ends: np.ndarray, seq_length: int

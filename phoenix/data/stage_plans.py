@@ -114,15 +114,18 @@ def mixture_warmup_counts(start: list[Fraction], end: list[Fraction], B: int,
 def stage_plans(table: StageTable, prefixes: list[str], seed: int,
                 get_plan: Callable[[PlanInputs], DataPlan], resume: Optional[DataResume] = None,
                 min_document_tokens: Optional[list[int]] = None,
+                pack_groups: Optional[list[int]] = None,
                 index_dir: Optional[Path] = None,
                 ) -> list[tuple[StagePlanInputs, DataPlan]]:
     """Build (or load, through ``get_plan``) every stage's plan in order; each stage's
     start offsets come from the plans before it, or from ``resume`` (where the streams
     stood at the first stage's start, see phoenix.data.data_resume).
     ``min_document_tokens``: per dataset, the document-length view it reads (0: all).
+    ``pack_groups``: per dataset, tail packing's unit size when it is read grouped (0: off).
     ``index_dir``: where the sample indices are cached and memory-mapped from
     (:mod:`phoenix.data.sample_cache`); None builds them in memory."""
     min_document_tokens = min_document_tokens or [0] * len(prefixes)
+    pack_groups = pack_groups or [0] * len(prefixes)
     names = table.dataset_names
     tracker = StreamTracker(names)
     for name, (seq, grouped, offset, n) in (resume.streams if resume else {}).items():
@@ -149,11 +152,13 @@ def stage_plans(table: StageTable, prefixes: list[str], seed: int,
             if (d, key) not in index_cache:
                 index_cache[(d, key)] = cached_sample_index(
                     prefixes[d], key[0], use_groups=key[1],
-                    min_document_tokens=min_document_tokens[d], cache_dir=index_dir)
+                    min_document_tokens=min_document_tokens[d], cache_dir=index_dir,
+                    pack_groups=pack_groups[d])
             ix = index_cache[(d, key)]
             datasets.append(PlanDataset(
                 name=name, num_samples=len(ix), weight=float(weight), min_share=stage.min_share[d],
-                group_mode=group_mode, group_ids=ix.group_ids if key[1] else None))
+                group_mode=group_mode, group_ids=ix.group_ids if key[1] else None,
+                pack_groups=ix.pack_groups))
             indices.append(ix), keys.append(key)
             starts.append(tracker.start(d, key, len(ix), stage.name))
         inputs = PlanInputs(datasets=datasets, global_batch_size=stage.global_batch_size,
@@ -208,6 +213,7 @@ def run_stage_plans(cfg: RunConfig, get_plan: Callable[[PlanInputs], DataPlan] |
     return stage_plans(rebase(cfg.resolved.stages, resume), [e.prefix for e in datasets],
                        cfg.train.seed, get_plan, resume,
                        min_document_tokens=[e.min_document_tokens for e in datasets],
+                       pack_groups=[e.pack_groups for e in datasets],
                        index_dir=cache_dir(cfg))
 
 
