@@ -15,8 +15,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -51,7 +54,10 @@ def publish_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> bool:
     False is returned; True when this call published it.
     """
     path = Path(path)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    sweep_stale_dirs(path.parent)
+    # host and pid in the name: a build killed mid-way is recognised and swept later
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, suffix=".tmp",
+                                prefix=f".{path.name}.{socket.gethostname()}.{os.getpid()}."))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; other users' jobs read caches too
         write(tmp)
@@ -69,6 +75,48 @@ def publish_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> bool:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _fsync_dir(path.parent)
+    return True
+
+
+STALE_DIR_SECONDS = 24 * 3600
+
+
+def sweep_stale_dirs(parent: str | os.PathLike, now: float | None = None) -> list[Path]:
+    """Remove the unfinished directories of :func:`publish_dir` in ``parent`` whose
+    writer is gone: on this host, its pid no longer runs; from another host (a shared
+    filesystem), untouched for :data:`STALE_DIR_SECONDS`. Returns what was removed.
+    Published directories and running builds are never touched."""
+    now = time.time() if now is None else now
+    # .<name>.<host>.<pid>.<random>.tmp (mkdtemp's random part has no dots)
+    ours = re.compile(rf"\.{re.escape(socket.gethostname())}\.(\d+)\.[^.]+\.tmp$")
+    anyone = re.compile(r"\.(\d+)\.[^.]+\.tmp$")
+    removed = []
+    try:
+        entries = [d for d in Path(parent).glob(".*.tmp") if anyone.search(d.name)]
+    except OSError:
+        return removed
+    for d in entries:
+        try:
+            if not d.is_dir():
+                continue
+            mine = ours.search(d.name)
+            gone = (not _pid_alive(int(mine.group(1))) if mine
+                    else now - d.stat().st_mtime >= STALE_DIR_SECONDS)
+        except OSError:
+            continue
+        if gone:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
     return True
 
 
