@@ -26,7 +26,6 @@ Needs a CUDA GPU (refuses otherwise). Transformer Engine is used when importable
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -75,30 +74,20 @@ def _config(args, data, out_dir: str, norm_interval: int):
 
 
 def phoenix_worker(args, data, out_dir: str, norm_interval: int) -> dict:
-    import torch
-
     from phoenix.runtime import init_runtime
-    from phoenix.testing.workers import Recorder
+    from phoenix.testing.workers import StepTimer
     from phoenix.train.trainer import Trainer
 
     cfg = _config(args, data, out_dir, norm_interval)
     trainer = Trainer(cfg, init_runtime(cfg))
-    times: list[float] = []
-
-    class Timer(Recorder):
-        def on_step_end(self, trainer, metrics):
-            super().on_step_end(trainer, metrics)
-            # the callbacks' own time is charged to the next step by the trainer
-            times.append(metrics.step_time + metrics.extra["time/callbacks_prev_step"])
-
-    timer = Timer()
+    timer = StepTimer()
     trainer.callbacks.append(timer)
     trainer.setup()
     _reset_peak()
     trainer.train()
     from phoenix.model.builder import uses_te_spec
 
-    return {"times": times[WARMUP:], "losses": [s["loss"] for s in timer.steps],
+    return {"times": timer.times[WARMUP:], "losses": [s["loss"] for s in timer.steps],
             "peak_gb": _peak_gb(),
             "spec": "te" if uses_te_spec(trainer.layout) else "local"}
 
@@ -177,7 +166,6 @@ def main() -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_gpu_step: no CUDA GPU is visible (this benchmark measures the GPU path)")
-    from phoenix.config import build_config
     from phoenix.monitor.throughput import default_peak_tflops, model_flops_per_token
     from phoenix.testing.distributed import run_distributed
     from phoenix.testing.tiny import make_tiny_data

@@ -33,21 +33,14 @@ WARMUP = 5
 def run(cfg_dict: dict, norm_interval: int) -> tuple[list[float], list[float]]:
     from phoenix.config import build_config
     from phoenix.runtime import init_runtime
-    from phoenix.testing.workers import Recorder
+    from phoenix.testing.workers import StepTimer
     from phoenix.train.trainer import Trainer
 
     cfg = build_config(cfg_dict, [f"logging.norm_interval={norm_interval}"])
     layout = init_runtime(cfg)
     trainer = Trainer(cfg, layout)
-    times: list[float] = []
-
-    class Timer(Recorder):
-        def on_step_end(self, trainer, metrics):
-            super().on_step_end(trainer, metrics)
-            # the callbacks' own time is charged to the next step by the trainer
-            times.append(metrics.step_time + metrics.extra["time/callbacks_prev_step"])
-
-    timer = Timer()
+    timer = StepTimer()
+    times = timer.times
     trainer.callbacks.append(timer)
     # Time spent inside the norm monitor's hooks, measured within the same run: free of
     # the run-to-run noise of a shared machine.

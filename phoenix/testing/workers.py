@@ -31,6 +31,19 @@ class Recorder(Callback):
                            "sample_ids": report["sample_id"].tolist() if "sample_id" in report else None})
 
 
+class StepTimer(Recorder):
+    """A Recorder that also keeps every step's wall time (``times``, seconds), with the
+    previous step's callbacks included (the trainer charges them to the next step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+
+    def on_step_end(self, trainer, metrics) -> None:
+        super().on_step_end(trainer, metrics)
+        self.times.append(metrics.step_time + metrics.extra["time/callbacks_prev_step"])
+
+
 def scale_loss_at_step(trainer, step: int, factor: float) -> None:
     """Multiply the per-token losses of optimizer step ``step`` (1-based) by ``factor``
     (NaN to test the non-finite guard, a large number to create a loss spike)."""
