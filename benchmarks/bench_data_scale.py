@@ -204,6 +204,7 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="default: a temporary directory, removed")
     args = ap.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_scale."))
+    root.mkdir(parents=True, exist_ok=True)
     try:
         t0 = time.perf_counter()
         prefixes = make_data(root, args.scale, seed=0)
