@@ -120,6 +120,9 @@ class PlanDataset:
     min_share: float = 0.0
     group_mode: str = "none"
     group_ids: np.ndarray | None = None
+    groups_digest: str | None = None
+    """:func:`groups_digest` of ``group_ids`` when already known (the cached sample index
+    stores it): the plan's fingerprint then needs no pass over the ids at start-up."""
     pack_groups: int = 0
     """The sample index's tail packing (``group_ids`` are then units of groups of at most
     this many samples, each kept whole like a group): validated against the fit limit."""
@@ -406,17 +409,25 @@ def plan_fingerprint(inputs: PlanInputs, *, horizon: int = HORIZON, window: int 
     """sha256 of a canonical serialisation of every input and the format version: the
     cache key of a plan on disk. Groups enter through their boundaries (what the plan
     depends on), not their ids."""
-    starts = [_starts_of(np.asarray(d.group_ids)) if d.group_mode == "batch" and d.group_ids is not None
-              else None for d in inputs.datasets]
-    return _fingerprint(inputs, starts, horizon, window)
+    digests = [(d.groups_digest or groups_digest(d.group_ids))
+               if d.group_mode == "batch" and d.group_ids is not None else None
+               for d in inputs.datasets]
+    return _fingerprint(inputs, digests, horizon, window)
 
 
-def _fingerprint(inputs: PlanInputs, group_starts: list, horizon: int, window: int) -> str:
+def groups_digest(group_ids) -> str:
+    """sha256 of the group boundaries of ``group_ids`` (what a plan depends on)."""
+    starts = _starts_of(np.asarray(group_ids))
+    return _digest_of_starts(starts)
+
+
+def _digest_of_starts(starts: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(starts, dtype="<i8")).cast("B")).hexdigest()
+
+
+def _fingerprint(inputs: PlanInputs, digests: list, horizon: int, window: int) -> str:
     datasets = []
-    for d, starts in zip(inputs.datasets, group_starts):
-        gid = None
-        if starts is not None:
-            gid = hashlib.sha256(memoryview(np.ascontiguousarray(starts, dtype="<i8")).cast("B")).hexdigest()
+    for d, gid in zip(inputs.datasets, digests):
         datasets.append(dict(name=d.name, num_samples=int(d.num_samples), weight=float(d.weight).hex(),
                              min_share=float(d.min_share).hex(), group_mode=d.group_mode, groups=gid))
     doc = dict(format=FORMAT_VERSION, q_bits=Q_BITS, horizon=horizon, window=window,
@@ -453,7 +464,8 @@ def build_plan(inputs: PlanInputs, *, threads: int | None = None, horizon: int =
     if out["allocator"] != "pd2":
         log.info("data plan: PD^2 could not keep per-batch counts within 1 of the target with "
                  "these bursts; used the EDF allocator (prefix bound kept, per-batch within 2)")
-    plan = _to_plan(prep, out, _fingerprint(inputs, prep["group_starts"], horizon, window))
+    digests = [None if st is None else _digest_of_starts(st) for st in prep["group_starts"]]
+    plan = _to_plan(prep, out, _fingerprint(inputs, digests, horizon, window))
     plan.build_seconds = dict(prepare=t1 - t0, allocate=out["allocate_s"], fill=out["fill_s"],
                               total=time.perf_counter() - t0)
     return plan

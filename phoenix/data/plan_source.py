@@ -42,7 +42,7 @@ def plan_inputs(specs: list[PlanDatasetSpec], indices: list[SampleIndex], global
     datasets = [PlanDataset(name=s.name, num_samples=len(ix), weight=s.weight, min_share=s.min_share,
                             group_mode=s.group_mode,
                             group_ids=ix.group_ids if s.group_mode == "batch" else None,
-                            pack_groups=ix.pack_groups)
+                            pack_groups=ix.pack_groups, groups_digest=ix.groups_digest)
                 for s, ix in zip(specs, indices)]
     return PlanInputs(datasets=datasets, global_batch_size=global_batch_size,
                       num_batches=num_batches, seed=seed, start_offsets=start_offsets)

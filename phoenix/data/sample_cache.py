@@ -114,7 +114,8 @@ def _save(index: SampleIndex, key: str, directory: Path) -> None:
     meta = dict(format=INDEX_FORMAT, key=key, prefix=index.prefix, seq_length=index.seq_length,
                 grouped=index.group_ids is not None, num_samples=len(index),
                 min_document_tokens=index.view.min_document_tokens if index.view else 0,
-                view=index.view is not None, pack_groups=index.pack_groups)
+                view=index.view is not None, pack_groups=index.pack_groups,
+                groups_digest=index.groups_digest)
     (directory / "index.json").write_text(json.dumps(meta, indent=1))
 
 
@@ -137,4 +138,4 @@ def load_sample_index(path: str | os.PathLike, prefix: str, key: str) -> SampleI
                             *(array(f"view_{name}") for name in _VIEW_ARRAYS))
     return SampleIndex(prefix, meta["seq_length"], array("starts"), array("lengths"),
                        array("group_ids"), array("doc_starts"), view,
-                       pack_groups=meta["pack_groups"])
+                       pack_groups=meta["pack_groups"], groups_digest=meta["groups_digest"])

@@ -66,6 +66,9 @@ class SampleIndex:
     in the view's stream, mapped to the ``.bin`` by :meth:`physical_ranges`."""
     pack_groups: int = 0
     """Tail packing's largest unit of several groups, in samples (0: off)."""
+    groups_digest: str | None = None
+    """``phoenix.data.plan.groups_digest(group_ids)`` (grouped indices): stored with the
+    cached index so that a plan's fingerprint needs no pass over the ids."""
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -170,8 +173,10 @@ def build_sample_index(prefix: str, seq_length: int, use_groups: bool,
     starts, lengths, groups = _cut_ranges(bounds[:-1], bounds[1:], seq_length)
     if len(starts) == 0:
         raise DataError(f"data prefix '{prefix}': no group has enough tokens for a sample")
+    from phoenix.data.plan import groups_digest
+
     return SampleIndex(prefix, seq_length, starts, lengths, groups, doc_starts, view,
-                       pack_groups=pack_groups)
+                       pack_groups=pack_groups, groups_digest=groups_digest(groups))
 
 
 PACK_SEED = 0x7068656E6978  # the fixed shuffle of tail packing (independent of train.seed)

@@ -158,7 +158,8 @@ def stage_plans(table: StageTable, prefixes: list[str], seed: int,
             datasets.append(PlanDataset(
                 name=name, num_samples=len(ix), weight=float(weight), min_share=stage.min_share[d],
                 group_mode=group_mode, group_ids=ix.group_ids if key[1] else None,
-                pack_groups=ix.pack_groups))
+                pack_groups=ix.pack_groups,
+                groups_digest=ix.groups_digest if key[1] else None))
             indices.append(ix), keys.append(key)
             starts.append(tracker.start(d, key, len(ix), stage.name))
         inputs = PlanInputs(datasets=datasets, global_batch_size=stage.global_batch_size,

@@ -37,25 +37,28 @@ def _same(a, b):
         assert (x is None) == (y is None), name
         if x is not None:
             assert np.array_equal(x, y) and x.dtype == y.dtype, name
+    assert a.pack_groups == b.pack_groups and a.groups_digest == b.groups_digest
     assert (a.view is None) == (b.view is None)
     if a.view is not None:
         for name in ("documents", "starts", "bin_starts"):
             assert np.array_equal(getattr(a.view, name), getattr(b.view, name)), name
 
 
-@pytest.mark.parametrize("grouped,min_tokens", [(False, 0), (True, 0), (False, 80)])
-def test_cached_index_is_mapped_and_reads_the_same_tokens(prefix, tmp_path, grouped, min_tokens):
+@pytest.mark.parametrize("grouped,min_tokens,pack", [(False, 0, 0), (True, 0, 0), (False, 80, 0),
+                                                     (True, 0, 3)])
+def test_cached_index_is_mapped_and_reads_the_same_tokens(prefix, tmp_path, grouped, min_tokens, pack):
     cache = tmp_path / "cache"
-    built = cached_sample_index(prefix, SEQ, grouped, min_tokens, cache_dir=cache)
-    again = cached_sample_index(prefix, SEQ, grouped, min_tokens, cache_dir=cache)
+    built = cached_sample_index(prefix, SEQ, grouped, min_tokens, cache_dir=cache, pack_groups=pack)
+    again = cached_sample_index(prefix, SEQ, grouped, min_tokens, cache_dir=cache, pack_groups=pack)
     assert len(_entries(cache)) == 1                      # built once, then a hit
-    reference = build_sample_index(prefix, SEQ, grouped, min_tokens)
+    reference = build_sample_index(prefix, SEQ, grouped, min_tokens, pack)
+    assert not grouped or reference.groups_digest is not None
     for index in (built, again):
         _same(index, reference)
         assert isinstance(index.starts, np.memmap) and isinstance(index.lengths, np.memmap)
         assert isinstance(index.doc_starts, np.memmap)
         assert not grouped or isinstance(index.group_ids, np.memmap)
-        assert min_tokens == 0 or isinstance(index.view.starts, np.memmap)
+        assert not (min_tokens or pack) or isinstance(index.view.starts, np.memmap)
     a, b = SampleReader(again, eod_id=2), SampleReader(reference, eod_id=2)
     for s in np.linspace(0, len(reference) - 1, 25).astype(int):
         x, y = a.read(int(s)), b.read(int(s))
@@ -77,23 +80,26 @@ def test_every_key_component_rebuilds(prefix, tmp_path):
     assert entries_after(use_groups=True) == 3
     assert entries_after(use_groups=True) == 3
     assert entries_after(min_document_tokens=80) == 4
+    assert entries_after(use_groups=True, pack_groups=3) == 5
+    assert entries_after(use_groups=True, pack_groups=3) == 5
+    assert entries_after(use_groups=False, pack_groups=3) == 5  # packing applies to groups only
     groups = np.load(prefix + ".groups.npy")
     groups[len(groups) // 2:] += 1                              # another groups file
     np.save(prefix + ".groups.npy", groups)
-    assert entries_after(use_groups=True) == 5
+    assert entries_after(use_groups=True) == 6
     rebuilt = cached_sample_index(prefix, SEQ, True, cache_dir=cache)
     _same(rebuilt, build_sample_index(prefix, SEQ, True))
     # a rewritten .idx (other document lengths, same prefix) is a miss
     lengths = lognormal_lengths(300, 60, np.random.default_rng(5), minimum=1)
     write_prefix(prefix, lengths, seed=2)
-    assert entries_after() == 6
+    assert entries_after() == 7
     _same(cached_sample_index(prefix, SEQ, False, cache_dir=cache), build_sample_index(prefix, SEQ, False))
     # the same files at another path are another prefix
     other = str(tmp_path / "data" / "copy")
     for suffix in (".bin", ".idx"):
         shutil.copy(prefix + suffix, other + suffix)
     cached_sample_index(other, SEQ, False, cache_dir=cache)
-    assert len(_entries(cache)) == 7
+    assert len(_entries(cache)) == 8
     assert not [n for n in _entries(cache) if n.endswith(".tmp")]
 
 
@@ -151,3 +157,24 @@ def test_two_processes_building_at_once_publish_one_entry(prefix, tmp_path):
     assert len(_entries(cache)) == 1                        # no temp directory left behind
     index = cached_sample_index(prefix, SEQ, True, cache_dir=cache)
     _same(index, build_sample_index(prefix, SEQ, True))
+
+
+def test_plan_fingerprint_from_the_stored_digest_equals_the_computed_one(prefix, tmp_path):
+    """The cached index stores the digest of its group boundaries so a cached start-up
+    need not read every group id; the fingerprint must be the one the ids give."""
+    from dataclasses import replace
+
+    from phoenix.data.plan import plan_fingerprint
+    from phoenix.data.plan_source import PlanDatasetSpec, build_indices, plan_inputs
+
+    specs = [PlanDatasetSpec("web", prefix, 0.5),
+             PlanDatasetSpec("code", prefix, 0.5, group_mode="batch", pack_groups=2)]
+    inputs = plan_inputs(specs, build_indices(specs, SEQ, cache_dir=tmp_path / "c"), 8, 5, seed=1)
+    assert inputs.datasets[1].groups_digest is not None
+    computed = replace(inputs, datasets=[replace(d, groups_digest=None) for d in inputs.datasets])
+    assert plan_fingerprint(inputs) == plan_fingerprint(computed)
+    other = np.asarray(inputs.datasets[1].group_ids).copy()
+    other[len(other) // 2:] += 1  # other boundaries: another fingerprint
+    moved = replace(computed, datasets=[computed.datasets[0],
+                                        replace(computed.datasets[1], group_ids=other)])
+    assert plan_fingerprint(moved) != plan_fingerprint(computed)
