@@ -26,9 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="phoenix build-plan", description=__doc__.split("\n\n")[0],
         epilog="Columns: min/b, max/b = samples per batch where present; groups whole/fit = "
-               "groups kept whole / groups that fit the batch where they start; loss tokens "
-               "= fraction of label positions that carry loss (the rest pads a group's last "
-               "sample).")
+               "groups kept whole / groups that fit the batch where they start ('units' with "
+               "pack_groups: units of groups, each kept whole like a group); loss tokens "
+               "= fraction of label positions that carry loss (the rest pads a group's or "
+               "unit's last sample).")
     parser.add_argument("config", help="recipe YAML")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
     parser.add_argument("--dump-batch", type=int, action="append", default=[],
