@@ -17,6 +17,7 @@ TINY=(
   tokenizer.model=$DATA/tokenizer.model
   "data.datasets[0].prefix=$DATA/web" "data.datasets[1].prefix=$DATA/web"
   "data.datasets[1].min_document_tokens=200" "data.datasets[2].prefix=$DATA/code"
+  "data.datasets[2].pack_groups=2"
   data.seq_length=64 parallel.tensor=1 parallel.sequence_parallel=false
   train.global_batch_size=16 train.micro_batch_size=2
   optim.lr=3.0e-3 optim.min_lr=3.0e-4 optim.warmup_steps=3 optim.wsd_decay_steps=5
