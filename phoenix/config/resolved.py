@@ -58,12 +58,28 @@ class ResolvedRun:
 def resolve_run(cfg: RunConfig) -> ResolvedRun:
     """Resolve ``cfg``'s stages and LR schedule; raises ConfigError naming the key."""
     table = build_stage_table(cfg)
+    _check_pack_groups(cfg, table)
     explicit = uses_multi_phase(cfg)
     schedule_config = _schedule_config(cfg, table)
     schedule = resolve(schedule_config, table.tokens_per_step, prefix="optim.schedule",
                        total_steps=table.total_steps if explicit else None)
     return ResolvedRun(stages=table, schedule_config=schedule_config, schedule=schedule,
                        explicit_schedule=explicit)
+
+
+def _check_pack_groups(cfg: RunConfig, table) -> None:
+    """``pack_groups`` cuts a grouped dataset: refused where it would be silently ignored."""
+    for d, entry in enumerate(cfg.data.datasets):
+        if not entry.pack_groups:
+            continue
+        key = f"data.datasets[{d}].pack_groups"
+        if entry.min_document_tokens:
+            raise ConfigError(f"{key}: dataset '{entry.display_name}' reads a "
+                              f"min_document_tokens view, which has no groups to pack")
+        if not any(st.group_mode[d] == "batch" for st in table.stages):
+            raise ConfigError(f"{key}: dataset '{entry.display_name}' is never read with "
+                              f"group_mode batch, so there are no groups to pack; set "
+                              f"group_mode: batch (here or in a stage) or remove pack_groups")
 
 
 def uses_multi_phase(cfg: RunConfig) -> bool:

@@ -370,13 +370,17 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
         expected = (size[i] * _bursts_in(quota[i], K_main) if burst[i]
                     else (quota[i] * free_total) >> Q_BITS) + int(fixed[:, i].sum())
         biggest = int(np.diff(starts).max()) if len(starts) > 1 else 0
-        if (w[i] > 0 or fixed[:, i].any()) and K > 0 and biggest > expected:
+        # A flexible dataset's large group spans batches and may end the stage part-way
+        # (the next stage, or a resume, continues it); the exact packer cannot.
+        if (w[i] > 0 or fixed[:, i].any()) and K > 0 and biggest > expected \
+                and i not in flexible:
             raise _err(d, "group_ids", f"a group of {biggest} samples is larger than the "
                        f"{expected} samples this stage takes from the dataset")
         group_starts.append(starts)
     if flexible:
         _check_slack(ds, w, flexible, burst, size, B, group_starts)
-        _check_pack_groups(ds, flexible, quota, B - sum(size))
+    _check_pack_groups(ds, burst, kind, quota, size, B - sum(size))
+
     keys = [int.from_bytes(hashlib.sha256(n.encode()).digest()[:8], "little") for n in names]
     return dict(
         names=names, weights=np.array([float(x) for x in w]), burst=np.array(burst, dtype=bool),
@@ -390,18 +394,26 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
     )
 
 
-def _check_pack_groups(ds, flexible, quota, f_min: int) -> None:
+def _check_pack_groups(ds, burst, kind, quota, size, f_min: int) -> None:
     """A unit of tail packing joins several groups: it must fit every batch (size <= the
-    fit limit, smallest at the fewest free slots ``f_min``), or the plan could split it
-    across batches and with it a group that fits."""
-    for i in flexible:
-        p = int(ds[i].pack_groups)
-        fit = max(0, (int(quota[i]) * f_min - f_min + Q - 1) >> Q_BITS)
+    fit limit, smallest at the fewest free slots ``f_min``; a burst's size), or the plan
+    could split it across batches and with it a group that fits."""
+    for i, d in enumerate(ds):
+        p = int(d.pack_groups)
+        if not p or d.group_mode != "batch" or d.weight == 0:
+            continue
+        fit = (size[i] if burst[i]
+               else max(0, (int(quota[i]) * f_min - f_min + Q - 1) >> Q_BITS))
         if p > fit:
             raise _err(ds[i], "pack_groups", f"units of up to {p} samples may not fit a "
                        f"batch: the smallest count this stage keeps whole is {fit} samples "
                        f"(the dataset's share of the {f_min} slots left by bursts); set "
                        f"pack_groups <= {fit}" + ("" if fit else " or 0"))
+        if burst[i] or kind[i] != 2:
+            log.warning("data plan: dataset %r: pack_groups with the exact packer (a mixture "
+                        "warmup, a burst, or no ungrouped dataset to absorb its count): a unit "
+                        "that fits may still be split, more often than a single group; "
+                        "phoenix build-plan counts them", d.name)
 
 
 # -------------------------------------------------------------------------- building

@@ -25,7 +25,8 @@ total samples (an exact dynamic programme, ``pack_units`` in ``csrc/``). The pla
 each unit in one batch as it keeps a group, so every group of a unit does too; a sample
 may join the end of one group and the start of the next only inside a unit (the EOD
 between them keeps the document boundary for ``data.document_mask``). The shuffled
-stream is a view like the one below; ``group_ids`` are then unit ids.
+stream is a view like the one below; ``group_ids`` are then unit ids (what the plan keeps
+whole), while a read sample's ``group_id`` is still the group of its first token.
 
 A **document-length view** (``min_document_tokens``) keeps only the documents of at
 least that many tokens. Its token stream is those documents back to back, so a sample
@@ -302,6 +303,10 @@ class SampleReader:
         loss_mask = np.zeros(seq, dtype=np.float32)
         loss_mask[: n - 1] = 1.0  # label positions that are real tokens
         group = -1 if self.index.group_ids is None else int(self.index.group_ids[sample_id])
+        if self.index.pack_groups:  # the group of the sample's first token, not its unit
+            v = self.index.view
+            group = int(v.documents[np.searchsorted(v.starts, int(self.index.starts[sample_id]),
+                                                    side="right") - 1])
         return {
             "tokens": text[:-1],
             "labels": text[1:],

@@ -81,6 +81,9 @@ def test_units_hold_every_group_once_and_are_optimal(tmp_path_factory, docs, cut
         got = []
         for s in samples:  # consecutive samples share one token
             item = reader.read(int(s))
+            # provenance names the group of the sample's first token (not the unit)
+            seg = np.searchsorted(index.view.starts, index.starts[s], side="right") - 1
+            assert item["group_id"] == order[seg] and order.index(item["group_id"]) >= at
             n = int(index.lengths[s])
             text = np.append(item["tokens"], item["labels"][-1])[:n]
             got.append(text if not got else text[1:])
@@ -163,13 +166,57 @@ def test_a_unit_larger_than_the_fit_limit_is_refused(tmp_path):
         build_plan(plan_inputs(specs, indices, 16, 4, seed=rng.integers(100)))
 
 
-def test_config_checks_pack_groups():
+@pytest.mark.parametrize("entry,what", [
+    ({"pack_groups": -1}, "pack_groups: must be >= 0"),
+    ({"pack_groups": 4}, r"data\.datasets\[0\]\.pack_groups: dataset '.*' is never read with "
+                         r"group_mode batch"),
+    ({"pack_groups": 4, "min_document_tokens": 100},
+     r"data\.datasets\[0\]\.pack_groups: .* min_document_tokens view"),
+])
+def test_config_refuses_pack_groups_where_it_would_be_ignored(entry, what):
     from tests.config.test_config import base
 
     cfg = base()
-    cfg["data"]["datasets"][0]["pack_groups"] = -1
-    with pytest.raises(ConfigError, match="pack_groups: must be >= 0"):
+    cfg["data"]["datasets"][0].update(entry)
+    with pytest.raises(ConfigError, match=what):
         build_config(cfg)
+    cfg["data"]["datasets"][0].pop("min_document_tokens", None)
+    if entry["pack_groups"] > 0:  # read grouped in a stage: accepted
+        cfg["data"]["datasets"][0]["group_mode"] = "batch"
+        assert build_config(cfg).data.datasets[0].pack_groups == 4
+
+
+def test_the_exact_packer_refuses_units_larger_than_the_batch_too(tmp_path):
+    """Only grouped datasets (no ungrouped one to absorb): the exact packer; a unit can
+    never be larger than the batch."""
+    code = _prefix(tmp_path, np.full(400, 30), np.arange(400) // 2)
+    specs = [PlanDatasetSpec("code", code, 1.0, group_mode="batch", pack_groups=9)]
+    indices = build_indices(specs, 16)
+    with pytest.raises(ValueError, match=r"pack_groups: .* set pack_groups <= 8"):
+        build_plan(plan_inputs(specs, indices, 8, 4, seed=1))
+
+
+def test_a_flexible_group_larger_than_the_stage_continues_in_the_next(tmp_path):
+    """A short stage (or the rest of a resumed one) may take fewer samples from a grouped
+    dataset than its largest group: a flexible dataset's group then spans into the next
+    stage instead of the plan refusing the stage."""
+    web = str(tmp_path / "web")
+    write_prefix(web, np.full(400, 50), eod_id=EOD)
+    code = _prefix(tmp_path, np.full(100, 40), np.arange(100) // 25)  # groups of ~63 samples
+    specs = [PlanDatasetSpec("web", web, 0.7), PlanDatasetSpec("code", code, 0.3, group_mode="batch")]
+    indices = build_indices(specs, 16)
+    first = build_plan(plan_inputs(specs, indices, 8, 3, seed=1))
+    assert 0 < first.end_offsets[1] < 63
+    second = build_plan(plan_inputs(specs, indices, 8, 30, seed=1,
+                                    start_offsets=list(first.end_offsets)))
+    both = np.concatenate([np.asarray(p.sample_ids)[np.asarray(p.dataset_ids) == 1]
+                           for p in (first, second)])
+    # the group begun in the first stage is finished at the start of the second
+    ids = np.asarray(indices[1].group_ids)
+    group = np.flatnonzero(ids == ids[both[0]])
+    assert len(group) > first.end_offsets[1]
+    where = np.flatnonzero(np.isin(both, group))  # (samples interleave within a batch)
+    assert len(where) == len(group) and where.max() < len(group) + 8
 
 
 def test_run_with_pack_groups_trains_on_units_and_resume_refuses_a_change(tiny_data, tmp_path):
