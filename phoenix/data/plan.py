@@ -91,7 +91,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from phoenix.data.plan_checks import _check_dataset, _check_fixed_counts, _check_slack, _err
+from phoenix.data.plan_checks import (_check_dataset, _check_fixed_counts, _check_pack_groups,
+                                      _check_slack, _err)
 
 log = logging.getLogger(__name__)
 
@@ -379,7 +380,7 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
         group_starts.append(starts)
     if flexible:
         _check_slack(ds, w, flexible, burst, size, B, group_starts)
-    _check_pack_groups(ds, burst, kind, quota, size, B - sum(size))
+    _check_pack_groups(ds, burst, kind, quota, size, B - sum(size), Q_BITS)
 
     keys = [int.from_bytes(hashlib.sha256(n.encode()).digest()[:8], "little") for n in names]
     return dict(
@@ -392,28 +393,6 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
         interleave=bool(inputs.interleave), horizon=int(horizon), window=int(window),
         fixed_counts=fixed, flexible=np.array([k == 2 for k in kind], dtype=bool),
     )
-
-
-def _check_pack_groups(ds, burst, kind, quota, size, f_min: int) -> None:
-    """A unit of tail packing joins several groups: it must fit every batch (size <= the
-    fit limit, smallest at the fewest free slots ``f_min``; a burst's size), or the plan
-    could split it across batches and with it a group that fits."""
-    for i, d in enumerate(ds):
-        p = int(d.pack_groups)
-        if not p or d.group_mode != "batch" or d.weight == 0:
-            continue
-        fit = (size[i] if burst[i]
-               else max(0, (int(quota[i]) * f_min - f_min + Q - 1) >> Q_BITS))
-        if p > fit:
-            raise _err(ds[i], "pack_groups", f"units of up to {p} samples may not fit a "
-                       f"batch: the smallest count this stage keeps whole is {fit} samples "
-                       f"(the dataset's share of the {f_min} slots left by bursts); set "
-                       f"pack_groups <= {fit}" + ("" if fit else " or 0"))
-        if burst[i] or kind[i] != 2:
-            log.warning("data plan: dataset %r: pack_groups with the exact packer (a mixture "
-                        "warmup, a burst, or no ungrouped dataset to absorb its count): a unit "
-                        "that fits may still be split, more often than a single group; "
-                        "phoenix build-plan counts them", d.name)
 
 
 # -------------------------------------------------------------------------- building

@@ -1,5 +1,6 @@
 """Input checks of the data plan (phoenix.data.plan): every error names the dataset and
-the field; the one soft condition (room for flexible whole groups) is logged."""
+the field; the soft conditions (room for flexible whole groups, tail packing with the
+exact packer) are logged."""
 
 from __future__ import annotations
 
@@ -55,6 +56,30 @@ def _check_slack(ds, w, flexible, burst, size, B, group_starts) -> None:
                     "slots): fitting groups stay whole, the grouped datasets' prefix error may "
                     "exceed half their largest group", [ds[i].name for i in flexible],
                     float(need), f_min)
+
+
+def _check_pack_groups(ds, burst, kind, quota, size, f_min: int, q_bits: int) -> None:
+    """A unit of tail packing joins several groups: it must fit every batch (size <= the
+    fit limit, smallest at the fewest free slots ``f_min``; a burst's size), or the plan
+    could split it across batches and with it a group that fits. ``quota``: shares of
+    the free slots in fixed point with ``q_bits`` fraction bits (``fit_limit`` in
+    ``csrc/data_plan.h``)."""
+    for i, d in enumerate(ds):
+        p = int(d.pack_groups)
+        if not p or d.group_mode != "batch" or d.weight == 0:
+            continue
+        fit = (size[i] if burst[i]
+               else max(0, (int(quota[i]) * f_min - f_min + (1 << q_bits) - 1) >> q_bits))
+        if p > fit:
+            raise _err(d, "pack_groups", f"units of up to {p} samples may not fit a "
+                       f"batch: the smallest count this stage keeps whole is {fit} samples "
+                       f"(the dataset's share of the {f_min} slots left by bursts); set "
+                       f"pack_groups <= {fit}" + ("" if fit else " or 0"))
+        if burst[i] or kind[i] != 2:
+            log.warning("data plan: dataset %r: pack_groups with the exact packer (a mixture "
+                        "warmup, a burst, or no ungrouped dataset to absorb its count): a unit "
+                        "that fits may still be split, more often than a single group; "
+                        "phoenix build-plan counts them", d.name)
 
 
 def _check_fixed_counts(fixed, D: int, B: int, K: int) -> np.ndarray:
