@@ -73,6 +73,11 @@ class LoggingConfig:
     peak_tflops: Optional[float] = None
     """Per-GPU peak TFLOP/s for throughput/mfu; default from the GPU name (bf16 dense,
     e.g. H100/H200 989); on CPU MFU is logged only when this is set."""
+    sync_timers: bool = False
+    """Synchronise the device at the step's phase boundaries (data, forward-backward,
+    optimizer, callbacks), so ``time/*`` splits are exact on a GPU rather than the time
+    the host took to queue the work (as Megatron-LM's ``--barrier-with-L1-time``). Costs
+    up to three device synchronisations a step; off by default."""
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
     """Loss / grad-norm spike detection, spikes.jsonl with the batch's provenance, and
     optionally skipping the update on a loss spike (see phoenix.monitor.spikes)."""

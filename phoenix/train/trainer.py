@@ -278,9 +278,9 @@ class Trainer:
                 stage, stage_began = self._enter_stage(state.step)
                 self.metrics = MetricsCollector(state.step + 1, cfg.train.steps,
                                                 cfg.logging.log_interval)
-                t0 = time.perf_counter()
+                t0 = self._clock()
                 micro_batches = self.loader.next_batch()
-                t_data = time.perf_counter() - t0
+                t_data = self._clock() - t0
 
                 for chunk in self.model:
                     chunk.zero_grad_buffer()
@@ -292,7 +292,7 @@ class Trainer:
                     forward_only=False)
                 loss, tokens = self._global_loss(losses)
                 self.batch_report = batch_report(losses, self.cp_group)
-                t_fwd_bwd = time.perf_counter() - t0 - t_data
+                t_fwd_bwd = self._clock() - t0 - t_data
 
                 # Frozen parameters: no update and no share of the grad norm / clipping
                 # (zeroed before the callbacks, so the norm monitors see what is applied).
@@ -312,7 +312,7 @@ class Trainer:
                 else:
                     for cb in self.callbacks:  # may call request_skip()
                         cb.on_before_optimizer_step(self)
-                t1 = time.perf_counter()
+                t1 = self._clock()
                 if self._agree_on_skip():
                     grad_norm = float("nan")
                     state.skipped_steps += 1
@@ -321,7 +321,7 @@ class Trainer:
                     for cb in self.callbacks:
                         cb.on_after_optimizer_step(self, grad_norm)
                 self.scheduler.step(increment=1)
-                t_optimizer = time.perf_counter() - t1
+                t_optimizer = self._clock() - t1
 
                 state.step += 1
                 state.consumed_samples += stage.global_batch_size
@@ -331,19 +331,19 @@ class Trainer:
                     step=state.step, loss=loss, lr=lr,
                     grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
                     tokens=tokens, consumed_samples=state.consumed_samples,
-                    consumed_tokens=state.consumed_tokens, step_time=time.perf_counter() - t0,
+                    consumed_tokens=state.consumed_tokens, step_time=self._clock() - t0,
                     data_time=t_data, skipped=self.skip_reason is not None,
                     loss_scale=self._loss_scale(),
                     extra={"time/forward_backward": t_fwd_bwd, "time/optimizer": t_optimizer,
                            "time/callbacks_prev_step": t_callbacks,
                            "skip_reason": self.skip_reason, "stage": stage,
                            "stage_began": stage_began})
-                t2 = time.perf_counter()
+                t2 = self._clock()
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
                 for cb in self.callbacks:  # the sinks write what was recorded this step
                     cb.log_metrics(self, self.metrics)
-                t_callbacks = time.perf_counter() - t2
+                t_callbacks = self._clock() - t2
                 self._after_save(self.checkpointer.save(state.step, last=state.step == last_step))
                 reason = stop.agreed() if state.step < last_step else None
                 if reason is not None:  # preemption or time limit: save and end the job cleanly
@@ -387,6 +387,13 @@ class Trainer:
         # The last global rank is on the last stage; it tells the other stages.
         dist.broadcast(report, src=self.layout.world_size - 1)
         return float(report[0]), int(report[1])
+
+    def _clock(self) -> float:
+        """Wall-clock seconds for the phase timers; with ``logging.sync_timers`` after the
+        device has finished the work queued so far."""
+        if self.cfg.logging.sync_timers and self.layout.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
 
     def _loss_scale(self) -> float | None:
         if self.cfg.train.precision != "fp16":
