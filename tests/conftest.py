@@ -3,6 +3,10 @@ import os
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The strict device mode (phoenix.runtime.strict_group): on the cpu backend every process
+# group that is not explicitly gloo refuses host tensors, as NCCL does. Every test runs
+# under it, and the processes the tests start (torchrun, spawn) inherit it.
+os.environ.setdefault("PHOENIX_NCCL_STRICT", "1")
 
 
 def pytest_configure(config):

@@ -24,10 +24,14 @@ import types
 import torch
 from torch.overrides import TorchFunctionMode
 
+from phoenix.runtime import device_tracking
+from phoenix.runtime.device_tracking import DEVICE
+
 log = logging.getLogger(__name__)
 
-_CPU = torch.device("cpu")
+_CPU = DEVICE  # the emulated CUDA device (phoenix.runtime.device_tracking)
 _ENABLED = False
+_TRACK = False  # the strict device mode: label tensors host / cuda
 
 
 def _to_cpu_device(device):
@@ -56,18 +60,28 @@ class _CudaToCpuMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types_, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if "device" in kwargs:
-            kwargs["device"] = _to_cpu_device(kwargs["device"])
-        if func is torch.Tensor.cuda:
-            return args[0]
-        if func is torch.Tensor.to and len(args) > 1:
-            args = (args[0], _to_cpu_device(args[1])) + tuple(args[2:])
+        device = kwargs.get("device")
+        if device is not None:
+            kwargs["device"] = _to_cpu_device(device)
+        to_device = None
+        if func is torch.Tensor.to:
+            if len(args) > 1 and not torch.is_tensor(args[1]) and not isinstance(args[1], torch.dtype):
+                to_device = args[1]
+                args = (args[0], _to_cpu_device(args[1])) + tuple(args[2:])
+            elif device is not None:
+                to_device, device = device, None
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             # megatron's distributed optimizer dispatches on the CUDA type string.
             name = _TENSOR_TYPE_NAMES.get(args[0].dtype)
             if name is not None:
                 return name
-        return func(*args, **kwargs)
+        if func is torch.Tensor.cuda:
+            run = lambda: args[0]  # noqa: E731 (already on the emulated device)
+        else:
+            run = lambda: func(*args, **kwargs)  # noqa: E731
+        if not _TRACK:
+            return run()
+        return device_tracking.track(func, args, kwargs, device, to_device, run)
 
 
 class _Event:
@@ -224,8 +238,10 @@ def _patch_uneven_collectives() -> None:
 
 
 def enable() -> None:
-    """Activate the CPU emulation for this process (idempotent)."""
-    global _ENABLED
+    """Activate the CPU emulation for this process (idempotent); with
+    ``PHOENIX_NCCL_STRICT=1`` also the strict device mode's tensor labels
+    (phoenix.runtime.device_tracking)."""
+    global _ENABLED, _TRACK
     if _ENABLED:
         return
     if torch.cuda.is_available():
@@ -240,6 +256,7 @@ def enable() -> None:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
     _patch_torch_cuda()
     _patch_megatron()
+    _TRACK = device_tracking.strict_enabled()
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _ENABLED = True
     log.info("phoenix: cpu device backend (gloo; megatron-core CUDA calls emulated; no TE/apex: "

@@ -110,20 +110,32 @@ def _init_process_group(device: str, timeout_minutes: int) -> None:
         from phoenix.runtime.ports import free_port
 
         os.environ["MASTER_PORT"] = str(free_port())
-    backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    from phoenix.runtime.strict_group import world_backend
+
+    dist.init_process_group(backend=world_backend(device),
+                            timeout=timedelta(minutes=timeout_minutes))
 
 
 def any_rank(flag: bool) -> bool:
     """Collective over the whole world: True on every rank when ``flag`` is True on any.
 
-    The tensor lives where the backend needs it (CUDA for NCCL, CPU for gloo)."""
+    The tensor lives on the run's device (the GPU under NCCL, the emulated GPU on the cpu
+    backend), as the world group needs."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return bool(flag)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    t = torch.tensor([1.0 if flag else 0.0], device=_world_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def _world_device() -> torch.device:
+    """The device of the world group's tensors: this rank's GPU under NCCL, else the cpu
+    backend's emulated GPU (a host tensor would fail the strict device mode)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    from phoenix.runtime.device_tracking import DEVICE
+
+    return DEVICE
 
 
 def seed_everything(seed: int, pp_rank: int) -> None:
@@ -155,6 +167,8 @@ def init_runtime(cfg: RunConfig) -> ParallelLayout:
     from megatron.core import parallel_state as ps
     from megatron.core.process_groups_config import ProcessGroupCollection
 
+    from phoenix.runtime.device_tracking import DEVICE
+
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("runtime.device is 'cuda' but no GPU is visible; use runtime.device=cpu "
                            "to run on CPU")
@@ -182,7 +196,7 @@ def init_runtime(cfg: RunConfig) -> ParallelLayout:
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
         device=torch.device("cuda", torch.cuda.current_device()) if device == "cuda"
-        else torch.device("cpu"),
+        else DEVICE,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         tp_group=ps.get_tensor_model_parallel_group(),
         pp_group=ps.get_pipeline_model_parallel_group(),

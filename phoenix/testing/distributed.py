@@ -38,6 +38,10 @@ def _entry(rank: int, fn, args, world_size: int, port: int, out_dir: str, backen
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
+        if backend == "gloo":  # phoenix_strict under PHOENIX_NCCL_STRICT=1
+            from phoenix.runtime.strict_group import world_backend
+
+            backend = world_backend("cpu")
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=timeout))
         result = fn(*args)

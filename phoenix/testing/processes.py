@@ -84,8 +84,10 @@ def kill_tree(proc: subprocess.Popen, extra_pids=()) -> None:
 def _init_gloo() -> int:
     import torch.distributed as dist
 
+    from phoenix.runtime.strict_group import world_backend
+
     if not dist.is_initialized():
-        dist.init_process_group("gloo")
+        dist.init_process_group(world_backend("cpu"))
     return dist.get_rank()
 
 

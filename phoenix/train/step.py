@@ -80,11 +80,12 @@ def batch_report(losses_reduced: list[dict], cp_group=None) -> dict[str, torch.T
     return report
 
 
-def reduce_loss(losses_reduced: list[dict], dp_group) -> tuple[float, int]:
-    """Sum the micro-batch reports and all-reduce over DP: (mean loss, tokens)."""
+def reduce_loss(losses_reduced: list[dict], dp_group) -> torch.Tensor:
+    """Sum the micro-batch reports and all-reduce over ``dp_group``: a float64 tensor
+    ``[loss sum, tokens]`` of the global batch on the model's device (no host copy; empty
+    ``losses_reduced``, i.e. not the last pipeline stage, is a ValueError)."""
     if not losses_reduced:
-        return float("nan"), 0
-    total = torch.stack([r["lm loss"] for r in losses_reduced]).sum(dim=0)
+        raise ValueError("reduce_loss: no micro-batch reports (not the last pipeline stage)")
+    total = torch.stack([r["lm loss"] for r in losses_reduced]).sum(dim=0).double()
     torch.distributed.all_reduce(total, group=dp_group)
-    loss_sum, tokens = total.tolist()
-    return loss_sum / max(tokens, 1.0), int(tokens)
+    return total

@@ -378,15 +378,18 @@ class Trainer:
         return skip
 
     def _global_loss(self, losses: list[dict]) -> tuple[float, int]:
-        """Token-mean loss of the global batch, known on every rank (for the NaN check)."""
-        report = torch.zeros(2, dtype=torch.float64)
-        if self.layout.is_last_stage:
+        """Token-mean loss of the global batch and its loss-bearing tokens, known on every
+        rank (for the NaN check); one host copy."""
+        layout = self.layout
+        if layout.is_last_stage:
             # With context parallelism each rank holds part of every sequence's loss.
-            loss, tokens = reduce_loss(losses, self.layout.dp_cp_group)
-            report = torch.tensor([loss, tokens], dtype=torch.float64)
-        # The last global rank is on the last stage; it tells the other stages.
-        dist.broadcast(report, src=self.layout.world_size - 1)
-        return float(report[0]), int(report[1])
+            report = reduce_loss(losses, layout.dp_cp_group)
+        else:
+            report = torch.zeros(2, dtype=torch.float64, device=layout.device)
+        if layout.pp_size > 1:  # the last global rank is on the last stage; it tells the others
+            dist.broadcast(report, src=layout.world_size - 1)
+        loss_sum, tokens = report.tolist()
+        return loss_sum / max(tokens, 1.0), int(tokens)
 
     def _clock(self) -> float:
         """Wall-clock seconds for the phase timers; with ``logging.sync_timers`` after the
