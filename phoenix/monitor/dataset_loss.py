@@ -5,10 +5,12 @@ for each dataset of ``data.datasets`` (named by ``display_name``; ``dataset_id``
 index in that list):
 
 ``loss/by_dataset/<name>``
-    Token-weighted mean loss of that dataset's samples in this step's **global** batch:
-    ``sum(loss sums) / sum(loss tokens)`` over its samples on every data-parallel rank.
-    Datasets with no loss-bearing token in the batch are not written that step (no fake
-    zeros). The token-weighted mean of these values over datasets is ``train/loss``.
+    Token-weighted mean loss of that dataset's samples in the **global** batches of every
+    step since the previous write (the logging interval, this step included):
+    ``sum(loss sums) / sum(loss tokens)`` over its samples on every data-parallel rank,
+    so a dataset that comes in bursts between two writes is still seen. Datasets with no
+    loss-bearing token in the interval are not written (no fake zeros). At interval 1 the
+    token-weighted mean of these values over datasets is ``train/loss``.
 ``tokens/by_dataset/<name>``
     Loss-bearing tokens (the ``loss_mask`` sum, the unit of ``train/consumed_tokens``)
     of that dataset trained on so far, this step included; written for every dataset
@@ -17,13 +19,13 @@ index in that list):
 
 Where the numbers come from: after forward-backward ``trainer.batch_report`` holds this
 rank's per-sample ``(loss sum, loss tokens)`` and ``dataset_id`` (last pipeline stage
-only). Each last-stage rank sums them per dataset; on logging steps one
-``all_reduce(SUM)`` over the layout's ``dp_group`` (megatron's data-parallel group)
-makes them global (the TP ranks of a stage hold identical reports, so TP is not
-reduced). The values are recorded into the step's metrics collector on the logging
-rank (see :mod:`phoenix.monitor.base`), which the TensorBoard sink writes. The
-cumulative token counts are added up locally at **every** step and reduced only when
-written.
+only). Each last-stage rank adds them up per dataset on the device at every step (no
+host copy); on logging steps one ``all_reduce(SUM)`` over the layout's ``dp_group``
+(megatron's data-parallel group) makes the interval's sums and the cumulative token
+counts global (the TP ranks of a stage hold identical reports, so TP is not reduced),
+and one host copy reads them. The values are recorded into the step's metrics collector
+on the logging rank (see :mod:`phoenix.monitor.base`), which the TensorBoard sink
+writes.
 
 Resume: the cumulative counts are the monitor's state. ``state_dict()`` returns
 ``{"tokens": {name: int}}`` (global, after the step) and is **collective** — call it on
@@ -46,25 +48,33 @@ from phoenix.monitor.base import Callback, StepMetrics
 log = logging.getLogger(__name__)
 
 
-def per_dataset_sums(report: dict, num_datasets: int) -> torch.Tensor:
-    """``[num_datasets, 2]`` float64 (loss sum, loss tokens) of a ``batch_report``."""
-    out = torch.zeros(num_datasets, 2, dtype=torch.float64)
-    if report and len(report["per_sample"]):
-        ids = report["dataset_id"].reshape(-1).long().cpu()
+def per_dataset_sums(report: dict, num_datasets: int, device=None) -> torch.Tensor:
+    """``[num_datasets, 2]`` float64 (loss sum, loss tokens) of a ``batch_report``, on the
+    device of its per-sample sums (``device`` when the report is empty). No host copy of
+    device values: the dataset ids are the loader's host tensors."""
+    per_sample = report.get("per_sample") if report else None
+    if per_sample is not None:
+        device = per_sample.device
+    out = torch.zeros(num_datasets, 2, dtype=torch.float64, device=device)
+    if per_sample is not None and len(per_sample):
+        ids = report["dataset_id"].reshape(-1).long()
         if int(ids.min()) < 0 or int(ids.max()) >= num_datasets:
             raise ValueError(f"DatasetLossMonitor: dataset_id {ids.tolist()} outside "
                              f"[0, {num_datasets}) (data.datasets has {num_datasets})")
-        out.index_add_(0, ids, report["per_sample"].detach().double().cpu())
+        out.index_add_(0, ids.to(out.device, non_blocking=True), per_sample.detach().double())
     return out
 
 
-def dataset_tags(names: list[str], step_sums: torch.Tensor, cumulative: torch.Tensor) -> dict:
-    """TensorBoard ``{tag: value}`` from global per-dataset step sums and token counts."""
+def dataset_tags(names: list[str], sums, cumulative) -> dict:
+    """TensorBoard ``{tag: value}`` from global per-dataset sums ``[D, 2]`` (loss sum, loss
+    tokens over the interval) and cumulative token counts ``[D]`` (tensors or lists)."""
+    sums = sums.tolist() if torch.is_tensor(sums) else sums
+    cumulative = cumulative.tolist() if torch.is_tensor(cumulative) else cumulative
     tags = {}
-    for name, (loss_sum, tokens) in zip(names, step_sums.tolist()):
+    for name, (loss_sum, tokens) in zip(names, sums):
         if tokens > 0:
             tags[f"loss/by_dataset/{name}"] = loss_sum / tokens
-    for name, tokens in zip(names, cumulative.tolist()):
+    for name, tokens in zip(names, cumulative):
         tags[f"tokens/by_dataset/{name}"] = tokens
     return tags
 
@@ -90,37 +100,30 @@ class DatasetLossMonitor(Callback):
         self.names = list(names) if names is not None else None
         self.last: dict[str, float] = {}
         self._base: dict[str, float] = {}  # global counts when this process started (resume)
-        self._local = None  # this rank's per-dataset tokens since then, float64 [D]
+        self._tokens = None  # this rank's per-dataset tokens since then, float64 [D], device
+        self._sums = None  # this rank's (loss sum, tokens) since the last write, [D, 2], device
         self._layout = None
         self._loaded = False
         self._warned_ids = False
 
     # -- state --------------------------------------------------------------------
-    def _base_vector(self) -> torch.Tensor:
-        return torch.tensor([float(self._base.get(n, 0.0)) for n in self.names], dtype=torch.float64)
-
-    def _global_local(self) -> torch.Tensor:
-        """Sum over DP of this process's local counts (last stage; collective there)."""
-        local = self._local.clone()
-        if self._layout.dp_size > 1:
-            local = local.to(self._layout.device)
-            dist.all_reduce(local, group=self._layout.dp_group)
-        return local.cpu()
+    def _with_base(self, counts: list[float]) -> list[float]:
+        return [c + float(self._base.get(n, 0.0)) for n, c in zip(self.names, counts)]
 
     def state_dict(self) -> dict:
         """``{"tokens": {name: count}}``, global; collective (call on every rank)."""
-        if self._layout is None or self._local is None:  # not started: what was loaded
+        if self._layout is None or self._tokens is None:  # not started: what was loaded
             return {"tokens": {k: int(v) for k, v in self._base.items()}}
         layout = self._layout
-        counts = torch.zeros(len(self.names), dtype=torch.float64)
+        counts = torch.zeros(len(self.names), dtype=torch.float64, device=layout.device)
         if layout.is_last_stage:
-            counts = self._global_local()
+            counts = self._tokens.clone()
+            if layout.dp_size > 1:
+                dist.all_reduce(counts, group=layout.dp_group)
         if layout.world_size > 1:  # the last rank is on the last stage
-            counts = counts.to(layout.device)
             dist.broadcast(counts, src=layout.world_size - 1)
-            counts = counts.cpu()
-        counts += self._base_vector()
-        return {"tokens": {name: int(v) for name, v in zip(self.names, counts.tolist())}}
+        counts = self._with_base(counts.tolist())
+        return {"tokens": {name: int(v) for name, v in zip(self.names, counts)}}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the counts saved by :meth:`state_dict` (before ``on_train_start`` or
@@ -133,7 +136,9 @@ class DatasetLossMonitor(Callback):
         if self.names is None:
             self.names = [e.display_name for e in trainer.cfg.data.datasets]
         self._layout = trainer.layout
-        self._local = torch.zeros(len(self.names), dtype=torch.float64)
+        num = len(self.names)
+        self._tokens = torch.zeros(num, dtype=torch.float64, device=trainer.layout.device)
+        self._sums = torch.zeros(num, 2, dtype=torch.float64, device=trainer.layout.device)
         if trainer.state.step > 0 and not self._loaded and trainer.layout.is_logging_rank:
             log.warning("DatasetLossMonitor: resumed at step %d without saved per-dataset token "
                         "counts; tokens/by_dataset/* count from this step on", trainer.state.step)
@@ -144,7 +149,7 @@ class DatasetLossMonitor(Callback):
 
     def on_step_end(self, trainer, metrics: StepMetrics) -> None:
         layout = trainer.layout
-        if self._local is None or not layout.is_last_stage:
+        if self._tokens is None or not layout.is_last_stage:
             return
         report = trainer.batch_report
         if report and "dataset_id" not in report:
@@ -152,19 +157,20 @@ class DatasetLossMonitor(Callback):
                 log.warning("DatasetLossMonitor: the batches carry no dataset_id; nothing to log")
             self._warned_ids = True
             return
-        step_sums = per_dataset_sums(report, len(self.names))
-        self._local += step_sums[:, 1]  # every step, logged or not
+        # Every step, logged or not, on the device: no host copy until a write.
+        step_sums = per_dataset_sums(report, len(self.names), layout.device)
+        self._sums += step_sums
+        self._tokens += step_sums[:, 1]
         if not trainer.metrics.due(self.interval, self.log_last_step):
             return
-        vector = torch.cat([step_sums.reshape(-1), self._local])
+        vector = torch.cat([self._sums.reshape(-1), self._tokens])
+        self._sums.zero_()
         if layout.dp_size > 1:
-            vector = vector.to(layout.device)
             dist.all_reduce(vector, group=layout.dp_group)
-            vector = vector.cpu()
         if not layout.is_logging_rank:
             return
         num = len(self.names)
-        global_sums = vector[:2 * num].reshape(num, 2)
-        cumulative = vector[2 * num:] + self._base_vector()
-        self.last = dataset_tags(self.names, global_sums, cumulative)
+        values = vector.tolist()
+        sums = [values[2 * i:2 * i + 2] for i in range(num)]
+        self.last = dataset_tags(self.names, sums, self._with_base(values[2 * num:]))
         trainer.metrics.record_many(self.last)

@@ -21,18 +21,31 @@ def _all_finite(local_ok: bool) -> bool:
     return not any_rank(not local_ok)
 
 
-def grads_are_finite(model_chunks) -> bool:
-    """Whether every gradient of every rank is finite (megatron's reduced ``main_grad``
-    where DDP keeps one, else ``.grad``)."""
-    ok = True
+def local_grads_finite(model_chunks) -> torch.Tensor:
+    """Whether this rank's gradients are all finite, as a 0-dim bool tensor on the model's
+    device (no host synchronisation; combine across ranks with one collective, as the
+    trainer's step report does).
+
+    Checks megatron's contiguous grad buffers (``grad_data`` of DDP's dense and expert
+    buffers: every ``main_grad`` is a view into them), one reduction per buffer whatever
+    the number of layers; a chunk without buffers (not DDP-wrapped) is checked per
+    ``.grad``. A NaN in any rank's local gradient reaches some rank's reduced shard, and
+    an overflow in the reduction shows in the owner's shard, so the verdict over all
+    ranks is the same as checking every reduced gradient."""
+    flags = []
     for chunk in model_chunks:
+        buffers = [*getattr(chunk, "buffers", []), *getattr(chunk, "expert_parallel_buffers", [])]
+        if buffers:
+            flags.extend(torch.isfinite(b.grad_data).all() for b in buffers)
+            continue
         for p in chunk.parameters():
             g = getattr(p, "main_grad", None)
             g = p.grad if g is None else g
-            if g is not None and not bool(torch.isfinite(g).all()):
-                ok = False
-                break
-    return _all_finite(ok)
+            if g is not None:
+                flags.append(torch.isfinite(g).all())
+    if not flags:
+        return torch.ones((), dtype=torch.bool)
+    return torch.stack(flags).all()
 
 
 def nonfinite_state(model_chunks, optimizer) -> list[str]:

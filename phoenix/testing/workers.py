@@ -376,13 +376,13 @@ def optimizer_state_after_setup(config: dict, overrides: list[str] = ()) -> dict
     layout = init_runtime(cfg)
     trainer = Trainer(cfg, layout, callbacks=[])
     trainer.setup()
-    total = torch.zeros(2, dtype=torch.float64)
+    total = torch.zeros(2, dtype=torch.float64, device=layout.device)
     opt = trainer.optimizer
     for inner in [getattr(o, "optimizer", None) for o in getattr(opt, "chained_optimizers", [opt])]:
         for state in (inner.state.values() if inner is not None else []):
             if "exp_avg" in state:
-                total += torch.tensor([state["exp_avg"].abs().sum().item(),
-                                       state["exp_avg_sq"].abs().sum().item()], dtype=torch.float64)
+                total += torch.stack([state["exp_avg"].abs().sum(),
+                                      state["exp_avg_sq"].abs().sum()]).double()
     torch.distributed.all_reduce(total)
     return {"exp_avg": total[0].item(), "exp_avg_sq": total[1].item(),
             "step": trainer.state.step, "lr": trainer.optimizer.param_groups[0]["lr"]}

@@ -43,8 +43,9 @@ from phoenix.monitor import (
 from phoenix.monitor.base import Callback, MetricsCollector, StepMetrics, sort_callbacks
 from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.optim.param_groups import frozen_model_params, zero_frozen_grads
-from phoenix.optim.nonfinite import grads_are_finite
+from phoenix.optim.nonfinite import local_grads_finite
 from phoenix.runtime import ParallelLayout, any_rank, claim_run_dir, on_every_rank
+from phoenix.runtime.device_tracking import mark_host
 from phoenix.runtime.preemption import StopRequest
 from phoenix.train.step import batch_report, forward_step, reduce_loss
 
@@ -279,7 +280,7 @@ class Trainer:
                 self.metrics = MetricsCollector(state.step + 1, cfg.train.steps,
                                                 cfg.logging.log_interval)
                 t0 = self._clock()
-                micro_batches = self.loader.next_batch()
+                micro_batches = mark_host(self.loader.next_batch())  # strict mode: host data
                 t_data = self._clock() - t0
 
                 for chunk in self.model:
@@ -290,19 +291,19 @@ class Trainer:
                     model=self.model, num_microbatches=len(micro_batches),
                     seq_length=stage.seq_length, micro_batch_size=cfg.train.micro_batch_size,
                     forward_only=False)
-                loss, tokens = self._global_loss(losses)
+                # Frozen parameters: no update and no share of the grad norm / clipping
+                # (zeroed before the checks and callbacks, so they see what is applied).
+                zero_frozen_grads(self.frozen, state.step, cfg.optim.freeze)
+                # A non-finite loss or gradient must never reach the weights: the loss and
+                # every rank's gradient verdict come in one collective and one host copy.
+                loss, tokens, grads_finite = self._step_report(losses)
                 self.batch_report = batch_report(losses, self.cp_group)
                 t_fwd_bwd = self._clock() - t0 - t_data
 
-                # Frozen parameters: no update and no share of the grad norm / clipping
-                # (zeroed before the callbacks, so the norm monitors see what is applied).
-                zero_frozen_grads(self.frozen, state.step, cfg.optim.freeze)
                 lr = self.scheduler.base_lr()  # the schedule's LR of this step (before lr_mult / freeze)
                 self.loss, self.skip_reason = loss, None
-                # A non-finite loss or gradient must never reach the weights: the loss is
-                # known on every rank, the gradient check is one all-reduce.
                 nonfinite = (f"non-finite loss ({loss})" if not math.isfinite(loss)
-                             else None if grads_are_finite(self.model) else "non-finite gradients")
+                             else None if grads_finite else "non-finite gradients")
                 if nonfinite is not None:
                     if cfg.train.on_nonfinite_loss == "stop":
                         raise NonFiniteLossError(
@@ -377,19 +378,26 @@ class Trainer:
             self.skip_reason = "requested by another rank"
         return skip
 
-    def _global_loss(self, losses: list[dict]) -> tuple[float, int]:
-        """Token-mean loss of the global batch and its loss-bearing tokens, known on every
-        rank (for the NaN check); one host copy."""
+    def _step_report(self, losses: list[dict]) -> tuple[float, int, bool]:
+        """(token-mean loss of the global batch, its loss-bearing tokens, whether every
+        rank's gradients are finite), known on every rank: one all-reduce over the world
+        and one host copy, whatever the model's size.
+
+        The last global rank (on the last stage; with context parallelism each rank holds
+        part of every sequence's loss, completed over DP x CP first) contributes the loss,
+        every other rank zeros, so the sum is that rank's loss exactly (a NaN/Inf stays
+        one); every rank adds 1 when one of its gradients is not finite."""
         layout = self.layout
+        report = torch.zeros(3, dtype=torch.float64, device=layout.device)
         if layout.is_last_stage:
-            # With context parallelism each rank holds part of every sequence's loss.
-            report = reduce_loss(losses, layout.dp_cp_group)
-        else:
-            report = torch.zeros(2, dtype=torch.float64, device=layout.device)
-        if layout.pp_size > 1:  # the last global rank is on the last stage; it tells the others
-            dist.broadcast(report, src=layout.world_size - 1)
-        loss_sum, tokens = report.tolist()
-        return loss_sum / max(tokens, 1.0), int(tokens)
+            total = reduce_loss(losses, layout.dp_cp_group)
+            if layout.rank == layout.world_size - 1:
+                report[:2] = total
+        report[2] = (~local_grads_finite(self.model)).double()
+        if layout.world_size > 1:
+            dist.all_reduce(report)
+        loss_sum, tokens, bad_ranks = report.tolist()
+        return loss_sum / max(tokens, 1.0), int(tokens), bad_ranks == 0
 
     def _clock(self) -> float:
         """Wall-clock seconds for the phase timers; with ``logging.sync_timers`` after the

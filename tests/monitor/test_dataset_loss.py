@@ -77,8 +77,9 @@ def test_interval_absence_cumulative_tokens_and_resume():
     _step(mon, trainer, 2, [(0, 2.0, 4), (0, 2.0, 4)])            # code absent
     _step(mon, trainer, 3, [(1, 9.0, 3)])                           # not a logging step
     _step(mon, trainer, 4, [(0, 1.0, 1), (1, 8.0, 4)])
-    assert writer.scalars["loss/by_dataset/web"] == [(2, 0.5), (4, 1.0)]
-    assert writer.scalars["loss/by_dataset/code"] == [(4, 2.0)]     # no fake value at step 2
+    # Each write is the token mean over the interval's steps (1-2, then 3-4).
+    assert writer.scalars["loss/by_dataset/web"] == [(2, 0.7), (4, 1.0)]
+    assert writer.scalars["loss/by_dataset/code"] == [(2, 4.0), (4, 17.0 / 7.0)]
     # Tokens of every step (3 included) are counted, logged at logging steps.
     assert writer.scalars["tokens/by_dataset/web"] == [(2, 10.0), (4, 11.0)]
     assert writer.scalars["tokens/by_dataset/code"] == [(2, 1.0), (4, 8.0)]
@@ -97,6 +98,23 @@ def test_interval_absence_cumulative_tokens_and_resume():
     assert writer2.scalars["loss/by_dataset/code"] == [(5, 1.0)]
     assert "loss/by_dataset/web" not in writer2.scalars
     assert resumed.state_dict() == {"tokens": {"web": 11, "code": 9}}
+
+
+def test_burst_dataset_between_writes_is_logged():
+    """A dataset whose samples come only on steps that are not written (a 5% burst
+    dataset with min_share) still appears: the loss is accumulated over the interval."""
+    trainer, writer = _fake_trainer(steps=6)
+    mon = DatasetLossMonitor(interval=3)
+    mon.on_train_start(trainer)
+    _step(mon, trainer, 1, [(0, 2.0, 2)])
+    _step(mon, trainer, 2, [(0, 1.0, 2), (1, 6.0, 2)])              # the burst: not written
+    _step(mon, trainer, 3, [(0, 3.0, 2)])
+    _step(mon, trainer, 4, [(0, 4.0, 2)])
+    _step(mon, trainer, 5, [(1, 1.0, 1), (1, 2.0, 1)])              # the burst again
+    _step(mon, trainer, 6, [(0, 2.0, 2)])
+    assert writer.scalars["loss/by_dataset/code"] == [(3, 3.0), (6, 1.5)]
+    assert writer.scalars["loss/by_dataset/web"] == [(3, 1.0), (6, 1.5)]
+    assert writer.scalars["tokens/by_dataset/code"] == [(3, 2.0), (6, 4.0)]
 
 
 # -- slow: real runs, event files, oracle ----------------------------------------------
