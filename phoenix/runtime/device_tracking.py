@@ -13,9 +13,11 @@ GPU, when ``PHOENIX_NCCL_STRICT=1`` (:func:`strict_enabled`):
   (``torch.zeros(2)``, ``torch.tensor([x])``, ``device="cpu"``), moved with ``.cpu()``
   / ``.to("cpu")``, marked by :func:`mark_host` (the loader's batches), or computed only
   from host tensors;
+* parameters count as ``"cuda"`` (the model is moved to the run's device before any
+  step), so do their ``.grad`` and ``.data``;
 * unlabelled: made where the mode does not run (autograd's backward, other threads,
-  ``torch.from_numpy``). The collective check passes them (no false alarm on megatron's
-  own tensors); the sync counter counts them.
+  ``torch.from_numpy``, ``torch.get_rng_state``). Neither the collective check nor the
+  sync counter acts on them (no false alarm on megatron's own tensors).
 
 The emulated CUDA device is one ``torch.device("cpu")`` object, :data:`DEVICE`: its type
 stays ``cpu`` (so every ``device.type`` test of megatron and phoenix behaves as before on
@@ -23,7 +25,7 @@ the CPU), and its identity says "CUDA". ``t.device`` of a tensor not labelled ho
 it, so ``torch.zeros(n, device=t.device)`` is labelled like ``t``.
 
 The same labels count host synchronisations: ``.item()``, ``.tolist()``, ``bool()``,
-``float()``, ``int()``, ``.numpy()`` and ``.cpu()`` of a tensor that would be on the GPU
+``float()``, ``int()``, ``.numpy()`` and ``.cpu()`` of a tensor labelled ``"cuda"``
 (:func:`count_host_syncs`).
 """
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import traceback
 
 import torch
 
@@ -69,7 +72,7 @@ _counters: list[_Counter] = []
 @contextlib.contextmanager
 def count_host_syncs():
     """Count, inside the block, the calls that copy a (would-be) GPU tensor's value to
-    the host: yields an object whose ``count`` and ``sites`` (``func`` names) grow.
+    the host: yields an object whose ``count`` and ``sites`` (what and where) grow.
     Needs the strict device mode (the labels); raises RuntimeError without it."""
     if not strict_enabled():
         raise RuntimeError(f"count_host_syncs needs {STRICT_ENV}=1 (the strict device mode)")
@@ -83,6 +86,8 @@ def count_host_syncs():
 
 def label(t) -> str | None:
     """``"host"``, ``"cuda"`` or None (unlabelled) for tensor ``t``."""
+    if isinstance(t, torch.nn.Parameter):
+        return _CUDA
     return getattr(t, _ATTR, None)
 
 
@@ -118,9 +123,9 @@ def _tensor_labels(args, kwargs):
     labels = []
     for a in (*args, *kwargs.values()):
         if torch.is_tensor(a):
-            labels.append(getattr(a, _ATTR, None))
+            labels.append(label(a))
         elif isinstance(a, (list, tuple)):
-            labels.extend(getattr(x, _ATTR, None) for x in a if torch.is_tensor(x))
+            labels.extend(label(x) for x in a if torch.is_tensor(x))
     return labels
 
 
@@ -134,12 +139,26 @@ def _set(out, value):
                 setattr(x, _ATTR, value)
 
 
+_EMULATION = tuple(f"phoenix/runtime/{m}.py" for m in ("strict_group", "cpu_backend", "device_tracking"))
+
+
+def call_site() -> str:
+    """``file:line (function)`` of the innermost frame outside torch and the cpu
+    emulation: the phoenix or megatron line that made the call."""
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        path = frame.filename.replace("\\", "/")
+        if "/torch/" in path or path.endswith(_EMULATION):
+            continue
+        return f"{frame.filename}:{frame.lineno} ({frame.name})"
+    return "<unknown>"
+
+
 def _count(func, tensor) -> None:
-    if _counters and getattr(tensor, _ATTR, None) != _HOST:
-        name = getattr(func, "__name__", str(func))
+    if _counters and label(tensor) == _CUDA:
+        site = f"{getattr(func, '__name__', func)} at {call_site()}"
         for c in _counters:
             c.count += 1
-            c.sites.append(name)
+            c.sites.append(site)
 
 
 def track(func, args, kwargs, device, to_device, run):

@@ -16,8 +16,6 @@ makes them on the emulated GPU.
 
 from __future__ import annotations
 
-import traceback
-
 import torch
 import torch.distributed as dist
 
@@ -38,19 +36,6 @@ class HostTensorError(RuntimeError):
     """A host tensor reached a group that serves only CUDA tensors (NCCL's error)."""
 
 
-_EMULATION = tuple(f"phoenix/runtime/{m}.py" for m in ("strict_group", "cpu_backend", "device_tracking"))
-
-
-def _call_site() -> str:
-    """The innermost frame outside torch and the cpu emulation: the collective's caller."""
-    for frame in reversed(traceback.extract_stack()[:-2]):
-        path = frame.filename.replace("\\", "/")
-        if "/torch/" in path or path.endswith(_EMULATION):
-            continue
-        return f"{frame.filename}:{frame.lineno} ({frame.name})"
-    return "<unknown>"
-
-
 def _check(op: str, args) -> None:
     for a in args:
         tensors = a if isinstance(a, (list, tuple)) else [a]
@@ -61,7 +46,7 @@ def _check(op: str, args) -> None:
                 raise HostTensorError(
                     f"No backend type associated with device type cpu: {op} of a host tensor "
                     f"{tuple(t.shape)} {t.dtype} on a group that serves CUDA tensors only "
-                    f"(NCCL), at {_call_site()}; make it on the run's device (layout.device)")
+                    f"(NCCL), at {device_tracking.call_site()}; make it on the run's device (layout.device)")
 
 
 class StrictGroup(dist.ProcessGroup):
