@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from phoenix.config import RunConfig
+from phoenix.config import ConfigError, RunConfig
 from phoenix.runtime.capabilities import check_capabilities
 
 if TYPE_CHECKING:
@@ -160,6 +160,9 @@ def init_runtime(cfg: RunConfig) -> ParallelLayout:
     exit_with_parent()  # under torchrun: before the rendezvous, which may block
     check_capabilities(cfg)  # before any process group: the same refusals as --dry-run
     device = cfg.runtime.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("runtime.device: 'cuda' but no GPU is visible to this process "
+                          "(CUDA_VISIBLE_DEVICES, driver); set runtime.device=cpu to run on the CPU")
     if device == "cpu":  # before megatron is imported: its import-time checks look at CUDA
         from phoenix.runtime import cpu_backend
 
@@ -169,9 +172,6 @@ def init_runtime(cfg: RunConfig) -> ParallelLayout:
 
     from phoenix.runtime.device_tracking import DEVICE
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("runtime.device is 'cuda' but no GPU is visible; use runtime.device=cpu "
-                           "to run on CPU")
     if device == "cuda":  # also when the caller (e.g. a test harness) made the world group
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     _init_process_group(device, cfg.runtime.distributed_timeout_minutes)

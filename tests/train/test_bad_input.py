@@ -364,14 +364,14 @@ def test_setup_checks_init_from_before_model(tiny_data, tmp_path, trainer_withou
 
 # -- the CLI ------------------------------------------------------------------------------
 
-def _start_train_cli(recipe_data: dict, tmp_path) -> subprocess.Popen:
+def _start_train_cli(recipe_data: dict, tmp_path, **extra_env) -> subprocess.Popen:
     """Start `python -m phoenix.train RECIPE train.steps=3` as a single process (3: longer
     than the tiny config's 2-step warmup, which a shorter run refuses)."""
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(recipe_data))
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra_env)
     return subprocess.Popen([sys.executable, "-m", "phoenix.train", str(recipe), "train.steps=3"],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -390,7 +390,12 @@ def cli_runs(tiny_data, tmp_path_factory):
     bad_token = dict_with_datasets(tiny_data, bad_dir / "run",
                                    _without_meta(tiny_data, bad_dir / "data", bad_every=7))
     bad_token["data"]["prefetch_batches"] = 2  # read in the prefetch thread
+    cuda_dir = tmp_path_factory.mktemp("cli_cuda")
+    cuda = dict_with_datasets(tiny_data, cuda_dir / "run", tiny_data.prefixes["web"])
+    cuda["runtime"] = {"device": "cuda"}
     procs = {"missing": (_start_train_cli(missing, missing_dir), missing_dir),
+             "cuda_without_gpu": (_start_train_cli(cuda, cuda_dir, CUDA_VISIBLE_DEVICES=""),
+                                  cuda_dir),
              "plan_error": (_start_train_cli(grouped, plan_dir), plan_dir),
              "bad_token": (_start_train_cli(bad_token, bad_dir), bad_dir)}
     results = {}
@@ -407,6 +412,19 @@ def test_cli_missing_data_prefix(cli_runs):
     assert proc.returncode != 0, output
     assert f"missing file {missing}.idx" in output
     assert not (out_dir / "config.yaml").exists()  # stopped before the run directory was set up
+
+
+def test_cli_cuda_without_a_gpu_is_one_line(cli_runs):
+    """runtime.device=cuda where no GPU is visible: exit 2 with one line that names the
+    key and the fix, before any process group or run directory (no traceback)."""
+    proc, output, tmp_path = cli_runs["cuda_without_gpu"]
+    assert proc.returncode == 2, output
+    lines = [line for line in output.splitlines() if line.startswith("phoenix:")]
+    assert lines == ["phoenix: config error: runtime.device: 'cuda' but no GPU is visible to this "
+                     "process (CUDA_VISIBLE_DEVICES, driver); set runtime.device=cpu to run on the "
+                     "CPU"], output
+    assert "Traceback" not in output
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_plan_error_stops_before_the_model(cli_runs):
