@@ -12,8 +12,8 @@ from phoenix.checkpoint.manager import CheckpointError
 from phoenix.config import dump_config, load_config
 from phoenix.data.indexed import DataError
 from phoenix.runtime.capabilities import check_capabilities
+from phoenix.runtime.command import log_progress_from, setup_logging
 from phoenix.runtime.command import run_command as _run_command
-from phoenix.runtime.command import setup_logging
 from phoenix.train.trainer import NonFiniteLossError
 
 log = logging.getLogger("phoenix")
@@ -28,6 +28,7 @@ def train(cfg):
     trainer = Trainer(cfg, layout)
     try:
         trainer.setup()
+        log_progress_from(layout)  # the set-up lines came from rank 0; the steps' from here
         trainer.train()
     finally:
         if trainer.run_lock is not None:  # when setup failed after taking it
@@ -38,14 +39,7 @@ def train(cfg):
 def run_command(body) -> int:
     """:func:`phoenix.runtime.command.run_command` with the data and checkpoint input
     errors (one line on stderr, exit code 2) and the non-finite stop (exit code 3)."""
-    def guarded():
-        try:
-            return body()
-        except NonFiniteLossError as e:
-            print(f"phoenix: stopped: {e}", file=sys.stderr)
-            return 3
-
-    return _run_command(guarded, (DataError, CheckpointError))
+    return _run_command(body, (DataError, CheckpointError), stop_errors=(NonFiniteLossError,))
 
 
 def _print_plan_summary(cfg) -> None:
