@@ -88,8 +88,9 @@ class ParallelLayout:
 
     @property
     def is_logging_rank(self) -> bool:
-        """The rank that writes TensorBoard and the console: last stage, TP 0, DP 0
-        (it holds the loss), which is global rank world_size-1 in megatron's ordering."""
+        """The rank that writes TensorBoard and the console: last stage, TP 0, DP 0 (it
+        holds the loss). Not always the last global rank: at PP=2 x DP=2 it is rank 2, at
+        PP=1 rank 0 (phoenix.runtime.command.log_progress_from raises its log level)."""
         return self.is_last_stage and self.tp_rank == 0 and self.dp_rank == 0
 
     def describe(self) -> str:
