@@ -112,10 +112,8 @@ def _phase_callback():
             self.steps: list[dict] = []
 
         def on_step_end(self, trainer, m) -> None:
-            x = m.extra
-            phases = {"data": m.data_time, "forward_backward": x["time/forward_backward"],
-                      "optimizer": x["time/optimizer"],
-                      "callbacks": x["time/callbacks_prev_step"]}
+            phases = {"data": m.data_time, "forward_backward": m.forward_backward_time,
+                      "optimizer": m.optimizer_time, "callbacks": m.callbacks_time_prev_step}
             step = m.step_time + phases["callbacks"]
             phases["other"] = step - sum(phases.values())
             self.steps.append({"step": step, "loss": m.loss, "skipped": m.skipped, **phases})

@@ -28,7 +28,7 @@ for the collector's step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable
+from typing import Any, ClassVar, Iterable
 
 
 @dataclass
@@ -45,10 +45,25 @@ class StepMetrics:
     consumed_samples: int
     consumed_tokens: int
     step_time: float
+    """Seconds from the step's data to its LR update (its callbacks not included)."""
     data_time: float
+    forward_backward_time: float = 0.0
+    """Seconds of forward-backward, the loss report and the finiteness verdict."""
+    optimizer_time: float = 0.0
+    """Seconds of the optimizer step (or the agreed skip) and the LR schedule."""
+    callbacks_time_prev_step: float = 0.0
+    """Seconds the previous step's callbacks and sinks took (the logging cost; the trainer
+    charges them to the next step)."""
     skipped: bool = False
+    skip_reason: str | None = None
+    """Why the update was not applied (non-finite loss/gradients, a callback's request)."""
     loss_scale: float | None = None
+    stage: Any = None
+    """The step's stage (phoenix.config.stage_table's resolved stage), None outside a run."""
+    stage_began: bool = False
+    """Whether the stage began with this step (or the run resumed into it here)."""
     extra: dict = field(default_factory=dict)
+    """Further values a caller attaches (none from the trainer)."""
 
     @property
     def tokens_per_second(self) -> float:

@@ -38,7 +38,7 @@ class ConsoleLogger(Callback):
         elapsed = time.perf_counter() - self._start
         done = m.step - self._start_step
         eta = elapsed / max(done, 1) * (self.total_steps - m.step)
-        skipped = f"  SKIPPED ({m.extra.get('skip_reason') or 'skipped'})" if m.skipped else ""
+        skipped = f"  SKIPPED ({m.skip_reason or 'skipped'})" if m.skipped else ""
         log.info(f"step {m.step:>6}/{self.total_steps} | loss {m.loss:.4f} | lr {m.lr:.3e} | "
                  f"grad_norm {m.grad_norm:.3f} | {m.tokens_per_second:,.0f} tok/s | "
                  f"{m.step_time * 1000:.0f} ms/step | eta {_fmt_duration(eta)}{skipped}")

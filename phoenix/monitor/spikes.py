@@ -278,7 +278,7 @@ class SpikeMonitor(Callback):
         if not trainer.layout.is_logging_rank:
             return
         record = {"step": m.step, "loss": m.loss, "grad_norm": m.grad_norm,
-                  "skipped": m.skipped, "skip_reason": m.extra.get("skip_reason"),
+                  "skipped": m.skipped, "skip_reason": m.skip_reason,
                   "spikes": spikes}
         norms = trainer.metrics.with_prefix("grad_norm/")  # recorded this step, if at all
         if m.skipped or not norms:

@@ -31,7 +31,7 @@ step):
     ``train/``'s loss-bearing tokens per second (as ``throughput/tokens_per_sec``,
     which the TensorBoard logger writes) divided by the world size.
 ``throughput/forward_backward_time``, ``throughput/optimizer_time``
-    Seconds of this step on the logging rank (``StepMetrics.extra``).
+    Seconds of this step on the logging rank (``StepMetrics``' times).
 ``throughput/logging_time``
     Seconds the callbacks of the *previous* step took (not written at a process's
     first step, which has no previous one).
@@ -195,13 +195,10 @@ class ThroughputMonitor(Callback):
             return
         world = layout.world_size
         tags = {"throughput/tokens_per_sec_per_gpu": m.tokens_per_second / world}
-        extra = m.extra or {}
-        for key, tag in (("time/forward_backward", "throughput/forward_backward_time"),
-                         ("time/optimizer", "throughput/optimizer_time")):
-            if extra.get(key) is not None:
-                tags[tag] = float(extra[key])
-        if m.step != self._first_step and extra.get("time/callbacks_prev_step") is not None:
-            tags["throughput/logging_time"] = float(extra["time/callbacks_prev_step"])
+        tags["throughput/forward_backward_time"] = m.forward_backward_time
+        tags["throughput/optimizer_time"] = m.optimizer_time
+        if m.step != self._first_step:
+            tags["throughput/logging_time"] = m.callbacks_time_prev_step
         if m.step_time > 0:
             # Stages may change the batch and sequence length (attention FLOPs grow with it).
             stage = trainer.stages.stage_at(m.step - 1)

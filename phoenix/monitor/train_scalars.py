@@ -34,9 +34,9 @@ class TrainScalars(Callback):
         if not trainer.layout.is_logging_rank:
             return
         rec = trainer.metrics
-        stage = m.extra.get("stage")
+        stage = m.stage
         explicit = stage is not None and trainer.stages.explicit
-        if explicit and m.extra.get("stage_began"):
+        if explicit and m.stage_began:
             rec.record("train/stage", stage.index)
             rec.record_text("stages", f"stage {stage.index} '{stage.name}' began at step "
                                       f"{stage.start_step} (after {stage.start_step} optimizer steps)")

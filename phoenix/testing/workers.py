@@ -41,7 +41,7 @@ class StepTimer(Recorder):
 
     def on_step_end(self, trainer, metrics) -> None:
         super().on_step_end(trainer, metrics)
-        self.times.append(metrics.step_time + metrics.extra["time/callbacks_prev_step"])
+        self.times.append(metrics.step_time + metrics.callbacks_time_prev_step)
 
 
 def scale_loss_at_step(trainer, step: int, factor: float) -> None:

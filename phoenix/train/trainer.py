@@ -265,7 +265,7 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         cfg, state = self.cfg, self.state
-        forward_backward = get_forward_backward_func()
+        self._forward_backward = get_forward_backward_func()
         self.callbacks = sort_callbacks(self.callbacks)
         for cb in self.callbacks:
             cb.on_train_start(self)
@@ -276,69 +276,8 @@ class Trainer:
         stop = StopRequest(cfg.train.time_limit_minutes).install()
         try:
             while state.step < last_step:
-                stage, stage_began = self._enter_stage(state.step)
-                self.metrics = MetricsCollector(state.step + 1, cfg.train.steps,
-                                                cfg.logging.log_interval)
-                t0 = self._clock()
-                micro_batches = mark_host(self.loader.next_batch())  # strict mode: host data
-                t_data = self._clock() - t0
-
-                for chunk in self.model:
-                    chunk.zero_grad_buffer()
-                self.optimizer.zero_grad()
-                losses = forward_backward(
-                    forward_step_func=self.forward_step, data_iterator=iter(micro_batches),
-                    model=self.model, num_microbatches=len(micro_batches),
-                    seq_length=stage.seq_length, micro_batch_size=cfg.train.micro_batch_size,
-                    forward_only=False)
-                # Frozen parameters: no update and no share of the grad norm / clipping
-                # (zeroed before the checks and callbacks, so they see what is applied).
-                zero_frozen_grads(self.frozen, state.step, cfg.optim.freeze)
-                # A non-finite loss or gradient must never reach the weights: the loss and
-                # every rank's gradient verdict come in one collective and one host copy.
-                loss, tokens, grads_finite = self._step_report(losses)
-                self.batch_report = batch_report(losses, self.cp_group)
-                t_fwd_bwd = self._clock() - t0 - t_data
-
-                lr = self.scheduler.base_lr()  # the schedule's LR of this step (before lr_mult / freeze)
-                self.loss, self.skip_reason = loss, None
-                nonfinite = (f"non-finite loss ({loss})" if not math.isfinite(loss)
-                             else None if grads_finite else "non-finite gradients")
-                if nonfinite is not None:
-                    if cfg.train.on_nonfinite_loss == "stop":
-                        raise NonFiniteLossError(
-                            f"{nonfinite} at step {state.step + 1}; stopping without applying or "
-                            f"saving it (last good checkpoint: {self.checkpointer.latest()})")
-                    self.skip_reason = nonfinite
-                else:
-                    for cb in self.callbacks:  # may call request_skip()
-                        cb.on_before_optimizer_step(self)
-                t1 = self._clock()
-                if self._agree_on_skip():
-                    grad_norm = float("nan")
-                    state.skipped_steps += 1
-                else:
-                    _, grad_norm, _ = self.optimizer.step()
-                    for cb in self.callbacks:
-                        cb.on_after_optimizer_step(self, grad_norm)
-                self.scheduler.step(increment=1)
-                t_optimizer = self._clock() - t1
-
-                state.step += 1
-                state.consumed_samples += stage.global_batch_size
-                state.consumed_tokens += tokens
-                self.losses.append((state.step, loss))
-                metrics = StepMetrics(
-                    step=state.step, loss=loss, lr=lr,
-                    grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
-                    tokens=tokens, consumed_samples=state.consumed_samples,
-                    consumed_tokens=state.consumed_tokens, step_time=self._clock() - t0,
-                    data_time=t_data, skipped=self.skip_reason is not None,
-                    loss_scale=self._loss_scale(),
-                    extra={"time/forward_backward": t_fwd_bwd, "time/optimizer": t_optimizer,
-                           "time/callbacks_prev_step": t_callbacks,
-                           "skip_reason": self.skip_reason, "stage": stage,
-                           "stage_began": stage_began})
+                metrics = self._train_step(*self._enter_stage(state.step))
+                metrics.callbacks_time_prev_step = t_callbacks
                 t2 = self._clock()
                 for cb in self.callbacks:
                     cb.on_step_end(self, metrics)
@@ -364,6 +303,70 @@ class Trainer:
             if self.run_lock is not None:
                 self.run_lock.release()
         return state
+
+    def _train_step(self, stage, stage_began: bool) -> StepMetrics:
+        """One optimizer step of ``stage``: the global batch, forward-backward, the
+        non-finite check, the update (or an agreed skip) and the LR schedule; advances
+        ``self.state`` and returns what the step produced (before its callbacks' time)."""
+        cfg, state = self.cfg, self.state
+        self.metrics = MetricsCollector(state.step + 1, cfg.train.steps, cfg.logging.log_interval)
+        t0 = self._clock()
+        micro_batches = mark_host(self.loader.next_batch())  # strict mode: host data
+        t_data = self._clock() - t0
+
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._forward_backward(
+            forward_step_func=self.forward_step, data_iterator=iter(micro_batches),
+            model=self.model, num_microbatches=len(micro_batches),
+            seq_length=stage.seq_length, micro_batch_size=cfg.train.micro_batch_size,
+            forward_only=False)
+        # Frozen parameters: no update and no share of the grad norm / clipping (zeroed
+        # before the checks and callbacks, so they see what is applied).
+        zero_frozen_grads(self.frozen, state.step, cfg.optim.freeze)
+        # A non-finite loss or gradient must never reach the weights: the loss and every
+        # rank's gradient verdict come in one collective and one host copy.
+        loss, tokens, grads_finite = self._step_report(losses)
+        self.batch_report = batch_report(losses, self.cp_group)
+        t_fwd_bwd = self._clock() - t0 - t_data
+
+        lr = self.scheduler.base_lr()  # the schedule's LR of this step (before lr_mult / freeze)
+        self.loss, self.skip_reason = loss, None
+        nonfinite = (f"non-finite loss ({loss})" if not math.isfinite(loss)
+                     else None if grads_finite else "non-finite gradients")
+        if nonfinite is not None:
+            if cfg.train.on_nonfinite_loss == "stop":
+                raise NonFiniteLossError(
+                    f"{nonfinite} at step {state.step + 1}; stopping without applying or "
+                    f"saving it (last good checkpoint: {self.checkpointer.latest()})")
+            self.skip_reason = nonfinite
+        else:
+            for cb in self.callbacks:  # may call request_skip()
+                cb.on_before_optimizer_step(self)
+        t1 = self._clock()
+        if self._agree_on_skip():
+            grad_norm = float("nan")
+            state.skipped_steps += 1
+        else:
+            _, grad_norm, _ = self.optimizer.step()
+            for cb in self.callbacks:
+                cb.on_after_optimizer_step(self, grad_norm)
+        self.scheduler.step(increment=1)
+        t_optimizer = self._clock() - t1
+
+        state.step += 1
+        state.consumed_samples += stage.global_batch_size
+        state.consumed_tokens += tokens
+        self.losses.append((state.step, loss))
+        return StepMetrics(
+            step=state.step, loss=loss, lr=lr,
+            grad_norm=float(grad_norm) if grad_norm is not None else float("nan"),
+            tokens=tokens, consumed_samples=state.consumed_samples,
+            consumed_tokens=state.consumed_tokens, step_time=self._clock() - t0,
+            data_time=t_data, forward_backward_time=t_fwd_bwd, optimizer_time=t_optimizer,
+            skipped=self.skip_reason is not None, skip_reason=self.skip_reason,
+            loss_scale=self._loss_scale(), stage=stage, stage_began=stage_began)
 
     def request_skip(self, reason: str) -> None:
         """Called by a callback in ``on_before_optimizer_step``: do not apply this step's

@@ -93,7 +93,7 @@ def _logits(path: str, out_dir: str, layout_kw: dict):
     pos = torch.arange(SEQ).expand_as(x)
     with torch.no_grad():
         if layout.pp_size > 1:  # two stages by hand: hidden states go rank 0 -> rank 1
-            hidden = torch.empty(SEQ, x.shape[0], model["hidden_size"])
+            hidden = torch.empty(SEQ, x.shape[0], model["hidden_size"], device=layout.device)
             if layout.is_first_stage:
                 hidden = gpt(x, pos, attention_mask=None)
                 dist.send(hidden.contiguous(), dst=1)

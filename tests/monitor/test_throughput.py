@@ -124,9 +124,8 @@ def _fake_trainer(world=4, logging_rank=True, steps=5):
 def _metrics(step, step_time=2.0):
     return StepMetrics(step=step, loss=1.0, lr=1e-3, grad_norm=1.0, tokens=500,
                        consumed_samples=8 * step, consumed_tokens=500 * step, step_time=step_time,
-                       data_time=0.25, extra={"time/forward_backward": 1.5, "time/optimizer": 0.2,
-                                              "time/callbacks_prev_step": 0.05,
-                                              "skip_reason": None})
+                       data_time=0.25, forward_backward_time=1.5, optimizer_time=0.2,
+                       callbacks_time_prev_step=0.05)
 
 
 def _run(monitor, trainer, steps):

@@ -27,7 +27,7 @@ class RopeRecorder(Callback):
         from phoenix.model import current_rope
         from phoenix.model.rope import rope_module_inv_freq, unwrap
 
-        stage = metrics.extra["stage"]
+        stage = metrics.stage
         chunk = trainer.model[0]
         self.steps.append({
             "step": metrics.step, "stage": stage.name, "loss": metrics.loss,
