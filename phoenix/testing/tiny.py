@@ -24,7 +24,7 @@ def make_tiny_data(root: str | Path, num_docs: int = 300, vocab_size: int = 512)
     tokenised prefixes: ``web``, ``code``, ``math`` and ``repos`` (code grouped by
     repository: ``repos.groups.npy``)."""
     from phoenix.data.preprocess import preprocess
-    from phoenix.testing.synthetic import write_corpus
+    from phoenix.data.synthetic import write_corpus
     from phoenix.tokenizer import train_sentencepiece
 
     root = Path(root)

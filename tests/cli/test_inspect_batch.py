@@ -106,7 +106,7 @@ def test_sentence_split_data_reports_documents_not_sentences(tiny_data, tmp_path
     from phoenix.config import build_config, dump_config
     from phoenix.data.samples import build_sample_index
     from phoenix.testing.megatron_data import write_sentence_split
-    from phoenix.testing.synthetic import write_corpus
+    from phoenix.data.synthetic import write_corpus
     from phoenix.testing.tiny import tiny_config_dict
 
     write_corpus(tmp_path / "web.jsonl", 80, 21, domain="web", max_words=80)

@@ -44,7 +44,7 @@ def test_data_of_the_old_hf_tokenizer_is_refused(tiny_data, tmp_path):
     from phoenix.config import ConfigError
     from phoenix.data.preprocess import preprocess
     from phoenix.testing.hf_tiny import make_llama3_tokenizer
-    from phoenix.testing.synthetic import generate_documents
+    from phoenix.data.synthetic import generate_documents
     from phoenix.config import build_config
     from phoenix.testing.tiny import tiny_config_dict
     from phoenix.tokenizer.expand import expand_tokenizer

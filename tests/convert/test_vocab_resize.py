@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _docs(domain, n, seed=0):
-    from phoenix.testing.synthetic import generate_documents
+    from phoenix.data.synthetic import generate_documents
 
     return [d["text"] for d in generate_documents(n, seed, domain=domain, max_words=80)]
 
@@ -74,7 +74,7 @@ def resize_and_compare(hf_dir: str, root: str, words: list[str]) -> dict:
 def resized(tmp_path_factory):
     from phoenix.testing.distributed import run_distributed
     from phoenix.testing.hf_tiny import make_llama3_model, make_llama3_tokenizer
-    from phoenix.testing.synthetic import _ZH_WORDS
+    from phoenix.data.synthetic import _ZH_WORDS
 
     hf_dir = tmp_path_factory.mktemp("hf") / "llama3"
     make_llama3_tokenizer(hf_dir, _docs("web", 150), 384)

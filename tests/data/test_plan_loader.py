@@ -21,7 +21,7 @@ STEPS = 24
 @pytest.fixture(scope="module")
 def grouped_data(tiny_data, tmp_path_factory):
     from phoenix.data.preprocess import preprocess
-    from phoenix.testing.synthetic import write_corpus
+    from phoenix.data.synthetic import write_corpus
 
     root = tmp_path_factory.mktemp("grouped")
     write_corpus(root / "repos.jsonl", 400, 7, domain="code", group_key="repo",
@@ -172,7 +172,7 @@ def test_loader_iterates_and_resumes_at_a_step(grouped_data, tmp_path):
 def split_data(tiny_data, tmp_path_factory):
     """Sentence-split, grouped data written by megatron-core's IndexedDatasetBuilder."""
     from phoenix.testing.megatron_data import write_sentence_split
-    from phoenix.testing.synthetic import write_corpus
+    from phoenix.data.synthetic import write_corpus
 
     root = tmp_path_factory.mktemp("split")
     write_corpus(root / "threads.jsonl", 120, 11, domain="web", group_key="thread",

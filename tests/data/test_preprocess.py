@@ -18,7 +18,7 @@ import pytest
 
 from phoenix.data.jsonl_input import InputError
 from phoenix.data.preprocess import EmptyOutputError, GroupAdjacencyError, WorkerDiedError, preprocess
-from phoenix.testing.synthetic import generate_documents, write_corpus
+from phoenix.data.synthetic import generate_documents, write_corpus
 from phoenix.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 REPO = Path(__file__).resolve().parents[2]

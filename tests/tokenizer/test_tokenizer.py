@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from phoenix.testing.synthetic import generate_documents, write_corpus
+from phoenix.data.synthetic import generate_documents, write_corpus
 from phoenix.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 VOCAB = 512

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _docs(domain, n, seed=0):
-    from phoenix.testing.synthetic import generate_documents
+    from phoenix.data.synthetic import generate_documents
 
     return [d["text"] for d in generate_documents(n, seed, domain=domain, max_words=80)]
 
@@ -28,7 +28,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def zh_words():
-    from phoenix.testing.synthetic import _ZH_WORDS
+    from phoenix.data.synthetic import _ZH_WORDS
 
     return list(_ZH_WORDS[:50])
 
