@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from phoenix.testing.synthetic import DOMAINS, write_corpus
+from phoenix.data.synthetic import DOMAINS, write_corpus
 
 
 def main(argv: list[str] | None = None) -> int:
