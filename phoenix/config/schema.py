@@ -290,11 +290,19 @@ class TrainConfig:
     """What a NaN/Inf loss or gradient does: stop the run before the update (one error line
     naming the step and the last good checkpoint) or skip the update (counted in
     ``train/skipped_steps``). Either way nothing non-finite reaches the weights."""
+    manual_gc_interval: int = 0
+    """Python's garbage collector off during training and run (``gc.collect()``) every N
+    steps on every rank, so no rank pauses at a random moment and stalls the others in a
+    collective (Megatron-LM's ``--manual-gc --manual-gc-interval``). 0: Python's own
+    automatic collection (the default)."""
 
     def __post_init__(self):
         positive("train", steps=self.steps, global_batch_size=self.global_batch_size,
                   micro_batch_size=self.micro_batch_size, stop_at_step=self.stop_at_step,
                   time_limit_minutes=self.time_limit_minutes)
+        if self.manual_gc_interval < 0:
+            raise ConfigError(f"train.manual_gc_interval: must be >= 0 (0: automatic), got "
+                              f"{self.manual_gc_interval}")
 
 
 @dataclass(kw_only=True)

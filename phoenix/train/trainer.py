@@ -47,6 +47,7 @@ from phoenix.optim.nonfinite import local_grads_finite
 from phoenix.runtime import ParallelLayout, any_rank, claim_run_dir, on_every_rank
 from phoenix.runtime.device_tracking import mark_host
 from phoenix.runtime.preemption import StopRequest
+from phoenix.train.manual_gc import ManualGC
 from phoenix.train.step import batch_report, forward_step, reduce_loss
 
 log = logging.getLogger("phoenix.train")
@@ -153,6 +154,7 @@ class Trainer:
               if cfg.logging.tensorboard and cfg.logging.throughput_interval else []),
             *([SpikeMonitor(cfg.logging.spikes, self.out_dir)] if cfg.logging.spikes.enabled else []),
             *([EvalCallback(cfg.eval)] if cfg.eval is not None else []),
+            *([ManualGC(cfg.train.manual_gc_interval)] if cfg.train.manual_gc_interval else []),
         ])
 
     # -- set-up ----------------------------------------------------------------------
