@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from phoenix.data.indexed import DataError, check_prefix, indexed_dataset_module
+from phoenix.data.native import plan_cpp
+from phoenix.data.plan_groups import groups_digest
 
 
 @dataclass
@@ -174,8 +176,6 @@ def build_sample_index(prefix: str, seq_length: int, use_groups: bool,
     starts, lengths, groups = _cut_ranges(bounds[:-1], bounds[1:], seq_length)
     if len(starts) == 0:
         raise DataError(f"data prefix '{prefix}': no group has enough tokens for a sample")
-    from phoenix.data.plan import groups_digest
-
     return SampleIndex(prefix, seq_length, starts, lengths, groups, doc_starts, view,
                        pack_groups=pack_groups, groups_digest=groups_digest(groups))
 
@@ -188,8 +188,6 @@ def _pack(bounds: np.ndarray, seq_length: int, pack_groups: int
           ) -> tuple[DocumentView, np.ndarray]:
     """Tail packing of the groups with ``.bin`` token ranges ``[bounds[g], bounds[g+1])``:
     the view of the groups in a fixed shuffle and the unit boundaries in its stream."""
-    from phoenix.data.plan import plan_cpp
-
     order = np.random.default_rng(PACK_SEED).permutation(len(bounds) - 1).astype(np.int64)
     sizes = np.diff(bounds)[order]
     starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])

@@ -27,14 +27,13 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Optional
 
-import numpy as np
-
 from phoenix.config import ConfigError, RunConfig
 from phoenix.config.stage_table import ResolvedStage, StageTable
 from phoenix.data.data_resume import DataResume, rebase, streams_at
 from phoenix.data.indexed import DataError, read_meta
 from phoenix.data.megatron_blend import MegatronBlendSource
 from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs
+from phoenix.data.plan_counts import mixture_warmup_counts
 from phoenix.data.plan_source import PlanSource, load_or_build_plan
 from phoenix.data.sample_cache import cached_sample_index
 from phoenix.data.samples import SampleIndex
@@ -79,36 +78,6 @@ class StreamTracker:
     def finish(self, d: int, key: StreamKey, num_samples: int, end_offset: int) -> None:
         self.offsets[(d, key)] = int(end_offset)
         self.last[d] = (key, num_samples)
-
-
-def mixture_warmup_counts(start: list[Fraction], end: list[Fraction], B: int,
-                          steps: int) -> np.ndarray:
-    """Per-batch counts of a mixture warmup: (steps, D) int32, rows summing to ``B``.
-
-    Batch ``j`` targets the weights ``w_j = (1 - t) * start + t * end`` with
-    ``t = (j + 1) / (steps + 1)`` (so every warmup batch lies strictly between the two
-    mixtures). Each count is ``floor`` or ``ceil`` of ``B * w_j[d]`` -- exact per batch --
-    and the batch's ``B - sum floor`` extra samples go to the datasets furthest behind
-    their cumulative target (fractional part plus the lag carried from earlier warmup
-    batches; ties to the lower index), so rounding does not favour one dataset over the
-    warmup. ``start``/``end`` are normalised weights (each sums to 1).
-    """
-    D = len(start)
-    if len(end) != D or sum(start) != 1 or sum(end) != 1:
-        raise ValueError("mixture_warmup_counts: start and end need the same length and must sum to 1")
-    counts = np.zeros((steps, D), dtype=np.int32)
-    lag = [Fraction(0)] * D  # cumulative target minus cumulative count
-    for j in range(steps):
-        t = Fraction(j + 1, steps + 1)
-        target = [B * ((1 - t) * a + t * b) for a, b in zip(start, end)]
-        row = [math.floor(x) for x in target]
-        fractional = [d for d in range(D) if target[d] != row[d]]
-        fractional.sort(key=lambda d: (-(target[d] - row[d] + lag[d]), d))
-        for d in fractional[:B - sum(row)]:
-            row[d] += 1
-        lag = [lag[d] + target[d] - row[d] for d in range(D)]
-        counts[j] = row
-    return counts
 
 
 def stage_plans(table: StageTable, prefixes: list[str], seed: int,
