@@ -224,7 +224,8 @@ def test_run_with_pack_groups_trains_on_units_and_resume_refuses_a_change(tiny_d
     plan; changing it on resume would re-cut the stream, so it is refused by name."""
     from phoenix.checkpoint.resume_contract import check_resume
     from phoenix.config import dump_config
-    from phoenix.data.stage_plans import StagedSource, run_stage_plans
+    from phoenix.data.plan_cache import run_stage_plans
+    from phoenix.data.stage_plans import StagedSource
     from phoenix.testing.tiny import tiny_config_dict
 
     from tests.config.test_config import key
