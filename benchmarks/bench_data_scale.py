@@ -166,7 +166,7 @@ def child(phase: str, a: dict) -> dict:
 
 
 def packed_groups_split(plan, index, d: int, B: int) -> int:
-    """Groups inside units of >= 2 groups (tail packing) whose unit spans > 1 batch:
+    """Groups inside units of >= 2 groups (group packing) whose unit spans > 1 batch:
     each such group may be split (must be 0; a unit is never larger than the fit limit)."""
     from phoenix.data.samples import groups_per_unit
 
@@ -200,7 +200,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--read-samples", type=int, default=3000)
     ap.add_argument("--pack-groups", type=int, default=32,
-                    help="tail packing of the grouped dataset (pack_groups; 0: off)")
+                    help="group packing of the grouped dataset (pack_groups; 0: off)")
     ap.add_argument("--workdir", default=None, help="default: a temporary directory, removed")
     args = ap.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_scale."))

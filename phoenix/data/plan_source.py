@@ -34,7 +34,7 @@ class PlanDatasetSpec:
     min_share: float = 0.0
     group_mode: str = "none"
     pack_groups: int = 0
-    """Tail packing of a grouped dataset (``DatasetEntry.pack_groups``; 0: off)."""
+    """Group packing of a grouped dataset (``DatasetEntry.pack_groups``; 0: off)."""
 
 
 def plan_inputs(specs: list[PlanDatasetSpec], indices: list[SampleIndex], global_batch_size: int,
@@ -129,7 +129,7 @@ def summary_table(plan: DataPlan, indices: list[SampleIndex | None] | None = Non
 
     ``groups whole/fit``: groups kept whole / groups that fit the batch where they start
     (and, after ``+``, groups split; larger groups span batches by design; ``units``
-    with tail packing: units of groups, each kept as a group). With the
+    with group packing: units of groups, each kept as a group). With the
     sample ``indices``, ``loss tokens``: the fraction of label positions that carry loss
     (:func:`loss_bearing_fraction`; the rest is padding of a group's last sample)."""
     header = ("dataset", "weight", "burst", "samples", "epochs", "batches", "min/b", "max/b",
@@ -142,7 +142,7 @@ def summary_table(plan: DataPlan, indices: list[SampleIndex | None] | None = Non
         if r["groups_total"] and r["groups_kept_whole"] < r["groups_fitting"]:
             groups += f" ({r['groups_fitting'] - r['groups_kept_whole']} split)"
         if r["groups_total"] and indices is not None and indices[d] is not None \
-                and indices[d].pack_groups:  # the plan's groups are units of tail packing
+                and indices[d].pack_groups:  # the plan's groups are units of group packing
             groups += " units"
         rows.append((r["name"], f"{r['weight']:.4f}", "yes" if r["burst"] else "", str(r["samples_used"]),
                      f"{r['epochs_consumed']:.2f}", str(r["batches_present"]), str(r["min_per_batch"]),

@@ -86,7 +86,7 @@ def stage_plans(table: StageTable, prefixes: list[str], seed: int,
     start offsets come from the plans before it, or from ``resume`` (where the streams
     stood at the first stage's start, see phoenix.data.data_resume).
     ``min_document_tokens``: per dataset, the document-length view it reads (0: all).
-    ``pack_groups``: per dataset, tail packing's unit size when it is read grouped (0: off).
+    ``pack_groups``: per dataset, group packing's unit size when it is read grouped (0: off).
     ``index_dir``: where the sample indices are cached and memory-mapped from
     (:mod:`phoenix.data.sample_cache`); None builds them in memory."""
     min_document_tokens = min_document_tokens or [0] * len(prefixes)

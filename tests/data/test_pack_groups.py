@@ -1,4 +1,4 @@
-"""Tail packing of grouped datasets (``pack_groups``): units of groups cut as one stream.
+"""Group packing of grouped datasets (``pack_groups``): units of groups cut as one stream.
 
 Checked against independent oracles: the units' total samples against a brute-force
 optimum; every unit's tokens against the groups read straight from the ``.bin``; whole
