@@ -72,7 +72,7 @@ def _rss_anon() -> int:
 
 
 def _specs(prefixes, pack_groups: int):
-    from phoenix.data.plan_source import PlanDatasetSpec
+    from phoenix.testing.plan_specs import PlanDatasetSpec
 
     return [PlanDatasetSpec(n, prefixes[n], float(s), group_mode="batch" if n == GROUPED else "none",
                             pack_groups=pack_groups if n == GROUPED else 0)
@@ -81,7 +81,8 @@ def _specs(prefixes, pack_groups: int):
 
 def phoenix_source(a, cache: str | None, build: bool, copy: bool = False):
     """(source, plan, indices) as a rank gets them; ``cache=None``: indices in memory."""
-    from phoenix.data.plan_source import PlanSource, build_indices, load_or_build_plan, plan_inputs
+    from phoenix.data.plan_source import PlanSource, load_or_build_plan
+    from phoenix.testing.plan_specs import build_indices, plan_inputs
 
     specs = _specs(a["prefixes"], a["pack_groups"])
     indices = build_indices(specs, a["seq_length"], cache_dir=cache)
@@ -120,7 +121,8 @@ def child(phase: str, a: dict) -> dict:
     import importlib
 
     for module in ("megatron.core.datasets.blended_megatron_dataset_builder",
-                   "megatron.core.datasets.gpt_dataset", "phoenix.data.plan_source"):
+                   "megatron.core.datasets.gpt_dataset", "phoenix.data.plan_source",
+                   "phoenix.testing.plan_specs"):
         importlib.import_module(module)  # imports outside the timing
     import torch.distributed as dist
 

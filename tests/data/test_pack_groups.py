@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from phoenix.config import ConfigError, build_config
 from phoenix.data.plan import build_plan
-from phoenix.data.plan_source import PlanDatasetSpec, build_indices, plan_inputs
 from phoenix.data.samples import SampleReader, build_sample_index, groups_per_unit
+from phoenix.testing.plan_specs import PlanDatasetSpec, build_indices, plan_inputs
 from phoenix.testing.scale_data import group_ids, lognormal_lengths, write_prefix
 
 EOD = 2
