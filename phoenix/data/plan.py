@@ -10,7 +10,8 @@ and the whole groups (:mod:`phoenix.data.plan_groups`). Plans on disk:
 ``phoenix.testing.plan_reference`` re-implements the same algorithm in plain Python and the
 tests require both to agree bit for bit.
 
-Algorithm (all arithmetic is exact: shares are integers in units of ``Q = 2**60``)
+Algorithm (all arithmetic is exact: shares are integers in units of ``Q = 2**60``,
+computed from the weights as float64, see :func:`phoenix.data.plan_counts.normalised`)
 --------------------------------------------------------------------------------------
 1. *Bursts.* A dataset with ``0 < w < min_share`` appears with ``s = max(round(min_share
    * B), ceil(w * B))`` samples in a fraction ``w * B / s`` of the batches (the rate from

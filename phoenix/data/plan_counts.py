@@ -1,17 +1,18 @@
 """How many samples of each dataset global batch ``k`` holds.
 
-Every per-batch count of a data plan comes from here or from the C++ allocator these
-integers feed (``allocate`` in ``csrc/data_plan.h``; the algorithm is documented in
-:mod:`phoenix.data.plan`, steps 1-2):
+Every per-batch count of a data plan comes from here or from the C++ code these integers
+feed (``allocate``, and ``FlexPacker`` for flexible grouped datasets, in
+``csrc/data_plan.h``; the algorithm is documented in :mod:`phoenix.data.plan`, steps 1,
+2 and 4):
 
-- :func:`shares`: the weights (exact ``Fraction``s from the stage table, rounded once,
-  in :func:`normalised`) to the integers the allocator consumes: a burst dataset's size and rate, every
-  other dataset's quota of the free slots (:func:`quotas`, largest remainder), and which
-  grouped datasets are flexible. Quotas are in units of ``1/Q``, ``Q = 2**60``.
+- :func:`shares`: the weights (the stage table's exact ``Fraction``s, rounded once, in
+  :func:`normalised`) to the integers the C++ consumes: a burst dataset's size and rate,
+  every other dataset's quota of the free slots (:func:`quotas`, largest remainder), and
+  which grouped datasets are flexible. Quotas are in units of ``1/Q``, ``Q = 2**60``.
 - :func:`mixture_warmup_counts`: the counts of a mixture warmup's batches, planned here
   and handed to the allocator as ``PlanInputs.fixed_counts``.
-- :func:`bursts_in` and :func:`fit_limit`: the allocator's own formulas for a burst's
-  appearances and a dataset's smallest kept-whole count, for the checks in Python.
+- :func:`bursts_in` and :func:`fit_limit`: the C++ formulas for a burst's appearances
+  and a dataset's smallest kept-whole count, for the checks in Python.
 """
 
 from __future__ import annotations

@@ -11,10 +11,12 @@ to chance); a warning says so.
 
 Every stage plan lists all datasets of ``data.datasets`` in order (unused ones with
 weight 0), so dataset ids are the same in every stage. A stage's weights reach the plan
-as the stage table's exact fractions.
+as the stage table's exact fractions (:mod:`phoenix.data.plan_counts` computes the
+per-batch counts from them).
 
-This driver is pure: it gets each plan through a ``get_plan`` callable. The run's cache
-directory and the ranks that build or load the plans are :mod:`phoenix.data.plan_cache`.
+The driver gets each plan through a ``get_plan`` callable and knows no rank: which
+directory caches the plans and which ranks build or load them is
+:mod:`phoenix.data.plan_cache`.
 """
 
 from __future__ import annotations
