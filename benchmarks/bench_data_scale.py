@@ -72,7 +72,7 @@ def _rss_anon() -> int:
 
 
 def _specs(prefixes, pack_groups: int):
-    from phoenix.data.plan_source import PlanDatasetSpec
+    from phoenix.testing.plan_specs import PlanDatasetSpec
 
     return [PlanDatasetSpec(n, prefixes[n], float(s), group_mode="batch" if n == GROUPED else "none",
                             pack_groups=pack_groups if n == GROUPED else 0)
@@ -81,7 +81,8 @@ def _specs(prefixes, pack_groups: int):
 
 def phoenix_source(a, cache: str | None, build: bool, copy: bool = False):
     """(source, plan, indices) as a rank gets them; ``cache=None``: indices in memory."""
-    from phoenix.data.plan_source import PlanSource, build_indices, load_or_build_plan, plan_inputs
+    from phoenix.data.plan_source import PlanSource, load_or_build_plan
+    from phoenix.testing.plan_specs import build_indices, plan_inputs
 
     specs = _specs(a["prefixes"], a["pack_groups"])
     indices = build_indices(specs, a["seq_length"], cache_dir=cache)
@@ -120,7 +121,8 @@ def child(phase: str, a: dict) -> dict:
     import importlib
 
     for module in ("megatron.core.datasets.blended_megatron_dataset_builder",
-                   "megatron.core.datasets.gpt_dataset", "phoenix.data.plan_source"):
+                   "megatron.core.datasets.gpt_dataset", "phoenix.data.plan_source",
+                   "phoenix.testing.plan_specs"):
         importlib.import_module(module)  # imports outside the timing
     import torch.distributed as dist
 
@@ -166,7 +168,7 @@ def child(phase: str, a: dict) -> dict:
 
 
 def packed_groups_split(plan, index, d: int, B: int) -> int:
-    """Groups inside units of >= 2 groups (tail packing) whose unit spans > 1 batch:
+    """Groups inside units of >= 2 groups (group packing) whose unit spans > 1 batch:
     each such group may be split (must be 0; a unit is never larger than the fit limit)."""
     from phoenix.data.samples import groups_per_unit
 
@@ -200,7 +202,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--read-samples", type=int, default=3000)
     ap.add_argument("--pack-groups", type=int, default=32,
-                    help="tail packing of the grouped dataset (pack_groups; 0: off)")
+                    help="group packing of the grouped dataset (pack_groups; 0: off)")
     ap.add_argument("--workdir", default=None, help="default: a temporary directory, removed")
     args = ap.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_data_scale."))

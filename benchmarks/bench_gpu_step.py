@@ -198,7 +198,7 @@ def megatron_core_worker(args, data, out_dir: str, with_loader: bool) -> dict:
     if with_loader:  # as Trainer.setup builds it (data plan before the model)
         from phoenix.data.documents import DocumentInputs
         from phoenix.data.loader import GlobalBatchLoader
-        from phoenix.data.stage_plans import build_source
+        from phoenix.data.plan_cache import build_source
         from phoenix.train.trainer import check_inputs
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)

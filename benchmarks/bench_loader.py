@@ -85,7 +85,8 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from phoenix.data.plan_source import PlanDatasetSpec, PlanSource, build_indices, load_or_build_plan, plan_inputs
+    from phoenix.data.plan_source import PlanSource, load_or_build_plan
+    from phoenix.testing.plan_specs import PlanDatasetSpec, build_indices, plan_inputs
 
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "bench")

@@ -596,7 +596,7 @@ py::tuple group_starts(py::array_t<T, py::array::c_style> ids) {
   return py::make_tuple(out, increasing);
 }
 
-// Tail packing of a grouped dataset (phoenix.data.samples, "pack_groups"): split the
+// Group packing of a grouped dataset (phoenix.data.samples, "pack_groups"): split the
 // sequence of groups (token counts `tokens`, in the order given) into units of
 // consecutive groups, each cut as one stream into samples of seq_length (+1) tokens,
 // minimising the total number of samples (so the padding of the units' last samples).
@@ -653,7 +653,7 @@ PYBIND11_MODULE(_plan_cpp, m) {
         py::arg("fixed_counts") = py::array_t<int32_t>(std::vector<py::ssize_t>{0, 0}));
   m.def("group_starts", &group_starts<int64_t>, py::arg("ids"));
   m.def("group_starts", &group_starts<int32_t>, py::arg("ids"));
-  m.def("pack_units", &pack_units, "Unit boundaries of tail packing (see phoenix.data.samples).",
+  m.def("pack_units", &pack_units, "Unit boundaries of group packing, pack_groups (see phoenix.data.samples).",
         py::arg("tokens"), py::arg("seq_length"), py::arg("max_samples"), py::arg("max_groups"));
   m.def("permutation", &permutation, "Epoch permutation of range(n) at positions x.",
         py::arg("n"), py::arg("seed"), py::arg("key"), py::arg("epoch"), py::arg("x"));

@@ -1,5 +1,6 @@
 """The package's structure: the dependency arrows of DESIGN.md, process groups only from
-the runtime, test support outside the library, and small modules.
+the runtime, test support outside the library, private names kept private, and small
+modules.
 
 Every import in ``phoenix/`` is read from the source (top-level and inside functions),
 so a lazy import cannot sneak past the rules.
@@ -78,6 +79,64 @@ def _violations():
 
 def test_imports_follow_the_dependency_table():
     assert not _violations(), "\n".join(_violations())
+
+
+# A private name (one leading underscore) belongs to the module that defines it, a private
+# module (``_plan_cpp``) to its package: no other module imports it. The imports still to
+# fix, as (file, imported name); an entry that is no longer needed fails the test too.
+PRIVATE_IMPORT_EXEMPTIONS = {
+    ("phoenix/convert/vocab_resize.py", "phoenix.convert.hf_export._source_hf_config"),
+    ("phoenix/eval/needle_run.py", "phoenix.eval.evaluator._passive"),
+}
+
+
+def _is_private(part: str) -> bool:
+    return part.startswith("_") and not part.startswith("__")
+
+
+def _private_imports() -> list[tuple[str, int, str]]:
+    """(file, line, dotted name) of every private name a module imports from outside its
+    owner: the module or package the name's first private part belongs to."""
+    found = []
+    for path, _ in _modules():
+        where = path.relative_to(PACKAGE.parent)
+        importer = ".".join(where.with_suffix("").parts).removesuffix(".__init__")
+        for line, name in _imports(path):
+            parts = name.split(".")
+            first = next((i for i, part in enumerate(parts) if _is_private(part)), None)
+            if parts[0] != "phoenix" or first is None:
+                continue
+            owner = ".".join(parts[:first])
+            if importer != owner and not importer.startswith(owner + "."):
+                found.append((where.as_posix(), line, name))
+    return found
+
+
+def test_no_private_name_is_imported_from_another_module():
+    found = _private_imports()
+    new = [f"{f}:{line}: imports {name}, private to {name.rsplit('.', 1)[0]} (make it public "
+           f"or move the code that needs it)" for f, line, name in found
+           if (f, name) not in PRIVATE_IMPORT_EXEMPTIONS]
+    stale = PRIVATE_IMPORT_EXEMPTIONS - {(f, name) for f, _, name in found}
+    assert not new, "\n".join(new)
+    assert not stale, f"no longer imported, remove from PRIVATE_IMPORT_EXEMPTIONS: {sorted(stale)}"
+
+
+@pytest.mark.parametrize("package,source,flagged", [
+    ("data", "from phoenix.data.plan_checks import _check_dataset\n", True),
+    ("data", "from phoenix.data import _plan_cpp\n", False),
+    ("monitor", "import phoenix.data._plan_cpp\n", True),
+    ("data", "from phoenix.data.planted import _mine\n", False),
+    ("data", "from phoenix.data.plan import __all__\n", False),
+])
+def test_the_walker_catches_a_private_import(tmp_path, monkeypatch, package, source, flagged):
+    """A private name planted in a copy of a module is found; a module's own private
+    names, its package's private modules and dunder names are not flagged."""
+    fake = tmp_path / "phoenix"
+    (fake / package).mkdir(parents=True)
+    (fake / package / "planted.py").write_text("def f():\n    " + source)
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    assert bool(_private_imports()) == flagged, _private_imports()
 
 
 def test_no_module_over_the_size_limit():

@@ -39,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
         cfg = load_config(args.config, args.overrides)
+        from phoenix.data.plan_cache import cache_dir, run_stage_plans
         from phoenix.data.plan_source import load_or_build_plan, summary_table
-        from phoenix.data.stage_plans import cache_dir, plan_at_step, run_stage_plans
+        from phoenix.data.stage_plans import plan_at_step
 
         paths = []
 

@@ -103,10 +103,11 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
                            f"STEP is the 1-based optimizer step)")
 
     from phoenix.data.plan import build_plan
+    from phoenix.data.plan_cache import cache_dir, run_stage_plans
     from phoenix.data.plan_source import load_or_build_plan
     from phoenix.data.samples import SampleReader
+    from phoenix.data.stage_plans import plan_at_step
     from phoenix.tokenizer import load_tokenizer
-    from phoenix.data.stage_plans import cache_dir, plan_at_step, run_stage_plans
 
     candidates = [Path(cfg.data.cache_dir)] if cfg.data.cache_dir else [run_dir / "data_cache",
                                                                         cache_dir(cfg)]

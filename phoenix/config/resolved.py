@@ -58,7 +58,7 @@ class ResolvedRun:
 def resolve_run(cfg: RunConfig) -> ResolvedRun:
     """Resolve ``cfg``'s stages and LR schedule; raises ConfigError naming the key."""
     table = build_stage_table(cfg)
-    _check_pack_groups(cfg, table)
+    _refuse_unused_pack_groups(cfg, table)
     explicit = uses_multi_phase(cfg)
     schedule_config = _schedule_config(cfg, table)
     schedule = resolve(schedule_config, table.tokens_per_step, prefix="optim.schedule",
@@ -67,7 +67,7 @@ def resolve_run(cfg: RunConfig) -> ResolvedRun:
                        explicit_schedule=explicit)
 
 
-def _check_pack_groups(cfg: RunConfig, table) -> None:
+def _refuse_unused_pack_groups(cfg: RunConfig, table) -> None:
     """``pack_groups`` cuts a grouped dataset: refused where it would be silently ignored."""
     for d, entry in enumerate(cfg.data.datasets):
         if not entry.pack_groups:

@@ -149,7 +149,7 @@ class DatasetEntry:
     """``batch``: keep each group of ``PREFIX.groups.npy`` (a repository, a book) inside one
     global batch (consecutive batches when larger); samples never cross groups."""
     pack_groups: int = 0
-    """Tail packing for ``group_mode: batch``: join groups (in a fixed shuffle) into units
+    """Group packing for ``group_mode: batch``: join groups (in a fixed shuffle) into units
     of at most this many samples, each cut as one stream, so only a unit's last sample is
     padded (see phoenix.data.samples). Every group still lands whole in one global batch:
     the plan refuses a value above the smallest per-batch count it can keep whole (its

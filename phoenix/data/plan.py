@@ -1,12 +1,17 @@
 """Group-aware blended data plan: which (dataset, sample) pairs every global batch holds.
 
 A plan covers one training stage of ``K`` global batches of ``B`` samples. The heavy
-lifting is C++ (``phoenix.data._plan_cpp``, sources in ``csrc/``); this module validates
-inputs, converts weights to exact integer quotas, and stores/loads plans.
+lifting is C++ (``phoenix.data._plan_cpp``, sources in ``csrc/``, loaded by
+:mod:`phoenix.data.native`); this module holds the plan's types and turns a stage's inputs
+into the exact integers the builder consumes, with its parts: the input checks
+(:mod:`phoenix.data.plan_checks`), the per-batch counts (:mod:`phoenix.data.plan_counts`)
+and the whole groups (:mod:`phoenix.data.plan_groups`). Plans on disk:
+:mod:`phoenix.data.plan_io`.
 ``phoenix.testing.plan_reference`` re-implements the same algorithm in plain Python and the
 tests require both to agree bit for bit.
 
-Algorithm (all arithmetic is exact: shares are integers in units of ``Q = 2**60``)
+Algorithm (all arithmetic is exact: shares are integers in units of ``Q = 2**60``,
+computed from the weights as float64, see :func:`phoenix.data.plan_counts.normalised`)
 --------------------------------------------------------------------------------------
 1. *Bursts.* A dataset with ``0 < w < min_share`` appears with ``s = max(round(min_share
    * B), ceil(w * B))`` samples in a fraction ``w * B / s`` of the batches (the rate from
@@ -83,7 +88,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -91,14 +95,14 @@ from fractions import Fraction
 
 import numpy as np
 
-from phoenix.data.plan_checks import (_check_dataset, _check_fixed_counts, _check_pack_groups,
-                                      _check_slack, _err)
+from phoenix.data.native import plan_cpp
+from phoenix.data.plan_checks import check_inputs
+from phoenix.data.plan_counts import Q_BITS, shares
+from phoenix.data.plan_groups import check_groups, digest_of_starts, groups_digest
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3          # 3: stored as a directory of .npy files (phoenix.data.plan_io)
-Q_BITS = 60
-Q = 1 << Q_BITS
 HORIZON = 1 << 16        # batches of look-ahead for PD^2 deadlines
 GROUP_WINDOW = 32        # groups considered at once when packing a batch
 
@@ -108,7 +112,9 @@ class PlanDataset:
     """One dataset of a stage.
 
     ``num_samples``: samples (of ``seq_length`` tokens) in its sample-level index.
-    ``weight``: share of the stage's samples (weights are normalised to sum to 1).
+    ``weight``: share of the stage's samples: the stage table's exact ``Fraction``, or a
+    number; rounded to float64 and normalised to sum to 1 where the quotas are computed
+    (:func:`phoenix.data.plan_counts.normalised`).
     ``min_share``: 0 = off; else a dataset with ``weight < min_share`` appears only in
     bursts of ``round(min_share * B)`` samples (see module doc). ``group_mode="batch"``
     keeps every group of ``group_ids`` (one id per sample, groups contiguous) inside one
@@ -117,7 +123,7 @@ class PlanDataset:
 
     name: str
     num_samples: int
-    weight: float
+    weight: Fraction | float
     min_share: float = 0.0
     group_mode: str = "none"
     group_ids: np.ndarray | None = None
@@ -125,8 +131,8 @@ class PlanDataset:
     """:func:`groups_digest` of ``group_ids`` when already known (the cached sample index
     stores it): the plan's fingerprint then needs no pass over the ids at start-up."""
     pack_groups: int = 0
-    """The sample index's tail packing (``group_ids`` are then units of groups of at most
-    this many samples, each kept whole like a group): validated against the fit limit."""
+    """The sample index's ``pack_groups`` (``group_ids`` are then units of groups of at
+    most this many samples, each kept whole like a group): validated against the fit limit."""
 
 
 @dataclass
@@ -142,8 +148,8 @@ class PlanInputs:
     interleave: bool = True
     fixed_counts: np.ndarray | None = None
     """(K0, D) per-batch counts for the first ``K0 <= K`` batches, given by the caller
-    (a mixture warmup: see :func:`phoenix.data.stage_plans.mixture_warmup_counts`); each row sums to ``B``. The
-    allocator plans the remaining batches from the weights, bursts starting at K0."""
+    (a mixture warmup: see :func:`phoenix.data.plan_counts.mixture_warmup_counts`); each row
+    sums to ``B``. The allocator plans the remaining batches from the weights, bursts starting at K0."""
 
 
 @dataclass
@@ -233,165 +239,32 @@ def rank_slice(plan: DataPlan, k: int, dp_rank: int, dp_size: int,
     return ds[idx], ss[idx]
 
 
-# ----------------------------------------------------------------------- validation
-def _group_starts(d: PlanDataset) -> np.ndarray:
-    """Start of every group plus ``num_samples`` (int64, G+1), validating ``group_ids``."""
-    ids = np.asarray(d.group_ids)
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        raise _err(d, "group_ids", f"must be a 1-D integer array, got dtype {ids.dtype} ndim {ids.ndim}")
-    if len(ids) != d.num_samples:
-        raise _err(d, "group_ids", f"length {len(ids)} != num_samples {d.num_samples}")
-    starts, increasing = _runs(ids)
-    # Increasing run ids are contiguous groups; otherwise look for an id that repeats.
-    if not increasing and len(np.unique(ids[starts[:-1]])) != len(starts) - 1:
-        raise _err(d, "group_ids", "groups are not contiguous (a group id reappears after another group)")
-    return starts
-
-
-def plan_cpp():
-    """The compiled plan builder (``phoenix.data._plan_cpp``); there is no slow fallback,
-    so a missing or broken build fails loudly instead of changing speed silently."""
-    try:
-        from phoenix.data import _plan_cpp
-    except ImportError as e:
-        raise RuntimeError(f"the C++ data-plan builder phoenix.data._plan_cpp is not built or does "
-                           f"not load ({e}); build it with `pip install -e .` or "
-                           f"`python setup.py build_ext --inplace`") from None
-    return _plan_cpp
-
-
-def _runs(ids: np.ndarray) -> tuple[np.ndarray, bool]:
-    """(start of every run of equal ids plus len(ids) as int64 (G+1,), run ids increase)."""
-    ids = np.asarray(ids)
-    if ids.dtype not in (np.int64, np.int32):
-        ids = ids.astype(np.int64)
-    return plan_cpp().group_starts(np.ascontiguousarray(ids))
-
-
-def _starts_of(ids: np.ndarray) -> np.ndarray:
-    return _runs(ids)[0]
-
-
-def _bursts_in(rate: int, k: int) -> int:
-    """Appearances of a burst dataset with rate ``rate / Q`` in batches [0, k)."""
-    return (Q // 2 + k * rate) >> Q_BITS
-
-
-def _quotas(weights: list[Fraction]) -> list[int]:
-    """Integer shares summing to exactly Q (largest remainder; ties to the lower index)."""
-    total = sum(weights)
-    exact = [w * Q / total for w in weights]
-    q = [math.floor(x) for x in exact]
-    order = sorted(range(len(q)), key=lambda i: (-(exact[i] - q[i]), i))
-    for i in order[:Q - sum(q)]:
-        q[i] += 1
-    return q
-
-
+# ---------------------------------------------------------------------- preparing
 def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_WINDOW) -> dict:
-    """Validate ``inputs`` and turn them into the exact integers the builders consume.
+    """Validate ``inputs`` and turn them into the exact integers the builders consume:
+    the fields (:func:`~phoenix.data.plan_checks.check_inputs`), the mixture's shares
+    (:func:`~phoenix.data.plan_counts.shares`), the groups
+    (:func:`~phoenix.data.plan_groups.check_groups`).
 
     Raises ValueError naming the dataset and field for every invalid input.
     """
-    ds = inputs.datasets
-    if not ds:
-        raise _err(None, "datasets", "at least one dataset is required")
-    if len(ds) > 65535:
-        raise _err(None, "datasets", f"at most 65535 datasets (uint16 ids), got {len(ds)}")
-    for d in ds:
-        _check_dataset(d)
-    names = [d.name for d in ds]
-    if len(set(names)) != len(names):
-        raise _err(None, "datasets", f"dataset names must be unique (they key the shuffles): {names}")
-    B, K = inputs.global_batch_size, inputs.num_batches
-    if int(B) != B or B < 1:
-        raise _err(None, "global_batch_size", f"must be a positive integer, got {B!r}")
-    if int(K) != K or K < 0:
-        raise _err(None, "num_batches", f"must be a non-negative integer, got {K!r}")
-    if int(inputs.seed) != inputs.seed or not 0 <= inputs.seed < 1 << 64:
-        raise _err(None, "seed", f"must be an integer in [0, 2**64), got {inputs.seed!r}")
+    fixed = check_inputs(inputs)
+    ds, B, K = inputs.datasets, inputs.global_batch_size, inputs.num_batches
+    mix = shares(ds, B, fixed_batches=len(fixed))
+    group_starts = check_groups(ds, mix, K, fixed)
     start = list(inputs.start_offsets) if inputs.start_offsets is not None else [0] * len(ds)
-    if len(start) != len(ds) or any(int(s) != s or s < 0 for s in start):
-        raise _err(None, "start_offsets", f"need {len(ds)} non-negative integers, got {start!r}")
-
-    fixed = _check_fixed_counts(inputs.fixed_counts, len(ds), B, K)
-    K0 = len(fixed)
-    for d, taken in zip(ds, fixed.sum(axis=0)):
-        if taken and d.num_samples == 0:
-            raise _err(d, "num_samples", "is 0 but fixed_counts take samples from it")
-    K_main = K - K0   # batches the allocator plans
-
-    raw = [Fraction(d.weight) for d in ds]
-    total = sum(raw)
-    if total == 0:
-        raise _err(None, "weight", "all weights are zero")
-    if abs(float(total) - 1.0) > 1e-9:
-        log.info("data plan: weights sum to %s, normalising to 1", float(total))
-    w = [x / total for x in raw]
-    burst = [0 < w[i] < Fraction(d.min_share) for i, d in enumerate(ds)]
-    kind, quota, size = [0] * len(ds), [0] * len(ds), [0] * len(ds)
-    for i, d in enumerate(ds):
-        if burst[i]:
-            kind[i] = 1
-            # round half up, as written; at least w*B so that the rate is <= 1
-            size[i] = max(math.floor(d.min_share * B + 0.5), math.ceil(w[i] * B))
-            if size[i] < 1:
-                raise _err(d, "min_share", f"min_share * B = {d.min_share * B:g} rounds to 0 samples")
-            # rate w*B/size from the exact weight: on average w*B samples per batch
-            quota[i] = round(w[i] * B / size[i] * Q)
-    always = [d.name for i, d in enumerate(ds) if d.min_share > 0 and w[i] >= Fraction(d.min_share)]
-    if B < len(always):
-        raise _err(None, "global_batch_size",
-                   f"B={B} is smaller than the {len(always)} datasets that must appear in every batch: {always}")
-    if sum(size) > B:
-        raise _err(None, "min_share", f"burst sizes sum to {sum(size)} > B={B} (bursts can coincide)")
-    blended = [i for i in range(len(ds)) if not burst[i] and w[i] > 0]
-    if not blended:
-        raise _err(None, "min_share", "every weighted dataset is a burst; one with weight >= min_share must fill the rest")
-    for i, qi in zip(blended, _quotas([w[i] for i in blended])):
-        quota[i] = qi
-    # Flexible whole groups: a grouped dataset's per-batch count follows its groups when
-    # another blended dataset absorbs the difference (and no batch has fixed counts).
-    absorbers = [i for i in blended if ds[i].group_mode != "batch"]
-    flexible = [i for i in blended if ds[i].group_mode == "batch"] if absorbers and not K0 else []
-    for i in flexible:
-        kind[i] = 2
-    if flexible:
-        for i, qi in zip(absorbers, _quotas([w[i] for i in absorbers])):
-            quota[i] = qi
-    free_total = B * K_main - sum(size[i] * _bursts_in(quota[i], K_main)
-                                  for i in range(len(ds)) if burst[i])
-
-    group_starts: list[np.ndarray | None] = []
-    for i, d in enumerate(ds):
-        if d.group_mode != "batch":
-            group_starts.append(None)
-            continue
-        starts = _group_starts(d)
-        expected = (size[i] * _bursts_in(quota[i], K_main) if burst[i]
-                    else (quota[i] * free_total) >> Q_BITS) + int(fixed[:, i].sum())
-        biggest = int(np.diff(starts).max()) if len(starts) > 1 else 0
-        # A flexible dataset's large group spans batches and may end the stage part-way
-        # (the next stage, or a resume, continues it); the exact packer cannot.
-        if (w[i] > 0 or fixed[:, i].any()) and K > 0 and biggest > expected \
-                and i not in flexible:
-            raise _err(d, "group_ids", f"a group of {biggest} samples is larger than the "
-                       f"{expected} samples this stage takes from the dataset")
-        group_starts.append(starts)
-    if flexible:
-        _check_slack(ds, w, flexible, burst, size, B, group_starts)
-    _check_pack_groups(ds, burst, kind, quota, size, B - sum(size), Q_BITS)
-
+    names = [d.name for d in ds]
     keys = [int.from_bytes(hashlib.sha256(n.encode()).digest()[:8], "little") for n in names]
     return dict(
-        names=names, weights=np.array([float(x) for x in w]), burst=np.array(burst, dtype=bool),
+        names=names, weights=np.array([float(x) for x in mix.weights]),
+        burst=np.array(mix.burst, dtype=bool),
         num_samples=np.array([int(d.num_samples) for d in ds], dtype=np.int64),
-        keys=np.array(keys, dtype=np.uint64), kind=np.array(kind, dtype=np.int64),
-        quota=np.array(quota, dtype=np.int64), burst_size=np.array(size, dtype=np.int64),
+        keys=np.array(keys, dtype=np.uint64), kind=np.array(mix.kind, dtype=np.int64),
+        quota=np.array(mix.quota, dtype=np.int64), burst_size=np.array(mix.size, dtype=np.int64),
         start=np.array([int(s) for s in start], dtype=np.int64), group_starts=group_starts,
         global_batch_size=int(B), num_batches=int(K), seed=int(inputs.seed),
         interleave=bool(inputs.interleave), horizon=int(horizon), window=int(window),
-        fixed_counts=fixed, flexible=np.array([k == 2 for k in kind], dtype=bool),
+        fixed_counts=fixed, flexible=np.array([k == 2 for k in mix.kind], dtype=bool),
     )
 
 
@@ -404,16 +277,6 @@ def plan_fingerprint(inputs: PlanInputs, *, horizon: int = HORIZON, window: int 
                if d.group_mode == "batch" and d.group_ids is not None else None
                for d in inputs.datasets]
     return _fingerprint(inputs, digests, horizon, window)
-
-
-def groups_digest(group_ids) -> str:
-    """sha256 of the group boundaries of ``group_ids`` (what a plan depends on)."""
-    starts = _starts_of(np.asarray(group_ids))
-    return _digest_of_starts(starts)
-
-
-def _digest_of_starts(starts: np.ndarray) -> str:
-    return hashlib.sha256(memoryview(np.ascontiguousarray(starts, dtype="<i8")).cast("B")).hexdigest()
 
 
 def _fingerprint(inputs: PlanInputs, digests: list, horizon: int, window: int) -> str:
@@ -438,12 +301,11 @@ def build_plan(inputs: PlanInputs, *, threads: int | None = None, horizon: int =
 
     The result does not depend on ``threads`` (nor on any data-parallel size).
     """
-    _plan_cpp = plan_cpp()
     t0 = time.perf_counter()
     prep = prepare(inputs, horizon=horizon, window=window)
     t1 = time.perf_counter()
     threads = threads or min(os.cpu_count() or 1, 8)
-    out = _plan_cpp.build(prep["num_samples"], prep["keys"], prep["kind"], prep["quota"],
+    out = plan_cpp().build(prep["num_samples"], prep["keys"], prep["kind"], prep["quota"],
                           prep["burst_size"], prep["start"], prep["group_starts"],
                           prep["global_batch_size"], prep["num_batches"], prep["seed"],
                           prep["interleave"], prep["horizon"], prep["window"], threads,
@@ -455,7 +317,7 @@ def build_plan(inputs: PlanInputs, *, threads: int | None = None, horizon: int =
     if out["allocator"] != "pd2":
         log.info("data plan: PD^2 could not keep per-batch counts within 1 of the target with "
                  "these bursts; used the EDF allocator (prefix bound kept, per-batch within 2)")
-    digests = [None if st is None else _digest_of_starts(st) for st in prep["group_starts"]]
+    digests = [None if st is None else digest_of_starts(st) for st in prep["group_starts"]]
     plan = _to_plan(prep, out, _fingerprint(inputs, digests, horizon, window))
     plan.build_seconds = dict(prepare=t1 - t0, allocate=out["allocate_s"], fill=out["fill_s"],
                               total=time.perf_counter() - t0)

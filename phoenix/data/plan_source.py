@@ -11,50 +11,15 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from phoenix.data.plan import DataPlan, PlanDataset, PlanInputs, build_plan, plan_fingerprint
+from phoenix.data.plan import DataPlan, PlanInputs, build_plan, plan_fingerprint
 from phoenix.data.plan_io import load_plan, plan_exists, save_plan
-from phoenix.data.sample_cache import cached_sample_index
 from phoenix.data.samples import SampleIndex, SampleReader
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class PlanDatasetSpec:
-    """What the plan needs to know about one dataset of the run (from the data config)."""
-
-    name: str
-    prefix: str
-    weight: float
-    min_share: float = 0.0
-    group_mode: str = "none"
-    pack_groups: int = 0
-    """Tail packing of a grouped dataset (``DatasetEntry.pack_groups``; 0: off)."""
-
-
-def plan_inputs(specs: list[PlanDatasetSpec], indices: list[SampleIndex], global_batch_size: int,
-                num_batches: int, seed: int, start_offsets: list[int] | None = None) -> PlanInputs:
-    datasets = [PlanDataset(name=s.name, num_samples=len(ix), weight=s.weight, min_share=s.min_share,
-                            group_mode=s.group_mode,
-                            group_ids=ix.group_ids if s.group_mode == "batch" else None,
-                            pack_groups=ix.pack_groups, groups_digest=ix.groups_digest)
-                for s, ix in zip(specs, indices)]
-    return PlanInputs(datasets=datasets, global_batch_size=global_batch_size,
-                      num_batches=num_batches, seed=seed, start_offsets=start_offsets)
-
-
-def build_indices(specs: list[PlanDatasetSpec], seq_length: int,
-                  cache_dir: str | Path | None = None) -> list[SampleIndex]:
-    """The sample index of every dataset; with ``cache_dir``, cached there and
-    memory-mapped (:func:`phoenix.data.sample_cache.cached_sample_index`)."""
-    return [cached_sample_index(s.prefix, seq_length, use_groups=s.group_mode == "batch",
-                                cache_dir=cache_dir, pack_groups=s.pack_groups)
-            for s in specs]
 
 
 def load_or_build_plan(inputs: PlanInputs, cache_dir: str | Path, *, build: bool = True) -> tuple[DataPlan, Path]:
@@ -129,7 +94,7 @@ def summary_table(plan: DataPlan, indices: list[SampleIndex | None] | None = Non
 
     ``groups whole/fit``: groups kept whole / groups that fit the batch where they start
     (and, after ``+``, groups split; larger groups span batches by design; ``units``
-    with tail packing: units of groups, each kept as a group). With the
+    with group packing: units of groups, each kept as a group). With the
     sample ``indices``, ``loss tokens``: the fraction of label positions that carry loss
     (:func:`loss_bearing_fraction`; the rest is padding of a group's last sample)."""
     header = ("dataset", "weight", "burst", "samples", "epochs", "batches", "min/b", "max/b",
@@ -142,7 +107,7 @@ def summary_table(plan: DataPlan, indices: list[SampleIndex | None] | None = Non
         if r["groups_total"] and r["groups_kept_whole"] < r["groups_fitting"]:
             groups += f" ({r['groups_fitting'] - r['groups_kept_whole']} split)"
         if r["groups_total"] and indices is not None and indices[d] is not None \
-                and indices[d].pack_groups:  # the plan's groups are units of tail packing
+                and indices[d].pack_groups:  # the plan's groups are units of group packing
             groups += " units"
         rows.append((r["name"], f"{r['weight']:.4f}", "yes" if r["burst"] else "", str(r["samples_used"]),
                      f"{r['epochs_consumed']:.2f}", str(r["batches_present"]), str(r["min_per_batch"]),

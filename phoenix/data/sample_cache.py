@@ -39,7 +39,7 @@ from phoenix.io import publish_dir
 
 log = logging.getLogger(__name__)
 
-INDEX_FORMAT = 2  # 2: tail packing (pack_groups); views named in index.json
+INDEX_FORMAT = 2  # 2: group packing (pack_groups); views named in index.json
 _EDGE = 1 << 16  # bytes hashed at each end of a file
 
 

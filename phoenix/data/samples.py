@@ -17,7 +17,7 @@ a ``.groups.npy`` with one id per sequence is accepted too.
 Reading a sample is one slice of a memory map: no per-document assembly, no copies
 beyond the sample itself.
 
-**Tail packing** (``pack_groups = P``, grouped datasets only) removes most of that
+**Group packing** (``pack_groups = P``, grouped datasets only) removes most of that
 padding: the groups, in a fixed seeded shuffle, are joined into *units* of consecutive
 groups, each cut as one stream, so only a unit's last sample is padded. A unit of two or
 more groups holds at most ``P`` samples; the split into units minimises the dataset's
@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from phoenix.data.indexed import DataError, check_prefix, indexed_dataset_module
+from phoenix.data.native import plan_cpp
+from phoenix.data.plan_groups import groups_digest
 
 
 @dataclass
@@ -63,10 +65,10 @@ class SampleIndex:
     starts where the next one does)."""
 
     view: "DocumentView | None" = None
-    """Set for a ``min_document_tokens`` view or tail packing: ``starts`` are then offsets
+    """Set for a ``min_document_tokens`` view or group packing: ``starts`` are then offsets
     in the view's stream, mapped to the ``.bin`` by :meth:`physical_ranges`."""
     pack_groups: int = 0
-    """Tail packing's largest unit of several groups, in samples (0: off)."""
+    """Group packing's largest unit of several groups, in samples (0: off)."""
     groups_digest: str | None = None
     """``phoenix.data.plan.groups_digest(group_ids)`` (grouped indices): stored with the
     cached index so that a plan's fingerprint needs no pass over the ids."""
@@ -96,11 +98,11 @@ class SampleIndex:
 @dataclass(frozen=True)
 class DocumentView:
     """Pieces of the ``.bin`` read as one stream: the documents a ``min_document_tokens``
-    view keeps, or a grouped dataset's groups in tail packing's shuffled order."""
+    view keeps, or a grouped dataset's groups in group packing's shuffled order."""
 
     min_document_tokens: int
     documents: np.ndarray
-    """int64 [k]: ids of the kept documents (tail packing: of the groups, in file order)."""
+    """int64 [k]: ids of the kept documents (group packing: of the groups, in file order)."""
     starts: np.ndarray
     """int64 [k + 1]: where each kept document starts in the view's stream (and the end)."""
     bin_starts: np.ndarray
@@ -174,22 +176,18 @@ def build_sample_index(prefix: str, seq_length: int, use_groups: bool,
     starts, lengths, groups = _cut_ranges(bounds[:-1], bounds[1:], seq_length)
     if len(starts) == 0:
         raise DataError(f"data prefix '{prefix}': no group has enough tokens for a sample")
-    from phoenix.data.plan import groups_digest
-
     return SampleIndex(prefix, seq_length, starts, lengths, groups, doc_starts, view,
                        pack_groups=pack_groups, groups_digest=groups_digest(groups))
 
 
-PACK_SEED = 0x7068656E6978  # the fixed shuffle of tail packing (independent of train.seed)
+PACK_SEED = 0x7068656E6978  # the fixed shuffle of group packing (independent of train.seed)
 PACK_MAX_GROUPS = 1024      # groups per unit considered by the packing programme
 
 
 def _pack(bounds: np.ndarray, seq_length: int, pack_groups: int
           ) -> tuple[DocumentView, np.ndarray]:
-    """Tail packing of the groups with ``.bin`` token ranges ``[bounds[g], bounds[g+1])``:
+    """Group packing of the groups with ``.bin`` token ranges ``[bounds[g], bounds[g+1])``:
     the view of the groups in a fixed shuffle and the unit boundaries in its stream."""
-    from phoenix.data.plan import plan_cpp
-
     order = np.random.default_rng(PACK_SEED).permutation(len(bounds) - 1).astype(np.int64)
     sizes = np.diff(bounds)[order]
     starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
@@ -198,7 +196,7 @@ def _pack(bounds: np.ndarray, seq_length: int, pack_groups: int
 
 
 def groups_per_unit(index: SampleIndex) -> np.ndarray:
-    """int64 [units]: how many groups each unit of a tail-packed index joins (all ones
+    """int64 [units]: how many groups each unit of a group-packed index joins (all ones
     without packing); units in id order. Groups of fewer than 2 tokens hold no sample and
     are not counted."""
     if index.group_ids is None:

@@ -15,7 +15,7 @@ def run_dir(tiny_data, tmp_path_factory):
     """A run directory as the trainer leaves it (config.yaml + cached plan), no training."""
     from phoenix.config import dump_config
     from phoenix.testing.tiny import tiny_config
-    from phoenix.data.stage_plans import run_stage_plans
+    from phoenix.data.plan_cache import run_stage_plans
 
     out = tmp_path_factory.mktemp("inspect_run")
     cfg = tiny_config(tiny_data, out, train={"steps": STEPS})

@@ -603,7 +603,7 @@ def test_mixture_warmup_counts_are_exact_per_batch(D, B, steps, data):
         return [Fraction(x, sum(raw)) for x in raw]
 
     start, end = weights(), weights()
-    from phoenix.data.stage_plans import mixture_warmup_counts
+    from phoenix.data.plan_counts import mixture_warmup_counts
 
     counts = mixture_warmup_counts(start, end, B, steps)
     assert counts.shape == (steps, D) and (counts.sum(axis=1) == B).all()

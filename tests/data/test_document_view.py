@@ -88,7 +88,8 @@ def test_run_plan_reads_the_view_and_resume_keeps_both_streams(tiny_data, tmp_pa
     from phoenix.checkpoint.resume_contract import check_resume
     from phoenix.config import dump_config
     from phoenix.data.samples import build_sample_index as full_index
-    from phoenix.data.stage_plans import StagedSource, run_stage_plans
+    from phoenix.data.plan_cache import run_stage_plans
+    from phoenix.data.stage_plans import StagedSource
     from phoenix.testing.tiny import tiny_config_dict
 
     web = tiny_data.prefixes["web"]

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from phoenix.data.loader import GlobalBatchLoader
-from phoenix.data.plan_source import PlanDatasetSpec, PlanSource, build_indices, load_or_build_plan, plan_inputs
+from phoenix.data.plan_source import PlanSource, load_or_build_plan
 from phoenix.data.samples import build_sample_index
+from phoenix.testing.plan_specs import PlanDatasetSpec, build_indices, plan_inputs
 
 SEQ = 32
 B = 16

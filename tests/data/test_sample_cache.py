@@ -165,7 +165,7 @@ def test_plan_fingerprint_from_the_stored_digest_equals_the_computed_one(prefix,
     from dataclasses import replace
 
     from phoenix.data.plan import plan_fingerprint
-    from phoenix.data.plan_source import PlanDatasetSpec, build_indices, plan_inputs
+    from phoenix.testing.plan_specs import PlanDatasetSpec, build_indices, plan_inputs
 
     specs = [PlanDatasetSpec("web", prefix, 0.5),
              PlanDatasetSpec("code", prefix, 0.5, group_mode="batch", pack_groups=2)]

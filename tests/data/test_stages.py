@@ -172,7 +172,7 @@ def test_stage_batch_size_checked_against_the_layout(tiny_data, tmp_path):
 
 # -------------------------------------------------------------- stage plans
 def _stage_plans(cfg):
-    from phoenix.data.stage_plans import run_stage_plans
+    from phoenix.data.plan_cache import run_stage_plans
 
     return run_stage_plans(cfg)
 

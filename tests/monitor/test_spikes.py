@@ -108,7 +108,7 @@ def _plan_batch(run_dir, config_dict, k):
     """The plan's batch k, read from the run's data cache (independently of the monitor)."""
     from phoenix.config import build_config
     from phoenix.data.plan_source import load_or_build_plan
-    from phoenix.data.stage_plans import run_stage_plans
+    from phoenix.data.plan_cache import run_stage_plans
 
     cfg = build_config(config_dict)
     [(_, plan)] = run_stage_plans(cfg, lambda inputs: load_or_build_plan(

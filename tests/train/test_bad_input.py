@@ -229,7 +229,7 @@ def test_data_without_meta_warns_once_per_prefix(tiny_data, tmp_path, trainer_wi
     del meta["tokenizer_fingerprint"]
     Path(no_fingerprint + ".meta.json").write_text(json.dumps(meta))
     cfg = with_datasets(tiny_data, tmp_path, bare, tiny_data.prefixes["math"], no_fingerprint)
-    with caplog.at_level("WARNING", logger="phoenix.data.stage_plans"), pytest.raises(ModelBuilt):
+    with caplog.at_level("WARNING", logger="phoenix.data.plan_cache"), pytest.raises(ModelBuilt):
         trainer_without_model(cfg).setup()
     warned = [r.getMessage() for r in caplog.records if "cannot be checked" in r.getMessage()]
     assert warned == [

@@ -101,7 +101,7 @@ def test_two_nodes_with_node_local_output_dir_stop_at_once(tiny_data, tmp_path):
 
 
 def test_plan_builders_one_per_cache_directory():
-    from phoenix.data.stage_plans import plan_builders
+    from phoenix.data.plan_cache import plan_builders
 
     views = [RankView(0, "a", "/shared", True), RankView(1, "a", "/shared", True),
              RankView(2, "b", "/local", False), RankView(3, "b", "/local", False),

@@ -1,4 +1,4 @@
-"""Tail packing of grouped datasets (``pack_groups``): units of groups cut as one stream.
+"""Group packing of grouped datasets (``pack_groups``): units of groups cut as one stream.
 
 Checked against independent oracles: the units' total samples against a brute-force
 optimum; every unit's tokens against the groups read straight from the ``.bin``; whole
@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from phoenix.config import ConfigError, build_config
 from phoenix.data.plan import build_plan
-from phoenix.data.plan_source import PlanDatasetSpec, build_indices, plan_inputs
 from phoenix.data.samples import SampleReader, build_sample_index, groups_per_unit
+from phoenix.testing.plan_specs import PlanDatasetSpec, build_indices, plan_inputs
 from phoenix.testing.scale_data import group_ids, lognormal_lengths, write_prefix
 
 EOD = 2
@@ -224,7 +224,8 @@ def test_run_with_pack_groups_trains_on_units_and_resume_refuses_a_change(tiny_d
     plan; changing it on resume would re-cut the stream, so it is refused by name."""
     from phoenix.checkpoint.resume_contract import check_resume
     from phoenix.config import dump_config
-    from phoenix.data.stage_plans import StagedSource, run_stage_plans
+    from phoenix.data.plan_cache import run_stage_plans
+    from phoenix.data.stage_plans import StagedSource
     from phoenix.testing.tiny import tiny_config_dict
 
     from tests.config.test_config import key

@@ -1,11 +1,12 @@
-"""Reference of the flexible whole-group packer (``FlexPacker`` in csrc/data_plan.h),
-used by :func:`phoenix.testing.plan_reference.build` for datasets of kind 2."""
+"""The reference's flexible whole-group packer (``FlexPacker`` in csrc/data_plan.h), for
+grouped datasets of kind 2: whole groups in stream order against a cumulative target."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from phoenix.testing.plan_reference import Q, Q_BITS, burst_free, epoch_key, fit_limit, permutation
+from phoenix.testing.plan_reference.allocation import Q, Q_BITS, burst_free, fit_limit
+from phoenix.testing.plan_reference.streams import epoch_key, permutation
 
 
 class FlexPacker:
