@@ -169,13 +169,3 @@ def plan_at_step(plans: list[tuple[StagePlanInputs, DataPlan]], step: int
         if spi.stage.start_step <= step < spi.stage.end_step:
             return spi, plan, step - spi.stage.start_step
     raise IndexError(f"step {step} is past the run's last stage")
-
-
-def __getattr__(name: str):
-    # build_source moved to phoenix.data.plan_cache; phoenix/train/trainer.py still imports
-    # it from here. Remove once it imports phoenix.data.plan_cache.
-    if name == "build_source":
-        from phoenix.data.plan_cache import build_source
-
-        return build_source
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

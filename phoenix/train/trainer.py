@@ -26,7 +26,7 @@ from phoenix.eval.inputs import check_eval_inputs
 from phoenix.data.documents import DocumentInputs
 from phoenix.data.loader import GlobalBatchLoader
 from phoenix.data.data_resume import DataResume, rebase
-from phoenix.data.stage_plans import build_source
+from phoenix.data.plan_cache import build_source
 from phoenix.io import atomic_write_text
 from phoenix.model import build_model, current_rope, install_rope
 from phoenix.model.builder import uses_te_spec
