@@ -23,12 +23,13 @@ def _layout(rank: int):
     from phoenix.runtime.device_tracking import DEVICE
 
     groups = [dist.new_group([0]), dist.new_group([1])]  # every rank creates every group
-    return types.SimpleNamespace(is_last_stage=rank == 1, world_size=2, pp_size=2,
+    return types.SimpleNamespace(rank=rank, is_last_stage=rank == 1, world_size=2, pp_size=2,
                                  dp_cp_group=groups[rank], device=DEVICE)
 
 
 def _old_global_loss(self, losses):
-    """The trainer's _global_loss as it was before the CUDA-path fix: a host report."""
+    """The trainer's loss report as it was before the CUDA-path fix (``_global_loss``): a
+    host tensor broadcast from the last rank."""
     import torch.distributed as dist
 
     from phoenix.train.step import reduce_loss
@@ -43,8 +44,8 @@ def _old_global_loss(self, losses):
 
 
 def _global_losses():
-    """On 2 ranks (rank 1 the last pipeline stage): the trainer's _global_loss, then the
-    old one; returns (new result, old error)."""
+    """On 2 ranks (rank 1 the last pipeline stage): the trainer's step report, then the
+    old loss report; returns (new result, old error)."""
     import torch.distributed as dist
 
     from phoenix.runtime.device_tracking import DEVICE
@@ -52,9 +53,9 @@ def _global_losses():
 
     rank = dist.get_rank()
     assert dist.get_backend() == "phoenix_strict"
-    trainer = types.SimpleNamespace(layout=_layout(rank))
+    trainer = types.SimpleNamespace(layout=_layout(rank), model=[])
     losses = ([{"lm loss": torch.tensor([12.0, 4.0], device=DEVICE)}] if rank == 1 else [])
-    new = Trainer._global_loss(trainer, losses)
+    new = Trainer._step_report(trainer, losses)
     try:
         _old_global_loss(trainer, losses)
         old = None
@@ -67,7 +68,7 @@ def _global_losses():
 def test_old_global_loss_fails_and_the_trainers_passes():
     results = run_distributed(_global_losses, 2)
     for new, old in results:
-        assert new == (3.0, 4)
+        assert new == (3.0, 4, True)
         assert old is not None and "No backend type associated with device type cpu" in old
         assert "test_strict_device.py" in old and "_old_global_loss" in old  # the call site
 
