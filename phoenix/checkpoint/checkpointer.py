@@ -41,6 +41,7 @@ from phoenix.checkpoint.manager import (
 )
 from phoenix.checkpoint.resume_contract import check_resume, record_changes, rope_changes
 from phoenix.config import ConfigError, RunConfig
+from phoenix.model.param_sync import gathered_params
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,8 @@ class Checkpointer:
         optimizer = self.optimizer if step > 0 else None
         bundle = {"format": FORMAT_VERSION, "step": step,
                   "states": {key: obj.state_dict() for key, obj in self.stateful.items()}}
-        return self.manager.save(step, self.model, optimizer, bundle, self.config_yaml)
+        with gathered_params(self.model):  # overlap_param_gather: the updated weights
+            return self.manager.save(step, self.model, optimizer, bundle, self.config_yaml)
 
     # -- queries -------------------------------------------------------------------
     def latest(self) -> Optional[Path]:

@@ -15,6 +15,7 @@ from phoenix.config.eval import EvalConfig
 from phoenix.config.moe import MoEConfig, check_moe_layout, check_moe_model
 from phoenix.config.monitoring import LoggingConfig
 from phoenix.config.optim import OptimConfig
+from phoenix.config.parallel import ParallelConfig
 from phoenix.config.rope import RopeConfig
 from phoenix.config.resolved import ResolvedRun, resolve_run
 from phoenix.config.stages import StageConfig
@@ -101,36 +102,6 @@ class ModelConfig:
                 f"divisible by num_query_groups {self.num_query_groups}")
         if self.moe is not None:
             check_moe_model(self.moe, self.num_layers)
-
-
-@dataclass(kw_only=True)
-class ParallelConfig:
-    """Parallel layout; data parallel size is derived: world / (tensor * pipeline * context)."""
-
-    tensor: int = 1
-    pipeline: int = 1
-    context: int = 1
-    """Context parallelism: each sequence split over this many ranks (megatron-core's
-    load-balanced 2*CP chunks, ring attention in Transformer Engine). CUDA with TE only;
-    every stage's seq_length must divide by 2*context."""
-    expert: int = 1
-    """Expert parallelism (EP) for MoE: each MoE layer's experts are split over this many
-    ranks (``num_experts / expert`` each), tokens reach them through the
-    ``model.moe.token_dispatcher``. EP ranks are taken from the tensor x context x data
-    ranks of a pipeline stage: ``expert_tensor * expert`` must divide ``world / pipeline``
-    (megatron-core's rule); the dense layers keep their own TP/DP layout."""
-    expert_tensor: Optional[int] = None
-    """Expert tensor parallelism (ETP): each expert's weights split over this many ranks.
-    None: parallel.tensor (megatron-core's default). 1 keeps experts whole under TP > 1."""
-    sequence_parallel: bool = False
-    use_distributed_optimizer: bool = True
-    """Shard optimizer state over data-parallel ranks (megatron-core DistributedOptimizer)."""
-
-    def __post_init__(self):
-        positive("parallel", tensor=self.tensor, pipeline=self.pipeline, context=self.context,
-                  expert=self.expert, expert_tensor=self.expert_tensor)
-        if self.sequence_parallel and self.tensor == 1:
-            raise ConfigError("parallel.sequence_parallel: needs parallel.tensor > 1")
 
 
 @dataclass(kw_only=True)

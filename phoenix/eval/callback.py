@@ -30,6 +30,7 @@ import logging
 from phoenix.config.eval import EvalConfig
 from phoenix.eval.evaluator import EvalResult, Evaluator
 from phoenix.eval.needle import NeedleResult, format_needle_table
+from phoenix.model.param_sync import gathered_params
 from phoenix.monitor.base import Callback, StepMetrics, is_logging_step
 
 log = logging.getLogger("phoenix.eval")
@@ -92,12 +93,14 @@ class EvalCallback(Callback):
         seq_length = trainer.stages.stage_at(m.step - 1).seq_length
         if seq_length not in self.evaluators:
             self.evaluators[seq_length] = self._make_evaluator(seq_length)
-        results, seconds = self.evaluators[seq_length].evaluate_timed()
-        self.history.append((m.step, results))
         needle = None
-        if self.needle is not None:
-            needle, needle_seconds = self.needle.evaluate_timed(seq_length)
-            seconds += needle_seconds
+        with gathered_params(trainer.model):  # overlap_param_gather: the updated weights
+            results, seconds = self.evaluators[seq_length].evaluate_timed()
+            if self.needle is not None:
+                needle, needle_seconds = self.needle.evaluate_timed(seq_length)
+                seconds += needle_seconds
+        self.history.append((m.step, results))
+        if needle is not None:
             self.needle_history.append((m.step, needle))
         if not trainer.layout.is_logging_rank:
             return

@@ -197,9 +197,14 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_dd
     model.to(layout.device)
     if not wrap_ddp:
         return [model]
+    overlap_grad_reduce, overlap_param_gather = cfg.parallel.overlap(layout.device.type,
+                                                                      layout.dp_size)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
+        align_param_gather=cfg.parallel.align_param_gather and overlap_param_gather,
+        bucket_size=cfg.parallel.bucket_size,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
     ddp = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model,

@@ -223,6 +223,11 @@ class Trainer:
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
         config.no_sync_func = self.model[0].no_sync
+        ddp = self.model[0].ddp_config
+        if ddp.overlap_grad_reduce:  # the last micro-batch's backward starts each chunk's reduce
+            config.grad_sync_func = self.model[0].start_grad_sync
+        if ddp.overlap_param_gather and ddp.align_param_gather:  # the schedule starts the gathers
+            config.param_sync_func = self.model[0].start_param_sync
 
     # -- the trainer's own checkpoint state ------------------------------------------
     def state_dict(self) -> dict:

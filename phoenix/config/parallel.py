@@ -1,0 +1,74 @@
+"""The ``parallel`` section: TP/PP/CP/EP degrees, the distributed optimizer and the
+data-parallel communication overlap."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from phoenix.config.typed import ConfigError, positive
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """Parallel layout; data parallel size is derived: world / (tensor * pipeline * context)."""
+
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+    """Context parallelism: each sequence split over this many ranks (megatron-core's
+    load-balanced 2*CP chunks, ring attention in Transformer Engine). CUDA with TE only;
+    every stage's seq_length must divide by 2*context."""
+    expert: int = 1
+    """Expert parallelism (EP) for MoE: each MoE layer's experts are split over this many
+    ranks (``num_experts / expert`` each), tokens reach them through the
+    ``model.moe.token_dispatcher``. EP ranks are taken from the tensor x context x data
+    ranks of a pipeline stage: ``expert_tensor * expert`` must divide ``world / pipeline``
+    (megatron-core's rule); the dense layers keep their own TP/DP layout."""
+    expert_tensor: Optional[int] = None
+    """Expert tensor parallelism (ETP): each expert's weights split over this many ranks.
+    None: parallel.tensor (megatron-core's default). 1 keeps experts whole under TP > 1."""
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (megatron-core DistributedOptimizer)."""
+    overlap_grad_reduce: Optional[bool] = None
+    """Reduce (or reduce-scatter) each gradient bucket as soon as its backward is done, on
+    a side stream, overlapped with the rest of the backward (megatron's DDP
+    ``overlap_grad_reduce``; Megatron-LM ``--overlap-grad-reduce``). None: on for CUDA
+    with more than one data-parallel rank, off otherwise. The gradients every check and
+    monitor reads are the fully reduced ones either way."""
+    overlap_param_gather: Optional[bool] = None
+    """With the distributed optimizer: all-gather the updated parameters bucket by bucket
+    during the next forward instead of right after the optimizer step (megatron's DDP
+    ``overlap_param_gather``; ``--overlap-param-gather``). None: on for CUDA with more than
+    one data-parallel rank and the distributed optimizer. Checkpoints and eval first
+    complete the gather, so they always see the updated weights."""
+    align_param_gather: bool = False
+    """Launch every pipeline stage's parameter all-gathers together, from the schedule
+    (megatron's ``align_param_gather``; useful with a virtual pipeline). Needs
+    overlap_param_gather."""
+    bucket_size: Optional[int] = None
+    """Parameters per gradient/parameter bucket (megatron's DDP ``bucket_size``): smaller
+    buckets start communicating sooner, larger ones use the network better. None:
+    megatron's default, max(40M, 1M x data-parallel size)."""
+
+    def __post_init__(self):
+        positive("parallel", tensor=self.tensor, pipeline=self.pipeline, context=self.context,
+                  expert=self.expert, expert_tensor=self.expert_tensor,
+                  bucket_size=self.bucket_size)
+        if self.sequence_parallel and self.tensor == 1:
+            raise ConfigError("parallel.sequence_parallel: needs parallel.tensor > 1")
+        if self.overlap_param_gather and not self.use_distributed_optimizer:
+            raise ConfigError("parallel.overlap_param_gather: needs parallel.use_distributed_optimizer "
+                              "(only its sharded update is gathered afterwards)")
+        if self.align_param_gather and self.overlap_param_gather is False:
+            raise ConfigError("parallel.align_param_gather: needs parallel.overlap_param_gather")
+
+    def overlap(self, device: str, dp_size: int) -> tuple[bool, bool]:
+        """(overlap_grad_reduce, overlap_param_gather) as they apply to a run on ``device``
+        with ``dp_size`` data-parallel ranks: the set values, or the defaults above."""
+        auto = device == "cuda" and dp_size > 1
+        grad = auto if self.overlap_grad_reduce is None else self.overlap_grad_reduce
+        param = (auto and self.use_distributed_optimizer if self.overlap_param_gather is None
+                 else self.overlap_param_gather)
+        return grad, param
