@@ -52,7 +52,7 @@ class _ForwardInterrupt:
         self.count = 0
 
     def __call__(self, signum, frame) -> None:
-        import psutil
+        import psutil  # imported by main(): a second Ctrl-C may come in the middle of it
 
         self.count += 1
         workers = psutil.Process().children()
@@ -76,14 +76,18 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip() + "\n\nusage: phoenix torchrun [torchrun options] -m phoenix.train "
               "RECIPE.yaml [overrides ...]   (torchrun --help lists its options)")
         return 0
+    import psutil  # noqa: F401  (for the handler)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    signal.signal(signal.SIGINT, _ForwardInterrupt())
+    interrupt = _ForwardInterrupt()
+    signal.signal(signal.SIGINT, interrupt)
     try:
         torchrun(_without_sigint(argv))
     except ChildFailedError as e:  # the worker said why (one line); no launcher traceback
         rank, failure = e.get_first_failure()
         code = failure.exitcode
+        if interrupt.count and code in (130, -signal.SIGINT):
+            return 130  # Ctrl-C before training began: the workers said so
         how = f"exit code {code}" if code >= 0 else f"signal {-code}"
         print(f"phoenix torchrun: the job failed (rank {rank} ended first, with {how}; "
               f"the reason is above)", file=sys.stderr, flush=True)
