@@ -1,7 +1,8 @@
 """Atomic publication of files: readers see the old file or the whole new one, never half.
 
 Everything phoenix writes that another process may read (plans, configs, checkpoint
-pointers, CSVs, eval reports) goes through here: the content is written to a temporary
+pointers, CSVs, eval reports) goes through here, with the user's umask (a team sharing
+a file system reads each other's runs): the content is written to a temporary
 file in the destination's directory (same filesystem, so the rename is atomic), flushed
 and fsynced, then renamed over the destination. On any error the temporary file is removed.
 
@@ -18,17 +19,30 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 import uuid
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
 
+def _create_temp(parent: Path, prefix: str, suffix: str) -> tuple[int, str]:
+    """A new file ``parent/PREFIX<random>SUFFIX`` opened for writing, with the permissions
+    of any file the user creates (0666 less the umask). ``tempfile.mkstemp`` makes 0600
+    files, which then become run files that nobody else on a shared file system can read."""
+    for _ in range(100):
+        tmp = str(parent / f"{prefix}{uuid.uuid4().hex[:12]}{suffix}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {parent}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
-    """Publish ``path`` with the bytes ``write(f)`` puts into a binary file object."""
+    """Publish ``path`` with the bytes ``write(f)`` puts into a binary file object. The
+    file has the permissions of any file the user creates (0666 less the umask)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(path.parent, f".{path.name}.", ".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -55,11 +69,12 @@ def publish_dir(path: str | os.PathLike, write: Callable[[Path], None]) -> bool:
     """
     path = Path(path)
     sweep_stale_dirs(path.parent)
-    # host and pid in the name: a build killed mid-way is recognised and swept later
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, suffix=".tmp",
-                                prefix=f".{path.name}.{socket.gethostname()}.{os.getpid()}."))
+    # host and pid in the name: a build killed mid-way is recognised and swept later;
+    # the permissions of any directory the user creates (mkdtemp's would be 0700)
+    tmp = path.parent / (f".{path.name}.{socket.gethostname()}.{os.getpid()}."
+                         f"{uuid.uuid4().hex[:12]}.tmp")
+    tmp.mkdir(0o777)
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; other users' jobs read caches too
         write(tmp)
         for f in tmp.iterdir():
             with open(f, "rb+") as handle:
@@ -87,7 +102,7 @@ def sweep_stale_dirs(parent: str | os.PathLike, now: float | None = None) -> lis
     filesystem), untouched for :data:`STALE_DIR_SECONDS`. Returns what was removed.
     Published directories and running builds are never touched."""
     now = time.time() if now is None else now
-    # .<name>.<host>.<pid>.<random>.tmp (mkdtemp's random part has no dots)
+    # .<name>.<host>.<pid>.<random>.tmp (the random part has no dots)
     ours = re.compile(rf"\.{re.escape(socket.gethostname())}\.(\d+)\.[^.]+\.tmp$")
     anyone = re.compile(r"\.(\d+)\.[^.]+\.tmp$")
     removed = []

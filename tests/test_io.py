@@ -56,3 +56,22 @@ def test_a_real_kill_9_leaves_nothing_after_the_next_publish(tmp_path):
     assert len(list(tmp_path.glob(".samples-x.*.tmp"))) == 1
     publish_dir(tmp_path / "samples-y", lambda d: (d / "b.npy").write_bytes(b"y"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples-y"]
+
+
+def test_published_files_follow_the_umask(tmp_path):
+    """Run files (config.yaml, checkpoints/latest, reports, caches) get the user's umask, so
+    a team sharing a file system can read them (mkstemp/mkdtemp made them 0600/0700)."""
+    from phoenix.io import atomic_write_text
+
+    for umask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o002, 0o664, 0o775),
+                                       (0o077, 0o600, 0o700)):
+        old = os.umask(umask)
+        try:
+            atomic_write_text(tmp_path / f"config-{umask:o}.yaml", "a: 1\n")
+            publish_dir(tmp_path / f"cache-{umask:o}", lambda d: (d / "x.npy").write_bytes(b"x"))
+        finally:
+            os.umask(old)
+        assert (tmp_path / f"config-{umask:o}.yaml").stat().st_mode & 0o777 == file_mode
+        assert (tmp_path / f"cache-{umask:o}").stat().st_mode & 0o777 == dir_mode
+        assert (tmp_path / f"cache-{umask:o}" / "x.npy").stat().st_mode & 0o777 == file_mode
+    assert not list(tmp_path.glob(".*"))  # no temporary file or directory left

@@ -3,10 +3,14 @@
 * :mod:`phoenix.checkpoint.manager`: the on-disk layout, atomic save, load, resharding.
 * :mod:`phoenix.checkpoint.checkpointer`: cadence, retention, resume / init_from and the
   state bundle of a run (:class:`Checkpointer`).
+* :mod:`phoenix.checkpoint.sharded_save`: megatron's sharded save, failing on every rank
+  at once; :mod:`phoenix.checkpoint.save_failures`: the free-space check, the one-line
+  error, the start-up sweep of unfinished saves.
 """
 
 from phoenix.checkpoint.checkpointer import Checkpointer, RestorePlan, plan_restore
 from phoenix.checkpoint.manager import CheckpointError, CheckpointManager, find_latest
+from phoenix.checkpoint.save_failures import CheckpointSaveError, sweep_unfinished_saves
 
-__all__ = ["CheckpointError", "CheckpointManager", "Checkpointer", "RestorePlan", "find_latest",
-           "plan_restore"]
+__all__ = ["CheckpointError", "CheckpointManager", "CheckpointSaveError", "Checkpointer",
+           "RestorePlan", "find_latest", "plan_restore", "sweep_unfinished_saves"]

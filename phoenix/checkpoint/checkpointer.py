@@ -40,6 +40,7 @@ from phoenix.checkpoint.manager import (
     step_of,
 )
 from phoenix.checkpoint.resume_contract import check_resume, record_changes, rope_changes
+from phoenix.checkpoint.save_failures import CheckpointSaveError
 from phoenix.config import ConfigError, RunConfig
 from phoenix.model.param_sync import gathered_params
 
@@ -264,12 +265,27 @@ class Checkpointer:
     def save(self, step: int, *, last: bool = False) -> Optional[Path]:
         """Save after ``step`` steps if the cadence asks for it: every
         ``checkpoint.save_interval`` steps, and with ``last`` (the end of the job) when
-        ``save_at_end``; a step already saved is not saved again. Returns the path or None."""
+        ``save_at_end``; a step already saved is not saved again. Returns the path or None.
+
+        A failed save raises CheckpointSaveError, except a periodic one under
+        ``checkpoint.on_save_error: continue`` (logged; None is returned)."""
         every = self.ckpt.save_interval
         due = bool(every) and step % every == 0
         if last:
             due = (due or self.ckpt.save_at_end) and self.latest_step() != step
-        return self.save_now(step) if due else None
+        if not due:
+            return None
+        try:
+            return self.save_now(step)
+        except CheckpointSaveError as e:
+            if last or self.ckpt.on_save_error == "stop":
+                raise
+            if self.layout.rank == 0:
+                end = min(self.cfg.train.steps, self.cfg.train.stop_at_step or self.cfg.train.steps)
+                nxt = f"step {step + every}" if step + every < end else "the end of the job"
+                log.error("%s; training continues (checkpoint.on_save_error: continue) and "
+                          "saves again at %s", e, nxt)
+            return None
 
     def save_now(self, step: int) -> Path:
         """Write checkpoint ``step`` now (atomically; see phoenix.checkpoint.manager)."""

@@ -16,6 +16,11 @@ then replace ``latest`` (write-then-rename). A kill at any moment therefore leav
 either the previous checkpoint as latest or the new one fully written. Resume takes the
 newest ``step_*`` directory that holds ``phoenix_state.pt`` (written last, inside the
 temporary directory). Multi-node runs need a filesystem shared by all nodes.
+
+A write that fails on any rank (a full disk, a quota) fails the save on every rank at the
+same point: the temporary directory is removed, the previous checkpoint is untouched, and
+:class:`~phoenix.checkpoint.save_failures.CheckpointSaveError` says so in one line. Before
+each save rank 0 warns when the free space is less than the save needs.
 """
 
 from __future__ import annotations
@@ -29,7 +34,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from phoenix.checkpoint.save_failures import (
+    TMP_PREFIX,
+    CheckpointSaveError,
+    SaveSpace,
+    nearly_full,
+)
+from phoenix.checkpoint.sharded_save import SaveFailed, ShardedSave, agreed
 from phoenix.io import atomic_write_text
+from phoenix.runtime.distributed import max_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +176,28 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _fresh_dir(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():  # left by a crash during an earlier save of this step
+        shutil.rmtree(path)
+    path.mkdir()
+
+
+def _save_rng(tmp: Path, rank: int) -> None:
+    (tmp / "rng").mkdir(exist_ok=True)  # after the shards: megatron wants an empty dir
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+
+
+def _publish(tmp: Path, final: Path, config_yaml: str, bundle: dict) -> None:
+    """Rank 0: the config and the state bundle (written last: it marks the directory
+    complete), then the rename into place."""
+    (tmp / "config.yaml").write_text(config_yaml)
+    torch.save(bundle, tmp / STATE_FILE)
+    if final.exists():  # an older save of the same step (e.g. after a rollback)
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
 class CheckpointManager:
     """Saves/loads this run's checkpoints under ``root``; every rank calls every method."""
 
@@ -175,9 +210,11 @@ class CheckpointManager:
     def save(self, step: int, model_chunks, optimizer, state: dict, config_yaml: str) -> Path:
         """Write checkpoint ``step``: model (and optimizer, unless None) sharded by
         dist_checkpointing, per-rank RNG states, ``config_yaml`` and the ``state`` bundle,
-        in a temporary directory that is renamed into place once every rank is done."""
-        from megatron.core import dist_checkpointing
+        in a temporary directory that is renamed into place once every rank is done.
 
+        Raises CheckpointSaveError on every rank when a write fails on any (a full disk,
+        a quota, an I/O error): the temporary directory is removed and the previous
+        checkpoint is left as it was."""
         from phoenix.optim.nonfinite import state_is_finite
 
         # Never publish NaN/Inf weights or optimizer state: each rank checks its shards,
@@ -190,31 +227,39 @@ class CheckpointManager:
                 f"non-finite values ({'on this rank: ' + shown if bad else 'on another rank'}); "
                 f"the last good checkpoint stays {self.latest()}")
         name = f"step_{step:06d}"
-        final, tmp = self.root / name, self.root / f".tmp-{name}"
-        if self.rank == 0:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a crash during an earlier save of this step
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        dist.barrier()
-
+        final, tmp = self.root / name, self.root / f"{TMP_PREFIX}{name}"
         model_sd = _model_sharded_state_dict(model_chunks)
         sharded = {"model": model_sd}
         if optimizer is not None:
             sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False,
                                                              metadata=_OPTIM_METADATA)
-        dist_checkpointing.save(sharded, str(tmp))
-        (tmp / "rng").mkdir(exist_ok=True)  # after the save: megatron wants an empty dir
-        torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank:05d}.pt")
-        dist.barrier()
-        if self.rank == 0:
-            (tmp / "config.yaml").write_text(config_yaml)
+        save = ShardedSave(sharded, self.rank)
+        rank0, previous = self.rank == 0, self.latest()
+        space = SaveSpace.measure(self.root, save.bytes, previous) if rank0 else None
+        if space is not None and not space.fits:
+            log.warning("checkpoint %s: %s; the save will likely fail (the previous checkpoint "
+                        "stays intact)", name, space.describe())
+        try:
+            agreed(lambda: _fresh_dir(tmp), run_here=rank0)
+            save.write(tmp)
+            agreed(lambda: _save_rng(tmp, self.rank))
             bundle = dict(state, world_size=self.world_size, has_optimizer=optimizer is not None)
-            torch.save(bundle, tmp / STATE_FILE)  # written last: marks the directory complete
-            if final.exists():  # an older save of the same step (e.g. after a rollback)
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            atomic_write_text(self.root / "latest", name + "\n")
+            agreed(lambda: _publish(tmp, final, config_yaml, bundle), run_here=rank0)
+        except SaveFailed as e:
+            # A full disk is said once, by rank 0; torch.save reports one without an errno
+            # ("unexpected pos"), so rank 0 also looks at the free space (before the removal).
+            full = bool(max_over_ranks(e.no_space or (rank0 and nearly_full(self.root))))
+            if rank0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if not full and e.error is not None:
+                log.warning("checkpoint %s: this rank's write failed: %s", name, e)
+            raise CheckpointSaveError(step, self.root, str(e), full, space, previous) from None
+        if rank0:
+            try:
+                atomic_write_text(self.root / "latest", name + "\n")
+            except OSError as e:  # the checkpoint is complete: resume finds it without `latest`
+                log.warning("checkpoint %s is saved, but %s was not updated: %s", name,
+                            self.root / "latest", e)
             self._prune()
         dist.barrier()
         return final

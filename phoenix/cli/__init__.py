@@ -14,6 +14,7 @@ import warnings
 
 COMMANDS = {
     "train": "phoenix.train.run",
+    "torchrun": "phoenix.runtime.launch",
     "eval": "phoenix.eval.run",
     "lr-plot": "phoenix.cli.lr_plot",
     "preprocess": "phoenix.cli.preprocess",
@@ -31,6 +32,7 @@ COMMANDS = {
 
 SUMMARIES = {
     "train": "train from a YAML recipe (launch under torchrun for several processes)",
+    "torchrun": "torchrun whose Ctrl-C lets the workers save and exit 0 (same arguments)",
     "eval": "evaluate a checkpoint: held-out loss, perplexity, top-1/top-5; needle test (--needle)",
     "lr-plot": "write a recipe's LR schedule as lr.csv and lr.png, before training",
     "preprocess": "tokenize JSONL into a megatron-core indexed dataset (.bin/.idx)",

@@ -295,6 +295,12 @@ class CheckpointConfig:
     init_optimizer: bool = False
     """With init_from: also load the optimizer state (Adam moments and step counts), e.g.
     to continue a run under a new mixture without re-warming Adam's statistics."""
+    on_save_error: Literal["stop", "continue"] = "stop"
+    """What a periodic save that fails (a full disk, a quota, an I/O error) does: ``stop``
+    ends the job (exit code 3) with one line naming the intact previous checkpoint;
+    ``continue`` says the same and keeps training, trying again at the next save_interval.
+    Either way the failed save's temporary directory is removed. The save at the end of
+    the job (or on a stop signal) stops the job when it fails, whatever this says."""
 
     def __post_init__(self):
         if self.save_interval < 0 or self.keep_last < 0:

@@ -87,7 +87,8 @@ class TensorBoardLogger(Callback):
     """The TensorBoard sink: the one owner of the run's ``SummaryWriter``.
 
     On the logging rank it opens a :class:`BackgroundWriter` on ``log_dir`` at train
-    start (and logs ``config_yaml`` as text under ``config``), writes every scalar and
+    start, hiding what earlier jobs wrote from the job's first step on (and logs
+    ``config_yaml`` as text under ``config`` at that step), writes every scalar and
     text recorded in a step's :class:`~phoenix.monitor.base.MetricsCollector` at that step,
     flushes after each checkpoint and closes at the end. It decides nothing about what is
     written when: the producers record only on their logging steps. Images (RGB arrays)
@@ -104,11 +105,14 @@ class TensorBoardLogger(Callback):
     def on_train_start(self, trainer) -> None:
         if not trainer.layout.is_logging_rank:
             return
-        # A resumed run re-runs the steps after its checkpoint: purge what the interrupted
-        # job wrote from there on, so every tag has each step once.
-        resumed = trainer.state.step
-        self.writer = BackgroundWriter(str(self.log_dir), purge_step=resumed + 1 if resumed else None)
-        self.writer.add_text("config", "```yaml\n" + self.config_yaml + "\n```", trainer.state.step)
+        # Every job purges what earlier jobs wrote from its first step on: a resumed job
+        # re-runs the steps after its checkpoint, a job restarted before the first
+        # checkpoint re-runs them all, and two jobs may resume from the same checkpoint.
+        # So every tag has each step once, whatever the kind of restart. The config is
+        # logged at that first step too (at the start step it would be kept twice).
+        first = trainer.state.step + 1
+        self.writer = BackgroundWriter(str(self.log_dir), purge_step=first)
+        self.writer.add_text("config", "```yaml\n" + self.config_yaml + "\n```", first)
 
     def log_metrics(self, trainer, metrics: MetricsCollector) -> None:
         if self.writer is None:

@@ -14,6 +14,7 @@ Who prints, in a job of several processes:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -126,11 +127,25 @@ def run_command(body, input_errors: tuple[type[BaseException], ...] = (),
     """Run a command's ``body()``: a ``ConfigError``, a ``RunLockError`` (another job
     holds the run directory) or one of ``input_errors`` (e.g. the data and checkpoint
     errors, named by the caller) becomes one line on stderr and exit code 2, one of
-    ``stop_errors`` one line and exit code 3 (no traceback on every rank; the line once
-    per job, :func:`say_once`), and the process groups are torn down."""
+    ``stop_errors`` or a full disk (``ENOSPC``/``EDQUOT``) one line and exit code 3 (no
+    traceback on every rank; the line once per job, :func:`say_once`), and the process
+    groups are torn down. Ctrl-C (a ``KeyboardInterrupt``: during training SIGINT stops
+    cleanly instead, see phoenix.runtime.preemption) is one line and exit code 130."""
     together = True  # every rank gets to the tear-down
     try:
         return body() or 0
+    except KeyboardInterrupt:  # Ctrl-C before training began (in training it stops cleanly)
+        if _rank_world()[0] == 0:  # every rank was told
+            print("phoenix: interrupted (SIGINT) before training began; nothing was saved",
+                  file=sys.stderr, flush=True)
+        together = False
+        return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        together = say_once(f"phoenix: stopped: {e.strerror}{where}")
+        return 3
     except (ConfigError, RunLockError, *input_errors, *stop_errors) as e:
         if isinstance(e, stop_errors):
             code, message = 3, f"phoenix: stopped: {e}"

@@ -129,6 +129,25 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(value: float) -> float:
+    """Collective over the whole world: the largest of every rank's ``value``."""
+    return _reduce(value, dist.ReduceOp.MAX)
+
+
+def sum_over_ranks(value: float) -> float:
+    """Collective over the whole world: the sum of every rank's ``value`` (float64: exact
+    for integers below 2**53, e.g. byte counts)."""
+    return _reduce(value, dist.ReduceOp.SUM)
+
+
+def _reduce(value: float, op) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_world_device())
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
 def _world_device() -> torch.device:
     """The device of the world group's tensors: this rank's GPU under NCCL, else the cpu
     backend's emulated GPU (a host tensor would fail the strict device mode)."""
@@ -156,9 +175,10 @@ def seed_everything(seed: int, pp_rank: int) -> None:
 
 def init_runtime(cfg: RunConfig) -> ParallelLayout:
     """Initialise the device backend, process groups and RNGs for this process."""
-    from phoenix.runtime.watchdog import exit_with_parent
+    from phoenix.runtime.watchdog import exit_with_parent, helpers_die_with_this_process
 
     exit_with_parent()  # under torchrun: before the rendezvous, which may block
+    helpers_die_with_this_process()
     check_capabilities(cfg)  # before any process group: the same refusals as --dry-run
     device = cfg.runtime.device
     if device == "cuda" and not torch.cuda.is_available():

@@ -1,8 +1,10 @@
-"""Preemption and time limits: finish the current step, save, exit 0.
+"""Preemption, Ctrl-C and time limits: finish the current step, save, exit 0.
 
 SLURM sends SIGUSR1 (with ``--signal=USR1@SECONDS``) before the walltime, and SIGTERM
-when it preempts or cancels a job; torchrun forwards SIGTERM to its workers. On the
-first SIGTERM or SIGUSR1 a rank only sets a flag; the trainer asks after every step
+when it preempts or cancels a job; torchrun forwards SIGTERM to its workers. Ctrl-C is
+SIGINT (forwarded to the workers by torchrun, which kills them 30 s later, or by
+``phoenix torchrun``, which waits for them: phoenix.runtime.launch). On the first
+SIGTERM, SIGUSR1 or SIGINT a rank only sets a flag; the trainer asks after every step
 whether any rank has a reason to stop (one all-reduce of one number, so every rank
 stops after the same step), saves a checkpoint and returns normally. A second signal
 means "now": the default handler is restored and the signal re-raised, so the process
@@ -24,7 +26,7 @@ from phoenix.runtime.distributed import any_rank
 
 log = logging.getLogger(__name__)
 
-SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StopRequest:
@@ -37,8 +39,8 @@ class StopRequest:
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopRequest":
-        """Handle SIGTERM / SIGUSR1 from now on (only the main thread may; elsewhere, e.g.
-        a trainer driven from a worker thread, only the time limit applies)."""
+        """Handle SIGTERM / SIGUSR1 / SIGINT from now on (only the main thread may;
+        elsewhere, e.g. a trainer driven from a worker thread, only the time limit applies)."""
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in SIGNALS:

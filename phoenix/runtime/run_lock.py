@@ -325,6 +325,17 @@ class RunLock:
                 pass
 
 
+def live_holder(run_dir: str | Path) -> dict | None:
+    """The record of the live job that holds ``run_dir``'s lock; None when nobody holds it
+    or its holder is gone (a stale lock). Only reads: e.g. to clean up after a dead job
+    before the lock can be taken (on a full disk even the lock file cannot be written)."""
+    lock = RunLock(run_dir)
+    holder = lock._read()
+    if holder is None or lock._stale_reason(holder) is not None:
+        return None
+    return holder
+
+
 def claim_run_dir(run_dir: str | Path, rank: int) -> RunLock | None:
     """Collective: global rank 0 creates ``run_dir`` and locks it; every rank learns the
     outcome (one broadcast) and then checks that it sees the same directory.

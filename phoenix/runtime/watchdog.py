@@ -19,6 +19,13 @@ Only for workers of a torchrun agent (``TORCHELASTIC_RUN_ID`` is in their enviro
 A plain ``python -m phoenix.train`` has no agent: its parent is a shell, tmux or a batch
 script, whose exit must not end a training job (``nohup``); it is stopped by signals like
 any other process.
+
+The helpers a training process starts die with it, under torchrun or not:
+:func:`helpers_die_with_this_process` gives every child it forks from its main thread
+(megatron's checkpoint shard writers) ``PR_SET_PDEATHSIG``, and :func:`die_with_parent`
+is the initializer of the helper processes it spawns (megatron's write-results Manager,
+see phoenix.checkpoint.sharded_save). Without them, SIGKILL of the job left these running,
+re-parented to init.
 """
 
 from __future__ import annotations
@@ -101,3 +108,37 @@ def exit_with_parent(interval: float = 1.0) -> bool:
     threading.Thread(target=_watch, args=(parent, interval), name="phoenix-parent-watchdog",
                      daemon=True).start()
     return True
+
+
+_main_thread_forks = False
+_forking_from_main = False
+
+
+def _before_fork() -> None:
+    global _forking_from_main
+    _forking_from_main = threading.current_thread() is threading.main_thread()
+
+
+def _after_fork_in_child() -> None:
+    # Only a child of the main thread: the kernel signals the child when the thread that
+    # forked it exits, which for another thread may be long before the process does.
+    if _forking_from_main:
+        set_parent_death_signal(signal.SIGKILL)
+
+
+def helpers_die_with_this_process() -> None:
+    """From now on, every child this process forks from its main thread is killed
+    (SIGKILL) when this process exits: helpers never outlive the job. Idempotent."""
+    global _main_thread_forks
+    if _main_thread_forks or not hasattr(os, "register_at_fork"):
+        return
+    os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+    _main_thread_forks = True
+
+
+def die_with_parent(parent: int) -> None:
+    """The initializer of a helper process that ``parent`` spawned: it is killed when
+    ``parent`` exits, and exits at once if ``parent`` is already gone."""
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent:
+        os._exit(1)

@@ -111,6 +111,26 @@ def fail_on_rank(failing: int, message: str) -> str:
     return "no error"
 
 
+def save_writes_failing_on_one_rank(cases: list[tuple[int, int]]) -> list[str]:
+    """For each (failing rank, errno): ``phoenix.checkpoint.sharded_save.agreed`` of a write
+    that raises OSError(errno) on that rank only; returns what this rank raised in each
+    case, as ``'SaveFailed: no_space=... own=...'``."""
+    from phoenix.checkpoint.sharded_save import SaveFailed, agreed
+
+    rank, out = _init_gloo(), []
+    for failing, error_number in cases:
+        def write():
+            if rank == failing:
+                raise OSError(error_number, os.strerror(error_number))
+
+        try:
+            agreed(write)
+            out.append("no error")
+        except SaveFailed as e:
+            out.append(f"SaveFailed: no_space={e.no_space} own={e.error is not None}")
+    return out
+
+
 def views_of_rank_dirs(root: str, shared: bool) -> list:
     """Every rank's :func:`~phoenix.runtime.startup.dir_views` of ``root/cache`` (shared)
     or of ``root/rank<r>/cache`` (each rank its own directory); plain tuples."""

@@ -81,6 +81,13 @@ def train_and_record(config: dict, overrides: list[str] = (), inject_nan_at: int
             "rank": layout.rank, "layout": layout.describe()}
 
 
+def train_jobs(config: dict, jobs: list[list[str]]) -> list[dict]:
+    """One :func:`train_and_record` per item of ``jobs`` (its overrides), one after the
+    other in this process: consecutive jobs on one run directory (restarts, resumes)
+    without a process start-up each."""
+    return [train_and_record(config, overrides) for overrides in jobs]
+
+
 def train_with_norms(config: dict, overrides: list[str] = (), norm_interval: int = 1) -> dict:
     """Like :func:`train_and_record`, with exactly one ``NormMonitor(norm_interval)`` in the
     callbacks (none when ``norm_interval`` is 0), whatever the trainer's defaults are."""

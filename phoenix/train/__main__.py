@@ -1,6 +1,9 @@
 import sys
 
-from phoenix.train.run import main
-
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        from phoenix.train.run import main
+
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while importing: phoenix.train.run says the rest
+        sys.exit(130)

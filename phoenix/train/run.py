@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from phoenix.checkpoint import plan_restore
+from phoenix.checkpoint import CheckpointSaveError, plan_restore
 from phoenix.checkpoint.manager import CheckpointError
 from phoenix.config import dump_config, load_config
 from phoenix.data.indexed import DataError
@@ -38,8 +38,10 @@ def train(cfg):
 
 def run_command(body) -> int:
     """:func:`phoenix.runtime.command.run_command` with the data and checkpoint input
-    errors (one line on stderr, exit code 2) and the non-finite stop (exit code 3)."""
-    return _run_command(body, (DataError, CheckpointError), stop_errors=(NonFiniteLossError,))
+    errors (one line on stderr, exit code 2), the non-finite stop and a failed save (exit
+    code 3)."""
+    return _run_command(body, (DataError, CheckpointError),
+                        stop_errors=(NonFiniteLossError, CheckpointSaveError))
 
 
 def _print_plan_summary(cfg) -> None:

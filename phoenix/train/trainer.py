@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from phoenix.checkpoint import Checkpointer, plan_restore
+from phoenix.checkpoint import Checkpointer, plan_restore, sweep_unfinished_saves
 from phoenix.checkpoint.manager import step_of
 from phoenix.config import ConfigError, RunConfig, dump_config
 from phoenix.data.indexed import check_prefix, read_meta
@@ -165,6 +165,9 @@ class Trainer:
         model is built when the inputs are wrong."""
         cfg, layout = self.cfg, self.layout
         tokenizer = on_every_rank(check_inputs, cfg)  # fails on every rank, or on none
+        if layout.rank == 0:  # before any write: a dead job's unfinished save may fill the disk
+            for name, size in sweep_unfinished_saves(self.out_dir):
+                log.info("removed %s (%d bytes), the unfinished save of an earlier job", name, size)
         # One job per run directory, which every rank must see: locked before the first write.
         self.run_lock = claim_run_dir(self.out_dir, layout.rank)
         # Resume, init_from or fresh: decided under the lock (a job that just ended may have

@@ -5,7 +5,7 @@ import pytest
 
 from phoenix.testing.distributed import run_distributed
 from phoenix.testing.tiny import tiny_config_dict
-from phoenix.testing.workers import train_and_record
+from phoenix.testing.workers import train_and_record, train_jobs
 
 pytestmark = pytest.mark.slow
 
@@ -33,21 +33,35 @@ def test_dataset_tokens_resume(tiny_data, tmp_path):
     assert _tokens(tmp_path / "split", 4) == expected
 
 
-def test_steps_rerun_after_a_resume_appear_once(tiny_data, tmp_path):
-    """A job that ran past its last checkpoint (steps 4-5 after the save at 3) and was then
-    resumed: TensorBoard's reader sees every step of every tag exactly once, in order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+def test_steps_rerun_after_any_restart_appear_once(tiny_data, tmp_path):
+    """Three jobs on one run directory: one stopped before its first checkpoint (step 2),
+    restarted from scratch (nothing to resume) and stopped past its checkpoint (steps 4-5
+    after the save at 3), then resumed. TensorBoard's own reader sees every step of every
+    tag exactly once, in order, the config text included (it is logged at a job's first
+    step, so a later job's copy replaces it)."""
+    # The reader of TensorBoard's server (the older event_accumulator does not purge text)
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.util.tensor_util import make_ndarray
 
     run = tiny_config_dict(tiny_data, tmp_path / "run", train={"steps": 6},
                            logging={"tensorboard": True, "log_interval": 1},
                            checkpoint={"save_interval": 3, "save_at_end": False})
-    run_distributed(train_and_record, 1, run, ["train.stop_at_step=5"])
-    (resumed,) = run_distributed(train_and_record, 1, run)
+    # The three jobs run one after the other in one process (to save start-up time).
+    ((stopped, restarted, resumed),) = run_distributed(
+        train_jobs, 1, run, [["train.stop_at_step=2"], ["train.stop_at_step=5"], []])
+    assert [s["step"] for s in stopped["steps"]] == [1, 2]
+    assert [s["step"] for s in restarted["steps"]] == [1, 2, 3, 4, 5]  # nothing to resume
     assert [s["step"] for s in resumed["steps"]] == [4, 5, 6]
-    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
     acc.Reload()
+    tags = acc.Tags()["tensors"]
+    assert {"train/loss", "train/lr", "config/text_summary"} <= set(tags), tags
+    for tag in tags:
+        steps = [e.step for e in acc.Tensors(tag)]
+        assert steps == sorted(set(steps)), (tag, steps)
     for tag in ("train/loss", "train/lr"):
-        assert [e.step for e in acc.Scalars(tag)] == [1, 2, 3, 4, 5, 6], tag
-    losses = {e.step: e.value for e in acc.Scalars("train/loss")}
+        assert [e.step for e in acc.Tensors(tag)] == [1, 2, 3, 4, 5, 6], tag
+    assert [e.step for e in acc.Tensors("config/text_summary")] == [1, 4]  # jobs 2 and 3
+    losses = {e.step: float(make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/loss")}
     for s in resumed["steps"]:
         assert abs(losses[s["step"]] - s["loss"]) < 1e-6

@@ -1,6 +1,7 @@
-"""Preemption and time limits: SIGTERM / SIGUSR1 (on any one rank) or the time limit make
-every rank finish the step, save and exit 0; the resumed run is bit-identical to an
-uninterrupted one. A second signal exits at once."""
+"""Preemption, Ctrl-C and time limits: SIGTERM / SIGUSR1 (on any one rank), SIGINT (Ctrl-C
+in the launcher's terminal) or the time limit make every rank finish the step, save and
+exit 0; the resumed run is bit-identical to an uninterrupted one. A second signal exits
+at once."""
 
 import os
 import re
@@ -19,6 +20,7 @@ from phoenix.checkpoint import find_latest
 from phoenix.testing.checkpoints import read_checkpoint_tensors
 from phoenix.testing.distributed import run_distributed
 from phoenix.runtime.ports import free_port
+from phoenix.testing.processes import start, torchrun_args
 from phoenix.testing.tiny import tiny_config_dict
 from phoenix.testing.workers import train_and_record
 
@@ -115,3 +117,39 @@ def test_time_limit_stops_cleanly(tiny_data, tmp_path):
     (result,) = run_distributed(train_and_record, 1, cfg)
     assert result["step"] == 1  # the limit has passed after the first step
     assert find_latest(tmp_path / "limit" / "checkpoints").name == "step_000001"
+
+
+def test_ctrl_c_saves_and_exits_0(tiny_data, tmp_path):
+    """Ctrl-C in the terminal of ``phoenix torchrun`` (SIGINT to its process group; the
+    workers are in sessions of their own): every rank finishes its step and saves, the job
+    exits 0 with one line naming the checkpoint that resumes it, and no traceback. The
+    run's files have the user's umask."""
+    recipe = _recipe(tiny_data, tmp_path / "ctrl_c")
+    log = tmp_path / "ctrl_c.log"
+    old = os.umask(0o027)
+    try:
+        launcher = start(["-m", "phoenix.cli", "torchrun", *torchrun_args(2)[2:], "-m",
+                          "phoenix.train", recipe, "train.steps=200", "checkpoint.save_interval=0"],
+                         log)
+    finally:
+        os.umask(old)
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(r"step +3/", log.read_text()) and launcher.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        os.killpg(launcher.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        assert launcher.wait(timeout=300) == 0, log.read_text()
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    out = log.read_text()
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    stopped = re.findall(r"stopping after step (\d+): SIGINT received; checkpoint (\S+) resumes "
+                         r"the run", out)
+    assert len(stopped) == 1, out
+    step, path = int(stopped[0][0]), Path(stopped[0][1])
+    assert 3 <= step < 200 and path == tmp_path / "ctrl_c" / "checkpoints" / f"step_{step:06d}"
+    assert find_latest(tmp_path / "ctrl_c" / "checkpoints") == path
+    for f in (tmp_path / "ctrl_c" / "config.yaml", path.parent / "latest", path / "phoenix_state.pt"):
+        assert f.stat().st_mode & 0o777 == 0o640, f

@@ -4,7 +4,8 @@
   the holder's host and pid) and the first one finishes unharmed;
 * the lock of a job that died (dead pid on this host) is taken over by the next one;
 * SIGKILL on torchrun's agent takes its workers with it (they run in sessions of their
-  own, so before the fix they trained on and raced any restart).
+  own, so before the fix they trained on and raced any restart), and the helper processes
+  the workers started for their checkpoints.
 """
 
 import json
@@ -101,30 +102,37 @@ def test_lock_of_a_dead_job_is_taken_over(tiny_data, tmp_path):
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
-def test_workers_die_with_a_sigkilled_torchrun_agent(tiny_data, tmp_path):
+def test_no_process_of_the_job_outlives_a_sigkilled_torchrun_agent(tiny_data, tmp_path):
+    """After a checkpoint, a worker has helpers of its own (megatron's write-results
+    Manager and the resource_tracker it keeps alive); SIGKILL of torchrun's process group
+    ends the workers and every helper (they were re-parented to init and lived on)."""
     import psutil
 
     # Long enough that the workers are still training when the agent is killed.
     cfg = write_config(tmp_path, tiny_data, train={"steps": 2000},
-                       checkpoint={"save_interval": 0, "save_at_end": False})
+                       checkpoint={"save_interval": 2, "save_at_end": False})
     log = tmp_path / "torchrun.log"
     agent = start([*torchrun_args(2), "-m", "phoenix.train", cfg], log)
     lock = tmp_path / "run" / LOCK_NAME
-    workers = []
+    latest = tmp_path / "run" / "checkpoints" / "latest"
+    workers, job = [], []
     try:
-        assert wait_until(lambda: lock.exists() or agent.poll() is not None, 300), log.read_text()
+        assert wait_until(lambda: latest.exists() or agent.poll() is not None, 300), log.read_text()
         assert agent.poll() is None, log.read_text()
         workers = [p.pid for p in psutil.Process(agent.pid).children()]
         assert len(workers) == 2, workers
+        job = [p.pid for p in psutil.Process(agent.pid).children(recursive=True)]
+        assert len(job) > len(workers), job  # the save started helpers
         assert json.loads(lock.read_text())["pid"] in workers  # rank 0 holds the lock
         # The fault: workers are in sessions of their own, so SIGKILL on the agent's whole
         # process group reaches the agent only.
         assert all(os.getpgid(pid) != agent.pid for pid in workers)
         os.killpg(agent.pid, signal.SIGKILL)
         agent.wait(timeout=30)
-        assert wait_until(lambda: not any(alive(pid) for pid in workers), 15), \
-            f"workers outlived their agent:\n{log.read_text()[-3000:]}"
+        assert wait_until(lambda: not any(alive(pid) for pid in job), 15), \
+            (f"outlived their agent: {[psutil.Process(p).cmdline() for p in job if alive(p)]}\n"
+             f"{log.read_text()[-3000:]}")
         holder = json.loads(lock.read_text())
         assert not alive(holder["pid"])  # a stale lock: a restart on this host takes it over
     finally:
-        kill_tree(agent, extra_pids=workers)
+        kill_tree(agent, extra_pids=job)

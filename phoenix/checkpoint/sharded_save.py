@@ -1,0 +1,202 @@
+"""megatron-core's sharded save, made safe to fail and to kill.
+
+``dist_checkpointing.save`` (megatron-core 0.16.1, ``torch_dist`` format) writes
+
+* ``common.pt`` (rank 0; the non-sharded part of the state), then plans the save (collectives);
+* every rank's shard files (forked writer processes);
+* ``.metadata`` (rank 0, after gathering every rank's write results) and ``metadata.json``.
+
+A shard that cannot be written is reported on every rank (megatron broadcasts the verdict),
+but the three files only rank 0 writes raise on rank 0 alone while the other ranks wait in
+the next collective: a hang until the distributed timeout, and no way to keep training.
+:meth:`ShardedSave.write` runs the same steps with an agreement after each write that can fail
+(:func:`agreed`): a failure anywhere raises :class:`SaveFailed` on every rank at the same
+point, so the caller can remove the temporary directory and stop, or keep training.
+
+Helper processes: the shard writers' results travel through a multiprocessing Manager
+queue that megatron starts with the ``spawn`` method (a server process, plus the
+``resource_tracker`` it keeps alive). Killed with the worker (SIGKILL of torchrun's process
+group), both were re-parented to init and lived forever. :func:`_results_queue` starts that
+Manager itself, with ``PR_SET_PDEATHSIG`` set in it (it dies with the worker; the tracker
+then sees its pipe close and exits too).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+from phoenix.runtime.distributed import max_over_ranks, sum_over_ranks
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+_OK, _FAILED, _NO_SPACE = 0, 1, 2
+_manager = None  # the Manager behind megatron's write-results queue (see _results_queue)
+
+
+class SaveFailed(Exception):
+    """A write of the save failed on some rank; raised on every rank at the same point.
+
+    ``error``: this rank's own exception (None when another rank failed), ``no_space``:
+    whether any rank's failure was a full file system or quota."""
+
+    def __init__(self, error: Optional[BaseException], no_space: bool):
+        super().__init__(first_line(error) if error is not None else "a write failed on another rank")
+        self.error, self.no_space = error, no_space
+
+
+def first_line(error: BaseException) -> str:
+    """``Type: first line of the message`` of ``error`` (of the first rank's error, for
+    torch's CheckpointException, which lists every rank's)."""
+    failures = [f[0] for f in (getattr(error, "failures", None) or {}).values()
+                if isinstance(f, tuple) and f and isinstance(f[0], BaseException)]
+    if failures:
+        error = failures[0]
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def is_no_space(error: Optional[BaseException]) -> bool:
+    """``error`` (or an exception it wraps: causes, and the per-rank failures of torch's
+    CheckpointException, which travel as text) is a full file system or quota."""
+    seen, todo = set(), [error]
+    texts = tuple(os.strerror(e) for e in NO_SPACE)
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return True
+        if any(t in str(e) for t in texts):
+            return True
+        todo += [e.__cause__, e.__context__]
+        todo += [f[0] for f in (getattr(e, "failures", None) or {}).values()
+                 if isinstance(f, tuple) and f and isinstance(f[0], BaseException)]
+    return False
+
+
+def agreed(write: Callable[[], object], run_here: bool = True) -> None:
+    """Run ``write()`` (where ``run_here``), then agree over every rank: raises SaveFailed
+    on every rank when it failed on any. Collective."""
+    error, failed = None, False
+    if run_here:
+        try:
+            write()
+        except Exception as e:
+            error, failed = e, True
+        except BaseException as e:  # torch's CheckpointException is a BaseException
+            if type(e).__name__ != "CheckpointException":
+                raise
+            failed = True
+            # megatron raises it on every rank; only rank 0's lists the failures
+            error = e if getattr(e, "failures", None) else None
+    verdict = _OK if not failed else _NO_SPACE if is_no_space(error) else _FAILED
+    verdict = max_over_ranks(verdict)
+    if verdict != _OK:
+        raise SaveFailed(error, no_space=verdict == _NO_SPACE)
+
+
+def _main_replica_bytes(sharded: dict) -> int:
+    """Bytes of the tensor shards this rank writes (the main replica of each)."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import is_main_replica
+
+    return sum(sh.data.numel() * sh.data.element_size() for sh in nested_values(sharded)
+               if isinstance(sh, ShardedTensor) and sh.data is not None
+               and is_main_replica(sh.replica_id))
+
+
+def _results_queue() -> None:
+    """Give megatron's shard writers a results queue whose Manager process dies with this
+    one (see the module docstring); started once, from the thread that saves."""
+    global _manager
+    import multiprocessing as mp
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from phoenix.runtime.watchdog import die_with_parent
+
+    if filesystem_async._results_queue is not None:
+        return
+    # The shard writers log a failed write as an error of their own (e.g. "Local process 0
+    # encountered an error: ... unexpected pos"); the save reports it, once, in its words.
+    logging.getLogger(filesystem_async.__name__).setLevel(logging.CRITICAL)
+    _manager = SyncManager(ctx=mp.get_context("spawn"))  # megatron's choice of start method
+    _manager.start(die_with_parent, (os.getpid(),))
+    filesystem_async._results_queue = _manager.Queue()
+
+
+class ShardedSave:
+    """One save of a sharded state dict (megatron ``ShardedTensor``/``ShardedObject``
+    leaves; model and optimizer) in megatron's ``torch_dist`` format.
+
+    Construction prepares it (megatron's factories and sharding checks) and measures
+    :attr:`bytes`, the tensor data it writes over all ranks: what it needs on disk, less a
+    few KB of metadata. :meth:`write` writes it. Both are collective."""
+
+    def __init__(self, sharded_state_dict: dict, rank: int):
+        from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
+        self.rank = rank
+        self.sharded, self.common = save_preprocess(sharded_state_dict,
+                                                    validate_access_integrity=True)
+        self.bytes = int(sum_over_ranks(_main_replica_bytes(self.sharded)))
+
+    def write(self, checkpoint_dir: Path) -> None:
+        """``dist_checkpointing.save`` into the existing, empty ``checkpoint_dir``, raising
+        :class:`SaveFailed` on every rank when any write fails (module docstring)."""
+        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+        from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
+
+        _results_queue()
+        rank0 = self.rank == 0
+        agreed(lambda: get_default_save_common_strategy().save_common(self.common, checkpoint_dir),
+               run_here=rank0)
+        strategy = _agreeing_strategy()("torch_dist", 1)
+        agreed(lambda: strategy.save(self.sharded, checkpoint_dir))  # shards, then .metadata
+        agreed(strategy.raise_metadata_error, run_here=rank0)
+        agreed(lambda: save_config(CheckpointingConfig(strategy.backend, strategy.version),
+                                   str(checkpoint_dir)), run_here=rank0)
+
+
+_STRATEGY = None
+
+
+def _agreeing_strategy():
+    """The strategy class (built on first use: megatron is imported lazily, after the
+    device backend is chosen)."""
+    global _STRATEGY
+    if _STRATEGY is not None:
+        return _STRATEGY
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    class AgreeingTorchDistSave(TorchDistSaveShardedStrategy):
+        """megatron's torch_dist save in which rank 0's failure to write ``.metadata`` is
+        kept (:meth:`raise_metadata_error` raises it) instead of raised while the other
+        ranks wait in megatron's broadcast of the shards' verdict."""
+
+        metadata_error: Optional[BaseException] = None
+
+        def _get_save_and_finalize_callbacks(self, writer, save_state_dict_ret):
+            finish = writer.finish
+
+            def finish_or_keep(*args, **kwargs):
+                try:
+                    return finish(*args, **kwargs)
+                except Exception as e:
+                    self.metadata_error = e
+
+            writer.finish = finish_or_keep
+            return super()._get_save_and_finalize_callbacks(writer, save_state_dict_ret)
+
+        def raise_metadata_error(self) -> None:
+            if self.metadata_error is not None:
+                raise self.metadata_error
+
+    _STRATEGY = AgreeingTorchDistSave
+    return _STRATEGY
