@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from phoenix.config import RunConfig
-from phoenix.model.norms import sequence_parallel_spec
+from phoenix.model.sequence_parallel import sequence_parallel_spec
 from phoenix.model.rope import gpt_rope_kwargs, install_rope, needs_phoenix_module, set_yarn_config
 from phoenix.runtime import ParallelLayout
 from phoenix.runtime.capabilities import megatron_softmax_kernels_available, te_available
