@@ -1,5 +1,5 @@
-"""What import and export share: the one-process run that builds the GPTModel, the layout
-checks, atomic output folders and the tokenizer files.
+"""What import and export share: the error type, the one-process run that builds the
+GPTModel, the layout checks, atomic output folders and the tokenizer files.
 
 Conversions go through megatron-core's own ``GPTModel`` and phoenix's checkpoint manager at
 TP = PP = 1 on the cpu device (a world of one process), so the checkpoint format is the one
@@ -14,11 +14,15 @@ import shutil
 from pathlib import Path
 
 from phoenix.config import RunConfig, build_config
-from phoenix.convert.hf_config import ConversionError
 from phoenix.model.builder import padded_vocab_size
 from phoenix.io import atomic_output_dir
 
 log = logging.getLogger(__name__)
+
+
+class ConversionError(ValueError):
+    """The input cannot be converted; the message names the file, key or tensor."""
+
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",

@@ -24,13 +24,14 @@ from typing import Optional
 
 from phoenix.convert.common import (
     TOKENIZER_FILES,
+    ConversionError,
     atomic_output,
     conversion_config,
     load_checkpoint_model,
     one_process_runtime,
     tokenizer_summary,
 )
-from phoenix.convert.hf_config import ConversionError, hf_from_model
+from phoenix.convert.hf_config import hf_from_model
 from phoenix.convert.hf_import import shape_of
 from phoenix.convert.safetensors_io import DTYPES, HF_DTYPE_NAMES, ShardWriter, cast
 from phoenix.convert.weights import (

@@ -30,12 +30,12 @@ import yaml
 
 from phoenix.convert.common import (
     TOKENIZER_FILES,
+    ConversionError,
     atomic_output,
     conversion_config,
     load_checkpoint_model,
     one_process_runtime,
 )
-from phoenix.convert.hf_config import ConversionError
 from phoenix.convert.weights import M_EMBED, M_OUTPUT
 
 log = logging.getLogger(__name__)
