@@ -108,13 +108,11 @@ def plan_restore(cfg: RunConfig) -> RestorePlan:
 
 
 def _vocab_of(cfg: RunConfig) -> Optional[int]:
-    """The vocabulary a run's model is built for (model.vocab_size, else its tokenizer's)."""
-    from phoenix.tokenizer import load_tokenizer
+    """The vocabulary a run's model is built for; None when its tokenizer is unreadable."""
+    from phoenix.tokenizer import model_vocab_size
 
-    if cfg.model.vocab_size:
-        return cfg.model.vocab_size
     try:
-        return load_tokenizer(cfg.tokenizer).vocab_size
+        return model_vocab_size(cfg)
     except (OSError, ValueError, RuntimeError):
         return None
 

@@ -106,7 +106,7 @@ def phoenix_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: Optional[st
     from phoenix.checkpoint.manager import resolve_checkpoint, step_of
     from phoenix.config.loader import load_saved_config
     from phoenix.config.typed import to_dict
-    from phoenix.tokenizer import load_tokenizer
+    from phoenix.tokenizer import load_tokenizer, model_vocab_size
 
     path = resolve_checkpoint(checkpoint)
     saved = load_saved_config(path / "config.yaml")
@@ -125,7 +125,7 @@ def phoenix_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: Optional[st
                                   f"{saved.tokenizer.path} cannot be read ({e})") from None
         log.warning("phoenix-to-hf: tokenizer %s cannot be read (%s); exporting without it",
                     saved.tokenizer.path, e)
-    vocab = saved.model.vocab_size or tokenizer.vocab_size
+    vocab = model_vocab_size(saved, tokenizer)
     model["vocab_size"] = vocab
     meta = load_tensors_metadata(str(path))
     stored = meta[f"{M_EMBED}" if M_EMBED in meta else next(iter(meta))].dtype

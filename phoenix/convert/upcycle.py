@@ -92,12 +92,10 @@ def check_shapes(dense, moe, dense_vocab: int, moe_vocab: int, where: str) -> No
 
 def _dense_vocab(saved, path: Path, embed_rows: Optional[int]) -> int:
     """The dense run's vocabulary: model.vocab_size, else its tokenizer's, else the rows."""
-    if saved.model.vocab_size is not None:
-        return saved.model.vocab_size
-    from phoenix.tokenizer import load_tokenizer
+    from phoenix.tokenizer import model_vocab_size
 
     try:
-        return load_tokenizer(saved.tokenizer).vocab_size
+        return model_vocab_size(saved)
     except (OSError, ValueError, RuntimeError) as e:
         if embed_rows is None:
             raise UpcycleError(f"{path}: model.vocab_size is not set and the tokenizer cannot "

@@ -106,7 +106,7 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
     from phoenix.convert.hf_export import _source_hf_config
     from phoenix.model import build_model
     from phoenix.model.builder import padded_vocab_size
-    from phoenix.tokenizer import load_tokenizer
+    from phoenix.tokenizer import load_tokenizer, model_vocab_size
     from phoenix.tokenizer.expand import check_extends, expand_tokenizer
 
     if (surfaces is None) == (tokenizer is None):
@@ -125,7 +125,7 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
                                   f"not {base} (fingerprints differ): give that one as the base")
     model = to_dict(saved.model)
     model.pop("preset", None)
-    old_vocab = saved.model.vocab_size or old_tok.vocab_size
+    old_vocab = model_vocab_size(saved, old_tok)
     if old_tok.vocab_size > old_vocab:
         raise ConversionError(f"{base} has {old_tok.vocab_size} tokens, more than the "
                               f"{old_vocab} rows of {path}")
