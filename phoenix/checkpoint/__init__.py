@@ -3,10 +3,13 @@
 * :mod:`phoenix.checkpoint.manager`: the on-disk layout, atomic save, load, resharding.
 * :mod:`phoenix.checkpoint.checkpointer`: cadence, retention, resume / init_from and the
   state bundle of a run (:class:`Checkpointer`).
+* :mod:`phoenix.checkpoint.trained_model`: a checkpoint's model with the RoPE it was
+  trained with (:func:`load_model`), for evaluation and export.
 """
 
 from phoenix.checkpoint.checkpointer import Checkpointer, RestorePlan, plan_restore
 from phoenix.checkpoint.manager import CheckpointError, CheckpointManager, find_latest
+from phoenix.checkpoint.trained_model import load_model, trained_stage
 
 __all__ = ["CheckpointError", "CheckpointManager", "Checkpointer", "RestorePlan", "find_latest",
-           "plan_restore"]
+           "load_model", "plan_restore", "trained_stage"]

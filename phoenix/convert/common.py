@@ -94,20 +94,6 @@ def one_process_runtime(cfg: RunConfig):
             shutdown_runtime()
 
 
-def load_checkpoint_model(cfg: RunConfig, layout, path: Path, vocab_size: int, dtype):
-    """The one-process GPTModel of ``cfg`` (``dtype`` parameters, no init) holding the
-    weights of checkpoint ``path``; its shapes are checked against the checkpoint first
-    (CheckpointError listing each differing weight)."""
-    from phoenix.checkpoint import CheckpointManager
-    from phoenix.model import build_model
-
-    (gpt,) = build_model(cfg, layout, vocab_size, wrap_ddp=False, initialize=False, dtype=dtype)
-    manager = CheckpointManager(path.parent, layout.rank, layout.world_size)
-    manager.check_compatible(path, [gpt])
-    manager.load_weights(path, [gpt])
-    return gpt
-
-
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
     """Copy the tokenizer files of an HF folder verbatim; returns their names."""
     names = [n for n in TOKENIZER_FILES if (src / n).is_file()]

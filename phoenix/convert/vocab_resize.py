@@ -33,7 +33,6 @@ from phoenix.convert.common import (
     ConversionError,
     atomic_output,
     conversion_config,
-    load_checkpoint_model,
     one_process_runtime,
 )
 from phoenix.convert.weights import M_EMBED, M_OUTPUT
@@ -98,7 +97,7 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
     moves an existing id, a checkpoint trained with another tokenizer than ``base``."""
     from megatron.core.dist_checkpointing import load_tensors_metadata
 
-    from phoenix.checkpoint import CheckpointManager
+    from phoenix.checkpoint import CheckpointManager, load_model
     from phoenix.checkpoint.manager import resolve_checkpoint
     from phoenix.config import dump_config
     from phoenix.config.loader import load_saved_config
@@ -157,7 +156,8 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
         model["vocab_size"] = new_vocab
         cfg = conversion_config(model, tok_section, out)
         with one_process_runtime(cfg) as layout:
-            old_gpt = load_checkpoint_model(old_cfg, layout, path, old_vocab, stored)
+            (old_gpt,) = load_model(path, old_cfg, layout, vocab_size=old_vocab, dtype=stored,
+                                    initialize=False)
             state = old_gpt.state_dict()
             del old_gpt
             keep = min(old_vocab, old_tok.vocab_size)  # rows past the tokenizer are reused
