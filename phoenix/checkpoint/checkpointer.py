@@ -76,6 +76,11 @@ class RestorePlan:
     """Resume: the checkpoint's state bundle, in the current format."""
 
     @property
+    def start_step(self) -> int:
+        """The step the run starts from: the checkpoint's on resume, else 0."""
+        return step_of(self.path) if self.kind == "resume" else 0
+
+    @property
     def data_resume(self) -> Optional[dict]:
         """Resume: the implicit stage boundary the checkpoint's run already had, if any."""
         return (self.bundle or {}).get("states", {}).get("trainer", {}).get("data_resume")

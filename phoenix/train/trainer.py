@@ -184,7 +184,9 @@ class Trainer:
                         "that continues every dataset's stream): %s", step_of(plan.path),
                         "; ".join(plan.data_changed))
         self.stages = rebase(cfg.resolved.stages, data_resume)
-        self.model = build_model(cfg, layout, vocab_size)
+        # Built with the RoPE of the step it starts from (a stage's own rope included).
+        self.model = build_model(cfg, layout, vocab_size,
+                                 rope=self.stages.stage_at(plan.start_step).rope)
         o = cfg.optim
         self.optimizer = build_optimizer(cfg, self.model, layout, param_rules=o.param_groups,
                                          freeze=o.freeze)
@@ -244,8 +246,7 @@ class Trainer:
 
     def _switch_rope(self, stage) -> None:
         """Give the model the stage's RoPE when it differs from the one it has (a context-
-        extension stage begins, or a resume into one: the model is built with
-        ``model.rope`` and RoPE frequencies are not checkpointed)."""
+        extension stage begins; the model is built with the RoPE of its start step)."""
         if stage.rope is None:
             return
         old = [current_rope(chunk) for chunk in self.model]
