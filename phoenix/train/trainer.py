@@ -47,6 +47,7 @@ from phoenix.optim.nonfinite import local_grads_finite
 from phoenix.runtime import ParallelLayout, any_rank, claim_run_dir, on_every_rank
 from phoenix.runtime.device_tracking import mark_host
 from phoenix.runtime.preemption import StopRequest
+from phoenix.tokenizer import model_vocab_size
 from phoenix.train.step import batch_report, forward_step, reduce_loss
 
 log = logging.getLogger("phoenix.train")
@@ -168,7 +169,7 @@ class Trainer:
         # Resume, init_from or fresh: decided under the lock (a job that just ended may have
         # saved a newer checkpoint), and before any model exists.
         self.restore_plan = on_every_rank(plan_restore, cfg)
-        vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+        vocab_size = model_vocab_size(cfg, tokenizer)
         if layout.rank == 0:
             atomic_write_text(self.out_dir / "config.yaml", self.config_yaml)
             log.info("run '%s': %s -> %s", cfg.name, layout.describe(), self.out_dir)
