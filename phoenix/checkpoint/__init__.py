@@ -6,11 +6,15 @@
 * :mod:`phoenix.checkpoint.sharded_save`: megatron's sharded save, failing on every rank
   at once; :mod:`phoenix.checkpoint.save_failures`: the free-space check, the one-line
   error, the start-up sweep of unfinished saves.
+* :mod:`phoenix.checkpoint.trained_model`: a checkpoint's model with the RoPE it was
+  trained with (:func:`load_model`), for evaluation and export.
 """
 
 from phoenix.checkpoint.checkpointer import Checkpointer, RestorePlan, plan_restore
 from phoenix.checkpoint.manager import CheckpointError, CheckpointManager, find_latest
 from phoenix.checkpoint.save_failures import CheckpointSaveError, sweep_unfinished_saves
+from phoenix.checkpoint.trained_model import load_model, trained_stage
 
 __all__ = ["CheckpointError", "CheckpointManager", "CheckpointSaveError", "Checkpointer",
-           "RestorePlan", "find_latest", "plan_restore", "sweep_unfinished_saves"]
+           "RestorePlan", "find_latest", "load_model", "plan_restore", "sweep_unfinished_saves",
+           "trained_stage"]

@@ -78,6 +78,11 @@ class RestorePlan:
     """Resume: the checkpoint's state bundle, in the current format."""
 
     @property
+    def start_step(self) -> int:
+        """The step the run starts from: the checkpoint's on resume, else 0."""
+        return step_of(self.path) if self.kind == "resume" else 0
+
+    @property
     def data_resume(self) -> Optional[dict]:
         """Resume: the implicit stage boundary the checkpoint's run already had, if any."""
         return (self.bundle or {}).get("states", {}).get("trainer", {}).get("data_resume")
@@ -110,13 +115,11 @@ def plan_restore(cfg: RunConfig) -> RestorePlan:
 
 
 def _vocab_of(cfg: RunConfig) -> Optional[int]:
-    """The vocabulary a run's model is built for (model.vocab_size, else its tokenizer's)."""
-    from phoenix.tokenizer import load_tokenizer
+    """The vocabulary a run's model is built for; None when its tokenizer is unreadable."""
+    from phoenix.tokenizer import model_vocab_size
 
-    if cfg.model.vocab_size:
-        return cfg.model.vocab_size
     try:
-        return load_tokenizer(cfg.tokenizer).vocab_size
+        return model_vocab_size(cfg)
     except (OSError, ValueError, RuntimeError):
         return None
 

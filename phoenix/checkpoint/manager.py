@@ -42,6 +42,7 @@ from phoenix.checkpoint.save_failures import (
 )
 from phoenix.checkpoint.sharded_save import SaveFailed, ShardedSave, agreed
 from phoenix.io import atomic_write_text
+from phoenix.model import unwrap
 from phoenix.runtime.distributed import max_over_ranks
 
 log = logging.getLogger(__name__)
@@ -147,14 +148,10 @@ def read_checkpoint_state(path: str | os.PathLike) -> dict:
     return torch.load(Path(path) / STATE_FILE, weights_only=False)
 
 
-def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)
-
-
 def _model_sharded_state_dict(model_chunks) -> dict:
     if len(model_chunks) != 1:
         raise NotImplementedError("virtual pipeline chunks are not supported yet")
-    return _unwrap(model_chunks[0]).sharded_state_dict()
+    return unwrap(model_chunks[0]).sharded_state_dict()
 
 
 def _rng_state() -> dict:
@@ -294,7 +291,7 @@ class CheckpointManager:
             sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                              metadata=_OPTIM_METADATA)
         loaded = dist_checkpointing.load(sharded, str(path))
-        _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+        unwrap(model_chunks[0]).load_state_dict(loaded["model"])
         if optimizer is not None:
             n = len(getattr(optimizer, "chained_optimizers", [optimizer]))
             optimizer.load_state_dict(fit_chained_optimizer_state(loaded["optimizer"], n))
@@ -340,5 +337,5 @@ class CheckpointManager:
 
         model_sd = _model_sharded_state_dict(model_chunks)
         loaded = dist_checkpointing.load({"model": model_sd}, str(path))
-        _unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+        unwrap(model_chunks[0]).load_state_dict(loaded["model"])
         return read_checkpoint_state(path)

@@ -7,6 +7,6 @@ Qwen2/2.5, Mistral without sliding window; the MoE Mixtral and Qwen2-MoE).
 * :mod:`phoenix.convert.hf_import` / :mod:`phoenix.convert.hf_export`: the two directions.
 """
 
-from phoenix.convert.hf_config import ConversionError
+from phoenix.convert.common import ConversionError
 
 __all__ = ["ConversionError"]

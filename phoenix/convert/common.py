@@ -1,5 +1,5 @@
-"""What import and export share: the one-process run that builds the GPTModel, the layout
-checks, atomic output folders and the tokenizer files.
+"""What import and export share: the error type, the one-process run that builds the
+GPTModel, the layout checks, atomic output folders and the tokenizer files.
 
 Conversions go through megatron-core's own ``GPTModel`` and phoenix's checkpoint manager at
 TP = PP = 1 on the cpu device (a world of one process), so the checkpoint format is the one
@@ -14,11 +14,15 @@ import shutil
 from pathlib import Path
 
 from phoenix.config import RunConfig, build_config
-from phoenix.convert.hf_config import ConversionError
 from phoenix.model.builder import padded_vocab_size
 from phoenix.io import atomic_output_dir
 
 log = logging.getLogger(__name__)
+
+
+class ConversionError(ValueError):
+    """The input cannot be converted; the message names the file, key or tensor."""
+
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "added_tokens.json", "vocab.json", "merges.txt",
@@ -88,20 +92,6 @@ def one_process_runtime(cfg: RunConfig):
     finally:
         if started_here:
             shutdown_runtime()
-
-
-def load_checkpoint_model(cfg: RunConfig, layout, path: Path, vocab_size: int, dtype):
-    """The one-process GPTModel of ``cfg`` (``dtype`` parameters, no init) holding the
-    weights of checkpoint ``path``; its shapes are checked against the checkpoint first
-    (CheckpointError listing each differing weight)."""
-    from phoenix.checkpoint import CheckpointManager
-    from phoenix.model import build_model
-
-    (gpt,) = build_model(cfg, layout, vocab_size, wrap_ddp=False, initialize=False, dtype=dtype)
-    manager = CheckpointManager(path.parent, layout.rank, layout.world_size)
-    manager.check_compatible(path, [gpt])
-    manager.load_weights(path, [gpt])
-    return gpt
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:

@@ -21,10 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from phoenix.config import ModelConfig, MoEConfig, RopeConfig
-
-
-class ConversionError(ValueError):
-    """The input cannot be converted; the message names the file, key or tensor."""
+from phoenix.convert.common import ConversionError
+from phoenix.convert.hf_moe import MOE_KEYS, moe_architecture, moe_from_hf, moe_to_hf
 
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
@@ -159,8 +157,6 @@ def model_from_hf(hf: dict) -> dict:
     """The phoenix ``model`` section (plain data, as in model.yaml) of a config.json.
 
     Raises ConversionError naming the key for anything phoenix does not implement."""
-    from phoenix.convert.hf_moe import MOE_KEYS, moe_from_hf
-
     arch = architecture_of(hf)
     unknown = sorted(set(hf) - _IGNORED - _MAPPED - MOE_KEYS.get(arch, set()))
     if unknown:
@@ -246,7 +242,6 @@ def hf_from_model(m: ModelConfig, vocab_size: int, dtype: str,
             or m.qk_layernorm or m.position_embedding != "rope":
         raise ConversionError("phoenix-to-hf: only Llama-style models export (RMSNorm, swiglu, "
                               "rope, no linear biases, no qk_layernorm)")
-    from phoenix.convert.hf_moe import moe_architecture, moe_to_hf
 
     arch = architecture_of(base) if base else ("qwen2" if m.add_qkv_bias else "llama")
     if m.moe is not None:  # an upcycled dense import exports as Mixtral / Qwen2-MoE

@@ -24,13 +24,13 @@ from typing import Optional
 
 from phoenix.convert.common import (
     TOKENIZER_FILES,
+    ConversionError,
     atomic_output,
     conversion_config,
-    load_checkpoint_model,
     one_process_runtime,
     tokenizer_summary,
 )
-from phoenix.convert.hf_config import ConversionError, hf_from_model
+from phoenix.convert.hf_config import hf_from_model
 from phoenix.convert.hf_import import shape_of
 from phoenix.convert.safetensors_io import DTYPES, HF_DTYPE_NAMES, ShardWriter, cast
 from phoenix.convert.weights import (
@@ -102,16 +102,17 @@ def phoenix_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: Optional[st
     from megatron.core.dist_checkpointing import load_tensors_metadata
     from tqdm import tqdm
 
+    from phoenix.checkpoint import load_model, trained_stage
     from phoenix.checkpoint.manager import resolve_checkpoint, step_of
     from phoenix.config.loader import load_saved_config
     from phoenix.config.typed import to_dict
-    from phoenix.tokenizer import load_tokenizer
+    from phoenix.tokenizer import load_tokenizer, model_vocab_size
 
     path = resolve_checkpoint(checkpoint)
     saved = load_saved_config(path / "config.yaml")
     step = step_of(path)
     model = to_dict(saved.model)
-    stage_rope = saved.resolved.stages.stage_at(max(step - 1, 0)).rope
+    stage_rope = trained_stage(saved, step).rope
     if stage_rope is not None:
         model["rope"] = to_dict(stage_rope)
     model.pop("preset", None)
@@ -124,7 +125,7 @@ def phoenix_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: Optional[st
                                   f"{saved.tokenizer.path} cannot be read ({e})") from None
         log.warning("phoenix-to-hf: tokenizer %s cannot be read (%s); exporting without it",
                     saved.tokenizer.path, e)
-    vocab = saved.model.vocab_size or tokenizer.vocab_size
+    vocab = model_vocab_size(saved, tokenizer)
     model["vocab_size"] = vocab
     meta = load_tensors_metadata(str(path))
     stored = meta[f"{M_EMBED}" if M_EMBED in meta else next(iter(meta))].dtype
@@ -137,7 +138,8 @@ def phoenix_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: Optional[st
         cfg = conversion_config(model, {"model": "unused.model"}, tmp)
         hf_config = hf_from_model(cfg.model, vocab, HF_DTYPE_NAMES[target], base)
         with one_process_runtime(cfg) as layout:
-            gpt = load_checkpoint_model(cfg, layout, path, vocab, stored)
+            (gpt,) = load_model(path, cfg, layout, vocab_size=vocab, dtype=stored,
+                                initialize=False)
             state = {k: v for k, v in gpt.state_dict().items() if not k.endswith("_extra_state")}
             writer = ShardWriter(tmp, max_shard_bytes)
 

@@ -26,6 +26,7 @@ import torch
 import yaml
 
 from phoenix.convert.common import (
+    ConversionError,
     atomic_output,
     check_layout,
     conversion_config,
@@ -33,7 +34,7 @@ from phoenix.convert.common import (
     one_process_runtime,
     tokenizer_summary,
 )
-from phoenix.convert.hf_config import ConversionError, model_from_hf, read_hf_config
+from phoenix.convert.hf_config import model_from_hf, read_hf_config
 from phoenix.convert.hf_moe import moe_shape
 from phoenix.convert.safetensors_io import DTYPES, SafetensorsReader, cast
 from phoenix.convert.weights import (

@@ -58,7 +58,7 @@ from typing import Optional
 
 import torch
 
-from phoenix.convert.hf_config import ConversionError
+from phoenix.convert.common import ConversionError
 
 MOE_ARCHITECTURES = {"MixtralForCausalLM": "mixtral", "Qwen2MoeForCausalLM": "qwen2_moe"}
 # config.json keys each MoE architecture adds to the dense ones (mapped or checked below).

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from phoenix.convert.hf_config import ConversionError
+from phoenix.convert.common import ConversionError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

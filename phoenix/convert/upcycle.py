@@ -27,12 +27,7 @@ from typing import Optional, Sequence
 import torch
 import yaml
 
-from phoenix.convert.common import (
-    atomic_output,
-    conversion_config,
-    load_checkpoint_model,
-    one_process_runtime,
-)
+from phoenix.convert.common import atomic_output, conversion_config, one_process_runtime
 from phoenix.model.upcycling import UpcycleError, UpcycleSpec, granularity, upcycled_tensors
 
 log = logging.getLogger(__name__)
@@ -92,12 +87,10 @@ def check_shapes(dense, moe, dense_vocab: int, moe_vocab: int, where: str) -> No
 
 def _dense_vocab(saved, path: Path, embed_rows: Optional[int]) -> int:
     """The dense run's vocabulary: model.vocab_size, else its tokenizer's, else the rows."""
-    if saved.model.vocab_size is not None:
-        return saved.model.vocab_size
-    from phoenix.tokenizer import load_tokenizer
+    from phoenix.tokenizer import model_vocab_size
 
     try:
-        return load_tokenizer(saved.tokenizer).vocab_size
+        return model_vocab_size(saved)
     except (OSError, ValueError, RuntimeError) as e:
         if embed_rows is None:
             raise UpcycleError(f"{path}: model.vocab_size is not set and the tokenizer cannot "
@@ -130,7 +123,7 @@ def upcycle(dense_ckpt: str | Path, moe_config: str | Path, out: str | Path, *,
     Raises UpcycleError (or ConfigError / CheckpointError) naming what does not fit."""
     from megatron.core.dist_checkpointing import load_tensors_metadata
 
-    from phoenix.checkpoint import CheckpointManager
+    from phoenix.checkpoint import CheckpointManager, load_model
     from phoenix.checkpoint.manager import resolve_checkpoint
     from phoenix.config import dump_config
     from phoenix.config.loader import load_saved_config
@@ -170,7 +163,8 @@ def upcycle(dense_ckpt: str | Path, moe_config: str | Path, out: str | Path, *,
     seed = router_seed if seed is None else seed
     with atomic_output(out) as tmp:
         with one_process_runtime(moe_cfg) as layout:
-            dense_gpt = load_checkpoint_model(dense_cfg, layout, path, vocab, stored)
+            (dense_gpt,) = load_model(path, dense_cfg, layout, vocab_size=vocab, dtype=stored,
+                                      initialize=False)
             (moe_gpt,) = build_model(moe_cfg, layout, vocab, wrap_ddp=False, initialize=False,
                                      dtype=stored)
             init_routers(moe_gpt, seed)

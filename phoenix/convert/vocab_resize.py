@@ -30,12 +30,11 @@ import yaml
 
 from phoenix.convert.common import (
     TOKENIZER_FILES,
+    ConversionError,
     atomic_output,
     conversion_config,
-    load_checkpoint_model,
     one_process_runtime,
 )
-from phoenix.convert.hf_config import ConversionError
 from phoenix.convert.weights import M_EMBED, M_OUTPUT
 
 log = logging.getLogger(__name__)
@@ -98,7 +97,7 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
     moves an existing id, a checkpoint trained with another tokenizer than ``base``."""
     from megatron.core.dist_checkpointing import load_tensors_metadata
 
-    from phoenix.checkpoint import CheckpointManager
+    from phoenix.checkpoint import CheckpointManager, load_model
     from phoenix.checkpoint.manager import resolve_checkpoint
     from phoenix.config import dump_config
     from phoenix.config.loader import load_saved_config
@@ -106,7 +105,7 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
     from phoenix.convert.hf_export import _source_hf_config
     from phoenix.model import build_model
     from phoenix.model.builder import padded_vocab_size
-    from phoenix.tokenizer import load_tokenizer
+    from phoenix.tokenizer import load_tokenizer, model_vocab_size
     from phoenix.tokenizer.expand import check_extends, expand_tokenizer
 
     if (surfaces is None) == (tokenizer is None):
@@ -125,7 +124,7 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
                                   f"not {base} (fingerprints differ): give that one as the base")
     model = to_dict(saved.model)
     model.pop("preset", None)
-    old_vocab = saved.model.vocab_size or old_tok.vocab_size
+    old_vocab = model_vocab_size(saved, old_tok)
     if old_tok.vocab_size > old_vocab:
         raise ConversionError(f"{base} has {old_tok.vocab_size} tokens, more than the "
                               f"{old_vocab} rows of {path}")
@@ -157,7 +156,8 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
         model["vocab_size"] = new_vocab
         cfg = conversion_config(model, tok_section, out)
         with one_process_runtime(cfg) as layout:
-            old_gpt = load_checkpoint_model(old_cfg, layout, path, old_vocab, stored)
+            (old_gpt,) = load_model(path, old_cfg, layout, vocab_size=old_vocab, dtype=stored,
+                                    initialize=False)
             state = old_gpt.state_dict()
             del old_gpt
             keep = min(old_vocab, old_tok.vocab_size)  # rows past the tokenizer are reused

@@ -54,7 +54,7 @@ class EvalCallback(Callback):
         """(step, result) of every needle evaluation this process ran."""
 
     def on_train_start(self, trainer) -> None:
-        from phoenix.tokenizer import load_tokenizer
+        from phoenix.tokenizer import load_tokenizer, model_vocab_size
 
         tokenizer = load_tokenizer(trainer.cfg.tokenizer)
 
@@ -69,7 +69,7 @@ class EvalCallback(Callback):
             cfg = trainer.cfg
             self.needle = NeedleEvaluator(
                 trainer.model, trainer.layout, self.cfg.needle, tokenizer,
-                vocab_size=cfg.model.vocab_size or tokenizer.vocab_size,
+                vocab_size=model_vocab_size(cfg, tokenizer),
                 micro_batch_size=self.cfg.micro_batch_size or cfg.train.micro_batch_size)
             for stage in trainer.stages.stages:  # prompt errors (a length too short) now
                 self.needle.tasks(stage.seq_length)

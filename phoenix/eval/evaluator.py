@@ -138,11 +138,12 @@ class Evaluator:
         ``seq_length``: that of the stage being evaluated (default ``data.seq_length``)."""
         from phoenix.data.documents import DocumentInputs
         from phoenix.model.builder import uses_te_spec
+        from phoenix.tokenizer import model_vocab_size
 
         return cls(model_chunks, layout, eval_cfg.sets, seq_length=seq_length or cfg.data.seq_length,
                    micro_batch_size=eval_cfg.micro_batch_size or cfg.train.micro_batch_size,
                    max_samples=eval_cfg.max_samples, eod_id=tokenizer.eod_id,
-                   vocab_size=cfg.model.vocab_size or tokenizer.vocab_size,
+                   vocab_size=model_vocab_size(cfg, tokenizer),
                    documents=DocumentInputs.from_config(cfg.data, tokenizer.eod_id),
                    packed=uses_te_spec(layout))
 

@@ -115,14 +115,13 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
     """Collective: load ``checkpoint``'s weights into ``cfg``'s model on this rank and
     evaluate; returns the JSON-ready report (the same on every rank; ``"needle"`` only
     with ``eval_cfg.needle``)."""
-    from phoenix.checkpoint import CheckpointManager
+    from phoenix.checkpoint import load_model, trained_stage
     from phoenix.checkpoint.manager import resolve_checkpoint, step_of
     from phoenix.config import ConfigError
     from phoenix.eval.inputs import check_eval_inputs
     from phoenix.eval.evaluator import Evaluator
-    from phoenix.model import build_model, current_rope, install_rope
     from phoenix.runtime import init_runtime
-    from phoenix.tokenizer import load_tokenizer
+    from phoenix.tokenizer import load_tokenizer, model_vocab_size
 
     path = resolve_checkpoint(checkpoint)
     tokenizer = load_tokenizer(cfg.tokenizer)
@@ -134,16 +133,10 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
             raise
         raise ConfigError(f"{e}; phoenix eval may use any layout (checkpoints reshard): "
                           f"override it, e.g. parallel.pipeline=1 parallel.tensor=1") from None
-    vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
-    model = build_model(cfg, layout, vocab_size, wrap_ddp=False)  # no grad buffers needed
-    manager = CheckpointManager(path.parent, layout.rank, layout.world_size)
-    manager.load_weights(path, model)
+    vocab_size = model_vocab_size(cfg, tokenizer)
+    model = load_model(path, cfg, layout, vocab_size=vocab_size)  # with the trained RoPE
     step = step_of(path)
-    # The RoPE the weights were last trained with: that of the stage of the last step
-    # (a context-extension stage's own rope; RoPE is not stored in the checkpoint).
-    stage = cfg.resolved.stages.stage_at(max(step - 1, 0))
-    if stage.rope is not None and current_rope(model[0]) != stage.rope:
-        install_rope(model[0], stage.rope)
+    stage = trained_stage(cfg, step)
     if layout.rank == 0:
         log.info("eval: %s (step %s) on %s", path, step, layout.describe())
     # At the sequence length of that stage, as the in-training eval does.
@@ -157,13 +150,8 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
         needle = NeedleEvaluator(model, layout, eval_cfg.needle, tokenizer, vocab_size=vocab_size,
                                  micro_batch_size=eval_cfg.micro_batch_size
                                  or cfg.train.micro_batch_size)
-        report["needle"] = needle.evaluate(_stage_seq_length(cfg, step)).to_dict()
+        report["needle"] = needle.evaluate(stage.seq_length).to_dict()
     return report
-
-
-def _stage_seq_length(cfg, step) -> int:
-    """Sequence length of the stage that trained the checkpoint's last step."""
-    return cfg.resolved.stages.stage_at(max(0, (step or 1) - 1)).seq_length
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,9 +14,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from phoenix.config import RunConfig
-from phoenix.model.norms import sequence_parallel_spec
-from phoenix.model.rope import gpt_rope_kwargs, install_rope, needs_phoenix_module, set_yarn_config
+from phoenix.config import RopeConfig, RunConfig
+from phoenix.model.rope import install_rope
+from phoenix.model.sequence_parallel import sequence_parallel_spec
 from phoenix.runtime import ParallelLayout
 from phoenix.runtime.capabilities import megatron_softmax_kernels_available, te_available
 
@@ -164,8 +164,13 @@ def layer_spec(cfg: RunConfig, layout: ParallelLayout, tconfig=None):
 
 
 def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_ddp: bool = True,
-                initialize: bool = True, dtype: torch.dtype | None = None):
+                initialize: bool = True, dtype: torch.dtype | None = None,
+                rope: RopeConfig | None = None):
     """Build this rank's model chunk(s): a list (one chunk; virtual PP is not used yet).
+
+    ``rope``: the RoPE to build with, that of the step the model starts from (a stage's
+    own ``rope``: ``cfg.resolved.stages.stage_at(step).rope``); default ``model.rope``.
+    With learned absolute positions there is none (giving one is an error).
 
     For checkpoint conversion: ``initialize=False`` leaves the weights uninitialised
     (``torch.empty``) when every one is overwritten next; ``dtype`` overrides the
@@ -173,12 +178,16 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_dd
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
 
+    if cfg.model.position_embedding != "rope":
+        if rope is not None:
+            raise ValueError(f"build_model: rope {rope.describe()} given for a model with "
+                             f"{cfg.model.position_embedding} positions")
+    elif rope is None:
+        rope = cfg.model.rope
     tconfig = transformer_config(cfg, layout)
     tconfig.perform_initialization = initialize
     if dtype is not None:
         tconfig.params_dtype = dtype
-    rope = cfg.model.rope if cfg.model.position_embedding == "rope" else None
-    set_yarn_config(tconfig, rope)  # YaRN's settings live on the config (GPTModel, attention)
     padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)
     model = GPTModel(
         config=tconfig,
@@ -189,9 +198,9 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_dd
         post_process=layout.is_last_stage,
         share_embeddings_and_output_weights=cfg.model.tie_embeddings,
         pg_collection=layout.pg_collection,
-        **gpt_rope_kwargs(rope, tconfig.kv_channels),
+        position_embedding_type="learned_absolute" if rope is None else "rope",
     )
-    if needs_phoenix_module(rope):  # a scaling megatron-core lacks (phoenix.model.rope)
+    if rope is not None:  # the rotary module of phoenix.model.rope (GPTModel's is replaced)
         install_rope(model, rope)
     model.phoenix_rope = rope
     model.to(layout.device)

@@ -19,9 +19,11 @@ dynamic_ntk   :class:`ScaledRotaryEmbedding`: the base follows the sequence leng
               each forward (megatron-core has no dynamic NTK)
 ============  =====================================================================
 
-:func:`install_rope` switches the RoPE of an already-built model (a context-extension
-stage, or a resume with a new ``model.rope``): RoPE frequencies are not parameters (megatron
-drops ``inv_freq`` when loading a state dict), so a checkpoint loads under any RoPE.
+:func:`rotary_module` is the one place a ``RopeConfig`` becomes a module (that table's
+choice); :func:`install_rope` puts it in a ``GPTModel``, at the build
+(:func:`phoenix.model.build_model`) and at every switch (a context-extension stage begins).
+RoPE frequencies are not parameters (megatron drops ``inv_freq`` when loading a state
+dict), so a checkpoint loads under any RoPE.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from typing import Optional
 import torch
 
 from phoenix.config import RopeConfig
+from phoenix.model.chunks import unwrap
 
 # megatron's RotaryEmbedding._apply_scaling hard-codes these (Llama-3.1's values).
 _MEGATRON_LLAMA3 = (1.0, 4.0, 8192)
@@ -144,12 +147,10 @@ def needs_phoenix_module(rope: Optional[RopeConfig]) -> bool:
                                  or rope.scaling == "llama3" and not _uses_megatron_llama3(rope))
 
 
-def gpt_rope_kwargs(rope: Optional[RopeConfig], head_dim: int) -> dict:
-    """``GPTModel`` keyword arguments for ``rope`` (None: learned absolute positions).
-    YaRN also needs :func:`set_yarn_config` on the TransformerConfig; dynamic NTK and a
-    non-default llama3 need :func:`install_rope` after the build."""
-    if rope is None:
-        return {"position_embedding_type": "learned_absolute"}
+def gpt_rope_kwargs(rope: RopeConfig, head_dim: int) -> dict:
+    """megatron's rotary settings of ``rope`` (the ``GPTModel`` / ``RotaryEmbedding``
+    keyword arguments); YaRN's other settings live on the TransformerConfig
+    (:func:`set_yarn_config`)."""
     kwargs = {"position_embedding_type": "yarn" if rope.scaling == "yarn" else "rope",
               "rotary_base": rope.base}
     if rope.scaling == "linear":
@@ -173,6 +174,12 @@ def set_yarn_config(config, rope: Optional[RopeConfig]) -> None:
             if hasattr(config, attr):
                 delattr(config, attr)
         return
+    for attr, value in _yarn_values(rope).items():
+        setattr(config, attr, value)
+
+
+def _yarn_values(rope: RopeConfig) -> dict:
+    """The ``yarn_*`` TransformerConfig attributes of a yarn ``rope`` (see set_yarn_config)."""
     mscale, mscale_all_dim = ((rope.mscale, rope.mscale_all_dim)
                               if rope.mscale and rope.mscale_all_dim else (None, None))
     if rope.attention_factor is not None:  # RopeConfig refuses A != 1 with factor <= 1
@@ -181,8 +188,7 @@ def set_yarn_config(config, rope: Optional[RopeConfig]) -> None:
         mscale_all_dim = 0.0
     values = (rope.factor, rope.original_max_position_embeddings, rope.beta_fast,
               rope.beta_slow, mscale, mscale_all_dim, rope.truncate)
-    for attr, value in zip(_YARN_ATTRS, values):
-        setattr(config, attr, value)
+    return dict(zip(_YARN_ATTRS, values))
 
 
 def _rotary_embedding_cls():
@@ -214,56 +220,64 @@ def _rotary_embedding_cls():
     return ScaledRotaryEmbedding
 
 
-def unwrap(chunk):
-    """The ``GPTModel`` inside DDP / Float16Module wrappers."""
-    while not hasattr(chunk, "rotary_pos_emb") and hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 def current_rope(chunk) -> Optional[RopeConfig]:
     """The RopeConfig a model chunk was built or last switched with (None: learned
     absolute positions or a model phoenix did not build)."""
     return getattr(unwrap(chunk), "phoenix_rope", None)
 
 
+def rotary_module(rope: RopeConfig, model) -> torch.nn.Module:
+    """The rotary embedding module of ``rope`` for the ``GPTModel`` ``model`` (its head
+    size, ``rotary_percent``, interleaving, CPU initialisation and context-parallel group):
+    megatron's ``RotaryEmbedding`` or ``YarnRotaryEmbedding`` where one computes ``rope``
+    exactly, else :class:`ScaledRotaryEmbedding` (the table above). Every rotary module
+    of a phoenix model comes from here, at the build and at every switch."""
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
+        YarnRotaryEmbedding,
+    )
+
+    config = model.config
+    head_dim = config.kv_channels
+    common = dict(kv_channels=head_dim, rotary_interleaved=config.rotary_interleaved,
+                  use_cpu_initialization=config.use_cpu_initialization,
+                  cp_group=model.pg_collection.cp)
+    if needs_phoenix_module(rope):
+        return _rotary_embedding_cls()(rope, **common)
+    if rope.scaling == "yarn":
+        y = _yarn_values(rope)
+        return YarnRotaryEmbedding(
+            rotary_percent=model.rotary_percent, rotary_base=rope.base,
+            scaling_factor=y["yarn_rotary_scaling_factor"],
+            original_max_position_embeddings=y["yarn_original_max_position_embeddings"],
+            beta_fast=y["yarn_beta_fast"], beta_slow=y["yarn_beta_slow"],
+            mscale=y["yarn_mscale"], mscale_all_dim=y["yarn_mscale_all_dim"],
+            correction_range_round_to_int=y["yarn_correction_range_round_to_int"], **common)
+    kwargs = gpt_rope_kwargs(rope, head_dim)
+    return RotaryEmbedding(
+        rotary_percent=model.rotary_percent,
+        seq_len_interpolation_factor=kwargs.get("seq_len_interpolation_factor"),
+        rotary_base=kwargs["rotary_base"], rope_scaling=kwargs.get("rope_scaling", False),
+        rope_scaling_factor=kwargs.get("rope_scaling_factor", 8.0), **common)
+
+
 def install_rope(chunk, rope: RopeConfig) -> None:
-    """Give a built ``GPTModel`` chunk (or its DDP wrapper) the RoPE of ``rope``: replace
-    ``rotary_pos_emb``, set ``position_embedding_type`` and the config's yarn attributes
-    (or remove them). The same module a fresh build with ``rope`` would have."""
+    """Give a ``GPTModel`` chunk (or its DDP wrapper) the RoPE of ``rope``: the module of
+    :func:`rotary_module` as ``rotary_pos_emb``, ``position_embedding_type``, and the
+    config's yarn attributes (set or removed). Used by the build and by every switch."""
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
     from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
         YarnRotaryEmbedding,
     )
 
     model = unwrap(chunk)
-    config = model.config
     if getattr(model, "position_embedding_type", None) not in ("rope", "yarn"):
         raise ValueError("install_rope: the model has no rotary embedding "
                          f"(position_embedding_type {model.position_embedding_type!r})")
-    head_dim = config.kv_channels
-    kwargs = gpt_rope_kwargs(rope, head_dim)
+    kwargs = gpt_rope_kwargs(rope, model.config.kv_channels)
     device = model.rotary_pos_emb.inv_freq.device if hasattr(model, "rotary_pos_emb") else None
-    common = dict(rotary_interleaved=config.rotary_interleaved,
-                  use_cpu_initialization=config.use_cpu_initialization,
-                  cp_group=model.pg_collection.cp)
-    set_yarn_config(config, rope)
-    if needs_phoenix_module(rope):
-        module = _rotary_embedding_cls()(rope, head_dim, **common)
-    elif kwargs["position_embedding_type"] == "yarn":
-        module = YarnRotaryEmbedding(
-            kv_channels=head_dim, rotary_percent=model.rotary_percent, rotary_base=rope.base,
-            scaling_factor=config.yarn_rotary_scaling_factor,
-            original_max_position_embeddings=config.yarn_original_max_position_embeddings,
-            beta_fast=config.yarn_beta_fast, beta_slow=config.yarn_beta_slow,
-            mscale=config.yarn_mscale, mscale_all_dim=config.yarn_mscale_all_dim,
-            correction_range_round_to_int=config.yarn_correction_range_round_to_int, **common)
-    else:
-        module = RotaryEmbedding(
-            kv_channels=head_dim, rotary_percent=model.rotary_percent,
-            seq_len_interpolation_factor=kwargs.get("seq_len_interpolation_factor"),
-            rotary_base=kwargs["rotary_base"], rope_scaling=kwargs.get("rope_scaling", False),
-            rope_scaling_factor=kwargs.get("rope_scaling_factor", 8.0), **common)
+    set_yarn_config(model.config, rope)
+    module = rotary_module(rope, model)
     if device is not None and module.inv_freq.device != device:
         module.inv_freq = module.inv_freq.to(device)
     model.rotary_pos_emb = module

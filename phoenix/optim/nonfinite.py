@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from phoenix.model import unwrap
 from phoenix.runtime import any_rank
-
-
-def _unwrap(chunk):
-    return getattr(chunk, "module", chunk)
 
 
 def _all_finite(local_ok: bool) -> bool:
@@ -53,7 +50,7 @@ def nonfinite_state(model_chunks, optimizer) -> list[str]:
     finite). Not collective; see :func:`state_is_finite`."""
     bad = []
     for chunk in model_chunks:
-        for name, p in _unwrap(chunk).named_parameters():
+        for name, p in unwrap(chunk).named_parameters():
             if not bool(torch.isfinite(p.detach()).all()):
                 bad.append(name)
     if optimizer is not None:

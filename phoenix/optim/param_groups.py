@@ -46,6 +46,7 @@ import torch
 
 from phoenix.config.optim import FreezeConfig, ParamGroupRule, matches_any
 from phoenix.config.typed import ConfigError
+from phoenix.model import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +58,6 @@ _LAYER_MODULE = re.compile(r"^(?P<stack>(?:.*\.)?layers)\.(?P<index>\d+)$")
 _EMBEDDING = "embedding.word_embeddings.weight"
 
 
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    # DistributedDataParallel and Float16Module both keep the model in ``.module``.
-    while isinstance(getattr(chunk, "module", None), torch.nn.Module):
-        chunk = chunk.module
-    return chunk
-
-
 def global_param_names(model_chunks) -> dict[int, str]:
     """``id(param) -> global name`` for every parameter of this rank's model chunks.
 
@@ -73,7 +67,7 @@ def global_param_names(model_chunks) -> dict[int, str]:
     """
     names: dict[int, str] = {}
     for chunk in model_chunks:
-        model = _unwrap(chunk)
+        model = unwrap(chunk)
         local = dict(model.named_parameters())
         for module_name, module in model.named_modules():
             match = _LAYER_MODULE.match(module_name)
@@ -94,7 +88,7 @@ def _trainable(model_chunks) -> list[tuple[str, torch.nn.Parameter]]:
     names = global_param_names(model_chunks)
     out, seen = [], set()
     for chunk in model_chunks:
-        for param in _unwrap(chunk).parameters():
+        for param in unwrap(chunk).parameters():
             if param.requires_grad and id(param) not in seen:  # megatron skips the others
                 seen.add(id(param))
                 out.append((names[id(param)], param))

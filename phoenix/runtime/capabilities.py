@@ -37,7 +37,7 @@ def check_capabilities(cfg: RunConfig) -> None:
     """Raise ConfigError naming the key when ``cfg`` needs what this setup lacks."""
     p = cfg.parallel
     # MoE under TP (which megatron trains only with SP) gets phoenix's SP-capable torch
-    # norms on the local spec (phoenix.model.norms); dense models keep the TE requirement.
+    # norms on the local spec (phoenix.model.sequence_parallel); dense models keep the TE requirement.
     if p.sequence_parallel and cfg.model.moe is None and not (cfg.runtime.device == "cuda"
                                                              and te_available()):
         why = ("runtime.device is cpu" if cfg.runtime.device != "cuda"

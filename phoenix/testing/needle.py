@@ -30,21 +30,17 @@ def needle_greedy(config: dict, overrides: list[str], checkpoint: str, needle: d
     process): also the greedy tokens from a plain argmax over the full logits."""
     import torch
 
-    from phoenix.checkpoint import CheckpointManager
-    from phoenix.checkpoint.manager import resolve_checkpoint
+    from phoenix.checkpoint import load_model
     from phoenix.config.eval import NeedleConfig
     from phoenix.eval.needle_run import NeedleEvaluator
-    from phoenix.model import build_model
     from phoenix.runtime import init_runtime
-    from phoenix.tokenizer import load_tokenizer
+    from phoenix.tokenizer import load_tokenizer, model_vocab_size
 
     cfg = build_config(config, overrides)
     layout = init_runtime(cfg)
     tokenizer = load_tokenizer(cfg.tokenizer)
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
-    model = build_model(cfg, layout, vocab, wrap_ddp=False)
-    path = resolve_checkpoint(checkpoint)
-    CheckpointManager(path.parent, layout.rank, layout.world_size).load_weights(path, model)
+    vocab = model_vocab_size(cfg, tokenizer)
+    model = load_model(checkpoint, cfg, layout, vocab_size=vocab)
     evaluator = NeedleEvaluator(model, layout, NeedleConfig(**needle), tokenizer,
                                 vocab_size=vocab, micro_batch_size=2)
     tasks = evaluator.tasks(cfg.data.seq_length)

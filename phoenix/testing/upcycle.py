@@ -11,15 +11,9 @@ from phoenix.config import build_config
 
 
 def _load(cfg, layout, checkpoint: str):
-    from phoenix.checkpoint import CheckpointManager
-    from phoenix.checkpoint.manager import resolve_checkpoint
-    from phoenix.model import build_model
+    from phoenix.checkpoint import load_model
 
-    path = resolve_checkpoint(checkpoint)
-    (gpt,) = build_model(cfg, layout, cfg.model.vocab_size, wrap_ddp=False)
-    manager = CheckpointManager(path.parent, layout.rank, layout.world_size)
-    manager.check_compatible(path, [gpt])
-    manager.load_weights(path, [gpt])
+    (gpt,) = load_model(checkpoint, cfg, layout)
     return gpt.eval()
 
 

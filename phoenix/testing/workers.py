@@ -223,10 +223,10 @@ def direct_eval_metrics(gpt, cfg, eval_cfg) -> dict:
 
     from phoenix.data.samples import SampleReader, build_sample_index
     from phoenix.eval.metrics import token_stats
-    from phoenix.tokenizer import load_tokenizer
+    from phoenix.tokenizer import load_tokenizer, model_vocab_size
 
     tokenizer = load_tokenizer(cfg.tokenizer)
-    vocab = cfg.model.vocab_size or tokenizer.vocab_size
+    vocab = model_vocab_size(cfg, tokenizer)
     was_training = gpt.training
     gpt.eval()
     direct = {}

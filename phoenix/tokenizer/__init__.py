@@ -8,9 +8,9 @@ one from ``tokenizer.model`` (by file type) or ``tokenizer.hf_dir``.
 from __future__ import annotations
 
 import os
-from typing import Union
+from typing import Optional, Union
 
-from phoenix.config import TokenizerConfig
+from phoenix.config import RunConfig, TokenizerConfig
 from phoenix.tokenizer.hf_tokenizer import HFTokenizer
 from phoenix.tokenizer.sentencepiece_tokenizer import SentencePieceTokenizer, train_sentencepiece
 
@@ -37,5 +37,15 @@ def load_tokenizer(source: TokenizerConfig | str | os.PathLike[str]) -> Tokenize
     return SentencePieceTokenizer(path)
 
 
+def model_vocab_size(cfg: RunConfig, tokenizer: Optional[Tokenizer] = None) -> int:
+    """The vocabulary a run's model is built for (embedding and output rows before
+    padding): ``model.vocab_size``, else the tokenizer's size. ``tokenizer``: the run's
+    (``cfg.tokenizer``), loaded here only when it is needed and not given, raising what
+    :func:`load_tokenizer` raises."""
+    if cfg.model.vocab_size is not None:
+        return cfg.model.vocab_size
+    return (tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)).vocab_size
+
+
 __all__ = ["HFTokenizer", "SentencePieceTokenizer", "Tokenizer", "load_tokenizer",
-           "train_sentencepiece"]
+           "model_vocab_size", "train_sentencepiece"]

@@ -95,12 +95,12 @@ def format_description(d: dict) -> str:
 
 def vocab_size_of(cfg, given: int | None = None) -> int | None:
     """``model.vocab_size``, else ``given``, else the tokenizer's when its file exists."""
-    if cfg.model.vocab_size or given:
-        return cfg.model.vocab_size or given
-    if os.path.exists(cfg.tokenizer.path):
-        from phoenix.tokenizer import load_tokenizer
+    from phoenix.tokenizer import model_vocab_size
 
-        return load_tokenizer(cfg.tokenizer).vocab_size
+    if cfg.model.vocab_size is None and given:
+        return given
+    if cfg.model.vocab_size is not None or os.path.exists(cfg.tokenizer.path):
+        return model_vocab_size(cfg)
     return None
 
 

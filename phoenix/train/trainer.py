@@ -47,6 +47,7 @@ from phoenix.optim.nonfinite import local_grads_finite
 from phoenix.runtime import ParallelLayout, any_rank, claim_run_dir, on_every_rank
 from phoenix.runtime.device_tracking import mark_host
 from phoenix.runtime.preemption import StopRequest
+from phoenix.tokenizer import model_vocab_size
 from phoenix.train.manual_gc import ManualGC
 from phoenix.train.step import batch_report, forward_step, reduce_loss
 
@@ -173,7 +174,7 @@ class Trainer:
         # Resume, init_from or fresh: decided under the lock (a job that just ended may have
         # saved a newer checkpoint), and before any model exists.
         self.restore_plan = on_every_rank(plan_restore, cfg)
-        vocab_size = cfg.model.vocab_size or tokenizer.vocab_size
+        vocab_size = model_vocab_size(cfg, tokenizer)
         if layout.rank == 0:
             atomic_write_text(self.out_dir / "config.yaml", self.config_yaml)
             log.info("run '%s': %s -> %s", cfg.name, layout.describe(), self.out_dir)
@@ -189,7 +190,9 @@ class Trainer:
                         "that continues every dataset's stream): %s", step_of(plan.path),
                         "; ".join(plan.data_changed))
         self.stages = rebase(cfg.resolved.stages, data_resume)
-        self.model = build_model(cfg, layout, vocab_size)
+        # Built with the RoPE of the step it starts from (a stage's own rope included).
+        self.model = build_model(cfg, layout, vocab_size,
+                                 rope=self.stages.stage_at(plan.start_step).rope)
         o = cfg.optim
         self.optimizer = build_optimizer(cfg, self.model, layout, param_rules=o.param_groups,
                                          freeze=o.freeze)
@@ -254,8 +257,7 @@ class Trainer:
 
     def _switch_rope(self, stage) -> None:
         """Give the model the stage's RoPE when it differs from the one it has (a context-
-        extension stage begins, or a resume into one: the model is built with
-        ``model.rope`` and RoPE frequencies are not checkpointed)."""
+        extension stage begins; the model is built with the RoPE of its start step)."""
         if stage.rope is None:
             return
         old = [current_rope(chunk) for chunk in self.model]
