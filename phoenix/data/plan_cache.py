@@ -22,6 +22,7 @@ from phoenix.data.plan import DataPlan, PlanInputs
 from phoenix.data.plan_source import load_or_build_plan
 from phoenix.data.stage_plans import StagedSource, StagePlanInputs, stage_plans
 from phoenix.runtime.startup import RankView, all_gather, broadcast, dir_views
+from phoenix.tokenizer import model_vocab_size
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = 
     else the tokenizer's size, as the model is built); an id outside it raises DataError
     naming the dataset and sample when it is read, before the forward pass.
     """
-    vocab_size = vocab_size or cfg.model.vocab_size or tokenizer.vocab_size
+    vocab_size = vocab_size or model_vocab_size(cfg, tokenizer)
     if rank == 0:
         warn_unchecked_tokenizers(cfg)
     directory = cache_dir(cfg)

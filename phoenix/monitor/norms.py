@@ -173,12 +173,6 @@ def _group(layout, name: str) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):  # DDP (and Float16Module) wrappers
-        chunk = chunk.module
-    return chunk
-
-
 class NormMonitor(Callback):
     """Logs ``grad_norm/``, ``param_norm/``, ``update_norm/``, ``update_ratio/`` scalars.
 
@@ -209,8 +203,8 @@ class NormMonitor(Callback):
         if not self.interval:
             return
         num_layers = trainer.model[0].config.num_layers
-        self._entries = [e for chunk in trainer.model
-                         for e in named_parameter_keys(_unwrap(chunk), num_layers)]
+        self._entries = [e for gpt in trainer.gpt_models
+                         for e in named_parameter_keys(gpt, num_layers)]
         # Every rank must reduce the same fixed-order vector: agree on the union of keys.
         local = sorted({key for key, _, _ in self._entries})
         gathered = [None] * dist.get_world_size()

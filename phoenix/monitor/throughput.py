@@ -142,12 +142,6 @@ def default_peak_tflops(device_name: str | None, precision: str = "bf16") -> flo
     return None
 
 
-def _unwrap(chunk):
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
-
-
 class ThroughputMonitor(Callback):
     """Writes the ``throughput/`` and ``memory/`` tags listed in the module docstring.
 
@@ -178,7 +172,7 @@ class ThroughputMonitor(Callback):
         self._cuda = layout.device.type == "cuda"
         if self.flops_per_token is None:
             # The padded vocabulary of the output layer (GPTModel keeps it on every stage).
-            self._vocab = _unwrap(trainer.model[0]).vocab_size
+            self._vocab = trainer.gpt_models[0].vocab_size
         if self.peak_tflops is None and self._cuda:
             name = torch.cuda.get_device_name(layout.device)
             self.peak_tflops = default_peak_tflops(name, cfg.train.precision)

@@ -28,7 +28,7 @@ from phoenix.data.loader import GlobalBatchLoader
 from phoenix.data.data_resume import DataResume, rebase
 from phoenix.data.plan_cache import build_source
 from phoenix.io import atomic_write_text
-from phoenix.model import build_model, current_rope, install_rope
+from phoenix.model import build_model, current_rope, install_rope, unwrap
 from phoenix.model.builder import uses_te_spec
 from phoenix.monitor import (
     ConsoleLogger,
@@ -234,6 +234,12 @@ class Trainer:
             config.grad_sync_func = self.model[0].start_grad_sync
         if ddp.overlap_param_gather and ddp.align_param_gather:  # the schedule starts the gathers
             config.param_sync_func = self.model[0].start_param_sync
+
+    @property
+    def gpt_models(self) -> list:
+        """The GPTModel of each model chunk, wrappers (DDP, Float16Module) removed: what
+        callbacks read parameters and sizes from (monitor/ does not import model/)."""
+        return [unwrap(chunk) for chunk in self.model]
 
     # -- the trainer's own checkpoint state ------------------------------------------
     def state_dict(self) -> dict:

@@ -218,7 +218,7 @@ def test_monitor_counts_moe_flops_from_the_model_config():
 
     trainer, tb = _fake_trainer(world=2)
     trainer.cfg.model = build_config(base(model={"preset": "tiny_moe"})).model
-    trainer.model = [SimpleNamespace(vocab_size=512)]
+    trainer.gpt_models = [SimpleNamespace(vocab_size=512)]
     _run(ThroughputMonitor(interval=1), trainer, 1)
     L, h, d, n_q, n_kv, E, k, f, s, V = 4, 64, 16, 4, 2, 4, 2, 64, 64, 512
     attn = h * (n_q * d + 2 * n_kv * d) + n_q * d * h
