@@ -88,9 +88,10 @@ class RestorePlan:
         return (self.bundle or {}).get("states", {}).get("trainer", {}).get("data_resume")
 
 
-def plan_restore(cfg: RunConfig) -> RestorePlan:
+def plan_restore(cfg: RunConfig, vocab_size: Optional[int] = None) -> RestorePlan:
     """Decide resume / init_from / fresh for ``cfg``, checking ``checkpoint.init_from``
-    (exists, complete, not inside this run, has optimizer state when asked for).
+    (exists, complete, not inside this run, has optimizer state when asked for, built for
+    this run's vocabulary ``vocab_size``: the trainer's resolved one; None: derived here).
 
     Raises CheckpointError or ConfigError naming the key and the path."""
     ckpt = cfg.checkpoint
@@ -110,7 +111,7 @@ def plan_restore(cfg: RunConfig) -> RestorePlan:
     if ckpt.init_optimizer and not read_checkpoint_state(source).get("has_optimizer", True):
         raise ConfigError(f"checkpoint.init_optimizer: {source} has no optimizer state (it was "
                           f"saved before the first step); load weights only")
-    check_init_vocab(source, cfg)
+    check_init_vocab(source, cfg, vocab_size)
     return RestorePlan("init_from", source, honoured=tuple(rope_changes(source, cfg)))
 
 
@@ -124,7 +125,7 @@ def _vocab_of(cfg: RunConfig) -> Optional[int]:
         return None
 
 
-def check_init_vocab(source: Path, cfg: RunConfig) -> None:
+def check_init_vocab(source: Path, cfg: RunConfig, vocab_size: Optional[int] = None) -> None:
     """Refuse ``checkpoint.init_from`` of a checkpoint built for another vocabulary size.
 
     Embedding and output rows are indexed by token id, and padding to a multiple of 128
@@ -139,7 +140,7 @@ def check_init_vocab(source: Path, cfg: RunConfig) -> None:
         saved = load_saved_config(source / "config.yaml")
     except (OSError, ValueError):
         return
-    theirs, mine = _vocab_of(saved), _vocab_of(cfg)
+    theirs, mine = _vocab_of(saved), vocab_size if vocab_size is not None else _vocab_of(cfg)
     if theirs is None or mine is None or theirs == mine:
         return
     hint = (f"grow it with phoenix expand-vocab OLD_TOKENIZER --tokenizer "

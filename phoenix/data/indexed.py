@@ -80,6 +80,18 @@ def _describe(e: Exception) -> str:
             f"{(frame.line or '').strip()}")
 
 
+def check_tokenizer(prefix: str, tokenizer, key: str, against: str) -> None:
+    """Refuse ``prefix`` when its ``.meta.json`` records another tokenizer's fingerprint
+    than ``tokenizer``'s (ConfigError naming ``key``, the prefix and ``against``, the
+    tokenizer's own key and path); a prefix without a recorded fingerprint passes."""
+    from phoenix.config import ConfigError
+
+    fingerprint = (read_meta(prefix) or {}).get("tokenizer_fingerprint")
+    if fingerprint and fingerprint != tokenizer.fingerprint:
+        raise ConfigError(f"{key}: '{prefix}' was tokenised with a different tokenizer than "
+                          f"{against} (fingerprints differ)")
+
+
 def read_meta(prefix: str) -> dict | None:
     """``prefix.meta.json`` written by ``phoenix preprocess``, if present."""
     path = Path(prefix + ".meta.json")

@@ -54,9 +54,8 @@ class EvalCallback(Callback):
         """(step, result) of every needle evaluation this process ran."""
 
     def on_train_start(self, trainer) -> None:
-        from phoenix.tokenizer import load_tokenizer, model_vocab_size
-
-        tokenizer = load_tokenizer(trainer.cfg.tokenizer)
+        inputs = trainer.inputs  # the run's tokenizer and vocabulary, resolved once
+        tokenizer = inputs.tokenizer
 
         def make_evaluator(seq_length: int) -> Evaluator:
             return Evaluator.from_run_config(trainer.model, trainer.layout, trainer.cfg, self.cfg,
@@ -69,22 +68,15 @@ class EvalCallback(Callback):
             cfg = trainer.cfg
             self.needle = NeedleEvaluator(
                 trainer.model, trainer.layout, self.cfg.needle, tokenizer,
-                vocab_size=model_vocab_size(cfg, tokenizer),
+                vocab_size=inputs.vocab_size,
                 micro_batch_size=self.cfg.micro_batch_size or cfg.train.micro_batch_size)
             for stage in trainer.stages.stages:  # prompt errors (a length too short) now
                 self.needle.tasks(stage.seq_length)
-        train_prefixes = {d.prefix for d in trainer.cfg.data.datasets}
-        if trainer.layout.rank == 0:
-            for s in self.cfg.sets:
-                if s.prefix in train_prefixes:
-                    log.warning("eval set '%s': %s is also a training dataset; it is not held "
-                                "out", s.display_name, s.prefix)
 
     def _due(self, trainer, step: int) -> bool:
-        train = trainer.cfg.train
-        last_step = min(train.steps, train.stop_at_step or train.steps)
         # at_end: the last step of this job (a run may stop early, to be resumed).
-        return is_logging_step(step, self.cfg.interval) or (self.cfg.at_end and step == last_step)
+        return (is_logging_step(step, self.cfg.interval)
+                or (self.cfg.at_end and step == trainer.inputs.last_step))
 
     def on_step_end(self, trainer, m: StepMetrics) -> None:
         if self._make_evaluator is None or not self._due(trainer, m.step):

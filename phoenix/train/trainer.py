@@ -19,10 +19,8 @@ import torch.distributed as dist
 
 from phoenix.checkpoint import Checkpointer, plan_restore, sweep_unfinished_saves
 from phoenix.checkpoint.manager import step_of
-from phoenix.config import ConfigError, RunConfig, dump_config
-from phoenix.data.indexed import check_prefix, read_meta
+from phoenix.config import RunConfig, dump_config
 from phoenix.eval.callback import EvalCallback
-from phoenix.eval.inputs import check_eval_inputs
 from phoenix.data.documents import DocumentInputs
 from phoenix.data.loader import GlobalBatchLoader
 from phoenix.data.data_resume import DataResume, rebase
@@ -47,7 +45,7 @@ from phoenix.optim.nonfinite import local_grads_finite
 from phoenix.runtime import ParallelLayout, any_rank, claim_run_dir, on_every_rank
 from phoenix.runtime.device_tracking import mark_host
 from phoenix.runtime.preemption import StopRequest
-from phoenix.tokenizer import model_vocab_size
+from phoenix.train.inputs import RunInputs, check_inputs
 from phoenix.train.manual_gc import ManualGC
 from phoenix.train.step import batch_report, forward_step, reduce_loss
 
@@ -72,33 +70,6 @@ class TrainState:
     data_resume: dict | None = None
     """The latest implicit stage boundary (a resume that changed the data of the stage in
     progress; phoenix.data.data_resume.DataResume as a dict), None if there was none."""
-
-
-def check_inputs(cfg: RunConfig):
-    """Tokenizer, data and eval-set checks that must fail before any model is built;
-    returns the tokenizer."""
-    from phoenix.tokenizer import load_tokenizer
-
-    key = "tokenizer.model" if cfg.tokenizer.model is not None else "tokenizer.hf_dir"
-    try:
-        tokenizer = load_tokenizer(cfg.tokenizer)
-    except (OSError, RuntimeError, ValueError) as e:  # sentencepiece: RuntimeError on a bad file
-        raise ConfigError(f"{key}: cannot load {cfg.tokenizer.path}: {e}") from None
-    if cfg.model.vocab_size is not None and tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: the tokenizer {cfg.tokenizer.path} has {tokenizer.vocab_size} "
-            f"tokens, more than the model's vocab_size {cfg.model.vocab_size}")
-    for i, entry in enumerate(cfg.data.datasets):
-        check_prefix(entry.prefix)
-        meta = read_meta(entry.prefix)
-        fingerprint = (meta or {}).get("tokenizer_fingerprint")
-        if fingerprint and fingerprint != tokenizer.fingerprint:
-            raise ConfigError(
-                f"data.datasets[{i}]: '{entry.prefix}' was tokenised with a different tokenizer "
-                f"than {key} {cfg.tokenizer.path} (fingerprints differ)")
-    for warning in check_eval_inputs(cfg.eval, tokenizer, [e.prefix for e in cfg.data.datasets]):
-        log.warning(warning)
-    return tokenizer
 
 
 class Trainer:
@@ -165,7 +136,8 @@ class Trainer:
         ConfigError, DataError or CheckpointError (naming the key or file) before any
         model is built when the inputs are wrong."""
         cfg, layout = self.cfg, self.layout
-        tokenizer = on_every_rank(check_inputs, cfg)  # fails on every rank, or on none
+        self.inputs: RunInputs = on_every_rank(check_inputs, cfg)  # fails on every rank, or none
+        tokenizer = self.inputs.tokenizer
         if layout.rank == 0:  # before any write: a dead job's unfinished save may fill the disk
             for name, size in sweep_unfinished_saves(self.out_dir):
                 log.info("removed %s (%d bytes), the unfinished save of an earlier job", name, size)
@@ -173,8 +145,8 @@ class Trainer:
         self.run_lock = claim_run_dir(self.out_dir, layout.rank)
         # Resume, init_from or fresh: decided under the lock (a job that just ended may have
         # saved a newer checkpoint), and before any model exists.
-        self.restore_plan = on_every_rank(plan_restore, cfg)
-        vocab_size = model_vocab_size(cfg, tokenizer)
+        self.restore_plan = on_every_rank(plan_restore, cfg, vocab_size=self.inputs.vocab_size)
+        vocab_size = self.inputs.vocab_size
         if layout.rank == 0:
             atomic_write_text(self.out_dir / "config.yaml", self.config_yaml)
             log.info("run '%s': %s -> %s", cfg.name, layout.describe(), self.out_dir)
@@ -205,7 +177,7 @@ class Trainer:
         self.loader = GlobalBatchLoader(source, self.stages, cfg.train.micro_batch_size,
                                  layout.dp_rank, layout.dp_size, cfg.train.steps,
                                  prefetch=cfg.data.prefetch_batches,
-                                 transform=DocumentInputs.from_config(cfg.data, tokenizer.eod_id))
+                                 transform=DocumentInputs.from_config(cfg.data, self.inputs.eod_id))
         self.cp_group = layout.cp_group if cfg.parallel.context > 1 else None
         self.forward_step = partial(forward_step, packed=uses_te_spec(layout),
                                     cp_group=self.cp_group)
@@ -289,7 +261,7 @@ class Trainer:
             cb.on_train_start(self)
         if cfg.checkpoint.save_initial and state.step == 0:
             self._after_save(self.checkpointer.save_now(0))
-        last_step = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+        last_step = self.inputs.last_step
         t_callbacks = 0.0  # time the callbacks of the previous step took (logging cost)
         stop = StopRequest(cfg.train.time_limit_minutes).install()
         try:
