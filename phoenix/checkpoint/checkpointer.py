@@ -46,7 +46,7 @@ from phoenix.model.param_sync import gathered_params
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # Format 1 keyed callback state by class name; the stable keys that replaced them.
 _V1_CALLBACK_KEYS = {"DatasetLossMonitor": "dataset_loss"}
@@ -75,17 +75,20 @@ class RestorePlan:
     data_changed: tuple = ()
     """Resume: changes to the data of begun stages (an implicit stage boundary)."""
     bundle: Optional[dict] = None
-    """Resume: the checkpoint's state bundle, in the current format."""
+    """Resume and init_from: the checkpoint's state bundle, in the current format (read
+    once, here)."""
 
     @property
     def start_step(self) -> int:
-        """The step the run starts from: the checkpoint's on resume, else 0."""
-        return step_of(self.path) if self.kind == "resume" else 0
+        """The step the run starts from: the checkpoint's (its bundle's ``step``, the one
+        place a step is read from) on resume, else 0."""
+        return int(self.bundle["step"]) if self.kind == "resume" else 0
 
     @property
     def data_resume(self) -> Optional[dict]:
-        """Resume: the implicit stage boundary the checkpoint's run already had, if any."""
-        return (self.bundle or {}).get("states", {}).get("trainer", {}).get("data_resume")
+        """Resume: the implicit stage boundary the checkpoint's run already had, if any
+        (the data layer's ``"data"`` state)."""
+        return (self.bundle or {}).get("states", {}).get("data", {}).get("data_resume")
 
 
 def plan_restore(cfg: RunConfig, vocab_size: Optional[int] = None) -> RestorePlan:
@@ -108,11 +111,13 @@ def plan_restore(cfg: RunConfig, vocab_size: Optional[int] = None) -> RestorePla
     if source.resolve().is_relative_to(Path(cfg.output_dir).resolve()):
         raise ConfigError(f"checkpoint.init_from: {source} lies inside this run's output_dir "
                           f"(it would be resumed, not initialised from); use checkpoint.resume")
-    if ckpt.init_optimizer and not read_checkpoint_state(source).get("has_optimizer", True):
+    bundle = read_checkpoint_state(source)
+    if ckpt.init_optimizer and not bundle.get("has_optimizer", True):
         raise ConfigError(f"checkpoint.init_optimizer: {source} has no optimizer state (it was "
                           f"saved before the first step); load weights only")
     check_init_vocab(source, cfg, vocab_size)
-    return RestorePlan("init_from", source, honoured=tuple(rope_changes(source, cfg)))
+    return RestorePlan("init_from", source, honoured=tuple(rope_changes(source, cfg)),
+                       bundle=bundle)
 
 
 def _vocab_of(cfg: RunConfig) -> Optional[int]:
@@ -158,9 +163,11 @@ def upgrade_bundle(bundle: dict, path: Path, cfg: RunConfig) -> dict:
     version = bundle.get("format", 1)
     if version == FORMAT_VERSION:
         return bundle
+    if version == 2:
+        return _upgrade_v2(bundle)
     if version != 1:
         raise CheckpointError(f"checkpoint {path} has format version {version}; this phoenix "
-                              f"reads versions 1 and {FORMAT_VERSION} (a newer phoenix wrote it)")
+                              f"reads versions 1 to {FORMAT_VERSION} (a newer phoenix wrote it)")
     if "trainer" not in bundle:
         raise CheckpointError(f"checkpoint {path} (format version 1) has no trainer state; it "
                               f"cannot be resumed, only used as checkpoint.init_from")
@@ -173,9 +180,19 @@ def upgrade_bundle(bundle: dict, path: Path, cfg: RunConfig) -> dict:
         else:
             log.warning("checkpoint %s (format version 1): state of callback %s is not read",
                         path, name)
-    return {"format": FORMAT_VERSION, "step": int(bundle["trainer"]["step"]),
-            "world_size": bundle.get("world_size"),
-            "has_optimizer": bundle.get("has_optimizer", True), "states": states}
+    return _upgrade_v2({"format": 2, "step": int(bundle["trainer"]["step"]),
+                        "world_size": bundle.get("world_size"),
+                        "has_optimizer": bundle.get("has_optimizer", True), "states": states})
+
+
+def _upgrade_v2(bundle: dict) -> dict:
+    """Format 2 kept the data layer's resume state inside the trainer's; format 3 gives it
+    its own key, ``"data"`` (phoenix.data.data_resume.DataState)."""
+    states = dict(bundle["states"])
+    trainer = dict(states.get("trainer", {}))
+    states["data"] = {"data_resume": trainer.pop("data_resume", None)}
+    states["trainer"] = trainer
+    return {**bundle, "format": FORMAT_VERSION, "states": states}
 
 
 def _upgrade_v1_scheduler(state: dict, path: Path, cfg: RunConfig) -> dict:
@@ -222,9 +239,9 @@ class Checkpointer:
         a one-line description for the log."""
         if plan.kind == "resume":
             self.manager.check_compatible(plan.path, self.model)
-            with self._keeping_group_settings():
-                self.manager.load(plan.path, self.model, self.optimizer)
             bundle = plan.bundle  # read and upgraded once, by plan_restore
+            with self._keeping_group_settings():
+                self.manager.load(plan.path, self.model, self.optimizer, bundle)
             for key, obj in self.stateful.items():
                 if key in bundle["states"]:
                     obj.load_state_dict(bundle["states"][key])
@@ -240,7 +257,8 @@ class Checkpointer:
             self.manager.check_compatible(plan.path, self.model)
             if self.ckpt.init_optimizer:
                 with self._keeping_group_settings():
-                    self.manager.load(plan.path, self.model, self.optimizer, load_rng=False)
+                    self.manager.load(plan.path, self.model, self.optimizer, plan.bundle,
+                                      load_rng=False)
                 what = "weights and optimizer state"
             else:
                 self.manager.load_weights(plan.path, self.model)

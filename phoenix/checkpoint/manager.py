@@ -272,14 +272,15 @@ class CheckpointManager:
     def latest(self) -> Path | None:
         return find_latest(self.root)
 
-    def load(self, path: Path, model_chunks, optimizer, load_rng: bool = True) -> dict:
-        """Load model + optimizer (resharding as needed) and return the checkpoint's state
-        bundle as saved (see phoenix.checkpoint.checkpointer for its format)."""
+    def load(self, path: Path, model_chunks, optimizer, bundle: dict | None = None,
+             load_rng: bool = True) -> dict:
+        """Load model + optimizer (resharding as needed). ``bundle``: the checkpoint's state
+        bundle as the caller already read it (read here when None); returned."""
         from megatron.core import dist_checkpointing
 
         if not _is_complete(path):
             raise CheckpointError(f"checkpoint {path} is incomplete")
-        state = read_checkpoint_state(path)
+        state = bundle if bundle is not None else read_checkpoint_state(path)
         if not state.get("has_optimizer", True):
             optimizer = None  # e.g. the step-0 checkpoint: Adam has no state before step 1
         model_sd = _model_sharded_state_dict(model_chunks)

@@ -6,7 +6,8 @@ sequence length; see phoenix.checkpoint.resume_contract), the run continues at s
 stream continues exactly where the interrupted run's plans had consumed it by step
 ``r`` -- what ``stages:`` does at a planned boundary. A :class:`DataResume` records that
 point (the step, the samples consumed before it, each dataset's stream position); it is
-kept in the trainer's checkpoint state, so later resumes rebuild the same plans.
+kept in the checkpoint under the data layer's own key (:class:`DataState`, ``"data"``), so
+later resumes rebuild the same plans.
 
 Exactness: for an ungrouped dataset the plan consumes its stream in order, so the stream
 position after batch ``k`` of a stage is the stage's start offset plus the dataset's
@@ -96,3 +97,24 @@ def streams_at(plans: list, step: int, start: Optional[DataResume] = None,
             offset = int(spi.inputs.start_offsets[d]) + int(np.sum(plan.counts[:inside, d], dtype=np.int64))
             streams[name] = (key[0], key[1], offset, n)
     return streams
+
+
+class DataState:
+    """The data layer's resumable state in a checkpoint (key ``"data"``): the latest
+    implicit stage boundary of the run (:class:`DataResume`), None when there was none.
+
+    Read before any model is built (the plans depend on it), so the checkpointer hands
+    the saved value to ``build_source`` from its restore plan; ``load_state_dict`` only
+    checks that what the source was built with is what the checkpoint holds."""
+
+    def __init__(self, resume: Optional[DataResume] = None):
+        self.resume = resume
+
+    def state_dict(self) -> dict:
+        return {"data_resume": self.resume.to_dict() if self.resume else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        saved = DataResume.from_dict(state.get("data_resume"))
+        if saved is not None and self.resume is None:
+            raise ValueError("DataState: the checkpoint has a data boundary the source was not "
+                             "built with")

@@ -18,12 +18,11 @@ import torch
 import torch.distributed as dist
 
 from phoenix.checkpoint import Checkpointer, plan_restore, sweep_unfinished_saves
-from phoenix.checkpoint.manager import step_of
 from phoenix.config import RunConfig, dump_config
 from phoenix.eval.callback import EvalCallback
 from phoenix.data.documents import DocumentInputs
 from phoenix.data.loader import GlobalBatchLoader
-from phoenix.data.data_resume import DataResume, rebase
+from phoenix.data.data_resume import DataResume, DataState, rebase
 from phoenix.data.plan_cache import build_source
 from phoenix.io import atomic_write_text
 from phoenix.model import build_model, current_rope, install_rope, unwrap
@@ -67,9 +66,6 @@ class TrainState:
     skipped_steps: int = 0
     stage_starts: dict[str, int] = field(default_factory=dict)
     """Step at which each stage that has begun began (by stage name)."""
-    data_resume: dict | None = None
-    """The latest implicit stage boundary (a resume that changed the data of the stage in
-    progress; phoenix.data.data_resume.DataResume as a dict), None if there was none."""
 
 
 class Trainer:
@@ -156,10 +152,10 @@ class Trainer:
         plan = self.restore_plan
         source, data_resume = build_source(
             cfg, layout.rank, tokenizer, resume=DataResume.from_dict(plan.data_resume),
-            changed_from=(plan.old_config, step_of(plan.path)) if plan.data_changed else None)
+            changed_from=(plan.old_config, plan.start_step) if plan.data_changed else None)
         if plan.data_changed and layout.rank == 0:
             log.warning("resume: the data changes from step %s on (an implicit stage boundary "
-                        "that continues every dataset's stream): %s", step_of(plan.path),
+                        "that continues every dataset's stream): %s", plan.start_step,
                         "; ".join(plan.data_changed))
         self.stages = rebase(cfg.resolved.stages, data_resume)
         # Built with the RoPE of the step it starts from (a stage's own rope included).
@@ -181,7 +177,8 @@ class Trainer:
         self.cp_group = layout.cp_group if cfg.parallel.context > 1 else None
         self.forward_step = partial(forward_step, packed=uses_te_spec(layout),
                                     cp_group=self.cp_group)
-        stateful = {"trainer": self, "scheduler": self.scheduler}
+        # The data layer's own state (its latest implicit stage boundary), under "data".
+        stateful = {"trainer": self, "scheduler": self.scheduler, "data": DataState(data_resume)}
         for cb in self.callbacks:
             key = getattr(cb, "state_key", None)
             if key is not None and hasattr(cb, "state_dict"):
@@ -191,7 +188,6 @@ class Trainer:
         self.checkpointer = Checkpointer(cfg, layout, self.config_yaml, self.model,
                                          self.optimizer, stateful)
         self._log0(self.checkpointer.restore(self.restore_plan))
-        self.state.data_resume = data_resume.to_dict() if data_resume else None
         self.loader.load_state_dict({"step": self.state.step})
 
     def _wire_megatron_hooks(self) -> None:

@@ -73,9 +73,23 @@ def test_format_1_with_other_lr_settings_is_refused(tiny_data, tmp_path):
         upgrade_bundle(v1, tmp_path, changed)
 
 
+def test_format_2_data_resume_moves_to_the_data_key(tiny_data, tmp_path):
+    """Format 2 kept the data layer's implicit stage boundary inside the trainer's state;
+    format 3 keys it "data", and the trainer's state no longer has the field."""
+    boundary = {"step": 4, "start_sample": 32, "streams": {"web": [64, False, 20, 100]}}
+    v2 = {"format": 2, "step": 6, "world_size": 1, "has_optimizer": True,
+          "states": {"trainer": {"step": 6, "consumed_samples": 48, "data_resume": boundary},
+                     "scheduler": {}}}
+    up = upgrade_bundle(v2, tmp_path, _cfg(tiny_data, tmp_path))
+    assert up["format"] == FORMAT_VERSION == 3 and up["step"] == 6
+    assert up["states"]["data"] == {"data_resume": boundary}
+    assert up["states"]["trainer"] == {"step": 6, "consumed_samples": 48}
+    assert v2["states"]["trainer"]["data_resume"] == boundary  # the input is not changed
+
+
 def test_unknown_format_is_refused(tiny_data, tmp_path):
     cfg = _cfg(tiny_data, tmp_path)
-    with pytest.raises(CheckpointError, match=r"has format version 7; .* reads versions 1 and 2"):
+    with pytest.raises(CheckpointError, match=r"has format version 7; .* reads versions 1 to 3"):
         upgrade_bundle({"format": 7, "states": {}}, tmp_path, cfg)
     with pytest.raises(CheckpointError, match=r"format version 1\) has no trainer state"):
         upgrade_bundle({"scheduler": {}}, tmp_path, cfg)

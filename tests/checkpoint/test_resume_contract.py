@@ -190,7 +190,7 @@ def test_data_change_on_resume_continues_every_stream(tiny_data, tmp_path):
     # later checkpoints keep the boundary, so a later resume rebuilds the same plans
     bundle = torch.load(tmp_path / "run" / "checkpoints" / "step_000008" / "phoenix_state.pt",
                         weights_only=False)
-    assert bundle["states"]["trainer"]["data_resume"]["step"] == 4
+    assert bundle["states"]["data"]["data_resume"]["step"] == 4
 
 
 @pytest.mark.slow
