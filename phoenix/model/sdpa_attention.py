@@ -16,7 +16,8 @@ contract (megatron/core/transformer/dot_product_attention.py, megatron-core 0.16
   Attention (cos/sin times mscale) before core attention, so it reaches SDPA unchanged;
 * ``attention_mask``: bool, True = masked (megatron's convention, e.g. phoenix's dense
   causal block-diagonal document mask); given, it replaces the causal mask, as in
-  megatron's unfused softmax. Without one, a causal mask type means ``is_causal``;
+  megatron's unfused softmax, and goes to SDPA as one additive float mask shared by all
+  layers (:func:`additive_mask`). Without one, a causal mask type means ``is_causal``;
 * attention dropout under the model-parallel RNG tracker (as megatron: forked unless
   sequence parallel), so TP ranks draw independent masks.
 
@@ -88,7 +89,7 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         attn_mask, is_causal, gqa = None, False, n_heads != n_groups
         if attention_mask is not None:
-            attn_mask = ~attention_mask  # SDPA: True = attend
+            attn_mask = additive_mask(attention_mask, q.dtype)
             if gqa:  # the masked kernels have no GQA: repeat k/v as megatron's unfused does
                 k = k.repeat_interleave(n_heads // n_groups, dim=1)
                 v = v.repeat_interleave(n_heads // n_groups, dim=1)
@@ -108,6 +109,18 @@ class SDPAttention(MegatronModule):
             context = F.scaled_dot_product_attention(q, k, v, **kwargs)
         # [b, np, sq, hn] -> [sq, b, np * hn]
         return context.permute(2, 0, 1, 3).reshape(sq, b, n_heads * head_dim)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """megatron's bool mask (True = masked) as the additive float mask SDPA would make of
+    it (0 = attend, -inf = masked), made once per mask and shared by every layer: SDPA's own
+    conversion would make, and keep for the backward, one ``2·s²·b``-byte copy per layer."""
+    bias = getattr(mask, "_phoenix_sdpa_bias", None)
+    if bias is None or bias.dtype != dtype:
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
+        bias.masked_fill_(mask, float("-inf"))
+        mask._phoenix_sdpa_bias = bias
+    return bias
 
 
 def _unsupported(config) -> Optional[str]:

@@ -120,3 +120,16 @@ def test_context_parallelism_is_refused():
     with pytest.raises(ValueError, match=r"^model\.attention_backend: sdpa does not support "
                                          r"context parallelism \(parallel\.context=2\)"):
         SDPAttention(config, layer_number=1, attn_mask_type=None, attention_type="self")
+
+
+def test_one_additive_mask_per_document_mask():
+    """Every layer gets the same float mask of a micro-batch's bool mask (SDPA would keep a
+    converted copy per layer): 0 where attention is allowed, -inf elsewhere."""
+    from phoenix.model.attention_inputs import dense_document_mask
+    from phoenix.model.sdpa_attention import additive_mask
+
+    mask = dense_document_mask(torch.tensor([[0, 0, 0, 1, 1]]))
+    bias = additive_mask(mask, torch.float32)
+    assert additive_mask(mask, torch.float32) is bias
+    assert torch.equal(bias == 0, ~mask) and torch.isinf(bias[mask]).all()
+    assert additive_mask(mask, torch.bfloat16).dtype == torch.bfloat16
