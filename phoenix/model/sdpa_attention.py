@@ -95,6 +95,10 @@ class SDPAttention(MegatronModule):
                 v = v.repeat_interleave(n_heads // n_groups, dim=1)
                 gqa = False
         elif mask_type == AttnMaskType.causal:
+            if key.shape[0] != sq:  # SDPA would align the causal mask top-left
+                raise NotImplementedError(
+                    f"model.attention_backend: sdpa has no causal attention of {sq} queries "
+                    f"over {key.shape[0]} keys (a KV cache); use unfused or te")
             is_causal = True
         elif mask_type != AttnMaskType.no_mask:
             raise NotImplementedError(f"model.attention_backend: sdpa needs an attention mask "
