@@ -17,6 +17,11 @@ process (megatron-core keeps its groups in module globals):
   ``phoenix_vs_megatron_core_loader`` the trainer loop and its callbacks.
 * ``phoenix_norm_interval_K`` (``--norm-intervals``): ``phoenix`` again at
   ``logging.norm_interval`` K (0: no NormMonitor).
+* ``megatron_core_B``, ``phoenix_B`` (``--attention-backend A,B,...``): the variants run
+  with ``model.attention_backend`` A (the first: their names carry no suffix); each further
+  backend B reruns ``megatron_core`` and ``phoenix`` with it (the data path does not
+  depend on attention), e.g. ``--attention-backend unfused,sdpa`` for the local spec's
+  unfused attention against torch's SDPA (flash / memory-efficient kernels).
 
 Phase times are device-synchronised at the same boundaries in every variant (the
 trainer's ``logging.sync_timers``): ``data`` (waiting for the loader), ``forward_backward``
@@ -32,16 +37,20 @@ keeps what finished): ``callbacks`` (the callback list), ``step_ms``, ``tokens_p
 ``mfu`` (when the peak is known: ``--peak-tflops`` or the GPU's name), ``peak_memory_gib``
 (``torch.cuda.max_memory_allocated``; on CPU the process's peak RSS), the phase medians
 ``data_ms``, ``forward_backward_ms``, ``optimizer_ms``, ``callbacks_ms``, ``other_ms``,
-and the step-time ratios ``phoenix_vs_megatron_core`` (1.0 = no overhead),
-``megatron_core_loader_vs_megatron_core`` and ``phoenix_vs_megatron_core_loader``::
+``attention`` (the backend it resolved to: te, sdpa or unfused) and the step-time ratios
+``phoenix_vs_megatron_core`` (1.0 = no overhead), ``megatron_core_loader_vs_megatron_core``
+and ``phoenix_vs_megatron_core_loader`` (per backend, suffixed ``_B``), and
+``<v>_B_vs_<v>`` (backend B's step time over the first backend's)::
 
     python benchmarks/bench_gpu_step.py                    # CUDA: 1.5b, seq 4096, 1 x 8, bf16
     python benchmarks/bench_gpu_step.py --device cpu --steps 4   # CPU: tiny, fp32 (a smoke run)
+    python benchmarks/bench_gpu_step.py --attention-backend unfused,sdpa   # CUDA, without TE
 
 The data is the tiny synthetic corpus (``phoenix.testing.tiny``); only its token ids
 differ from real data, the shapes and the work do not. Transformer Engine is used when
-importable (``spec=te``), else megatron-core's local spec with its unfused
-DotProductAttention (``spec=local``), the only attention backend without TE.
+importable (``spec=te``), else megatron-core's local spec (``spec=local``); the core
+attention is ``--attention-backend`` (default auto: te with TE, else sdpa on CUDA,
+unfused on CPU).
 """
 
 from __future__ import annotations
@@ -122,7 +131,8 @@ def _phase_callback():
 
 
 # -- the runs (each in its own process) -----------------------------------------------
-def _config(args, data, out_dir: str, monitored: bool, norm_interval: int | None = None):
+def _config(args, data, out_dir: str, monitored: bool, norm_interval: int | None = None,
+            attention: str = "auto"):
     from phoenix.config import build_config
     from phoenix.testing.tiny import tiny_config_dict
 
@@ -130,7 +140,7 @@ def _config(args, data, out_dir: str, monitored: bool, norm_interval: int | None
     return build_config(tiny_config_dict(
         data, out_dir, runtime={"device": args.device},
         model={"preset": args.preset, "vocab_size": args.vocab_size,
-               "max_seq_length": args.seq_length},
+               "max_seq_length": args.seq_length, "attention_backend": attention},
         data={**base["data"], "seq_length": args.seq_length, "prefetch_batches": 2},
         train={"steps": args.warmup + args.steps, "global_batch_size": args.global_batch_size,
                "micro_batch_size": args.micro_batch_size, "seed": 1234,
@@ -141,12 +151,14 @@ def _config(args, data, out_dir: str, monitored: bool, norm_interval: int | None
                  "norm_interval": args.log_interval if norm_interval is None else norm_interval}))
 
 
-def phoenix_worker(args, data, out_dir: str, norm_interval: int | None) -> dict:
+def phoenix_worker(args, data, out_dir: str, norm_interval: int | None, attention: str) -> dict:
     from phoenix.model.builder import uses_te_spec
     from phoenix.runtime import init_runtime
+    from phoenix.runtime.capabilities import resolved_attention_backend
     from phoenix.train.trainer import Trainer
 
-    cfg = _config(args, data, out_dir, monitored=True, norm_interval=norm_interval)
+    cfg = _config(args, data, out_dir, monitored=True, norm_interval=norm_interval,
+                  attention=attention)
     trainer = Trainer(cfg, init_runtime(cfg))
     phases = _phase_callback()
     trainer.callbacks.append(phases)
@@ -157,7 +169,8 @@ def phoenix_worker(args, data, out_dir: str, norm_interval: int | None) -> dict:
     return {"steps": phases.steps, "peak_gib": _peak_memory_gib(args.device),
             "callbacks": [type(cb).__name__ for cb in trainer.callbacks if cb is not phases],
             "tensorboard_event_files": len(events), "vocab": _padded_vocab(trainer.model),
-            "spec": "te" if uses_te_spec(trainer.layout) else "local"}
+            "spec": "te" if uses_te_spec(trainer.layout) else "local",
+            "attention": resolved_attention_backend(cfg)}
 
 
 def _loss_func(loss_mask, output_tensor):
@@ -179,7 +192,7 @@ def _forward_step(data_iterator, model):
     return output, partial(_loss_func, loss_mask.float())
 
 
-def megatron_core_worker(args, data, out_dir: str, with_loader: bool) -> dict:
+def megatron_core_worker(args, data, out_dir: str, with_loader: bool, attention: str) -> dict:
     """The same model, optimizer and LR scheduler in a loop of megatron-core calls and
     nothing else, on random device batches or (``with_loader``) on phoenix's
     GlobalBatchLoader."""
@@ -187,11 +200,12 @@ def megatron_core_worker(args, data, out_dir: str, with_loader: bool) -> dict:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from phoenix.model.builder import build_model
+    from phoenix.model.builder import build_model, uses_te_spec
     from phoenix.optim.builder import build_optimizer, build_scheduler
     from phoenix.runtime import init_runtime
+    from phoenix.runtime.capabilities import resolved_attention_backend
 
-    cfg = _config(args, data, out_dir, monitored=False)
+    cfg = _config(args, data, out_dir, monitored=False, attention=attention)
     layout = init_runtime(cfg)
     mbs, seq, dev = args.micro_batch_size, args.seq_length, layout.device
     n_micro = args.global_batch_size // (mbs * layout.dp_size)
@@ -256,7 +270,8 @@ def megatron_core_worker(args, data, out_dir: str, with_loader: bool) -> dict:
         if with_loader:
             loader.close()
     return {"steps": steps, "peak_gib": _peak_memory_gib(args.device), "callbacks": [],
-            "vocab": _padded_vocab(model)}
+            "vocab": _padded_vocab(model), "attention": resolved_attention_backend(cfg),
+            "spec": "te" if uses_te_spec(layout) else "local"}
 
 
 # -- the report ------------------------------------------------------------------------
@@ -278,6 +293,7 @@ def report(v: str, r: dict, args, flops_per_token: float, peak_tflops: float | N
     timed = r["steps"][args.warmup:]
     step = statistics.median(s["step"] for s in timed)
     tokens = args.global_batch_size * args.seq_length
+    emit(f"{v}_attention", r["attention"])
     emit(f"{v}_callbacks", ",".join(r["callbacks"]) or "none")
     emit(f"{v}_step_ms", step * 1000)
     emit(f"{v}_tokens_per_s", tokens / step)
@@ -314,6 +330,10 @@ def parse_args(argv=None):
                     help=f"comma-separated, run in this order (of {', '.join(VARIANTS)})")
     ap.add_argument("--norm-intervals", default="",
                     help="extra phoenix runs at these logging.norm_interval values")
+    ap.add_argument("--attention-backend", default="auto",
+                    help="model.attention_backend values, comma-separated (auto, te, sdpa, "
+                         "unfused): the first for every variant, each further one reruns "
+                         "megatron_core and phoenix")
     ap.add_argument("--peak-tflops", type=float,
                     help="per-device peak for mfu (default: from the GPU's name; none on CPU)")
     args = ap.parse_args(argv)
@@ -325,6 +345,11 @@ def parse_args(argv=None):
     if unknown:
         ap.error(f"--variants: unknown {sorted(unknown)}; choose from {VARIANTS}")
     args.norm_intervals = [int(k) for k in args.norm_intervals.split(",") if k != ""]
+    args.attention_backend = [b for b in args.attention_backend.split(",") if b]
+    bad = set(args.attention_backend) - {"auto", "te", "sdpa", "unfused"}
+    if bad or not args.attention_backend or len(set(args.attention_backend)) < len(
+            args.attention_backend):
+        ap.error("--attention-backend: distinct values of auto, te, sdpa, unfused")
     if args.steps < 1 or args.warmup < 0:
         ap.error("--steps must be >= 1 and --warmup >= 0")
     return args
@@ -350,12 +375,20 @@ def main(argv=None) -> None:
                                                "micro_batch_size", "precision")},
               "steps_timed": args.steps, "warmup_steps": args.warmup,
               "log_interval": args.log_interval, "peak_tflops": peak or "unknown",
+              "attention_backends": ",".join(args.attention_backend),
               "memory_measure": ("torch.cuda.max_memory_allocated" if args.device == "cuda"
                                  else "ru_maxrss")}
     for key, value in header.items():
         emit(key, value)
-    runs = [(v, None) for v in args.variants]
-    runs += [(f"phoenix_norm_interval_{k}", k) for k in args.norm_intervals]
+    # (name, variant, attention backend, norm interval), variant by variant so a timeout
+    # keeps each variant's backends side by side.
+    first, *others = args.attention_backend
+    runs = [(v, v, first, None) for v in args.variants]
+    for v in args.variants:
+        if v in ("megatron_core", "phoenix"):
+            at = runs.index((v, v, first, None)) + 1
+            runs[at:at] = [(f"{v}_{b}", v, b, None) for b in others]
+    runs += [(f"phoenix_norm_interval_{k}", "phoenix", first, k) for k in args.norm_intervals]
     backend = "nccl" if args.device == "cuda" else "gloo"
     times: dict[str, float] = {}
     losses: dict[str, list[float]] = {}
@@ -363,15 +396,16 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_gpu_step-") as tmp:
         data = make_tiny_data(Path(tmp) / "data")
         model_cfg = _config(args, data, f"{tmp}/cfg", monitored=False).model
-        for v, norm_interval in runs:
+        for v, variant, attention, norm_interval in runs:
             out = f"{tmp}/{v}"
             try:
-                if v.startswith("phoenix"):
+                if variant == "phoenix":
                     (r,) = run_distributed(phoenix_worker, 1, args, data, out, norm_interval,
-                                           backend=backend)
+                                           attention, backend=backend)
                 else:
                     (r,) = run_distributed(megatron_core_worker, 1, args, data, out,
-                                           v == "megatron_core_loader", backend=backend)
+                                           variant == "megatron_core_loader", attention,
+                                           backend=backend)
             except RuntimeError as e:  # one failed variant must not lose the others
                 lines = [x for x in str(e).splitlines() if x.strip()]
                 emit(f"{v}_error", lines[-1] if lines else "failed")
@@ -380,15 +414,19 @@ def main(argv=None) -> None:
             if flops_per_token is None:
                 flops_per_token = model_flops_per_token(model_cfg, args.seq_length, r["vocab"])
                 emit("flops_per_token", f"{flops_per_token:.4g}")
-            if "spec" in r and "spec" not in header:
+            if "spec" not in header:  # the layer spec, and the first backend's attention
                 header["spec"] = r["spec"]
                 emit("spec", r["spec"])
-                emit("attention", "te_auto" if r["spec"] == "te" else "local_unfused")
+                emit("attention", r["attention"])
             times[v] = report(v, r, args, flops_per_token, peak)
+            sfx = "" if attention == first or norm_interval is not None else f"_{attention}"
             for a, b in (("phoenix", "megatron_core"), ("megatron_core_loader", "megatron_core"),
                          ("phoenix", "megatron_core_loader")):
+                a, b = a + sfx, b + sfx
                 if v in (a, b) and a in times and b in times:
                     emit(f"{a}_vs_{b}", times[a] / times[b])
+            if sfx and variant in times:  # this backend's step time over the first one's
+                emit(f"{v}_vs_{variant}", times[v] / times[variant])
             losses[v] = [s["loss"] for s in r["steps"]]
             if v in ("phoenix", "megatron_core_loader") and len(losses.keys() & {
                     "phoenix", "megatron_core_loader"}) == 2:

@@ -99,13 +99,18 @@ done
 
 # 1.5b at seq 4096 in bf16: micro-batch 1 (x 8 per step) is what fits 80 GB without
 # recomputation on the local spec (its unfused attention keeps the fp32 softmax output
-# and a bf16 copy, 1.6 GiB per layer); variants and printed lines: see the script.
+# and a bf16 copy, 1.6 GiB per layer). Each variant runs with the unfused attention, then
+# megatron_core and phoenix again with sdpa (torch's flash kernel), in the order
+# megatron_core, megatron_core_sdpa, phoenix, phoenix_sdpa, megatron_core_loader: five
+# runs, each printed when done, so running out of time loses the data-path run first.
+# With Transformer Engine, add te to --attention-backend. Variants and lines: the script.
 LEFT=$(( DEADLINE - $(date +%s) - 5 )); [ "$LEFT" -gt 240 ] && LEFT=240
-say "bench_gpu_step: 1.5b, seq 4096, 8 x mbs 1, bf16; bare megatron-core vs phoenix (${LEFT}s)"
+say "bench_gpu_step: 1.5b, seq 4096, 8 x mbs 1, bf16; bare megatron-core vs phoenix, unfused vs sdpa (${LEFT}s)"
 if [ "$LEFT" -gt 30 ]; then
   part bench "$LEFT" "$PY" benchmarks/bench_gpu_step.py --device cuda --preset 1.5b \
     --seq-length 4096 --global-batch-size 8 --micro-batch-size 1 --precision bf16 \
     --steps 8 --warmup 3 --variants megatron_core,phoenix,megatron_core_loader \
+    --attention-backend unfused,sdpa \
     2>"$OUT/bench.err" | tee "$OUT/bench.txt"
   [ "${PIPESTATUS[0]}" = 0 ] || tail -30 "$OUT/bench.err"
   grep -E '^[a-z0-9_]+=' "$OUT/bench.txt" | grep -vE '^(device|torch|megatron_core|transformer_engine)=' >>"$SUMMARY"

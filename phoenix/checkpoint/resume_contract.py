@@ -6,13 +6,15 @@ The table (also in the README, "Resuming and changing a run"):
 * **Honoured, no effect on what is trained**: ``name``, ``parallel.*`` (the checkpoint
   reshards), ``runtime.*``, ``logging.*``, ``eval``, ``checkpoint.*``,
   ``data.prefetch_batches``, ``data.cache_dir``, ``train.micro_batch_size`` (same global
-  batches), ``train.stop_at_step``, ``train.on_nonfinite_loss``, ``train.precision``.
+  batches), ``train.stop_at_step``, ``train.on_nonfinite_loss``, ``train.precision``,
+  and the performance switches (``model.attention_backend``, ``model.fusions``; the
+  ``parallel`` overlaps): kernels that compute the same math to floating-point rounding.
 * **Honoured from the resume step**: Adam's ``optim.adam_beta1``, ``adam_beta2``,
   ``adam_eps``, ``optim.clip_grad`` and a constant ``optim.weight_decay`` (the loaded
   optimizer's param groups take this run's values; a checkpoint load would otherwise
   bring the old ones back); how samples are presented (``data.document_mask``,
-  ``data.eod_mask_loss``). Each such change is logged and appended to
-  ``<output_dir>/config_changes.jsonl``.
+  ``data.eod_mask_loss``); fp8 (``train.fp8``: the GEMMs round more). Each such change
+  is logged and appended to ``<output_dir>/config_changes.jsonl``.
 * **The LR schedule** (``optim.lr``, ``min_lr``, ``warmup_steps``, ``decay_*``,
   ``wsd_*``, ``optim.schedule``, the stages' ``lr``, ``train.steps``): honoured when the
   new schedule gives the same LR and weight decay at every step already trained (e.g. a
@@ -51,12 +53,14 @@ from phoenix.config.loader import load_saved_config
 _FREE = ("name", "output_dir", "parallel.", "runtime.", "logging.", "eval", "checkpoint.",
          "data.prefetch_batches", "data.cache_dir", "train.micro_batch_size",
          "train.stop_at_step", "train.time_limit_minutes", "train.on_nonfinite_loss",
-         "train.precision")
+         "train.precision", "model.attention_backend", "model.fusions")
 # Optimizer settings re-applied to the loaded param groups.
 _OPTIMIZER = ("optim.adam_beta1", "optim.adam_beta2", "optim.adam_eps", "optim.clip_grad",
               "optim.weight_decay")
 # How samples are presented to the model (not which samples): honoured from the resume step.
 _MODEL_INPUTS = ("data.document_mask", "data.eod_mask_loss", "data.dense_mask_max_seq_length")
+# fp8 GEMMs: the same model, rounded more coarsely; honoured from the resume step, recorded.
+_PRECISION = ("train.fp8",)
 # The LR schedule: judged by the resolved schedule at the steps already trained.
 _SCHEDULE = ("optim.lr", "optim.min_lr", "optim.warmup_steps", "optim.decay_style",
              "optim.decay_steps", "optim.wsd_decay_steps", "optim.wsd_decay_style",
@@ -242,7 +246,7 @@ def check_resume(checkpoint: Path, cfg: RunConfig, step: int) -> ResumeDecision:
     for c in changes:
         if _matches(c.key, _FREE):
             continue
-        if _matches(c.key, _OPTIMIZER + _MODEL_INPUTS) or _is_rope(c.key) and c.old != c.new:
+        if _matches(c.key, _OPTIMIZER + _MODEL_INPUTS + _PRECISION) or _is_rope(c.key) and c.old != c.new:
             honoured.append(c)
         elif _is_rope(c.key):
             continue  # a stage appended without a rope of its own

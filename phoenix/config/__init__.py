@@ -9,6 +9,7 @@ from phoenix.config.loader import build_config, dump_config, load_config
 from phoenix.config.moe import MoEConfig
 from phoenix.config.monitoring import LoggingConfig, SpikeConfig
 from phoenix.config.optim import FreezeConfig, OptimConfig, ParamGroupRule
+from phoenix.config.performance import Fp8Config, FusionsConfig
 from phoenix.config.resolved import ResolvedRun
 from phoenix.config.rope import RopeConfig
 from phoenix.config.schedule import PhaseConfig, ResolvedSchedule, ScheduleConfig, WeightDecayConfig
@@ -29,7 +30,8 @@ from phoenix.config.typed import ConfigError, to_dict
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "DatasetEntry", "EvalConfig", "EvalSetConfig",
-    "FreezeConfig", "LoggingConfig", "MoEConfig", "ModelConfig", "NeedleConfig", "OptimConfig",
+    "Fp8Config", "FreezeConfig", "FusionsConfig", "LoggingConfig", "MoEConfig", "ModelConfig",
+    "NeedleConfig", "OptimConfig",
     "ParallelConfig",
     "ParamGroupRule", "PhaseConfig", "ReplayConfig", "ResolvedRun", "ResolvedSchedule",
     "ResolvedStage", "RopeConfig", "RunConfig", "RuntimeConfig", "ScheduleConfig", "SpikeConfig",

@@ -51,6 +51,13 @@ class ParallelConfig:
     """Parameters per gradient/parameter bucket (megatron's DDP ``bucket_size``): smaller
     buckets start communicating sooner, larger ones use the network better. None:
     megatron's default, max(40M, 1M x data-parallel size)."""
+    tp_comm_overlap: bool = False
+    """Overlap the tensor-parallel all-gathers / reduce-scatters with the GEMMs that need
+    them, through Transformer Engine's userbuffers (megatron ``tp_comm_overlap``;
+    Megatron-LM ``--tp-comm-overlap``, off by default). Needs CUDA with TE, tensor > 1 and
+    sequence_parallel; the buffers are sized once for seq_length x micro_batch_size, so
+    every stage must share one seq_length and eval its micro-batch size (no needle eval).
+    Refused otherwise; not yet run by phoenix on a GPU."""
 
     def __post_init__(self):
         positive("parallel", tensor=self.tensor, pipeline=self.pipeline, context=self.context,
@@ -61,6 +68,9 @@ class ParallelConfig:
         if self.overlap_param_gather and not self.use_distributed_optimizer:
             raise ConfigError("parallel.overlap_param_gather: needs parallel.use_distributed_optimizer "
                               "(only its sharded update is gathered afterwards)")
+        if self.tp_comm_overlap and not self.sequence_parallel:
+            raise ConfigError("parallel.tp_comm_overlap: needs parallel.sequence_parallel (its "
+                              "all-gather / reduce-scatter are what the GEMMs overlap)")
         if self.align_param_gather and self.overlap_param_gather is False:
             raise ConfigError("parallel.align_param_gather: needs parallel.overlap_param_gather")
 

@@ -16,6 +16,7 @@ from phoenix.config.moe import MoEConfig, check_moe_layout, check_moe_model
 from phoenix.config.monitoring import LoggingConfig
 from phoenix.config.optim import OptimConfig
 from phoenix.config.parallel import ParallelConfig
+from phoenix.config.performance import Fp8Config, FusionsConfig
 from phoenix.config.rope import RopeConfig
 from phoenix.config.resolved import ResolvedRun, resolve_run
 from phoenix.config.stages import StageConfig
@@ -79,6 +80,20 @@ class ModelConfig:
     """Mixture of experts in place of the dense MLP (``num_experts``, ``router_topk``,
     ``layer_freq``, expert width, shared experts, router and load-balancing settings; see
     phoenix.config.moe). None: a dense model. Expert parallelism is ``parallel.expert``."""
+    attention_backend: Literal["auto", "te", "sdpa", "unfused"] = "auto"
+    """Core attention kernel. ``te``: Transformer Engine's attention, which picks flash or
+    cuDNN fused attention itself (megatron ``attention_backend: auto``). ``sdpa``:
+    ``torch.nn.functional.scaled_dot_product_attention`` as the layer spec's core attention
+    (phoenix.model.sdpa_attention; flash / memory-efficient kernels on CUDA). ``unfused``:
+    megatron's ``DotProductAttention`` on the local spec (TE's unfused attention, megatron
+    ``attention_backend: unfused``, with TE), which keeps each head's s x s softmax for the
+    backward. ``auto``: te with TE on CUDA, else sdpa on CUDA, else unfused (CPU). ``te``
+    without TE is refused; so are sdpa with context parallelism and, with TE, sdpa with
+    data.document_mask (packed THD sequences)."""
+    fusions: FusionsConfig = field(default_factory=FusionsConfig)
+    """Fused kernels: ``bias_activation`` (SwiGLU / bias-GeLU), ``cross_entropy``
+    (none / native / te), ``rope`` and ``gradient_accumulation`` (Transformer Engine); see
+    phoenix.config.performance. Left out: Megatron-LM's defaults where they can run."""
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"rotary_base": "rope.base"}
 
@@ -266,6 +281,11 @@ class TrainConfig:
     steps on every rank, so no rank pauses at a random moment and stalls the others in a
     collective (Megatron-LM's ``--manual-gc --manual-gc-interval``). 0: Python's own
     automatic collection (the default)."""
+    fp8: Optional[Fp8Config] = None
+    """fp8 GEMMs with Transformer Engine: ``format`` (hybrid / e4m3), ``recipe`` (delayed /
+    tensorwise / mxfp8 / blockwise), ``amax_history_len``, ``amax_compute_algo`` (megatron
+    ``fp8``, ``fp8_recipe``, ``fp8_amax_*``; see phoenix.config.performance). None: no fp8.
+    Refused without TE on CUDA; not yet run by phoenix on a GPU."""
 
     def __post_init__(self):
         positive("train", steps=self.steps, global_batch_size=self.global_batch_size,

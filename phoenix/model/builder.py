@@ -18,7 +18,12 @@ from phoenix.config import RopeConfig, RunConfig
 from phoenix.model.rope import install_rope
 from phoenix.model.sequence_parallel import sequence_parallel_spec
 from phoenix.runtime import ParallelLayout
-from phoenix.runtime.capabilities import megatron_softmax_kernels_available, te_available
+from phoenix.runtime.capabilities import (
+    megatron_softmax_kernels_available,
+    resolved_attention_backend,
+    resolved_fusions,
+    te_available,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +47,15 @@ def params_dtype(precision: str) -> torch.dtype:
 def transformer_config(cfg: RunConfig, layout: ParallelLayout):
     """megatron-core ``TransformerConfig`` for this run and layout."""
     from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.enums import AttnBackend
 
     m, on_cpu = cfg.model, layout.device.type == "cpu"
     dtype = params_dtype(cfg.train.precision)
+    fusions = resolved_fusions(cfg)
+    # TE's attention picks flash or cuDNN fused itself (auto), or runs its unfused kernel;
+    # the local spec ignores the field (sdpa swaps the core-attention module instead).
+    te_unfused = uses_te_spec(layout) and resolved_attention_backend(cfg) == "unfused"
+    fp8 = cfg.train.fp8
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -75,17 +86,26 @@ def transformer_config(cfg: RunConfig, layout: ParallelLayout):
         # CPU initialisation builds each full weight and slices it, so the initial
         # weights are the same at every TP size. It is the only choice on the CPU backend.
         use_cpu_initialization=on_cpu,
-        # Fused kernels need CUDA (and apex/TE); the CPU path uses the unfused torch ops.
-        bias_activation_fusion=not on_cpu and m.add_bias_linear,
+        attention_backend=AttnBackend.unfused if te_unfused else AttnBackend.auto,
+        # model.fusions, resolved for this device and packages (runtime.capabilities).
+        bias_activation_fusion=fusions["bias_activation"],
+        cross_entropy_loss_fusion=fusions["cross_entropy"] != "none",
+        cross_entropy_fusion_impl="te" if fusions["cross_entropy"] == "te" else "native",
         # The fused causal softmax ignores a given mask: document masking (a dense
         # block-diagonal mask on the local spec) needs the unfused one. megatron-core's
         # wheel has no softmax kernels: megatron would import them at the first forward.
         masked_softmax_fusion=(not on_cpu and not cfg.data.document_mask
                                and megatron_softmax_kernels_available()),
         bias_dropout_fusion=not on_cpu,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        apply_rope_fusion=fusions["rope"],
+        gradient_accumulation_fusion=fusions["gradient_accumulation"],
         persist_layer_norm=False,
+        # train.fp8 and parallel.tp_comm_overlap (Transformer Engine only: capabilities).
+        fp8=fp8.format if fp8 is not None else None,
+        fp8_recipe=fp8.recipe if fp8 is not None else "delayed",
+        fp8_amax_history_len=fp8.amax_history_len if fp8 is not None else 1,
+        fp8_amax_compute_algo=fp8.amax_compute_algo if fp8 is not None else "most_recent",
+        tp_comm_overlap=cfg.parallel.tp_comm_overlap,
         **moe_kwargs(cfg),
     )
 
@@ -137,7 +157,22 @@ def uses_te_spec(layout: ParallelLayout) -> bool:
 def layer_spec(cfg: RunConfig, layout: ParallelLayout, tconfig=None):
     """The decoder spec: one layer spec for a dense model; for MoE, megatron-core's block
     spec of this pipeline stage's layers (MoE or dense per ``moe.layer_freq``; experts as
-    SequentialMLP, or TEGroupedMLP with ``grouped_gemm`` on CUDA + TE)."""
+    SequentialMLP, or TEGroupedMLP with ``grouped_gemm`` on CUDA + TE). With
+    ``model.attention_backend`` sdpa, its core attention is phoenix's SDPAttention."""
+    attention = resolved_attention_backend(cfg)
+    fusions = ", ".join(f"{k} {'on' if v is True else 'off' if v is False else v}"
+                        for k, v in resolved_fusions(cfg).items())
+    log.info("model: attention %s (model.attention_backend %s); fusions: %s", attention,
+             cfg.model.attention_backend, fusions)
+    spec = _decoder_spec(cfg, layout, tconfig)
+    if attention == "sdpa":
+        from phoenix.model.sdpa_attention import sdpa_spec
+
+        spec = sdpa_spec(spec)
+    return spec
+
+
+def _decoder_spec(cfg: RunConfig, layout: ParallelLayout, tconfig):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
         get_gpt_layer_local_spec,

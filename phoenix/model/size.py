@@ -22,11 +22,24 @@ routed experts it is not sent to: *active* = total − (E − top_k) experts per
   Activation Recomputation in Large Transformer Models", arXiv 2205.05198, §4), without
   recomputation, written for GQA and SwiGLU: the inputs kept for the backward of the
   two norms (``2·2sbh``), QKV projection (``2sbh``), core attention (q, k, v:
-  ``2sb(n_q d + 2 n_kv d)``; without flash attention also the softmax ``2·a s² b``),
-  output projection (``2sb n_q d``), MLP (``2sbh`` + activation input ``2sb·2f``
-  + fc2 input ``2sbf``; MoE: per routed copy of a token, ``top_k`` copies, plus the
-  shared experts). Terms inside the tensor-parallel region are divided by TP, the rest
-  too with sequence parallelism. Dropout masks are left out (phoenix trains with 0).
+  ``2sb(n_q d + 2 n_kv d)``), output projection (``2sb n_q d``), MLP (``2sbh`` +
+  activation input ``2sb·2f`` + fc2 input ``2sbf``; MoE: per routed copy of a token,
+  ``top_k`` copies, plus the shared experts). Terms inside the tensor-parallel region are
+  divided by TP, the rest too with sequence parallelism. Dropout masks are left out
+  (phoenix trains with 0). The core attention adds, by backend
+  (``model.attention_backend`` as resolved for the run):
+
+  - ``te`` (flash / cuDNN fused) and ``sdpa`` (torch's flash / memory-efficient
+    kernels): no ``s²`` tensor, only the output and per-row softmax statistics;
+  - ``unfused`` (megatron's DotProductAttention, or TE's unfused kernel): every head's
+    softmax output, kept by the softmax backward in fp32 and by the ``probs @ V``
+    backward in the 16-bit copy: ``6·a s² b`` with bf16/fp16 (``4·a s² b`` in fp32);
+  - the dense document mask (``data.document_mask`` on the local spec): the bool
+    ``[b, 1, s, s]`` mask once per micro-batch (``s² b``); ``sdpa`` adds, also once per
+    micro-batch, the additive float mask every layer shares (``2 s² b``; ``4 s² b`` in
+    fp32) and, per layer under GQA, keys and values repeated to the query heads (the
+    masked kernel has no GQA).
+
   With 1F1B the first stage holds ``min(PP, micro-batches)`` micro-batches at once;
 * logits: the last stage's fp32 vocab-parallel logits, ``4 s b V / TP``.
 
@@ -157,8 +170,11 @@ class Layout:
     micro_batch_size: int = 1
     num_micro_batches: int = 1
     seq_length: int = 2048
-    flash_attention: bool = True
-    """Fused attention (Transformer Engine) keeps no s x s scores for the backward."""
+    attention: str = "te"
+    """Core attention: ``te``, ``sdpa`` or ``unfused`` (see the module docstring)."""
+    dense_mask: bool = False
+    """The document mask as a dense ``[b, 1, s, s]`` bool (data.document_mask on the local
+    spec; Transformer Engine packs the documents instead)."""
 
 
 @dataclass(frozen=True)
@@ -191,9 +207,12 @@ def _layer_activations(model_cfg, layout: Layout, moe_layer: bool) -> float:
     sp = t if layout.sequence_parallel else 1  # split of the tensors outside the TP region
     glu = 2 if m.activation == "swiglu" else 1
     outside = 2 * 2 * s * b * h + 2 * s * b * h + 2 * s * b * h  # 2 norm inputs, QKV and fc1 inputs
-    inside = 2 * s * b * (n_q * d + 2 * n_kv * d) + 2 * s * b * n_q * d
-    if not layout.flash_attention:
-        inside += 2 * n_q * s * s * b
+    sdpa_masked = layout.attention == "sdpa" and layout.dense_mask
+    kv_heads = n_q if sdpa_masked else n_kv  # the masked SDPA kernel gets k/v per query head
+    inside = 2 * s * b * (n_q * d + 2 * kv_heads * d) + 2 * s * b * n_q * d
+    fp32 = layout.precision == "fp32"
+    if layout.attention == "unfused":  # fp32 softmax output + its 16-bit copy, per head
+        inside += (4 if fp32 else 6) * n_q * s * s * b
     if moe_layer:
         moe = m.moe
         f = moe.ffn_hidden_size or m.ffn_hidden_size
@@ -230,6 +249,10 @@ def memory_estimate(model_cfg, padded_vocab: int, layout: Layout) -> MemoryEstim
         if last:
             dense += count.final_norm + (count.output or (count.embedding if pp > 1 else 0)) / t
         acts = sum(_layer_activations(model_cfg, layout, pattern[i]) for i in layers)
+        if layout.dense_mask:  # per micro-batch, shared by the layers: the bool mask and
+            # sdpa's additive float mask
+            additive = 0 if layout.attention != "sdpa" else 4 if layout.precision == "fp32" else 2
+            acts += (1 + additive) * layout.seq_length ** 2 * layout.micro_batch_size
         return dense, experts, acts
 
     # (first stage, last stage, micro-batches in flight): 1F1B fills the first stage most.

@@ -256,6 +256,13 @@ def enable() -> None:
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
     _patch_torch_cuda()
     _patch_megatron()
+    # torch.compile (megatron's jit_fuser: the fusions of model.fusions), on a hit of
+    # inductor's FX graph cache, asks every process group for its CUDA backend (torch 2.13
+    # codecache.add_ephemeral_timeout_increase_for_distributed), which the strict groups
+    # do not have: compile afresh instead (a few seconds for megatron's small kernels).
+    import torch._inductor.config as inductor_config
+
+    inductor_config.fx_graph_cache = False
     _TRACK = device_tracking.strict_enabled()
     _CudaToCpuMode().__enter__()  # stays active for the life of the process
     _ENABLED = True

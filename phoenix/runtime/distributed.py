@@ -228,6 +228,10 @@ def init_runtime(cfg: RunConfig) -> ParallelLayout:
         ep_group=ps.get_expert_model_parallel_group(check_initialized=False),
     )
     seed_everything(cfg.train.seed, layout.pp_rank)
+    if cfg.parallel.tp_comm_overlap:  # CUDA with TE only (check_capabilities)
+        from phoenix.runtime.tp_overlap import initialize_userbuffers
+
+        initialize_userbuffers(cfg)
     return layout
 
 

@@ -25,6 +25,7 @@ def describe(cfg, world_size: int, vocab_size: int) -> dict:
     from phoenix.model.builder import padded_vocab_size
     from phoenix.model.size import Layout, memory_estimate, parameter_count
     from phoenix.monitor.throughput import model_flops_per_token
+    from phoenix.runtime.capabilities import resolved_attention_backend, te_available
 
     cfg.validate_layout(world_size)
     p, m = cfg.parallel, cfg.model
@@ -32,14 +33,19 @@ def describe(cfg, world_size: int, vocab_size: int) -> dict:
     padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by, p.tensor)
     stage = max(cfg.resolved.stages.stages, key=lambda s: (s.seq_length, s.global_batch_size))
     count = parameter_count(m, padded)
-    flash = cfg.runtime.device == "cuda"  # the Transformer Engine spec's fused attention
+    # The core attention this run would use here (auto resolved against this machine's
+    # packages), and whether the document mask is the local spec's dense one (the TE spec
+    # packs documents into THD sequences instead).
+    attention = resolved_attention_backend(cfg)
+    te_spec = attention == "te" or cfg.runtime.device == "cuda" and te_available()
+    dense_mask = cfg.data.document_mask and not te_spec
     layout = Layout(
         tensor=p.tensor, pipeline=p.pipeline, data=dp * p.context,
         expert=getattr(p, "expert", 1), expert_tensor=getattr(p, "expert_tensor", None),
         sequence_parallel=p.sequence_parallel, distributed_optimizer=p.use_distributed_optimizer,
         precision=cfg.train.precision, micro_batch_size=cfg.train.micro_batch_size,
         num_micro_batches=stage.global_batch_size // (cfg.train.micro_batch_size * dp),
-        seq_length=stage.seq_length // p.context, flash_attention=flash)
+        seq_length=stage.seq_length // p.context, attention=attention, dense_mask=dense_mask)
     mem = memory_estimate(m, padded, layout)
     return {
         "parameters": {"total": count.total, "active": count.active, "embedding": count.embedding,
@@ -51,7 +57,8 @@ def describe(cfg, world_size: int, vocab_size: int) -> dict:
                    "micro_batch_size": layout.micro_batch_size,
                    "micro_batches": layout.num_micro_batches, "seq_length": stage.seq_length,
                    "stage": stage.name, "precision": layout.precision,
-                   "flash_attention": flash},
+                   "attention": attention, "attention_backend": m.attention_backend,
+                   "dense_document_mask": dense_mask},
         "memory_bytes": {"weights": mem.weights, "gradients": mem.gradients,
                          "optimizer": mem.optimizer,
                          "optimizer_not_distributed": mem.optimizer_not_distributed,
@@ -74,23 +81,34 @@ def format_description(d: dict) -> str:
         f"{_fmt_count(par['output'])}" + (f" | routed experts {_fmt_count(par['routed_experts'])}"
                                           if par["routed_experts"] else ""),
         f"vocab: {d['vocab']['size']} -> {d['vocab']['padded']} padded",
-        f"FLOPs per token (train, fwd+bwd, seq {lay['seq_length']}): "
-        f"{d['flops_per_token']:.3e}",
+        f"FLOPs per token (train, fwd+bwd, seq {lay['seq_length']}; attention over the full "
+        f"s x s, whatever the kernel): {d['flops_per_token']:.3e}",
         f"layout: {lay['world_size']} GPUs = TP {lay['tensor']} x PP {lay['pipeline']} x CP "
         f"{lay['context']} x DP {lay['data']} (EP {lay['expert']}); micro-batch "
         f"{lay['micro_batch_size']} x {lay['micro_batches']} per step; stage '{lay['stage']}'; "
-        f"{lay['precision']}; {'flash' if lay['flash_attention'] else 'unfused'} attention",
+        f"{lay['precision']}; attention {lay['attention']}" + _auto_note(lay)
+        + ("; dense document mask" if lay["dense_document_mask"] else ""),
         "memory of the most loaded GPU (estimate; + CUDA context and fragmentation):",
         f"  weights      {gib['weights']}   ({_fmt_count(mem['params_on_gpu'])} parameters)",
         f"  gradients    {gib['gradients']}   (fp32 buffer)",
         f"  optimizer    {gib['optimizer']}   (Adam; {gib['optimizer_not_distributed'].strip()} "
         f"without the distributed optimizer)",
         f"  activations  {gib['activations']}   ({gib['activations_per_micro_batch'].strip()} "
-        f"per micro-batch, no recomputation)",
+        f"per micro-batch, no recomputation"
+        + ("; s x s softmax per head" if lay["attention"] == "unfused" else "") + ")",
         f"  logits       {gib['logits']}",
         f"  total        {gib['total']}",
     ]
     return "\n".join(lines)
+
+
+def _auto_note(lay: dict) -> str:
+    """Why ``model.attention_backend: auto`` chose what it chose on this machine."""
+    if lay["attention_backend"] != "auto":
+        return ""
+    why = {"te": "Transformer Engine here", "sdpa": "CUDA, no Transformer Engine here",
+           "unfused": "cpu"}[lay["attention"]]
+    return f" (auto: {why})"
 
 
 def vocab_size_of(cfg, given: int | None = None) -> int | None:

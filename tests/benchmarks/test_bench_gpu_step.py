@@ -19,9 +19,10 @@ PER_VARIANT = ("callbacks", "step_ms", "tokens_per_s", "mfu", "peak_memory_gib",
 def test_bench_gpu_step_cpu_prints_every_promised_key():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --peak-tflops: a CPU has no known peak; given one, the mfu lines are printed too.
+    # --attention-backend unfused,sdpa: megatron_core and phoenix again with sdpa.
     proc = subprocess.run(
         [sys.executable, "benchmarks/bench_gpu_step.py", "--device", "cpu", "--steps", "2",
-         "--warmup", "1", "--peak-tflops", "1.0"],
+         "--warmup", "1", "--peak-tflops", "1.0", "--attention-backend", "unfused,sdpa"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     values = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
@@ -31,7 +32,19 @@ def test_bench_gpu_step_cpu_prints_every_promised_key():
                 "spec", "attention", "flops_per_token", "peak_tflops", "memory_measure"):
         assert key in values, key
     assert values["preset"] == "tiny" and values["precision"] == "fp32"
-    variants = ("megatron_core", "phoenix", "megatron_core_loader")
+    assert values["attention"] == "unfused"
+    variants = ("megatron_core", "phoenix", "megatron_core_loader", "megatron_core_sdpa",
+                "phoenix_sdpa")
+    assert "megatron_core_loader_sdpa_step_ms" not in values  # the data path: once
+    for v in variants:
+        assert values[f"{v}_attention"] == ("sdpa" if v.endswith("_sdpa") else "unfused"), v
+    for ratio in ("megatron_core_sdpa_vs_megatron_core", "phoenix_sdpa_vs_phoenix",
+                  "phoenix_sdpa_vs_megatron_core_sdpa"):
+        assert float(values[ratio]) > 0, ratio
+    # The same math: sdpa trains as unfused does (fp32 CPU).
+    for v in ("megatron_core", "phoenix"):
+        for k in ("first_loss", "last_loss"):
+            assert abs(float(values[f"{v}_sdpa_{k}"]) - float(values[f"{v}_{k}"])) <= 1e-4
     missing = [f"{v}_{k}" for v in variants for k in PER_VARIANT if f"{v}_{k}" not in values]
     assert not missing, missing
     for v in variants:

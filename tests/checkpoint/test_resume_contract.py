@@ -44,6 +44,25 @@ def test_document_mask_change_is_honoured_and_recorded(saved):
     assert not decision.data_changed
 
 
+def test_performance_switches_are_honoured(saved):
+    """The attention backend, fusions and overlaps compute the same math to rounding: free.
+    fp8 rounds more: honoured and recorded. A checkpoint written before these keys existed
+    (its config.yaml lacks them) resumes too."""
+    ckpt, make = saved
+    new = make(model={"preset": "tiny", "attention_backend": "sdpa",
+                      "fusions": {"bias_activation": True, "cross_entropy": "native"}},
+               parallel={"tp_comm_overlap": True, "tensor": 2, "sequence_parallel": True},
+               train={"fp8": {"recipe": "tensorwise"}})
+    decision = check_resume(ckpt, new, 5)
+    assert sorted(c.key for c in decision.honoured) == [
+        "train.fp8", "train.fp8.amax_compute_algo", "train.fp8.amax_history_len", "train.fp8.format",
+        "train.fp8.recipe"]
+    old = yaml.safe_load((ckpt / "config.yaml").read_text())
+    del old["model"]["attention_backend"], old["model"]["fusions"], old["train"]["fp8"]
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(old))
+    assert check_resume(ckpt, make(), 5).honoured == []
+
+
 @pytest.mark.parametrize("sections,expected", [
     ({"optim": {"lr": 1e-3}}, [r"schedule: .*optim\.lr: 0\.003 -> 0\.001",
                                r"step 0 would have been trained with LR 0\.0 instead of 0\.0|"

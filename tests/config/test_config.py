@@ -471,6 +471,10 @@ def cli_runs(tmp_path_factory):
                     "--dry-run"], {"WORLD_SIZE": "2"}),
         "cp_cpu": ([str(good), "parallel.context=2", "parallel.tensor=1", "runtime.device=cpu",
                     "--dry-run"], {"WORLD_SIZE": "2"}),
+        "te_cpu": ([str(good), "model.attention_backend=te", "runtime.device=cpu", "--dry-run"],
+                   {"WORLD_SIZE": "2"}),
+        "fp8_cpu": ([str(good), "train.fp8={format: e4m3}", "runtime.device=cpu", "--dry-run"],
+                    {"WORLD_SIZE": "2"}),
     }
     procs = {name: subprocess.Popen([sys.executable, "-m", "phoenix.train", *args], cwd=REPO,
                                     env=_cli_env(**env), stdout=subprocess.PIPE,
@@ -518,6 +522,18 @@ def test_cli_dry_run_refuses_what_the_run_would(cli_runs):
     assert "phoenix: config error:" in err and "Traceback" not in err
     assert "parallel.sequence_parallel: needs the Transformer Engine layer spec on CUDA " \
            "(runtime.device is cpu" in err
+
+
+@pytest.mark.parametrize("run,line", [
+    ("te_cpu", "model.attention_backend: te needs Transformer Engine on CUDA (runtime.device is "
+               "cpu); use sdpa, unfused or auto"),
+    ("fp8_cpu", "train.fp8: fp8 GEMMs are Transformer Engine's (runtime.device is cpu); remove "
+                "train.fp8"),
+])
+def test_cli_dry_run_refuses_te_only_switches_on_cpu(cli_runs, run, line):
+    rc, out, err = cli_runs[run]
+    assert rc == 2 and "Traceback" not in err, (out, err)
+    assert line in err, err
 
 
 def test_cli_dry_run_refuses_context_parallel_on_cpu(cli_runs):

@@ -74,7 +74,7 @@ def test_counts_equal_the_built_model(tmp_path):
 
 def test_memory_by_hand():
     layout = Layout(tensor=2, pipeline=2, data=2, precision="bf16", micro_batch_size=1,
-                    num_micro_batches=4, seq_length=64, flash_attention=False)
+                    num_micro_batches=4, seq_length=64, attention="unfused")
     mem = memory_estimate(_model_cfg(), 512, layout)
     # First stage (the most loaded: 2 micro-batches in flight): layers 0-1, each
     # (12288 + 33792) / TP 2 + 128 norms = 23168, + embedding 32768 / 2 -> 62720 params.
@@ -82,11 +82,30 @@ def test_memory_by_hand():
     assert (mem.weights, mem.gradients) == (2 * 62720, 4 * 62720)
     assert mem.optimizer == 12 * 62720 // 2 and mem.optimizer_not_distributed == 12 * 62720
     # Activations per layer (s=64, b=1, h=64, t=2, no SP): outside the TP region
-    # 2*2sbh + 2sbh + 2sbh = 32768; inside: q,k,v 2*64*128 + proj input 2*64*64 + scores
-    # 2*4*64*64 + MLP 2*64*352 + 2*64*176 = 124928, / 2 -> 95232 per layer.
-    assert mem.activations_per_micro_batch == 2 * 95232
-    assert mem.activations == 2 * 2 * 95232 and mem.logits == 0
-    assert mem.total == 125440 + 250880 + 376320 + 380928
+    # 2*2sbh + 2sbh + 2sbh = 32768; inside: q,k,v 2*64*128 + proj input 2*64*64 + the
+    # unfused softmax, fp32 + bf16 copy, 6*4*64*64 + MLP 2*64*352 + 2*64*176 = 190464,
+    # / 2 -> 128000 per layer.
+    assert mem.activations_per_micro_batch == 2 * 128000
+    assert mem.activations == 2 * 2 * 128000 and mem.logits == 0
+    assert mem.total == 125440 + 250880 + 376320 + 512000
+
+
+def test_attention_memory_by_backend():
+    """Per micro-batch on the first stage (2 layers of the tiny model, as above): flash
+    keeps no s x s; the dense document mask adds its bool once, sdpa its shared additive
+    bf16 mask and, under GQA, keys and values repeated to the 4 query heads."""
+    def per_micro_batch(**kw):
+        layout = Layout(tensor=2, pipeline=2, data=2, precision="bf16", micro_batch_size=1,
+                        num_micro_batches=4, seq_length=64, **kw)
+        return memory_estimate(_model_cfg(), 512, layout).activations_per_micro_batch
+
+    flash = 2 * (32768 + (16384 + 8192 + 67584) // 2)
+    assert per_micro_batch(attention="te") == per_micro_batch(attention="sdpa") == flash
+    assert per_micro_batch(attention="te", dense_mask=True) == flash + 64 * 64
+    repeated_kv = 2 * 64 * (2 * 2 * 16) // 2  # per layer: k and v 2 more heads of 16, / TP
+    assert per_micro_batch(attention="sdpa", dense_mask=True) == (
+        flash + 2 * repeated_kv + 3 * 64 * 64)
+    assert per_micro_batch(attention="unfused", dense_mask=True) == 2 * 128000 + 64 * 64
 
 
 def test_describe_cli_prints_and_json(tmp_path):
@@ -104,3 +123,20 @@ def test_describe_cli_prints_and_json(tmp_path):
     bad = subprocess.run(cmd[:5] + ["--world-size", "12"], cwd=ROOT, capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "model.vocab_size: not set" in bad.stderr
+
+
+def test_describe_follows_the_attention_backend():
+    """describe reports the backend a run would use here and counts its memory: on CPU
+    auto is megatron's unfused attention with its s x s softmax per head."""
+    from phoenix.train.describe import describe, format_description
+
+    def run(*overrides):
+        cfg = build_config(base(runtime={"device": "cpu"}), list(overrides))
+        return describe(cfg, 1, 500)
+
+    unfused, sdpa = run(), run("model.attention_backend=sdpa")
+    assert unfused["layout"]["attention"] == "unfused" and sdpa["layout"]["attention"] == "sdpa"
+    s, b, heads, layers = 64, 2, 4, 4
+    assert (unfused["memory_bytes"]["activations_per_micro_batch"]
+            - sdpa["memory_bytes"]["activations_per_micro_batch"]) == 4 * heads * s * s * b * layers
+    assert "fp32; attention unfused (auto: cpu)" in format_description(unfused)
