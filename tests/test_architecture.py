@@ -1,5 +1,6 @@
 """The package's structure: the dependency arrows of DESIGN.md, process groups only from
-the runtime, test support outside the library, private names kept private, and small
+the runtime, test support outside the library, private names kept private, no import
+cycles between modules or packages, and small
 modules.
 
 Every import in ``phoenix/`` is read from the source (top-level and inside functions),
@@ -157,3 +158,108 @@ def test_the_walker_catches_a_forbidden_import(tmp_path, monkeypatch, source, ex
     (fake / "monitor" / "planted.py").write_text("def f():\n    " + source)
     monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
     assert any(expected in v for v in _violations()), _violations()
+
+
+# -- import cycles ----------------------------------------------------------------------------
+def _runtime_imports(path: Path) -> list[str]:
+    """Dotted names imported by ``path`` when it runs (``if TYPE_CHECKING:`` blocks, which
+    only type checkers read, left out)."""
+    out = []
+
+    def visit(node):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            out.extend(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append(node.module)
+            out.extend(f"{node.module}.{a.name}" for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return out
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """phoenix module -> the phoenix modules it imports (a package's ``__init__`` is the
+    package's name)."""
+    names = {}
+    for path, _ in _modules():
+        rel = path.relative_to(PACKAGE.parent).with_suffix("")
+        name = ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts)
+        names[name] = path
+    graph = {name: set() for name in names}
+    for name, path in names.items():
+        for imported in _runtime_imports(path):
+            parts = imported.split(".")
+            for k in range(len(parts), 1, -1):  # the longest prefix that is a module
+                target = ".".join(parts[:k])
+                if target in names:
+                    if target != name and not name.startswith(target + "."):
+                        graph[name].add(target)
+                    break
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def connect(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                connect(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            connect(v)
+    return found
+
+
+def _package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    package = lambda name: name.split(".")[1] if name.count(".") else name  # noqa: E731
+    out: dict[str, set[str]] = {}
+    for name, targets in graph.items():
+        for target in targets:
+            if package(target) != package(name):
+                out.setdefault(package(name), set()).add(package(target))
+    return out
+
+
+def test_no_import_cycles_between_modules_or_packages():
+    graph = _module_graph()
+    assert not _cycles(graph), _cycles(graph)
+    assert not _cycles(_package_graph(graph)), _cycles(_package_graph(graph))
+
+
+def test_the_cycle_finder_finds_a_planted_loop(tmp_path, monkeypatch):
+    fake = tmp_path / "phoenix"
+    (fake / "cli").mkdir(parents=True)
+    (fake / "testing").mkdir()
+    (fake / "cli" / "a.py").write_text("def f():\n    from phoenix.testing.b import g\n")
+    (fake / "testing" / "b.py").write_text("from phoenix.cli.a import f\n")
+    (fake / "testing" / "c.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from phoenix.cli.a import f\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", fake)
+    graph = _module_graph()
+    assert _cycles(graph) == [["phoenix.cli.a", "phoenix.testing.b"]]
+    assert _cycles(_package_graph(graph)) == [["cli", "testing"]]
