@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 from phoenix.config.typed import ConfigError, positive
 
@@ -51,6 +51,12 @@ class SpikeConfig:
             raise ConfigError("spikes.skip_step: needs loss_sigma (only loss spikes skip a step)")
 
 
+BUILTIN_CALLBACKS = ("console", "train_scalars", "tensorboard", "norms", "dataset_loss", "moe",
+                     "throughput", "spikes", "eval", "manual_gc")
+"""The names of the trainer's own callbacks (phoenix.train.callbacks), for
+``logging.callbacks``."""
+
+
 @dataclass(kw_only=True)
 class LoggingConfig:
     log_interval: int = 10
@@ -82,12 +88,30 @@ class LoggingConfig:
     optimizer, callbacks), so ``time/*`` splits are exact on a GPU rather than the time
     the host took to queue the work (as Megatron-LM's ``--barrier-with-L1-time``). Costs
     up to three device synchronisations a step; off by default."""
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    """The run's callbacks by name: ``false`` turns a built-in off (one of
+    ``BUILTIN_CALLBACKS``, e.g. ``{norms: false}``); a mapping with ``class:
+    "package.module:Name"`` and keyword arguments adds the user's own under that name
+    (constructed once per rank, given the arguments; it must subclass
+    phoenix.monitor.base.Callback). OLMo-core's named callbacks."""
     spikes: SpikeConfig = field(default_factory=SpikeConfig)
     """Loss / grad-norm spike detection, spikes.jsonl with the batch's provenance, and
     optionally skipping the update on a loss spike (see phoenix.monitor.spikes)."""
 
     def __post_init__(self):
         positive("logging", log_interval=self.log_interval)
+        for name, spec in self.callbacks.items():
+            if spec is False:
+                if name not in BUILTIN_CALLBACKS:
+                    raise ConfigError(f"logging.callbacks.{name}: false turns off a built-in "
+                                      f"callback, one of {', '.join(BUILTIN_CALLBACKS)}")
+            elif not (isinstance(spec, dict) and isinstance(spec.get("class"), str)
+                      and spec["class"].count(":") == 1):
+                raise ConfigError(f"logging.callbacks.{name}: false, or a mapping with class: "
+                                  f"'package.module:Name' and its keyword arguments")
+            elif name in BUILTIN_CALLBACKS:
+                raise ConfigError(f"logging.callbacks.{name}: the name of a built-in callback; "
+                                  f"give yours another name (or turn the built-in off)")
         for key in ("norm_interval", "dataset_loss_interval", "throughput_interval",
                     "moe_interval"):
             if getattr(self, key) is None:

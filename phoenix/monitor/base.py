@@ -150,6 +150,8 @@ class Callback:
 
     priority: ClassVar[int] = 0
     state_key: ClassVar[str | None] = None
+    name: str = ""
+    """The name the run knows it by (phoenix.train.callbacks; ``logging.callbacks``)."""
 
     def on_train_start(self, trainer) -> None:
         pass

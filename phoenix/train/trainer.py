@@ -19,7 +19,6 @@ import torch.distributed as dist
 
 from phoenix.checkpoint import Checkpointer, plan_restore, sweep_unfinished_saves
 from phoenix.config import RunConfig, dump_config
-from phoenix.eval.callback import EvalCallback
 from phoenix.data.documents import DocumentInputs
 from phoenix.data.loader import GlobalBatchLoader
 from phoenix.data.data_resume import DataResume, DataState, rebase
@@ -27,16 +26,6 @@ from phoenix.data.plan_cache import build_source
 from phoenix.io import atomic_write_text
 from phoenix.model import build_model, current_rope, install_rope, unwrap
 from phoenix.model.builder import uses_te_spec
-from phoenix.monitor import (
-    ConsoleLogger,
-    DatasetLossMonitor,
-    MoEMonitor,
-    NormMonitor,
-    SpikeMonitor,
-    TensorBoardLogger,
-    ThroughputMonitor,
-    TrainScalars,
-)
 from phoenix.monitor.base import Callback, MetricsCollector, StepMetrics, sort_callbacks
 from phoenix.optim import build_optimizer, build_scheduler
 from phoenix.optim.param_groups import frozen_model_params, zero_frozen_grads
@@ -44,8 +33,8 @@ from phoenix.optim.nonfinite import local_grads_finite
 from phoenix.runtime import ParallelLayout, any_rank, claim_run_dir, on_every_rank
 from phoenix.runtime.device_tracking import mark_host
 from phoenix.runtime.preemption import StopRequest
+from phoenix.train.callbacks import run_callbacks
 from phoenix.train.inputs import RunInputs, check_inputs
-from phoenix.train.manual_gc import ManualGC
 from phoenix.train.step import batch_report, forward_step, reduce_loss
 
 log = logging.getLogger("phoenix.train")
@@ -106,24 +95,9 @@ class Trainer:
         # callers default to 0; the TensorBoardLogger sink (-1000) last, so it closes its
         # writer after everything else at train end. Sinks write in log_metrics, after
         # every callback's on_step_end, so no producer has to come before a sink.
-        self.callbacks = sort_callbacks(callbacks if callbacks is not None else [
-            ConsoleLogger(cfg.train.steps, cfg.logging.log_interval),
-            TrainScalars(),
-            *([TensorBoardLogger(self.out_dir / "tensorboard", self.config_yaml)]
-              if cfg.logging.tensorboard else []),
-            *([NormMonitor(cfg.logging.norm_interval)]
-              if cfg.logging.tensorboard and cfg.logging.norm_interval else []),
-            *([DatasetLossMonitor(cfg.logging.dataset_loss_interval)]
-              if cfg.logging.tensorboard and cfg.logging.dataset_loss_interval else []),
-            *([MoEMonitor(cfg.logging.moe_interval)]
-              if cfg.logging.tensorboard and cfg.logging.moe_interval and cfg.model.moe is not None
-              else []),
-            *([ThroughputMonitor(cfg.logging.throughput_interval, cfg.logging.peak_tflops)]
-              if cfg.logging.tensorboard and cfg.logging.throughput_interval else []),
-            *([SpikeMonitor(cfg.logging.spikes, self.out_dir)] if cfg.logging.spikes.enabled else []),
-            *([EvalCallback(cfg.eval)] if cfg.eval is not None else []),
-            *([ManualGC(cfg.train.manual_gc_interval)] if cfg.train.manual_gc_interval else []),
-        ])
+        self.callbacks = sort_callbacks(
+            callbacks if callbacks is not None
+            else list(run_callbacks(cfg, self.out_dir, self.config_yaml).values()))
 
     # -- set-up ----------------------------------------------------------------------
     def setup(self) -> None:
