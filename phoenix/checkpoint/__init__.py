@@ -1,6 +1,6 @@
 """Atomic, reshardable checkpoints (megatron-core dist_checkpointing + the state bundle).
 
-* :mod:`phoenix.checkpoint.manager`: the on-disk layout, atomic save, load, resharding.
+* :mod:`phoenix.checkpoint.store`: the on-disk layout, atomic save, load, resharding.
 * :mod:`phoenix.checkpoint.checkpointer`: cadence, retention, resume / init_from and the
   state bundle of a run (:class:`Checkpointer`).
 * :mod:`phoenix.checkpoint.sharded_save`: megatron's sharded save, failing on every rank
@@ -11,10 +11,10 @@
 """
 
 from phoenix.checkpoint.checkpointer import Checkpointer, RestorePlan, plan_restore
-from phoenix.checkpoint.manager import CheckpointError, CheckpointManager, find_latest
+from phoenix.checkpoint.store import CheckpointError, CheckpointStore, find_latest
 from phoenix.checkpoint.save_failures import CheckpointSaveError, sweep_unfinished_saves
 from phoenix.checkpoint.trained_model import load_model, trained_stage
 
-__all__ = ["CheckpointError", "CheckpointManager", "CheckpointSaveError", "Checkpointer",
+__all__ = ["CheckpointError", "CheckpointStore", "CheckpointSaveError", "Checkpointer",
            "RestorePlan", "find_latest", "load_model", "plan_restore", "sweep_unfinished_saves",
            "trained_stage"]

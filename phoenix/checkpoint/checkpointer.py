@@ -30,9 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional, Protocol
 
-from phoenix.checkpoint.manager import (
+from phoenix.checkpoint.store import (
     CheckpointError,
-    CheckpointManager,
+    CheckpointStore,
     checkpoint_root,
     find_latest,
     read_checkpoint_state,
@@ -230,7 +230,7 @@ class Checkpointer:
         self.config_yaml = config_yaml
         self.model, self.optimizer = model, optimizer
         self.stateful = stateful
-        self.manager = CheckpointManager(checkpoint_root(cfg.output_dir), layout.rank,
+        self.store = CheckpointStore(checkpoint_root(cfg.output_dir), layout.rank,
                                          layout.world_size, self.ckpt.keep_last)
 
     # -- restore -------------------------------------------------------------------
@@ -238,10 +238,10 @@ class Checkpointer:
         """Load what ``plan`` says into the model, optimizer and stateful objects; returns
         a one-line description for the log."""
         if plan.kind == "resume":
-            self.manager.check_compatible(plan.path, self.model)
+            self.store.check_compatible(plan.path, self.model)
             bundle = plan.bundle  # read and upgraded once, by plan_restore
             with self._keeping_group_settings():
-                self.manager.load(plan.path, self.model, self.optimizer, bundle)
+                self.store.load(plan.path, self.model, self.optimizer, bundle)
             for key, obj in self.stateful.items():
                 if key in bundle["states"]:
                     obj.load_state_dict(bundle["states"][key])
@@ -254,14 +254,14 @@ class Checkpointer:
                             "; ".join(map(str, plan.honoured)))
             return f"resumed from {plan.path} at step {bundle['step']}"
         if plan.kind == "init_from":
-            self.manager.check_compatible(plan.path, self.model)
+            self.store.check_compatible(plan.path, self.model)
             if self.ckpt.init_optimizer:
                 with self._keeping_group_settings():
-                    self.manager.load(plan.path, self.model, self.optimizer, plan.bundle,
+                    self.store.load(plan.path, self.model, self.optimizer, plan.bundle,
                                       load_rng=False)
                 what = "weights and optimizer state"
             else:
-                self.manager.load_weights(plan.path, self.model)
+                self.store.load_weights(plan.path, self.model)
                 what = "weights (the optimizer starts fresh)"
             if plan.honoured:
                 if self.layout.rank == 0:
@@ -310,18 +310,18 @@ class Checkpointer:
             return None
 
     def save_now(self, step: int) -> Path:
-        """Write checkpoint ``step`` now (atomically; see phoenix.checkpoint.manager)."""
+        """Write checkpoint ``step`` now (atomically; see phoenix.checkpoint.store)."""
         # Before the first step Adam has no state to save: a step-0 checkpoint is weights only.
         optimizer = self.optimizer if step > 0 else None
         bundle = {"format": FORMAT_VERSION, "step": step,
                   "states": {key: obj.state_dict() for key, obj in self.stateful.items()}}
         with gathered_params(self.model):  # overlap_param_gather: the updated weights
-            return self.manager.save(step, self.model, optimizer, bundle, self.config_yaml)
+            return self.store.save(step, self.model, optimizer, bundle, self.config_yaml)
 
     # -- queries -------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
         """This run's newest complete checkpoint."""
-        return self.manager.latest()
+        return self.store.latest()
 
     def latest_step(self) -> Optional[int]:
         latest = self.latest()

@@ -2,7 +2,7 @@
 and the sweep of the temporary directories that dead writers left.
 
 A save is written to ``checkpoints/.tmp-step_NNNNNN`` and renamed into place when complete
-(phoenix.checkpoint.manager). When a write fails on any rank (a full disk, a quota, an I/O
+(phoenix.checkpoint.store). When a write fails on any rank (a full disk, a quota, an I/O
 error), every rank learns it at the same point (phoenix.checkpoint.sharded_save), rank 0
 removes the temporary directory, and :class:`CheckpointSaveError` says in one line what
 failed, where, the free and needed bytes, and which checkpoint is intact. A job killed

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from phoenix.checkpoint.manager import CheckpointManager, resolve_checkpoint, step_of
+from phoenix.checkpoint.store import CheckpointStore, resolve_checkpoint, step_of
 from phoenix.config import ResolvedStage, RunConfig
 
 
@@ -45,7 +45,7 @@ def load_model(checkpoint: str | os.PathLike, cfg: RunConfig, layout, *,
     rope = trained_stage(cfg, step_of(path)).rope
     model = build_model(cfg, layout, vocab_size if vocab_size is not None else model_vocab_size(cfg),
                         wrap_ddp=False, initialize=initialize, dtype=dtype, rope=rope)
-    manager = CheckpointManager(path.parent, layout.rank, layout.world_size)
-    manager.check_compatible(path, model)
-    manager.load_weights(path, model)
+    store = CheckpointStore(path.parent, layout.rank, layout.world_size)
+    store.check_compatible(path, model)
+    store.load_weights(path, model)
     return model

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from phoenix.checkpoint import CheckpointError
     from phoenix.config import ConfigError
     from phoenix.convert import ConversionError
-    from phoenix.tokenizer.expand import (
+    from phoenix.tokenizer.expand_vocab import (
         ExpansionError,
         expand_tokenizer,
         read_token_list,
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.sp_model:
             surfaces = sentencepiece_surfaces(args.sp_model)
         if args.checkpoint:
-            from phoenix.convert.vocab_resize import expand_checkpoint
+            from phoenix.convert.expand_vocab import expand_checkpoint
 
             info = expand_checkpoint(args.checkpoint, args.base, args.out, surfaces=surfaces,
                                      tokenizer=args.tokenizer)

@@ -57,7 +57,7 @@ def _import_root(checkpoint: Path) -> Optional[Path]:
 def _source_hf_config(checkpoint: Path, cfg) -> Optional[dict]:
     """The config.json the weights came from: of this checkpoint's import folder, or of the
     run's ``checkpoint.init_from`` (a run continued from an import)."""
-    from phoenix.checkpoint.manager import CheckpointError, resolve_checkpoint
+    from phoenix.checkpoint.store import CheckpointError, resolve_checkpoint
 
     candidates = [checkpoint]
     if cfg.checkpoint.init_from:
@@ -103,7 +103,7 @@ def phoenix_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: Optional[st
     from tqdm import tqdm
 
     from phoenix.checkpoint import load_model, trained_stage
-    from phoenix.checkpoint.manager import resolve_checkpoint, step_of
+    from phoenix.checkpoint.store import resolve_checkpoint, step_of
     from phoenix.config.loader import load_saved_config
     from phoenix.config.typed import to_dict
     from phoenix.tokenizer import load_tokenizer, model_vocab_size

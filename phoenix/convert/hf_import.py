@@ -97,7 +97,7 @@ def hf_to_phoenix(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int =
     Raises ConversionError naming the file, key or tensor that cannot be converted."""
     from tqdm import tqdm
 
-    from phoenix.checkpoint import CheckpointManager
+    from phoenix.checkpoint import CheckpointStore
     from phoenix.config import dump_config
     from phoenix.model import build_model
     from phoenix.tokenizer import load_tokenizer
@@ -151,7 +151,7 @@ def hf_to_phoenix(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int =
             unfilled = sorted(set(state) - filled)
             if unfilled:
                 raise ConversionError(f"megatron weights without an HF source: {unfilled[:5]}")
-            manager = CheckpointManager(tmp / "checkpoints", layout.rank, layout.world_size)
+            manager = CheckpointStore(tmp / "checkpoints", layout.rank, layout.world_size)
             bundle = {"format": 2, "step": 0, "states": {}}
             manager.save(0, [gpt], None, bundle, dump_config(cfg))
         (tmp / "model.yaml").write_text(

@@ -123,8 +123,8 @@ def upcycle(dense_ckpt: str | Path, moe_config: str | Path, out: str | Path, *,
     Raises UpcycleError (or ConfigError / CheckpointError) naming what does not fit."""
     from megatron.core.dist_checkpointing import load_tensors_metadata
 
-    from phoenix.checkpoint import CheckpointManager, load_model
-    from phoenix.checkpoint.manager import resolve_checkpoint
+    from phoenix.checkpoint import CheckpointStore, load_model
+    from phoenix.checkpoint.store import resolve_checkpoint
     from phoenix.config import dump_config
     from phoenix.config.loader import load_saved_config
     from phoenix.config.typed import to_dict
@@ -173,7 +173,7 @@ def upcycle(dense_ckpt: str | Path, moe_config: str | Path, out: str | Path, *,
             for key, value in upcycled_tensors(dense, target, spec):
                 target[key].copy_(value)
             del dense_gpt, dense
-            manager = CheckpointManager(tmp / "checkpoints", layout.rank, layout.world_size)
+            manager = CheckpointStore(tmp / "checkpoints", layout.rank, layout.world_size)
             manager.save(0, [moe_gpt], None, {"format": 2, "step": 0, "states": {}},
                          dump_config(moe_cfg))
         model_yaml = {k: v for k, v in to_dict(moe_cfg.model).items() if k != "preset"}

@@ -116,7 +116,7 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
     evaluate; returns the JSON-ready report (the same on every rank; ``"needle"`` only
     with ``eval_cfg.needle``)."""
     from phoenix.checkpoint import load_model, trained_stage
-    from phoenix.checkpoint.manager import resolve_checkpoint, step_of
+    from phoenix.checkpoint.store import resolve_checkpoint, step_of
     from phoenix.config import ConfigError
     from phoenix.eval.inputs import check_eval_inputs
     from phoenix.eval.evaluator import Evaluator
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from phoenix.config import ConfigError, load_config
     from phoenix.eval.evaluator import EvalResult, format_table
-    from phoenix.checkpoint.manager import CheckpointError
+    from phoenix.checkpoint.store import CheckpointError
     from phoenix.data.indexed import DataError
     from phoenix.runtime.command import run_command, setup_logging
 

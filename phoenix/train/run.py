@@ -8,7 +8,7 @@ import os
 import sys
 
 from phoenix.checkpoint import CheckpointSaveError, plan_restore
-from phoenix.checkpoint.manager import CheckpointError
+from phoenix.checkpoint.store import CheckpointError
 from phoenix.config import dump_config, load_config
 from phoenix.data.indexed import DataError
 from phoenix.runtime.capabilities import check_capabilities

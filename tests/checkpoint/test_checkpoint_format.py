@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from phoenix.checkpoint.checkpointer import FORMAT_VERSION, upgrade_bundle
-from phoenix.checkpoint.manager import STATE_FILE, CheckpointError
+from phoenix.checkpoint.store import STATE_FILE, CheckpointError
 from phoenix.config import build_config
 from phoenix.testing.distributed import run_distributed
 from phoenix.testing.tiny import tiny_config_dict

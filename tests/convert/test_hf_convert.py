@@ -72,8 +72,8 @@ def _logits(path: str, out_dir: str, layout_kw: dict):
     return the full logits on this rank's last stage (None elsewhere)."""
     import torch.distributed as dist
 
-    from phoenix.checkpoint import CheckpointManager
-    from phoenix.checkpoint.manager import resolve_checkpoint
+    from phoenix.checkpoint import CheckpointStore
+    from phoenix.checkpoint.store import resolve_checkpoint
     from phoenix.config.loader import read_yaml
     from phoenix.convert.common import conversion_config
     from phoenix.model import build_model
@@ -87,7 +87,7 @@ def _logits(path: str, out_dir: str, layout_kw: dict):
     layout = init_runtime(cfg)
     (gpt,) = build_model(cfg, layout, model["vocab_size"], wrap_ddp=False)
     ckpt = resolve_checkpoint(path)
-    CheckpointManager(ckpt.parent, layout.rank, layout.world_size).load_weights(ckpt, [gpt])
+    CheckpointStore(ckpt.parent, layout.rank, layout.world_size).load_weights(ckpt, [gpt])
     gpt.eval()
     x = tokens()
     pos = torch.arange(SEQ).expand_as(x)

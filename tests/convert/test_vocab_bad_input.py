@@ -47,7 +47,7 @@ def test_data_of_the_old_hf_tokenizer_is_refused(tiny_data, tmp_path):
     from phoenix.data.synthetic import generate_documents
     from phoenix.config import build_config
     from phoenix.testing.tiny import tiny_config_dict
-    from phoenix.tokenizer.expand import expand_tokenizer
+    from phoenix.tokenizer.expand_vocab import expand_tokenizer
     from phoenix.train.trainer import check_inputs
 
     docs = [d["text"] for d in generate_documents(60, 0, domain="web", max_words=60)]

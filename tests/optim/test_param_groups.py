@@ -164,7 +164,7 @@ def _freeze_loop(cfg, layout, model, freeze, steps, seed, record=None):
 
 
 def single_process_checks(out_dir: str) -> dict:
-    from phoenix.checkpoint import CheckpointManager
+    from phoenix.checkpoint import CheckpointStore
     from phoenix.optim.builder import build_optimizer, build_scheduler
     from phoenix.optim.param_groups import build_config_overrides
 
@@ -209,7 +209,7 @@ def single_process_checks(out_dir: str) -> dict:
 
     def save_first(step, optimizer, scheduler):
         if step == 0:
-            manager = CheckpointManager(f"{out_dir}/checkpoints", layout.rank, layout.world_size)
+            manager = CheckpointStore(f"{out_dir}/checkpoints", layout.rank, layout.world_size)
             saved.update(path=manager.save(1, model, optimizer, {}, ""),
                          scheduler=scheduler.state_dict(),
                          lrs=[g["lr"] for g in optimizer.param_groups])
@@ -218,7 +218,7 @@ def single_process_checks(out_dir: str) -> dict:
     resumed = _model(cfg, layout)
     optimizer = build_optimizer(cfg, resumed, layout, freeze=freeze)
     scheduler = build_scheduler(cfg, optimizer)
-    CheckpointManager(f"{out_dir}/checkpoints", 0, 1).load(saved["path"], resumed, optimizer)
+    CheckpointStore(f"{out_dir}/checkpoints", 0, 1).load(saved["path"], resumed, optimizer)
     result["loaded_frozen_steps"] = [g.get("frozen_steps") for g in optimizer.param_groups]
     scheduler.load_state_dict(saved["scheduler"])
     result["resume_lrs"] = ([g["lr"] for g in optimizer.param_groups], saved["lrs"])

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from phoenix.checkpoint import CheckpointError, find_latest
-from phoenix.checkpoint.manager import STATE_FILE, resolve_checkpoint
+from phoenix.checkpoint.store import STATE_FILE, resolve_checkpoint
 from phoenix.config import ConfigError, build_config
 from phoenix.data.indexed import DataError, check_prefix, read_meta
 from phoenix.testing.tiny import tiny_config, tiny_config_dict

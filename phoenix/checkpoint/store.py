@@ -195,7 +195,7 @@ def _publish(tmp: Path, final: Path, config_yaml: str, bundle: dict) -> None:
     os.replace(tmp, final)
 
 
-class CheckpointManager:
+class CheckpointStore:
     """Saves/loads this run's checkpoints under ``root``; every rank calls every method."""
 
     def __init__(self, root: str | os.PathLike, rank: int, world_size: int, keep_last: int = 0):

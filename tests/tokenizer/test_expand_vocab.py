@@ -1,4 +1,4 @@
-"""Vocabulary expansion keeps every existing id (phoenix.tokenizer.expand) on a tiny
+"""Vocabulary expansion keeps every existing id (phoenix.tokenizer.expand_vocab) on a tiny
 Llama-3-shaped byte-level BPE (specials after the learned vocabulary) and on a
 sentencepiece model: old ids keep their tokens, text without new tokens encodes as
 before, text with them uses them, and a tokenizer that moves an id is refused."""
@@ -35,7 +35,7 @@ def zh_words():
 
 @pytest.fixture(scope="module")
 def expanded(base, zh_words, tmp_path_factory):
-    from phoenix.tokenizer.expand import expand_tokenizer
+    from phoenix.tokenizer.expand_vocab import expand_tokenizer
 
     out = tmp_path_factory.mktemp("exp") / "new"
     result = expand_tokenizer(base, zh_words + [" daily", "你好,", "<|eot_id|>"], out)
@@ -97,7 +97,7 @@ def test_transformers_reads_the_expanded_tokenizer(expanded):
 
 def test_a_tokenizer_that_moves_an_id_is_refused(base, tmp_path):
     from phoenix.tokenizer import load_tokenizer
-    from phoenix.tokenizer.expand import ExpansionError, check_extends
+    from phoenix.tokenizer.expand_vocab import ExpansionError, check_extends
 
     # Appending to the BPE without entering the specials there: the tokenizers library
     # renumbers them on load (they would move above the new tokens).
@@ -116,7 +116,7 @@ def test_a_tokenizer_that_moves_an_id_is_refused(base, tmp_path):
 
 def test_sentencepiece_base_and_source(tiny_data, tmp_path):
     from phoenix.tokenizer import load_tokenizer, train_sentencepiece
-    from phoenix.tokenizer.expand import expand_tokenizer, sentencepiece_surfaces
+    from phoenix.tokenizer.expand_vocab import expand_tokenizer, sentencepiece_surfaces
 
     zh = tmp_path / "zh.txt"
     zh.write_text("\n".join(_docs("zh", 200)))
@@ -135,7 +135,7 @@ def test_sentencepiece_base_and_source(tiny_data, tmp_path):
 
 
 def test_refusals(base, tmp_path):
-    from phoenix.tokenizer.expand import ExpansionError, expand_tokenizer
+    from phoenix.tokenizer.expand_vocab import ExpansionError, expand_tokenizer
 
     with pytest.raises(ExpansionError, match="already exists"):
         expand_tokenizer(base, ["x"], base)

@@ -23,8 +23,8 @@ def _docs(domain, n, seed=0):
 
 def _load(folder: str, scratch: str):
     """The phoenix GPTModel of an hf-to-phoenix / expand-vocab folder (TP=PP=1)."""
-    from phoenix.checkpoint import CheckpointManager
-    from phoenix.checkpoint.manager import resolve_checkpoint
+    from phoenix.checkpoint import CheckpointStore
+    from phoenix.checkpoint.store import resolve_checkpoint
     from phoenix.config.loader import read_yaml
     from phoenix.convert.common import conversion_config
     from phoenix.model import build_model
@@ -35,7 +35,7 @@ def _load(folder: str, scratch: str):
     layout = init_runtime(cfg)
     (gpt,) = build_model(cfg, layout, model["vocab_size"], wrap_ddp=False)
     ckpt = resolve_checkpoint(folder)
-    CheckpointManager(ckpt.parent, layout.rank, layout.world_size).load_weights(ckpt, [gpt])
+    CheckpointStore(ckpt.parent, layout.rank, layout.world_size).load_weights(ckpt, [gpt])
     return gpt.eval()
 
 
@@ -47,7 +47,7 @@ def _logits(gpt, ids):
 
 def resize_and_compare(hf_dir: str, root: str, words: list[str]) -> dict:
     from phoenix.convert.hf_import import hf_to_phoenix
-    from phoenix.convert.vocab_resize import expand_checkpoint, old_subtoken_ids
+    from phoenix.convert.expand_vocab import expand_checkpoint, old_subtoken_ids
     from phoenix.tokenizer import load_tokenizer
 
     imported, out = os.path.join(root, "imported"), os.path.join(root, "expanded")

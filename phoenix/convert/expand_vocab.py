@@ -97,8 +97,8 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
     moves an existing id, a checkpoint trained with another tokenizer than ``base``."""
     from megatron.core.dist_checkpointing import load_tensors_metadata
 
-    from phoenix.checkpoint import CheckpointManager, load_model
-    from phoenix.checkpoint.manager import resolve_checkpoint
+    from phoenix.checkpoint import CheckpointStore, load_model
+    from phoenix.checkpoint.store import resolve_checkpoint
     from phoenix.config import dump_config
     from phoenix.config.loader import load_saved_config
     from phoenix.config.typed import to_dict
@@ -106,7 +106,7 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
     from phoenix.model import build_model
     from phoenix.model.builder import padded_vocab_size
     from phoenix.tokenizer import load_tokenizer, model_vocab_size
-    from phoenix.tokenizer.expand import check_extends, expand_tokenizer
+    from phoenix.tokenizer.expand_vocab import check_extends, expand_tokenizer
 
     if (surfaces is None) == (tokenizer is None):
         raise ConversionError("give the new tokens or an expanded tokenizer (one of them)")
@@ -168,7 +168,7 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
                                  dtype=stored)
             gpt.load_state_dict(state)
             del state
-            CheckpointManager(tmp / "checkpoints", layout.rank, layout.world_size).save(
+            CheckpointStore(tmp / "checkpoints", layout.rank, layout.world_size).save(
                 0, [gpt], None, {"format": 2, "step": 0, "states": {}}, dump_config(cfg))
         (tmp / "model.yaml").write_text(
             f"# {path} with the vocabulary expanded to {new_vocab} by phoenix expand-vocab.\n"
