@@ -85,10 +85,7 @@ def test_imports_follow_the_dependency_table():
 # A private name (one leading underscore) belongs to the module that defines it, a private
 # module (``_plan_cpp``) to its package: no other module imports it. The imports still to
 # fix, as (file, imported name); an entry that is no longer needed fails the test too.
-PRIVATE_IMPORT_EXEMPTIONS = {
-    ("phoenix/convert/expand_vocab.py", "phoenix.convert.hf_export._source_hf_config"),
-    ("phoenix/eval/needle_run.py", "phoenix.eval.evaluator._passive"),
-}
+PRIVATE_IMPORT_EXEMPTIONS: set[tuple[str, str]] = set()
 
 
 def _is_private(part: str) -> bool:

@@ -102,7 +102,7 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
     from phoenix.config import dump_config
     from phoenix.config.loader import load_saved_config
     from phoenix.config.typed import to_dict
-    from phoenix.convert.hf_export import _source_hf_config
+    from phoenix.convert.hf_export import source_hf_config
     from phoenix.model import build_model
     from phoenix.model.builder import padded_vocab_size
     from phoenix.tokenizer import load_tokenizer, model_vocab_size
@@ -173,7 +173,7 @@ def expand_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path,
         (tmp / "model.yaml").write_text(
             f"# {path} with the vocabulary expanded to {new_vocab} by phoenix expand-vocab.\n"
             + yaml.safe_dump(model, sort_keys=False))
-        hf_config = _source_hf_config(path, saved)
+        hf_config = source_hf_config(path, saved)
         if hf_config is not None:
             (tmp / "hf_config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         info = {"source": str(path.resolve()), "base_tokenizer": str(base),

@@ -54,7 +54,7 @@ def _import_root(checkpoint: Path) -> Optional[Path]:
     return root if any((root / m).is_file() for m in marks) else None
 
 
-def _source_hf_config(checkpoint: Path, cfg) -> Optional[dict]:
+def source_hf_config(checkpoint: Path, cfg) -> Optional[dict]:
     """The config.json the weights came from: of this checkpoint's import folder, or of the
     run's ``checkpoint.init_from`` (a run continued from an import)."""
     from phoenix.checkpoint.store import CheckpointError, resolve_checkpoint
@@ -132,7 +132,7 @@ def phoenix_to_hf(checkpoint: str | Path, out: str | Path, *, dtype: Optional[st
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     target = DTYPES[dtype] if dtype else stored
-    base = _source_hf_config(path, saved)
+    base = source_hf_config(path, saved)
     shape = shape_of(model)
     with atomic_output(out) as tmp:
         cfg = conversion_config(model, {"model": "unused.model"}, tmp)

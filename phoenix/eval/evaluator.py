@@ -79,7 +79,7 @@ def format_table(results: dict[str, EvalResult]) -> str:
 
 
 @contextlib.contextmanager
-def _passive(model_chunks):
+def passive_eval(model_chunks):
     """Eval mode, no grad, and every RNG stream as it was afterwards."""
     from megatron.core import tensor_parallel
 
@@ -186,7 +186,7 @@ class Evaluator:
 
         forward = get_forward_backward_func()
         results = {}
-        with _passive(self.model):
+        with passive_eval(self.model):
             for name, prefix, reader, sample_ids in self.sets:
                 batches = self._micro_batches(reader, sample_ids)
                 total = torch.zeros(len(STATS), dtype=torch.float64)

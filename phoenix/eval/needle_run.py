@@ -134,11 +134,11 @@ class NeedleEvaluator:
 
     def evaluate(self, seq_length: int) -> NeedleResult:
         """The accuracy matrix at the lengths for ``seq_length`` (the same on every rank)."""
-        from phoenix.eval.evaluator import _passive
+        from phoenix.eval.evaluator import passive_eval
 
         tasks = self.tasks(seq_length)
         mine = tasks[self.layout.dp_rank::self.layout.dp_size]
-        with _passive(self.model):
+        with passive_eval(self.model):
             result = score(mine, self.generate, self.tokenizer.decode,
                            batch_size=self.micro_batch_size, lengths=self.lengths(seq_length),
                            depths=self.cfg.depths)
