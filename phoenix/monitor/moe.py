@@ -123,21 +123,25 @@ class MoEMonitor(Callback):
     priority = 450  # a producer, like the other monitors; reads nothing they record
     expert_scalars_max = 32
 
-    def __init__(self, interval: int, log_last_step: bool = True):
+    def __init__(self, interval: int, log_last_step: bool = True, *, moe=None,
+                 num_layers: int | None = None):
+        """``moe``: the run's ``model.moe`` section, ``num_layers`` its ``model.num_layers``
+        (None: read from the trainer's config at train start)."""
         if interval < 0:
             raise ValueError(f"MoEMonitor: interval must be >= 0, got {interval}")
         self.interval, self.log_last_step = interval, log_last_step
+        self._moe_cfg, self._num_layers = moe, num_layers
         self.last: dict[str, float] = {}
         self._handles: list = []
         self._stats = None
 
     # -- hooks ------------------------------------------------------------------------
     def on_train_start(self, trainer) -> None:
-        moe = trainer.cfg.model.moe
+        moe = self._moe_cfg if self._moe_cfg is not None else trainer.cfg.model.moe
         if moe is None or not self.interval:
             return
         self._trainer, self._moe = trainer, moe
-        self.num_layers = trainer.cfg.model.num_layers
+        self.num_layers = self._num_layers or trainer.cfg.model.num_layers
         self.layers = moe.moe_layers(self.num_layers)  # global 0-based, on every rank
         self._row = {layer: i for i, layer in enumerate(self.layers)}
         self._stats = torch.zeros(len(self.layers), moe.num_experts + _EXTRA, dtype=torch.float64,

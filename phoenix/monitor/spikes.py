@@ -221,8 +221,12 @@ class SpikeMonitor(Callback):
     priority = 300
     state_key = "spikes"
 
-    def __init__(self, cfg: SpikeConfig, output_dir: str | Path):
+    def __init__(self, cfg: SpikeConfig, output_dir: str | Path,
+                 names: list[str] | None = None):
+        """``names``: the dataset names by ``dataset_id`` (None: from the trainer's config
+        at train start)."""
         self.cfg = cfg
+        self.names = list(names) if names is not None else None
         self.path = Path(output_dir) / "spikes.jsonl"
         self.detector = SpikeDetector.from_config(cfg)
         self.count = 0
@@ -234,7 +238,8 @@ class SpikeMonitor(Callback):
 
     # -- hooks --------------------------------------------------------------------------
     def on_train_start(self, trainer) -> None:
-        self._names = [e.display_name for e in trainer.cfg.data.datasets]
+        self._names = (self.names if self.names is not None
+                       else [e.display_name for e in trainer.cfg.data.datasets])
         self.detector = SpikeDetector.from_config(self.cfg)  # a resume restarts the windows
         if trainer.layout.is_logging_rank:
             self.path.parent.mkdir(parents=True, exist_ok=True)

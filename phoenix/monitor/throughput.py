@@ -149,6 +149,8 @@ class ThroughputMonitor(Callback):
     ``peak_tflops``: the per-GPU peak that ``throughput/mfu`` is measured against;
     None takes :func:`default_peak_tflops` of the CUDA device (none on CPU).
     ``flops_per_token``: override the architecture count (tests, exotic models).
+    ``model`` and ``precision``: the run's ``model`` section and ``train.precision`` (the
+    FLOPs count and the default peak); None: read from the trainer's config at train start.
     After a logged step, ``last`` holds ``{tag: value}`` on the logging rank.
     """
 
@@ -156,18 +158,24 @@ class ThroughputMonitor(Callback):
     state_key = "throughput"
 
     def __init__(self, interval: int, peak_tflops: float | None = None,
-                 flops_per_token: float | None = None, log_last_step: bool = True):
+                 flops_per_token: float | None = None, log_last_step: bool = True, *,
+                 model=None, precision: str | None = None):
         if interval < 0:
             raise ValueError(f"ThroughputMonitor: interval must be >= 0, got {interval}")
         if peak_tflops is not None and not peak_tflops > 0:
             raise ValueError(f"ThroughputMonitor: peak_tflops must be > 0, got {peak_tflops}")
         self.interval, self.log_last_step = interval, log_last_step
         self.peak_tflops, self.flops_per_token = peak_tflops, flops_per_token
+        self.model, self.precision = model, precision
         self.last: dict[str, float] = {}
         self._first_step = None
 
     def on_train_start(self, trainer) -> None:
-        cfg, layout = trainer.cfg, trainer.layout
+        layout = trainer.layout
+        if self.model is None and self.flops_per_token is None:
+            self.model = trainer.cfg.model
+        if self.precision is None:
+            self.precision = trainer.cfg.train.precision
         self._first_step = trainer.state.step + 1
         self._cuda = layout.device.type == "cuda"
         if self.flops_per_token is None:
@@ -175,10 +183,10 @@ class ThroughputMonitor(Callback):
             self._vocab = trainer.gpt_models[0].vocab_size
         if self.peak_tflops is None and self._cuda:
             name = torch.cuda.get_device_name(layout.device)
-            self.peak_tflops = default_peak_tflops(name, cfg.train.precision)
+            self.peak_tflops = default_peak_tflops(name, self.precision)
             if self.peak_tflops is None and layout.is_logging_rank:
                 log.info("ThroughputMonitor: no peak TFLOP/s known for '%s' (%s); set "
-                         "logging.peak_tflops to log throughput/mfu", name, cfg.train.precision)
+                         "logging.peak_tflops to log throughput/mfu", name, self.precision)
 
     def on_step_end(self, trainer, m: StepMetrics) -> None:
         if self._first_step is None or not trainer.metrics.due(self.interval, self.log_last_step):
@@ -197,7 +205,7 @@ class ThroughputMonitor(Callback):
             # Stages may change the batch and sequence length (attention FLOPs grow with it).
             stage = trainer.stages.stage_at(m.step - 1)
             per_token = self.flops_per_token or model_flops_per_token(
-                trainer.cfg.model, stage.seq_length, self._vocab)
+                self.model, stage.seq_length, self._vocab)
             tflops = per_token * stage.tokens_per_step / m.step_time / world / 1e12
             tags["throughput/tflops_per_gpu"] = tflops
             if self.peak_tflops:

@@ -40,11 +40,12 @@ def builtin_callbacks(cfg: RunConfig, out_dir: Path, config_yaml: str) -> dict[s
         "norms": NormMonitor(log.norm_interval) if tb and log.norm_interval else None,
         "dataset_loss": (DatasetLossMonitor(log.dataset_loss_interval, names=names)
                          if tb and log.dataset_loss_interval else None),
-        "moe": (MoEMonitor(log.moe_interval)
+        "moe": (MoEMonitor(log.moe_interval, moe=cfg.model.moe, num_layers=cfg.model.num_layers)
                 if tb and log.moe_interval and cfg.model.moe is not None else None),
-        "throughput": (ThroughputMonitor(log.throughput_interval, log.peak_tflops)
+        "throughput": (ThroughputMonitor(log.throughput_interval, log.peak_tflops,
+                                         model=cfg.model, precision=cfg.train.precision)
                        if tb and log.throughput_interval else None),
-        "spikes": SpikeMonitor(log.spikes, out_dir) if log.spikes.enabled else None,
+        "spikes": SpikeMonitor(log.spikes, out_dir, names=names) if log.spikes.enabled else None,
         "eval": EvalCallback(cfg.eval) if cfg.eval is not None else None,
         "manual_gc": (ManualGC(cfg.train.manual_gc_interval)
                       if cfg.train.manual_gc_interval else None),
