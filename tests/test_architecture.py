@@ -1,7 +1,6 @@
 """The package's structure: the dependency arrows of DESIGN.md, process groups only from
 the runtime, test support outside the library, private names kept private, no import
-cycles between modules or packages, and small
-modules.
+cycles between modules or packages, and small modules.
 
 Every import in ``phoenix/`` is read from the source (top-level and inside functions),
 so a lazy import cannot sneak past the rules.
