@@ -54,8 +54,16 @@ def document_forward(model, tokens, position_ids, segments, labels=None, packed:
     Returns what the model returns, shaped as for ``[b, s]`` inputs.
     """
     if not packed:
-        return model(tokens, position_ids, attention_mask=dense_document_mask(segments),
-                     labels=labels)
+        from phoenix.model.rope import document_rope  # dynamic NTK: each document's own base
+        with document_rope(model, position_ids, segments):
+            return model(tokens, position_ids, attention_mask=dense_document_mask(segments),
+                         labels=labels)
+    from phoenix.model.rope import current_rope
+    rope = current_rope(model)
+    if rope is not None and rope.scaling == "dynamic_ntk":
+        raise ValueError("model.rope.scaling dynamic_ntk with data.document_mask: packed THD "
+                         "sequences share one RoPE base, each document needs its own; use "
+                         "the dense mask (no Transformer Engine) or another rope scaling")
     b, s = tokens.shape
     flat = (lambda t: None if t is None else t.reshape(1, b * s))
     output = model(flat(tokens), flat(position_ids), attention_mask=None, labels=flat(labels),

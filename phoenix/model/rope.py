@@ -213,11 +213,79 @@ def _rotary_embedding_cls():
             return inv_freq_and_scaling(self.rope, self.dim, seq_len)[0].to(self.inv_freq.device)
 
         def get_freqs_non_repeated(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
-            inv_freq = self.inv_freq_at(max_seq_len + offset)
+            inv_freq = self.inv_freq_at(getattr(self, "_length", None) or max_seq_len + offset)
             seq = torch.arange(max_seq_len, device=inv_freq.device, dtype=inv_freq.dtype) + offset
             return torch.outer(seq, inv_freq)
 
+        def forward(self, max_seq_len: int, offset: int = 0, packed_seq: bool = False,
+                    cp_group=None) -> torch.Tensor:
+            """megatron's table ``[s, 1, 1, d]``; with ``document_lengths`` set (dynamic NTK
+            and documents kept apart, :func:`document_rope`) a table ``[s, b, 1, d]`` whose
+            row of each token has the base of its own document's length, as the document
+            alone gets it (transformers: ``max(position_ids) + 1``). RoPE is relative, so a
+            document attending only to itself needs no restarted positions, only its base."""
+            lengths = getattr(self, "document_lengths", None)
+            if lengths is None or self.rope.scaling != "dynamic_ntk":
+                return super().forward(max_seq_len, offset, packed_seq, cp_group)
+            if packed_seq or lengths.shape[1] != max_seq_len or offset:
+                raise ValueError("dynamic_ntk with data.document_mask: per-document bases need "
+                                 "the dense document mask (not packed THD sequences)")
+            distinct = torch.unique(lengths.cpu()).tolist()
+            tables = []
+            for n in distinct:
+                self._length = int(n)
+                try:
+                    tables.append(self.get_emb(max_seq_len)[:, 0, 0, :])  # [s, d]
+                finally:
+                    self._length = None
+            table = torch.stack(tables)  # [k, s, d]
+            which = torch.searchsorted(torch.tensor(distinct, device=lengths.device), lengths)
+            rows = torch.arange(max_seq_len, device=lengths.device).expand_as(lengths)
+            emb = table[which.to(table.device), rows.to(table.device)]  # [b, s, d]
+            emb = emb.transpose(0, 1)[:, :, None, :].contiguous()  # [s, b, 1, d]
+            cp_group = cp_group if cp_group is not None else self.cp_group
+            if cp_group is not None and cp_group.size() > 1:
+                from megatron.core.models.common.embeddings.rope_utils import (
+                    get_pos_emb_on_this_cp_rank,
+                )
+                emb = get_pos_emb_on_this_cp_rank(emb, 0, cp_group)
+            return emb
+
     return ScaledRotaryEmbedding
+
+
+def document_lengths(position_ids: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+    """int [b, s]: for every token, the length of its document (its largest position id + 1),
+    the ``s`` of dynamic NTK for the document alone."""
+    b, s = segments.shape
+    starts = torch.zeros_like(segments, dtype=torch.long)
+    starts[:, 1:] = (segments[:, 1:] != segments[:, :-1]).long()
+    key = (starts.cumsum(1) + torch.arange(b, device=segments.device)[:, None] * s).reshape(-1)
+    longest = torch.zeros(b * s, dtype=torch.long, device=segments.device)
+    longest = longest.scatter_reduce(0, key, position_ids.reshape(-1).long(), "amax")
+    return (longest[key] + 1).reshape(b, s)
+
+
+class document_rope:
+    """Context: the rotary module of ``model`` (a dynamic-NTK :class:`ScaledRotaryEmbedding`)
+    gives every document the base of its own length for one forward; a no-op for any
+    other rope."""
+
+    def __init__(self, model, position_ids, segments):
+        rope = current_rope(model)
+        self.module = (unwrap(model).rotary_pos_emb if rope is not None
+                       and rope.scaling == "dynamic_ntk" and position_ids is not None else None)
+        self.args = (position_ids, segments)
+
+    def __enter__(self):
+        if self.module is not None:
+            self.module.document_lengths = document_lengths(*self.args)
+        return self
+
+    def __exit__(self, *exc):
+        if self.module is not None:
+            self.module.document_lengths = None
+        return False
 
 
 def current_rope(chunk) -> Optional[RopeConfig]:

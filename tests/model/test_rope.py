@@ -262,6 +262,59 @@ def test_model_matches_transformers_llama(model_results, name):
         assert r["dropped_abs"] > 10 * LOGIT_TOL    # the comparison can fail
 
 
+def document_checks(out_dir: str) -> dict:
+    """One rank: dynamic NTK with documents packed in a sample (data.document_mask, dense
+    mask) against transformers' dynamic RoPE on each document alone."""
+    from phoenix.model import build_model
+    from phoenix.model.attention_inputs import dense_document_mask, document_forward
+    from phoenix.runtime import init_runtime
+    from phoenix.testing.tiny import TinyData, tiny_config
+
+    rope = MODEL_CASES["dynamic_ntk"]
+    files = TinyData("/unused/tokenizer.model", {"web": "/unused/web", "code": "/unused/code"})
+    cfg = tiny_config(files, out_dir, model={"preset": "tiny", "num_layers": LAYERS,
+                                             "max_seq_length": SEQ, "init_method_std": 0.2,
+                                             "rope": {**vars(rope)}},
+                      data={"seq_length": SEQ, "datasets": [{"prefix": "/unused/web"}]})
+    layout = init_runtime(cfg)
+    torch.manual_seed(1)
+    (model,) = build_model(cfg, layout, VOCAB, wrap_ddp=False)
+    model.eval()
+    hf = hf_from_phoenix(model, rope)
+    # row 0: documents of 16 (= L: the original base), 36 and 12 tokens; row 1: one of 64.
+    # (transformers caches a grown base until a sequence shorter than L: this order keeps
+    # its oracle exact)
+    lengths = [[16, 36, 12], [SEQ]]
+    torch.manual_seed(2)
+    tokens = torch.randint(0, VOCAB, (2, SEQ))
+    segments = torch.tensor([sum(([i] * n for i, n in enumerate(row)), []) for row in lengths])
+    positions = torch.tensor([sum((list(range(n)) for n in row), []) for row in lengths])
+    with torch.no_grad():
+        packed = document_forward(model, tokens, positions, segments)
+        one_base = model(tokens, positions, attention_mask=dense_document_mask(segments))
+        worst = worst_one_base = 0.0
+        for r, row in enumerate(lengths):
+            start = 0
+            for n in row:
+                alone = hf(tokens[r:r + 1, start:start + n]).logits[0]
+                worst = max(worst, (packed[r, start:start + n] - alone).abs().max().item())
+                worst_one_base = max(worst_one_base,
+                                     (one_base[r, start:start + n] - alone).abs().max().item())
+                start += n
+    return {"packed_vs_alone": worst, "one_base_vs_alone": worst_one_base}
+
+
+def test_dynamic_ntk_document_gets_the_base_of_its_own_length(tmp_path):
+    """A document inside a packed sample gets the logits of the document alone under
+    transformers' dynamic RoPE (base from max(position_ids) + 1), not the packed length's."""
+    from phoenix.testing.distributed import run_distributed
+
+    (r,) = run_distributed(document_checks, 1, str(tmp_path))
+    print(r)
+    assert r["packed_vs_alone"] <= LOGIT_TOL
+    assert r["one_base_vs_alone"] > 10 * LOGIT_TOL  # the packed length's base: the old fault
+
+
 # ------------------------------------------------------------ (c) config errors
 
 
