@@ -2,9 +2,10 @@
 
 For each loss-bearing position (``loss_mask`` > 0) of a micro-batch:
 
-* **loss**: the cross entropy of the label, exactly as training computes it (megatron's
-  ``vocab_parallel_cross_entropy`` over the whole, padded, output vocabulary), so an
-  eval loss on training data equals ``train/loss``.
+* **loss**: the cross entropy of the label over the real vocabulary (megatron's
+  ``vocab_parallel_cross_entropy`` with the padded ids at ``-inf``, as training computes
+  it: :mod:`phoenix.model.vocab_mask`), so an eval loss on training data equals
+  ``train/loss`` and the exported HF model's loss.
 * **top-k accuracy** (k = 1, 5): the label is among the k most likely *real* tokens.
   The output layer is padded beyond the model's vocabulary (``model.vocab_size``, or the
   tokenizer's size; see :func:`phoenix.model.builder.padded_vocab_size`); those padding
@@ -63,7 +64,11 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Ten
     if tp_size > 1:
         dist.all_reduce(above, group=tp_group)
 
-    # Last: megatron's cross entropy subtracts the max from fp32 logits in place.
+    # Last: megatron's cross entropy subtracts the max from fp32 logits in place. Padded
+    # ids take no part in the softmax (the model's output hook already did this; again
+    # here for logits from anywhere else).
+    if real < part:
+        logits[..., real:] = float("-inf")
     token_loss = vocab_parallel_cross_entropy(logits, labels)
     stats = [torch.where(mask, token_loss.double(), 0.0).sum(), mask.sum().double()]
     stats += [(mask & (above < k)).sum().double() for k in TOPK]

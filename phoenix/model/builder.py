@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from phoenix.config import RopeConfig, RunConfig
 from phoenix.model.rope import install_rope
 from phoenix.model.sequence_parallel import sequence_parallel_spec
+from phoenix.model.vocab_mask import mask_padded_vocab
 from phoenix.runtime import ParallelLayout
 from phoenix.runtime.capabilities import (
     megatron_softmax_kernels_available,
@@ -237,6 +238,7 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_dd
     )
     if rope is not None:  # the rotary module of phoenix.model.rope (GPTModel's is replaced)
         install_rope(model, rope)
+    mask_padded_vocab(model, vocab_size, padded, layout.tp_rank)  # padded ids: logits -inf
     model.phoenix_rope = rope
     model.to(layout.device)
     if not wrap_ddp:
