@@ -242,8 +242,8 @@ def direct_eval_metrics(gpt, cfg, eval_cfg) -> dict:
         with torch.no_grad():
             logits = gpt(tokens, positions, attention_mask=None).double()  # [b, s, padded]
         direct[s.display_name] = _direct_metrics(logits, labels, mask, vocab)
-        # Padding rows are trained down, so a trained model never ranks them high: boost
-        # them above every real id to check that token_stats excludes them.
+        # Padding ids: the model's logits there are -inf already; boost them anyway (logits
+        # from elsewhere) to check that token_stats excludes them from loss and top-k.
         boosted = logits.clone()
         boosted[..., vocab:] += 100.0
         stats = token_stats(boosted.float(), labels, mask.float(), vocab).tolist()
@@ -256,12 +256,12 @@ def direct_eval_metrics(gpt, cfg, eval_cfg) -> dict:
 
 
 def _direct_metrics(logits, labels, mask, vocab: int) -> dict:
-    """Plain torch: loss over the whole (padded) vocab, top-k over the real ids only."""
+    """Plain torch: loss and top-k over the real ids only (as the exported HF model)."""
     import torch
 
-    token_loss = -torch.log_softmax(logits, dim=-1).gather(-1, labels[..., None])[..., 0]
     real = logits.clone()
     real[..., vocab:] = float("-inf")  # padding ids are never predictions
+    token_loss = -torch.log_softmax(real, dim=-1).gather(-1, labels[..., None])[..., 0]
     top1 = real.argmax(dim=-1) == labels
     top5 = (real.topk(5, dim=-1).indices == labels[..., None]).any(dim=-1)
     n = int(mask.sum())
