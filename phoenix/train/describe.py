@@ -45,7 +45,10 @@ def describe(cfg, world_size: int, vocab_size: int) -> dict:
         sequence_parallel=p.sequence_parallel, distributed_optimizer=p.use_distributed_optimizer,
         precision=cfg.train.precision, micro_batch_size=cfg.train.micro_batch_size,
         num_micro_batches=stage.global_batch_size // (cfg.train.micro_batch_size * dp),
-        seq_length=stage.seq_length // p.context, attention=attention, dense_mask=dense_mask)
+        seq_length=stage.seq_length // p.context, attention=attention, dense_mask=dense_mask,
+        recompute=m.recompute.granularity, recompute_method=m.recompute.method or "uniform",
+        recompute_num_layers=m.recompute.num_layers or 1,
+        recompute_modules=tuple(m.recompute.modules or ("core_attn",)))
     mem = memory_estimate(m, padded, layout)
     return {
         "parameters": {"total": count.total, "active": count.active, "embedding": count.embedding,
@@ -58,7 +61,8 @@ def describe(cfg, world_size: int, vocab_size: int) -> dict:
                    "micro_batches": layout.num_micro_batches, "seq_length": stage.seq_length,
                    "stage": stage.name, "precision": layout.precision,
                    "attention": attention, "attention_backend": m.attention_backend,
-                   "dense_document_mask": dense_mask},
+                   "dense_document_mask": dense_mask,
+                   "recompute": _recompute_label(m.recompute)},
         "memory_bytes": {"weights": mem.weights, "gradients": mem.gradients,
                          "optimizer": mem.optimizer,
                          "optimizer_not_distributed": mem.optimizer_not_distributed,
@@ -66,6 +70,15 @@ def describe(cfg, world_size: int, vocab_size: int) -> dict:
                          "activations_per_micro_batch": mem.activations_per_micro_batch,
                          "logits": mem.logits, "total": mem.total, "params_on_gpu": mem.params},
     }
+
+
+def _recompute_label(rc) -> str:
+    """``model.recompute`` in words, for the activations line."""
+    if rc.granularity == "none":
+        return "no recomputation"
+    if rc.granularity == "full":
+        return f"full recompute {rc.method} {rc.num_layers}"
+    return f"selective recompute {','.join(rc.modules or ['core_attn'])}"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -94,8 +107,10 @@ def format_description(d: dict) -> str:
         f"  optimizer    {gib['optimizer']}   (Adam; {gib['optimizer_not_distributed'].strip()} "
         f"without the distributed optimizer)",
         f"  activations  {gib['activations']}   ({gib['activations_per_micro_batch'].strip()} "
-        f"per micro-batch, no recomputation"
-        + ("; s x s softmax per head" if lay["attention"] == "unfused" else "") + ")",
+        f"per micro-batch, {lay.get('recompute', 'no recomputation')}"
+        + ("; s x s softmax per head" if lay["attention"] == "unfused"
+           and "selective" not in lay.get("recompute", "") or "core_attn" not in
+           lay.get("recompute", "core_attn") else "") + ")",
         f"  logits       {gib['logits']}",
         f"  total        {gib['total']}",
     ]
