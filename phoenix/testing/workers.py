@@ -427,13 +427,25 @@ def train_jobs_with_moe_losses(config: dict, jobs: list[list[str]]) -> list[dict
     """Like :func:`train_jobs` (fresh runs one after the other in this process, each with
     ``jobs[i]``'s overrides; ``config`` must save no checkpoint), each step also recording
     the ``moe/aux_loss`` and ``moe/z_loss`` of one ``MoEMonitor(1)`` (None for a dense
-    model, or off the logging rank)."""
+    model, or off the logging rank), and ``checkpointed``: how many times megatron's
+    ``CheckpointFunction`` ran a forward (0 without recomputation)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
     from phoenix.monitor.moe import MoEMonitor
     from phoenix.runtime import init_runtime
     from phoenix.train.trainer import Trainer
 
+    calls = [0]
+    forward = mrandom.CheckpointFunction.forward
+
+    def counted(ctx, *args):
+        calls[0] += 1
+        return forward(ctx, *args)
+
+    mrandom.CheckpointFunction.forward = staticmethod(counted)
     out = []
     for overrides in jobs:
+        calls[0] = 0
         cfg = build_config(config, overrides)
         layout = init_runtime(cfg)
         recorder = Recorder()
@@ -450,5 +462,7 @@ def train_jobs_with_moe_losses(config: dict, jobs: list[list[str]]) -> list[dict
         trainer.callbacks += [cb for cb in (monitor, recorder, Losses()) if cb is not None]
         trainer.setup()
         trainer.train()
-        out.append({"steps": recorder.steps, "rank": layout.rank, "layout": layout.describe()})
+        out.append({"steps": recorder.steps, "rank": layout.rank, "layout": layout.describe(),
+                    "checkpointed": calls[0]})
+    mrandom.CheckpointFunction.forward = forward
     return out

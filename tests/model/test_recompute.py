@@ -43,6 +43,7 @@ def test_recompute_trains_like_no_recompute(name, tiny_data, tmp_path):
     if model:  # the MoE monitor logs on the logging rank
         assert any(r[0]["steps"][0]["aux_loss"] for r in results)
     for rank in results:
+        assert rank[0]["checkpointed"] == 0 and all(r["checkpointed"] > 0 for r in rank[1:])
         ref = rank[0]["steps"]
         assert len(ref) == 3 and ref[0]["loss"] != ref[-1]["loss"]
         for kind, run in zip(list(RECOMPUTE)[1:], rank[1:]):
