@@ -143,3 +143,46 @@ def require_vocab_size(cfg, given: int | None = None) -> int:
         raise ConfigError(f"model.vocab_size: not set and the tokenizer {cfg.tokenizer.path} "
                           f"does not exist; give model.vocab_size=N or --vocab-size N")
     return vocab
+
+
+def fit_verdict(make_config, world_size: int, vocab_size: int, gpu_gib: float) -> dict:
+    """Whether the run fits ``gpu_gib`` GiB per GPU (the estimate's total, which leaves out
+    the CUDA context and fragmentation), and if not the smallest change that fits, tried in
+    this order: activation recompute (selective, then full), a larger tensor-parallel size,
+    a larger pipeline-parallel size (each alone at the same world size), then each of those
+    with full recompute. ``make_config(overrides)`` builds the run's config with extra
+    dotted overrides (a ConfigError skips a candidate)."""
+    cfg = make_config([])
+    budget = gpu_gib * GIB
+    total = describe(cfg, world_size, vocab_size)["memory_bytes"]["total"]
+    out = {"gpu_gib": gpu_gib, "total": total, "fits": total <= budget, "change": None,
+           "change_total": None}
+    if out["fits"]:
+        return out
+    p = cfg.parallel
+    recompute = [["model.recompute.granularity=selective"], ["model.recompute.granularity=full"]]
+    tp = [[f"parallel.tensor={p.tensor * 2 ** k}"] for k in (1, 2, 3)]
+    pp = [[f"parallel.pipeline={p.pipeline * 2 ** k}"] for k in (1, 2, 3)]
+    candidates = recompute + tp + pp + [c + recompute[1] for c in tp + pp]
+    if cfg.model.recompute.granularity != "none":  # already on: only the layouts are news
+        candidates = tp + pp + [c + recompute[1] for c in tp + pp]
+    for extra in candidates:
+        try:
+            total = describe(make_config(extra), world_size, vocab_size)["memory_bytes"]["total"]
+        except ConfigError:
+            continue
+        if total <= budget:
+            out.update(change=extra, change_total=total)
+            break
+    return out
+
+
+def format_fit(v: dict) -> str:
+    head = (f"fit in {v['gpu_gib']:g} GiB per GPU: {'yes' if v['fits'] else 'no'} "
+            f"(estimate {v['total'] / GIB:.2f} GiB; + CUDA context and fragmentation)")
+    if v["fits"]:
+        return head
+    if v["change"] is None:
+        return head + "; no single change of recompute, TP or PP at this world size fits"
+    return (head + f"; smallest change that fits: {' '.join(v['change'])} "
+            f"({v['change_total'] / GIB:.2f} GiB)")

@@ -180,3 +180,26 @@ def test_describe_follows_recompute():
     assert full["memory_bytes"]["activations"] < sel["memory_bytes"]["activations"]
     assert "selective recompute core_attn)" in format_description(sel)
     assert "full recompute uniform 1;" in format_description(full)
+
+
+def test_fit_verdict_names_the_smallest_change():
+    """--gpu-memory: fits, else recompute first (selective before full), then TP / PP."""
+    from phoenix.train.describe import GIB, describe, fit_verdict, format_fit
+
+    def make(extra):
+        return build_config(base(runtime={"device": "cpu"}), list(extra))
+
+    def total(*extra):
+        return describe(make(list(extra)), 2, 500)["memory_bytes"]["total"] / GIB
+
+    none, sel = total(), total("model.recompute.granularity=selective")
+    full = total("model.recompute.granularity=full")
+    assert full < sel < none
+    assert fit_verdict(make, 2, 500, none * 1.01)["fits"]
+    v = fit_verdict(make, 2, 500, (none + sel) / 2)
+    assert not v["fits"] and v["change"] == ["model.recompute.granularity=selective"]
+    assert "smallest change that fits: model.recompute.granularity=selective" in format_fit(v)
+    assert fit_verdict(make, 2, 500, (sel + full) / 2)["change"] == [
+        "model.recompute.granularity=full"]
+    v = fit_verdict(make, 2, 500, full * 0.999)
+    assert v["change"] and v["change"][0].startswith("parallel."), v
