@@ -111,8 +111,8 @@ class RecomputeConfig:
     (block); at most the layers per pipeline stage. None: 1 with full."""
     modules: Optional[list[str]] = None
     """megatron ``recompute_modules`` (``--recompute-modules``), selective granularity
-    only: any of core_attn, layernorm, mlp, moe, moe_act (needs model.moe.grouped_gemm),
-    shared_experts (needs shared experts). None: megatron's default, ``[core_attn]``."""
+    only: any of core_attn, layernorm (TE on CUDA), mlp, moe, moe_act (needs
+    model.moe.grouped_gemm), shared_experts (needs shared experts). None: megatron's default, ``[core_attn]``."""
 
     def __post_init__(self):
         if self.granularity != "full":

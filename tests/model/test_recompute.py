@@ -82,3 +82,16 @@ def test_recompute_sets_megatron_fields(tiny_data, tmp_path):
     assert cfg.model.recompute.megatron_kwargs() == dict(
         recompute_granularity="selective", recompute_modules=["core_attn"])
     assert tiny_config(tiny_data, tmp_path).model.recompute.megatron_kwargs() == {}
+
+
+def test_layernorm_recompute_needs_te(tiny_data, tmp_path):
+    """megatron-core 0.16.1's CheckpointWithoutOutput (layernorm, moe_act) calls TE's fp8
+    state even without fp8: refused on CPU by key, as the dry run does."""
+    from phoenix.runtime.capabilities import check_capabilities
+
+    cfg = tiny_config(tiny_data, tmp_path, ["model.recompute.granularity=selective",
+                                            "model.recompute.modules=[core_attn,layernorm]"])
+    with pytest.raises(ConfigError, match="model.recompute.modules: layernorm needs Transformer"):
+        check_capabilities(cfg)
+    check_capabilities(tiny_config(tiny_data, tmp_path, [
+        "model.recompute.granularity=selective", "model.recompute.modules=[core_attn,mlp]"]))
