@@ -7,8 +7,9 @@ The table (also in the README, "Resuming and changing a run"):
   reshards), ``runtime.*``, ``logging.*``, ``eval``, ``checkpoint.*``,
   ``data.prefetch_batches``, ``data.cache_dir``, ``train.micro_batch_size`` (same global
   batches), ``train.stop_at_step``, ``train.on_nonfinite_loss``, ``train.precision``,
-  and the performance switches (``model.attention_backend``, ``model.fusions``; the
-  ``parallel`` overlaps): kernels that compute the same math to floating-point rounding.
+  and the performance switches (``model.attention_backend``, ``model.fusions``,
+  ``model.recompute``; the ``parallel`` overlaps): kernels that compute the same math to
+  floating-point rounding (recompute: the same math, activations kept or recomputed).
 * **Honoured from the resume step**: Adam's ``optim.adam_beta1``, ``adam_beta2``,
   ``adam_eps``, ``optim.clip_grad`` and a constant ``optim.weight_decay`` (the loaded
   optimizer's param groups take this run's values; a checkpoint load would otherwise
@@ -53,7 +54,8 @@ from phoenix.config.loader import load_saved_config
 _FREE = ("name", "output_dir", "parallel.", "runtime.", "logging.", "eval", "checkpoint.",
          "data.prefetch_batches", "data.cache_dir", "train.micro_batch_size",
          "train.stop_at_step", "train.time_limit_minutes", "train.on_nonfinite_loss",
-         "train.precision", "model.attention_backend", "model.fusions")
+         "train.precision", "model.attention_backend", "model.fusions",
+         "model.recompute")
 # Optimizer settings re-applied to the loaded param groups.
 _OPTIMIZER = ("optim.adam_beta1", "optim.adam_beta2", "optim.adam_eps", "optim.clip_grad",
               "optim.weight_decay")

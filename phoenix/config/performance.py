@@ -82,3 +82,85 @@ class Fp8Config:
         if self.amax_history_len < 1:
             raise ConfigError(f"train.fp8.amax_history_len: must be >= 1, got "
                               f"{self.amax_history_len}")
+
+
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp", "moe", "moe_act", "shared_experts")
+
+
+@dataclass(kw_only=True)
+class RecomputeConfig:
+    """Activation recomputation (``model.recompute``; megatron ``recompute_*`` on
+    ``TransformerConfig``): activations dropped in the forward and recomputed in the
+    backward, trading compute for memory. It does not change the math (same losses and
+    gradients), so a resume may change it (phoenix.checkpoint.resume_contract)."""
+
+    granularity: Literal["none", "selective", "full"] = "none"
+    """megatron ``recompute_granularity`` (Megatron-LM ``--recompute-granularity``; none =
+    megatron's None). ``full``: a recomputed layer keeps only its input (about one more
+    forward pass of those layers). ``selective``: only the ``modules`` below are
+    recomputed (by default the core attention: its s x s scores and softmax, cheap to
+    redo and the largest buffers without flash attention)."""
+    method: Optional[Literal["uniform", "block"]] = None
+    """megatron ``recompute_method`` (``--recompute-method``), full granularity only.
+    ``uniform``: the layers of a pipeline stage are divided into chunks of ``num_layers``
+    and only each chunk's input is kept; ``block``: the first ``num_layers`` layers of each
+    pipeline stage are recomputed, the rest are not. None: uniform with full."""
+    num_layers: Optional[int] = None
+    """megatron ``recompute_num_layers`` (``--recompute-num-layers``), full granularity
+    only: the chunk size (uniform) or the number of recomputed layers per pipeline stage
+    (block); at most the layers per pipeline stage. None: 1 with full."""
+    modules: Optional[list[str]] = None
+    """megatron ``recompute_modules`` (``--recompute-modules``), selective granularity
+    only: any of core_attn, layernorm (TE on CUDA), mlp, moe, moe_act (needs
+    model.moe.grouped_gemm), shared_experts (needs shared experts). None: megatron's default, ``[core_attn]``."""
+
+    def __post_init__(self):
+        if self.granularity != "full":
+            for key in ("method", "num_layers"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(f"model.recompute.{key}: only with granularity full "
+                                      f"(granularity is {self.granularity})")
+        if self.granularity != "selective" and self.modules is not None:
+            raise ConfigError(f"model.recompute.modules: only with granularity selective "
+                              f"(granularity is {self.granularity})")
+        if self.modules is not None:
+            bad = [m for m in self.modules if m not in RECOMPUTE_MODULES]
+            if bad or not self.modules:
+                raise ConfigError(f"model.recompute.modules: {bad or 'empty'} not among "
+                                  f"{list(RECOMPUTE_MODULES)}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ConfigError(f"model.recompute.num_layers: must be >= 1, got {self.num_layers}")
+        if self.granularity == "full":
+            self.method = self.method or "uniform"
+            self.num_layers = self.num_layers or 1
+
+    def megatron_kwargs(self) -> dict:
+        """The ``TransformerConfig`` fields this section sets."""
+        if self.granularity == "none":
+            return {}
+        out = dict(recompute_granularity=self.granularity)
+        if self.granularity == "full":
+            out.update(recompute_method=self.method, recompute_num_layers=self.num_layers)
+        else:
+            out.update(recompute_modules=list(self.modules or ["core_attn"]))
+        return out
+
+
+def check_recompute(rc: RecomputeConfig, *, num_layers: int, pipeline: int, moe) -> None:
+    """``model.recompute`` against the model and the pipeline layout (megatron's own
+    ``TransformerConfig.__post_init__`` checks, refused earlier by key)."""
+    if rc.granularity == "full" and pipeline and num_layers % pipeline == 0:
+        per_stage = num_layers // pipeline
+        if rc.num_layers > per_stage:
+            raise ConfigError(f"model.recompute.num_layers: {rc.num_layers} exceeds the "
+                              f"{per_stage} layers per pipeline stage")
+    mods = rc.modules or []
+    if "moe_act" in mods and (moe is None or not moe.grouped_gemm):
+        raise ConfigError("model.recompute.modules: moe_act needs model.moe.grouped_gemm "
+                          "(megatron recomputes the grouped experts' activation only)")
+    for name in ("moe", "shared_experts"):
+        if name in mods and moe is None:
+            raise ConfigError(f"model.recompute.modules: {name} needs model.moe")
+    if "shared_experts" in mods and moe.shared_expert_intermediate_size is None:
+        raise ConfigError("model.recompute.modules: shared_experts needs "
+                          "model.moe.shared_expert_intermediate_size")

@@ -16,7 +16,8 @@ from phoenix.config.moe import MoEConfig, check_moe_layout, check_moe_model
 from phoenix.config.monitoring import LoggingConfig
 from phoenix.config.optim import OptimConfig
 from phoenix.config.parallel import ParallelConfig
-from phoenix.config.performance import Fp8Config, FusionsConfig
+from phoenix.config.performance import (Fp8Config, FusionsConfig, RecomputeConfig,
+                                        check_recompute)
 from phoenix.config.rope import RopeConfig
 from phoenix.config.resolved import ResolvedRun, resolve_run
 from phoenix.config.stages import StageConfig
@@ -94,6 +95,10 @@ class ModelConfig:
     """Fused kernels: ``bias_activation`` (SwiGLU / bias-GeLU), ``cross_entropy``
     (none / native / te), ``rope`` and ``gradient_accumulation`` (Transformer Engine); see
     phoenix.config.performance. Left out: Megatron-LM's defaults where they can run."""
+    recompute: RecomputeConfig = field(default_factory=RecomputeConfig)
+    """Activation recomputation: ``granularity`` (none / selective / full), ``method``
+    (uniform / block) and ``num_layers`` for full, ``modules`` for selective (megatron
+    ``recompute_*``; see phoenix.config.performance). Default none."""
 
     RENAMED_KEYS: ClassVar[dict[str, str]] = {"rotary_base": "rope.base"}
 
@@ -450,6 +455,7 @@ class RunConfig:
                 f"train.global_batch_size: {t.global_batch_size} is not divisible by "
                 f"micro_batch_size * data_parallel_size = {t.micro_batch_size}*{dp}")
         self._check_moe(world_size)
+        check_recompute(m.recompute, num_layers=m.num_layers, pipeline=p.pipeline, moe=m.moe)
         for i, stage in enumerate(self.stages or []):
             B = stage.global_batch_size
             if B is not None and B % (t.micro_batch_size * dp):

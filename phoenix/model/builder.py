@@ -107,6 +107,8 @@ def transformer_config(cfg: RunConfig, layout: ParallelLayout):
         fp8_amax_history_len=fp8.amax_history_len if fp8 is not None else 1,
         fp8_amax_compute_algo=fp8.amax_compute_algo if fp8 is not None else "most_recent",
         tp_comm_overlap=cfg.parallel.tp_comm_overlap,
+        # model.recompute: megatron recompute_granularity / _method / _num_layers / _modules.
+        **m.recompute.megatron_kwargs(),
         **moe_kwargs(cfg),
     )
 

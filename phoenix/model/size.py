@@ -40,6 +40,16 @@ routed experts it is not sent to: *active* = total − (E − top_k) experts per
     fp32) and, per layer under GQA, keys and values repeated to the query heads (the
     masked kernel has no GQA).
 
+  Activation recomputation (``model.recompute``, ``recompute`` below): ``full`` keeps
+  only the input of each recomputed unit (``2sbh``, split by TP with sequence
+  parallelism): ``uniform`` one per chunk of ``num_layers`` layers, ``block`` one per
+  each of the first ``num_layers`` layers of a stage (the rest keep everything); the
+  backward rebuilds one unit at a time, counted once (not per micro-batch in flight).
+  ``selective`` drops what its modules recompute: ``core_attn`` the unfused ``s²``
+  softmax buffers (flash / sdpa keep none), ``layernorm`` the norm outputs (the QKV and
+  fc1 inputs), ``mlp`` / ``moe`` / ``shared_experts`` the MLP's inner activations (its
+  activation and fc2 inputs), ``moe_act`` the experts' fc2 inputs.
+
   With 1F1B the first stage holds ``min(PP, micro-batches)`` micro-batches at once;
 * logits: the last stage's fp32 vocab-parallel logits, ``4 s b V / TP``.
 
@@ -175,6 +185,11 @@ class Layout:
     dense_mask: bool = False
     """The document mask as a dense ``[b, 1, s, s]`` bool (data.document_mask on the local
     spec; Transformer Engine packs the documents instead)."""
+    recompute: str = "none"
+    """``model.recompute.granularity``: none, selective or full."""
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    recompute_modules: tuple = ("core_attn",)
 
 
 @dataclass(frozen=True)
@@ -206,24 +221,47 @@ def _layer_activations(model_cfg, layout: Layout, moe_layer: bool) -> float:
     d = h // n_q
     sp = t if layout.sequence_parallel else 1  # split of the tensors outside the TP region
     glu = 2 if m.activation == "swiglu" else 1
-    outside = 2 * 2 * s * b * h + 2 * s * b * h + 2 * s * b * h  # 2 norm inputs, QKV and fc1 inputs
+    mods = layout.recompute_modules if layout.recompute == "selective" else ()
+    outside = 2 * 2 * s * b * h  # 2 norm inputs
+    if "layernorm" not in mods:
+        outside += 2 * s * b * h + 2 * s * b * h  # QKV and fc1 inputs (the norm outputs)
     sdpa_masked = layout.attention == "sdpa" and layout.dense_mask
     kv_heads = n_q if sdpa_masked else n_kv  # the masked SDPA kernel gets k/v per query head
     inside = 2 * s * b * (n_q * d + 2 * kv_heads * d) + 2 * s * b * n_q * d
     fp32 = layout.precision == "fp32"
-    if layout.attention == "unfused":  # fp32 softmax output + its 16-bit copy, per head
+    if layout.attention == "unfused" and "core_attn" not in mods:
+        # fp32 softmax output + its 16-bit copy, per head
         inside += (4 if fp32 else 6) * n_q * s * s * b
     if moe_layer:
         moe = m.moe
         f = moe.ffn_hidden_size or m.ffn_hidden_size
-        inside += moe.router_topk * (2 * s * b * glu * f + 2 * s * b * f)
-        if moe.shared_expert_intermediate_size:
+        if "moe" not in mods:
+            inside += moe.router_topk * (2 * s * b * glu * f
+                                         + (0 if "moe_act" in mods else 2 * s * b * f))
+        if moe.shared_expert_intermediate_size and not {"moe", "shared_experts"} & set(mods):
             fs = moe.shared_expert_intermediate_size
             inside += 2 * s * b * glu * fs + 2 * s * b * fs
     else:
         f = m.ffn_hidden_size
-        inside += 2 * s * b * glu * f + 2 * s * b * f
+        if "mlp" not in mods:
+            inside += 2 * s * b * glu * f + 2 * s * b * f
     return outside / sp + inside / t
+
+
+def _stage_activations(per_layer: list[float], layout: Layout,
+                       hidden: int) -> tuple[float, float]:
+    """(kept per micro-batch, transient peak of the backward's recomputation) of a
+    stage's layers (``per_layer``: each layer's full activations) under full recompute."""
+    if layout.recompute != "full":
+        return sum(per_layer), 0.0
+    sp = layout.tensor if layout.sequence_parallel else 1
+    unit_input = 2 * layout.seq_length * layout.micro_batch_size * hidden / sp
+    n = layout.recompute_num_layers
+    if layout.recompute_method == "block":
+        kept = n * unit_input + sum(per_layer[n:])
+        return kept, max(per_layer[:n], default=0.0)
+    chunks = [per_layer[i:i + n] for i in range(0, len(per_layer), n)]
+    return len(chunks) * unit_input, max((sum(c) for c in chunks), default=0.0)
 
 
 def memory_estimate(model_cfg, padded_vocab: int, layout: Layout) -> MemoryEstimate:
@@ -248,12 +286,14 @@ def memory_estimate(model_cfg, padded_vocab: int, layout: Layout) -> MemoryEstim
             dense += count.embedding / t
         if last:
             dense += count.final_norm + (count.output or (count.embedding if pp > 1 else 0)) / t
-        acts = sum(_layer_activations(model_cfg, layout, pattern[i]) for i in layers)
+        acts, peak = _stage_activations(
+            [_layer_activations(model_cfg, layout, pattern[i]) for i in layers], layout,
+            model_cfg.hidden_size)
         if layout.dense_mask:  # per micro-batch, shared by the layers: the bool mask and
             # sdpa's additive float mask
             additive = 0 if layout.attention != "sdpa" else 4 if layout.precision == "fp32" else 2
             acts += (1 + additive) * layout.seq_length ** 2 * layout.micro_batch_size
-        return dense, experts, acts
+        return dense, experts, acts, peak
 
     # (first stage, last stage, micro-batches in flight): 1F1B fills the first stage most.
     candidates = [(True, pp == 1, min(pp, layout.num_micro_batches))]
@@ -261,7 +301,7 @@ def memory_estimate(model_cfg, padded_vocab: int, layout: Layout) -> MemoryEstim
         candidates.append((False, True, 1))
     best = None
     for first, last, in_flight in candidates:
-        dense, experts, acts = stage(first, last)
+        dense, experts, acts, peak = stage(first, last)
         logits = 4 * layout.seq_length * layout.micro_batch_size * padded_vocab / t if last else 0
         params = dense + experts
         optimizer_full = optim_bytes * params
@@ -270,7 +310,7 @@ def memory_estimate(model_cfg, padded_vocab: int, layout: Layout) -> MemoryEstim
         estimate = MemoryEstimate(
             params=int(params), weights=int(bytes_per_param * params), gradients=int(4 * params),
             optimizer=int(optimizer), optimizer_not_distributed=int(optimizer_full),
-            activations=int(acts * in_flight), activations_per_micro_batch=int(acts),
+            activations=int(acts * in_flight + peak), activations_per_micro_batch=int(acts),
             logits=int(logits))
         if best is None or estimate.total > best.total:
             best = estimate

@@ -113,6 +113,22 @@ def check_capabilities(cfg: RunConfig) -> None:
     _check_attention(cfg)
     _check_fusions(cfg)
     _check_fp8_and_tp_overlap(cfg)
+    _check_recompute(cfg)
+
+
+def _check_recompute(cfg: RunConfig) -> None:
+    """megatron-core 0.16.1 recomputes ``layernorm`` (and ``moe_act``) with
+    ``CheckpointWithoutOutput()``, whose ``self.fp8 = fp8 is not None`` is true for the
+    default ``fp8=False``: its forward then calls Transformer Engine's
+    ``FP8GlobalStateManager`` (a NameError without TE)."""
+    rc = cfg.model.recompute
+    if rc.granularity == "selective" and not _te_on_cuda(cfg):
+        for name in ("layernorm", "moe_act"):
+            if name in (rc.modules or []):
+                raise ConfigError(
+                    f"model.recompute.modules: {name} needs Transformer Engine on CUDA "
+                    f"({_why_no_te(cfg)}; megatron-core 0.16.1's CheckpointWithoutOutput calls "
+                    f"TE's fp8 state); use core_attn, mlp, moe or shared_experts")
 
 
 def _check_moe(cfg: RunConfig) -> None:

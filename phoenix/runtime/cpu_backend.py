@@ -203,6 +203,29 @@ def _patch_megatron() -> None:
 
     token_dispatcher.maybe_move_tensor_to_cpu = move_to_host
     _patch_uneven_collectives()
+    _patch_recompute()
+
+
+def _patch_recompute() -> None:
+    """Activation recomputation (``model.recompute``): megatron's checkpoint functions
+    rerun the forward inside their autograd ``backward``, where the TorchFunctionMode
+    below is not active (autograd runs backward functions outside the caller's torch
+    function modes), so the recomputed forward's literal ``device="cuda"`` (e.g. the
+    causal mask of ``get_default_causal_mask``) would reach CUDA. Their backward is run
+    under the mode. Their RNG handling needs nothing more: ``_get_all_rng_states`` reads
+    the CPU generator, the emulated CUDA state (the same generator, through the patched
+    ``_get_cuda_rng_state``) and the model-parallel tracker's states, and restores them
+    for the recomputation, so dropout masks repeat exactly."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    for cls in (mrandom.CheckpointFunction, mrandom.CheckpointWithoutOutputFunction):
+        backward = cls.backward
+
+        def under_mode(ctx, *args, _backward=backward):
+            with _CudaToCpuMode():
+                return _backward(ctx, *args)
+
+        cls.backward = staticmethod(under_mode)
 
 
 def _patch_uneven_collectives() -> None:

@@ -421,3 +421,48 @@ def train_with_moe_monitor(config: dict, overrides: list[str] = (), moe_interval
     return {"steps": recorder.steps, "step": state.step, "rank": layout.rank,
             "layout": layout.describe(), "is_logging_rank": layout.is_logging_rank,
             "moe_last": monitor.last if monitor is not None else None}
+
+
+def train_jobs_with_moe_losses(config: dict, jobs: list[list[str]]) -> list[dict]:
+    """Like :func:`train_jobs` (fresh runs one after the other in this process, each with
+    ``jobs[i]``'s overrides; ``config`` must save no checkpoint), each step also recording
+    the ``moe/aux_loss`` and ``moe/z_loss`` of one ``MoEMonitor(1)`` (None for a dense
+    model, or off the logging rank), and ``checkpointed``: how many times megatron's
+    ``CheckpointFunction`` ran a forward (0 without recomputation)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    from phoenix.monitor.moe import MoEMonitor
+    from phoenix.runtime import init_runtime
+    from phoenix.train.trainer import Trainer
+
+    calls = [0]
+    forward = mrandom.CheckpointFunction.forward
+
+    def counted(ctx, *args):
+        calls[0] += 1
+        return forward(ctx, *args)
+
+    mrandom.CheckpointFunction.forward = staticmethod(counted)
+    out = []
+    for overrides in jobs:
+        calls[0] = 0
+        cfg = build_config(config, overrides)
+        layout = init_runtime(cfg)
+        recorder = Recorder()
+        trainer = Trainer(cfg, layout)
+        trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, MoEMonitor)]
+        monitor = MoEMonitor(1) if cfg.model.moe is not None else None
+
+        class Losses(Recorder):
+            def on_step_end(self, trainer, metrics) -> None:
+                tags = (monitor.last if monitor is not None else None) or {}
+                recorder.steps[-1].update(aux_loss=tags.get("moe/aux_loss"),
+                                          z_loss=tags.get("moe/z_loss"))
+
+        trainer.callbacks += [cb for cb in (monitor, recorder, Losses()) if cb is not None]
+        trainer.setup()
+        trainer.train()
+        out.append({"steps": recorder.steps, "rank": layout.rank, "layout": layout.describe(),
+                    "checkpointed": calls[0]})
+    mrandom.CheckpointFunction.forward = forward
+    return out

@@ -45,7 +45,10 @@ def describe(cfg, world_size: int, vocab_size: int) -> dict:
         sequence_parallel=p.sequence_parallel, distributed_optimizer=p.use_distributed_optimizer,
         precision=cfg.train.precision, micro_batch_size=cfg.train.micro_batch_size,
         num_micro_batches=stage.global_batch_size // (cfg.train.micro_batch_size * dp),
-        seq_length=stage.seq_length // p.context, attention=attention, dense_mask=dense_mask)
+        seq_length=stage.seq_length // p.context, attention=attention, dense_mask=dense_mask,
+        recompute=m.recompute.granularity, recompute_method=m.recompute.method or "uniform",
+        recompute_num_layers=m.recompute.num_layers or 1,
+        recompute_modules=tuple(m.recompute.modules or ("core_attn",)))
     mem = memory_estimate(m, padded, layout)
     return {
         "parameters": {"total": count.total, "active": count.active, "embedding": count.embedding,
@@ -58,7 +61,8 @@ def describe(cfg, world_size: int, vocab_size: int) -> dict:
                    "micro_batches": layout.num_micro_batches, "seq_length": stage.seq_length,
                    "stage": stage.name, "precision": layout.precision,
                    "attention": attention, "attention_backend": m.attention_backend,
-                   "dense_document_mask": dense_mask},
+                   "dense_document_mask": dense_mask,
+                   "recompute": _recompute_label(m.recompute)},
         "memory_bytes": {"weights": mem.weights, "gradients": mem.gradients,
                          "optimizer": mem.optimizer,
                          "optimizer_not_distributed": mem.optimizer_not_distributed,
@@ -66,6 +70,15 @@ def describe(cfg, world_size: int, vocab_size: int) -> dict:
                          "activations_per_micro_batch": mem.activations_per_micro_batch,
                          "logits": mem.logits, "total": mem.total, "params_on_gpu": mem.params},
     }
+
+
+def _recompute_label(rc) -> str:
+    """``model.recompute`` in words, for the activations line."""
+    if rc.granularity == "none":
+        return "no recomputation"
+    if rc.granularity == "full":
+        return f"full recompute {rc.method} {rc.num_layers}"
+    return f"selective recompute {','.join(rc.modules or ['core_attn'])}"
 
 
 def _fmt_bytes(n: float) -> str:
@@ -94,8 +107,10 @@ def format_description(d: dict) -> str:
         f"  optimizer    {gib['optimizer']}   (Adam; {gib['optimizer_not_distributed'].strip()} "
         f"without the distributed optimizer)",
         f"  activations  {gib['activations']}   ({gib['activations_per_micro_batch'].strip()} "
-        f"per micro-batch, no recomputation"
-        + ("; s x s softmax per head" if lay["attention"] == "unfused" else "") + ")",
+        f"per micro-batch, {lay.get('recompute', 'no recomputation')}"
+        + ("; s x s softmax per head" if lay["attention"] == "unfused"
+           and "selective" not in lay.get("recompute", "") or "core_attn" not in
+           lay.get("recompute", "core_attn") else "") + ")",
         f"  logits       {gib['logits']}",
         f"  total        {gib['total']}",
     ]
@@ -128,3 +143,46 @@ def require_vocab_size(cfg, given: int | None = None) -> int:
         raise ConfigError(f"model.vocab_size: not set and the tokenizer {cfg.tokenizer.path} "
                           f"does not exist; give model.vocab_size=N or --vocab-size N")
     return vocab
+
+
+def fit_verdict(make_config, world_size: int, vocab_size: int, gpu_gib: float) -> dict:
+    """Whether the run fits ``gpu_gib`` GiB per GPU (the estimate's total, which leaves out
+    the CUDA context and fragmentation), and if not the smallest change that fits, tried in
+    this order: activation recompute (selective, then full), a larger tensor-parallel size,
+    a larger pipeline-parallel size (each alone at the same world size), then each of those
+    with full recompute. ``make_config(overrides)`` builds the run's config with extra
+    dotted overrides (a ConfigError skips a candidate)."""
+    cfg = make_config([])
+    budget = gpu_gib * GIB
+    total = describe(cfg, world_size, vocab_size)["memory_bytes"]["total"]
+    out = {"gpu_gib": gpu_gib, "total": total, "fits": total <= budget, "change": None,
+           "change_total": None}
+    if out["fits"]:
+        return out
+    p = cfg.parallel
+    recompute = [["model.recompute.granularity=selective"], ["model.recompute.granularity=full"]]
+    tp = [[f"parallel.tensor={p.tensor * 2 ** k}"] for k in (1, 2, 3)]
+    pp = [[f"parallel.pipeline={p.pipeline * 2 ** k}"] for k in (1, 2, 3)]
+    candidates = recompute + tp + pp + [c + recompute[1] for c in tp + pp]
+    if cfg.model.recompute.granularity != "none":  # already on: only the layouts are news
+        candidates = tp + pp + [c + recompute[1] for c in tp + pp]
+    for extra in candidates:
+        try:
+            total = describe(make_config(extra), world_size, vocab_size)["memory_bytes"]["total"]
+        except ConfigError:
+            continue
+        if total <= budget:
+            out.update(change=extra, change_total=total)
+            break
+    return out
+
+
+def format_fit(v: dict) -> str:
+    head = (f"fit in {v['gpu_gib']:g} GiB per GPU: {'yes' if v['fits'] else 'no'} "
+            f"(estimate {v['total'] / GIB:.2f} GiB; + CUDA context and fragmentation)")
+    if v["fits"]:
+        return head
+    if v["change"] is None:
+        return head + "; no single change of recompute, TP or PP at this world size fits"
+    return (head + f"; smallest change that fits: {' '.join(v['change'])} "
+            f"({v['change_total'] / GIB:.2f} GiB)")

@@ -45,12 +45,14 @@ def test_document_mask_change_is_honoured_and_recorded(saved):
 
 
 def test_performance_switches_are_honoured(saved):
-    """The attention backend, fusions and overlaps compute the same math to rounding: free.
+    """The attention backend, fusions, recompute and overlaps compute the same math to
+    rounding: free.
     fp8 rounds more: honoured and recorded. A checkpoint written before these keys existed
     (its config.yaml lacks them) resumes too."""
     ckpt, make = saved
     new = make(model={"preset": "tiny", "attention_backend": "sdpa",
-                      "fusions": {"bias_activation": True, "cross_entropy": "native"}},
+                      "fusions": {"bias_activation": True, "cross_entropy": "native"},
+                      "recompute": {"granularity": "full", "method": "block", "num_layers": 2}},
                parallel={"tp_comm_overlap": True, "tensor": 2, "sequence_parallel": True},
                train={"fp8": {"recipe": "tensorwise"}})
     decision = check_resume(ckpt, new, 5)
@@ -59,6 +61,7 @@ def test_performance_switches_are_honoured(saved):
         "train.fp8.recipe"]
     old = yaml.safe_load((ckpt / "config.yaml").read_text())
     del old["model"]["attention_backend"], old["model"]["fusions"], old["train"]["fp8"]
+    del old["model"]["recompute"]
     (ckpt / "config.yaml").write_text(yaml.safe_dump(old))
     assert check_resume(ckpt, make(), 5).honoured == []
 

@@ -140,3 +140,66 @@ def test_describe_follows_the_attention_backend():
     assert (unfused["memory_bytes"]["activations_per_micro_batch"]
             - sdpa["memory_bytes"]["activations_per_micro_batch"]) == 4 * heads * s * s * b * layers
     assert "fp32; attention unfused (auto: cpu)" in format_description(unfused)
+
+
+def test_recompute_memory_by_hand():
+    """Activations of the tiny model's 4 layers in one stage (128000 bytes per layer as
+    in test_memory_by_hand, of which 6*4*64*64 / TP 2 = 49152 the unfused softmax):
+    selective core_attn drops the softmax; full keeps each unit's input (2sbh = 8192, no
+    SP) and rebuilds one unit in the backward, counted once."""
+    def mem(**kw):
+        layout = Layout(tensor=2, pipeline=1, data=2, precision="bf16", micro_batch_size=1,
+                        num_micro_batches=4, seq_length=64, attention="unfused", **kw)
+        return memory_estimate(_model_cfg(), 512, layout)
+
+    assert mem().activations == 4 * 128000
+    assert mem(recompute="selective").activations == 4 * (128000 - 49152)
+    full = mem(recompute="full", recompute_method="uniform", recompute_num_layers=1)
+    assert (full.activations_per_micro_batch, full.activations) == (4 * 8192,
+                                                                    4 * 8192 + 128000)
+    two = mem(recompute="full", recompute_method="uniform", recompute_num_layers=2)
+    assert (two.activations_per_micro_batch, two.activations) == (2 * 8192,
+                                                                  2 * 8192 + 2 * 128000)
+    block = mem(recompute="full", recompute_method="block", recompute_num_layers=1)
+    assert block.activations_per_micro_batch == 8192 + 3 * 128000
+    assert block.activations == 8192 + 4 * 128000
+
+
+def test_describe_follows_recompute():
+    from phoenix.train.describe import describe, format_description
+
+    def run(*overrides):
+        cfg = build_config(base(runtime={"device": "cpu"}), list(overrides))
+        return describe(cfg, 1, 500)
+
+    none, sel = run(), run("model.recompute.granularity=selective")
+    full = run("model.recompute.granularity=full")
+    s, b, heads, layers = 64, 2, 4, 4
+    assert (none["memory_bytes"]["activations_per_micro_batch"]
+            - sel["memory_bytes"]["activations_per_micro_batch"]) == 4 * heads * s * s * b * layers
+    assert full["memory_bytes"]["activations"] < sel["memory_bytes"]["activations"]
+    assert "selective recompute core_attn)" in format_description(sel)
+    assert "full recompute uniform 1;" in format_description(full)
+
+
+def test_fit_verdict_names_the_smallest_change():
+    """--gpu-memory: fits, else recompute first (selective before full), then TP / PP."""
+    from phoenix.train.describe import GIB, describe, fit_verdict, format_fit
+
+    def make(extra):
+        return build_config(base(runtime={"device": "cpu"}), list(extra))
+
+    def total(*extra):
+        return describe(make(list(extra)), 2, 500)["memory_bytes"]["total"] / GIB
+
+    none, sel = total(), total("model.recompute.granularity=selective")
+    full = total("model.recompute.granularity=full")
+    assert full < sel < none
+    assert fit_verdict(make, 2, 500, none * 1.01)["fits"]
+    v = fit_verdict(make, 2, 500, (none + sel) / 2)
+    assert not v["fits"] and v["change"] == ["model.recompute.granularity=selective"]
+    assert "smallest change that fits: model.recompute.granularity=selective" in format_fit(v)
+    assert fit_verdict(make, 2, 500, (sel + full) / 2)["change"] == [
+        "model.recompute.granularity=full"]
+    v = fit_verdict(make, 2, 500, full * 0.999)
+    assert v["change"] and v["change"][0].startswith("parallel."), v
