@@ -112,9 +112,10 @@ _SAVED_RENAMES = {("data", "num_workers"): ("data", "prefetch_batches"),
                   ("model", "rotary_base"): ("model", "rope", "base")}
 
 
-def load_saved_config(path: str | os.PathLike) -> RunConfig:
+def load_saved_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunConfig:
     """A ``config.yaml`` written by an earlier run (e.g. next to a checkpoint): keys renamed
-    since then are read under their new names instead of refused."""
+    since then are read under their new names instead of refused; ``overrides`` (dotted
+    ``key=value``) apply after the renames."""
     data = read_yaml(path)
     for (section, old), new_path in _SAVED_RENAMES.items():
         if isinstance(data.get(section), dict) and old in data[section]:
@@ -126,7 +127,7 @@ def load_saved_config(path: str | os.PathLike) -> RunConfig:
                 node = node[part]
             node.setdefault(new_path[-1], value)
     try:
-        return build_config(data)
+        return build_config(data, overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

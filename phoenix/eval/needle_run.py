@@ -2,14 +2,12 @@
 the heatmap.
 
 * :func:`greedy_generate_fn`: a ``generate_fn`` for :func:`phoenix.eval.needle.score`
-  from megatron ``GPTModel`` chunks: each new token is the argmax of a full forward of
-  the growing sequence (no KV cache: prompts are few and the model small at eval scale).
-  Under tensor parallelism every TP rank runs the forward and the argmax is taken over
-  the whole (unpadded) vocabulary from the vocab-parallel logits, so every rank of a TP
-  group generates the same tokens. Pipeline and context parallelism are refused: a
-  sequence that grows token by token does not fit megatron's fixed-shape pipeline
-  schedule (evaluate such a checkpoint with ``phoenix eval ... parallel.pipeline=1``; it
-  reshards).
+  from megatron ``GPTModel`` chunks: greedy decoding by :class:`phoenix.eval.decoding.Decoder`
+  (the decoder of ``phoenix generate``; a KV cache where it gives the same tokens as a
+  full recompute). Under tensor parallelism every TP rank generates the same tokens.
+  Pipeline and context parallelism are refused: a sequence that grows token by token
+  does not fit megatron's fixed-shape pipeline schedule (evaluate such a checkpoint with
+  ``phoenix eval ... parallel.pipeline=1``; it reshards).
 * :class:`NeedleEvaluator`: the prompts of a run (built once per set of lengths),
   dealt round robin over the data-parallel ranks, scored, and the hit counts summed over
   the ``dp_group``: every rank gets the same :class:`~phoenix.eval.needle.NeedleResult`.
@@ -29,7 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from phoenix.config import ConfigError
 from phoenix.eval.needle import (
     NeedleResult,
     build_needle_tasks,
@@ -44,66 +41,25 @@ log = logging.getLogger("phoenix.eval")
 
 def check_needle_layout(layout) -> None:
     """Refuse layouts the token-by-token decoding cannot run on (ConfigError)."""
-    if layout.pp_size > 1:
-        raise ConfigError(f"eval.needle: needs one pipeline stage (parallel.pipeline=1), the "
-                          f"layout has {layout.pp_size}; run phoenix eval on the checkpoint "
-                          f"with parallel.pipeline=1 (checkpoints reshard)")
-    if layout.dp_cp_size != layout.dp_size:
-        raise ConfigError("eval.needle: does not run with context parallelism "
-                          "(parallel.context=1 needed)")
+    from phoenix.eval.decoding import check_decoding_layout
 
-
-def vocab_parallel_argmax(logits: torch.Tensor, vocab_size: int, tp_group=None) -> torch.Tensor:
-    """The argmax over the real vocabulary ``[0, vocab_size)`` of vocab-parallel logits
-    ``[b, vocab_padded / tp]`` (this TP rank's slice): int64 ``[b]``, the same on every
-    rank of ``tp_group``. Ties go to the lowest id, as ``torch.argmax`` on the full row."""
-    tp = dist.get_world_size(tp_group) if tp_group is not None else 1
-    rank = dist.get_rank(tp_group) if tp_group is not None else 0
-    logits = logits.float()
-    part = logits.size(-1)
-    start = rank * part
-    real = min(max(vocab_size - start, 0), part)
-    if real > 0:
-        value, index = logits[:, :real].max(dim=-1)
-    else:  # a slice of padding only
-        value = torch.full(logits.shape[:1], float("-inf"), device=logits.device)
-        index = torch.zeros(logits.shape[:1], dtype=torch.long, device=logits.device)
-    index = index + start
-    if tp == 1:
-        return index
-    values = [torch.empty_like(value) for _ in range(tp)]
-    indices = [torch.empty_like(index) for _ in range(tp)]
-    dist.all_gather(values, value.contiguous(), group=tp_group)
-    dist.all_gather(indices, index.contiguous(), group=tp_group)
-    winner = torch.stack(values).argmax(dim=0)  # first max: the lowest TP rank, lowest id
-    return torch.stack(indices).gather(0, winner[None]).squeeze(0)
+    check_decoding_layout(layout, "eval.needle")
 
 
 def greedy_generate_fn(model_chunks, layout, new_tokens: int, vocab_size: int):
-    """A ``generate_fn``: prompts (token-id lists of one length) -> ``new_tokens`` greedy
-    ids each. Call it under ``torch.no_grad()`` with the model in eval mode (the
-    :class:`NeedleEvaluator` does). Sequences are padded on the right to a multiple of
-    the TP size (sequence parallelism splits the sequence); with causal attention the
-    padding cannot change the logits that are read."""
+    """A ``generate_fn``: prompts (token-id lists) -> ``new_tokens`` greedy ids each, by
+    :class:`phoenix.eval.decoding.Decoder` (the decoder of ``phoenix generate``: KV cache
+    where it gives the full recompute's tokens). Collective over the TP group."""
+    from phoenix.eval.decoding import Decoder, SamplingParams
+
     check_needle_layout(layout)
-    model = list(model_chunks)[0]
-    device = layout.device
-    multiple = max(layout.tp_size, 1)
+    params = SamplingParams(max_new_tokens=new_tokens)
+    decoder = []  # built at the first call: the evaluator is made before the model is used
 
     def generate(prompts: list[list[int]]) -> list[list[int]]:
-        if len({len(p) for p in prompts}) != 1:
-            raise ValueError("greedy_generate_fn: the prompts of a batch must have one length")
-        tokens = torch.tensor(prompts, dtype=torch.long, device=device)
-        n0 = tokens.size(1)
-        for _ in range(new_tokens):
-            n = tokens.size(1)
-            padded = -(-n // multiple) * multiple
-            inputs = torch.nn.functional.pad(tokens, (0, padded - n), value=0)
-            positions = torch.arange(padded, device=device).unsqueeze(0).expand_as(inputs)
-            logits = model(inputs, positions, attention_mask=None)  # [b, s, vocab / tp]
-            nxt = vocab_parallel_argmax(logits[:, n - 1, :], vocab_size, layout.tp_group)
-            tokens = torch.cat([tokens, nxt.to(tokens.dtype)[:, None]], dim=1)
-        return tokens[:, n0:].tolist()
+        if not decoder:
+            decoder.append(Decoder(model_chunks, layout, vocab_size, what="eval.needle"))
+        return decoder[0].generate(prompts, params)
 
     return generate
 

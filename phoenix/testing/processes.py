@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-_LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+LAUNCH_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK",
                "MASTER_ADDR", "MASTER_PORT")
 
 
@@ -20,7 +20,7 @@ def start(args: list, log: str | Path, cwd: str | Path | None = None) -> subproc
     """Start ``python ARGS`` in its own session (so no helper it leaves holds our pipes),
     with stdout and stderr in ``log``."""
     env = {k: v for k, v in os.environ.items()
-           if k not in _LAUNCH_ENV and not k.startswith("TORCHELASTIC_")}
+           if k not in LAUNCH_ENV and not k.startswith("TORCHELASTIC_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
     with open(log, "w") as out:
         return subprocess.Popen([sys.executable, *map(str, args)], cwd=cwd or REPO, env=env,
