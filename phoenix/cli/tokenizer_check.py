@@ -5,7 +5,9 @@ as phoenix reads them in training), or a folder, read with transformers' ``AutoT
 (what users of an exported model get; needs ``transformers``). Every text of the corpus
 (one per line of a text file, or the ``--text-key`` of each line of a ``.jsonl``) is encoded
 by both, special tokens (e.g. Llama-3's BOS) included. Exit status 0 when all agree, 1 with
-the count and the first differences otherwise, 2 on a usage error.
+the count and the first differences otherwise (``--list``: every differing text, with
+the ids of B beyond A's vocabulary it uses, e.g. after ``phoenix expand-vocab``), 2 on a
+usage error.
 
 Example:
     phoenix tokenizer check run/tokenizer/tokenizer.json exported_hf/ --corpus sample.jsonl
@@ -31,6 +33,10 @@ class _AutoTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tok(text)["input_ids"])
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
     def piece(self, tid: int) -> str:
         return repr(self._tok.convert_ids_to_tokens(tid))
 
@@ -44,6 +50,10 @@ class _Phoenix:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.vocab_size
 
     def piece(self, tid: int) -> str:
         return repr(self._tok.decode([tid]))
@@ -74,19 +84,24 @@ def read_corpus(path: str, text_key: str) -> list[str]:
 
 
 def compare(a, b, texts: list[str], shown: int = 5) -> tuple[int, list[str]]:
-    """(number of texts encoded differently, descriptions of the first ``shown``)."""
+    """(number of texts encoded differently, descriptions of the first ``shown``; all of
+    them when ``shown`` is None). A description names the first differing token and the
+    tokens of B with ids beyond A's vocabulary (new tokens) that B's encoding uses."""
     count, lines = 0, []
     for i, text in enumerate(texts):
         x, y = a.encode(text), b.encode(text)
         if x == y:
             continue
         count += 1
-        if len(lines) < shown:
+        if shown is None or len(lines) < shown:
             k = next((j for j, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
             ta = f"{x[k]} {a.piece(x[k])}" if k < len(x) else "(end)"
             tb = f"{y[k]} {b.piece(y[k])}" if k < len(y) else "(end)"
+            new = sorted({t for t in y if t >= a.vocab_size})
+            uses = (f"; new tokens of B: {', '.join(f'{t} {b.piece(t)}' for t in new[:8])}"
+                    if new else "")
             lines.append(f"text {i} {text[:60]!r}: {len(x)} vs {len(y)} tokens; first difference "
-                         f"at token {k}: A {ta}, B {tb}")
+                         f"at token {k}: A {ta}, B {tb}{uses}")
     return count, lines
 
 
@@ -99,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("b", help="the same kinds as A")
     check.add_argument("--corpus", required=True, help="text file (one text a line) or .jsonl")
     check.add_argument("--text-key", default="text", help="JSON key of a .jsonl corpus")
-    check.add_argument("--show", type=int, default=5, help="differences to print")
+    check.add_argument("--show", type=int, default=5, help="differences to print (default 5)")
+    check.add_argument("--list", action="store_true",
+                       help="print every text encoded differently (not only --show of them)")
     args = p.parse_args(argv)
     try:
         a, b = open_tokenizer(args.a), open_tokenizer(args.b)
@@ -107,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError, ImportError) as e:
         print(f"phoenix tokenizer check: error: {e}", file=sys.stderr)
         return 2
-    count, lines = compare(a, b, texts, args.show)
+    count, lines = compare(a, b, texts, None if args.list else args.show)
     print(f"A: {a.name}\nB: {b.name}")
     if count:
         print(f"{count} of {len(texts)} texts are encoded differently:")

@@ -11,8 +11,10 @@ largest id in use (for Llama-3, after the specials 128000-128255).
   New merges rank after every existing one, so text that contains no new token encodes as
   before. A token the pre-tokenizer would split (``"你好,"``, ``"a b"``) could never be
   produced and is skipped, as is one that already is a single token.
-* SentencePiece ``.model``: pieces are appended to the model proto with score 0 and type
-  NORMAL, as Chinese-LLaMA merged its Chinese pieces into LLaMA's.
+* SentencePiece ``.model``: pieces are appended to the model proto as NORMAL pieces: with
+  score 0 in a unigram model (as Chinese-LLaMA merged its Chinese pieces into LLaMA's), as
+  a chain of pieces scored below every existing one in a BPE model (see
+  :func:`expand_sentencepiece`).
 
 The tokenizers library gives added (special) tokens the ids after the BPE vocabulary's
 size when it loads a tokenizer.json, whatever the file says; the specials are therefore
@@ -101,6 +103,22 @@ def sentencepiece_surfaces(model_file: str | os.PathLike) -> list[str]:
         text = sp.id_to_piece(i).replace(SPACE, " ")
         if text:
             out.setdefault(text, None)
+    return list(out)
+
+
+def with_word_starts(surfaces: list[str]) -> list[str]:
+    """``surfaces`` with the word-start form (a leading space) added after each word: a
+    surface that begins with a letter of a script that separates words with spaces
+    (below U+2E80, where the CJK blocks start). In running text such a word follows a
+    space, and both tokenizer kinds fold that space into the word's token (byte-level
+    BPE's pre-tokenizer makes ``" word"`` one unit; sentencepiece writes ``"▁word"``), so
+    without this form an added ``"word"`` is used only inside other words or at the very
+    start of a text. CJK text has no spaces: its words are taken as they are."""
+    out: dict[str, None] = {}
+    for surface in surfaces:
+        out.setdefault(surface, None)
+        if surface[:1].isalpha() and ord(surface[0]) < 0x2E80:
+            out.setdefault(" " + surface, None)
     return list(out)
 
 
@@ -251,25 +269,70 @@ def expand_hf(base_dir: str | os.PathLike, surfaces: list[str], out_dir: Path) -
 # ------------------------------------------------------------------- sentencepiece
 
 
+def _sp_bpe(unit: str, scores: dict[str, float]) -> list[str]:
+    """sentencepiece's BPE of one whitespace unit (``"▁word"``): from its characters,
+    merge the adjacent pair whose concatenation is a piece of the highest score (leftmost
+    on a tie) until none is."""
+    syms = list(unit)
+    while len(syms) > 1:
+        best, at = None, -1
+        for i in range(len(syms) - 1):
+            score = scores.get(syms[i] + syms[i + 1])
+            if score is not None and (best is None or score > best):
+                best, at = score, i
+        if best is None:
+            break
+        syms[at:at + 2] = [syms[at] + syms[at + 1]]
+    return syms
+
+
 def expand_sentencepiece(model_file: str | os.PathLike, surfaces: list[str],
                          out_dir: Path) -> Expansion:
     """Write ``out_dir/tokenizer.model``: the sentencepiece model with ``surfaces`` appended
-    as NORMAL pieces of score 0 (Chinese-LLaMA's merge; needs ``protobuf``)."""
+    as NORMAL pieces (needs ``protobuf``).
+
+    Unigram models: each piece with score 0, the most likely a piece can be, so text
+    holding it uses it (Chinese-LLaMA's merge). BPE models (phoenix's own, LLaMA-1/2):
+    sentencepiece's BPE joins two adjacent symbols into a piece, highest score first, so a
+    new piece is reachable only through a chain of pieces; as for byte-level BPE, the
+    surface's segmentation by the model built so far is joined left to right, each
+    intermediate appended too, with scores below every existing piece (in order), so the
+    new pieces form only after every existing merge: text that holds none of their
+    pieces encodes as before."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()
     proto.ParseFromString(Path(model_file).read_bytes())
+    normal = pb.ModelProto.SentencePiece.NORMAL
     existing = {p.piece for p in proto.pieces}
     result = Expansion("sentencepiece", len(proto.pieces), len(proto.pieces))
-    for surface in surfaces:
+    bpe = proto.trainer_spec.model_type == pb.TrainerSpec.BPE
+    scores = {p.piece: p.score for p in proto.pieces if p.type == normal}
+    lowest = min(scores.values(), default=0.0)
+
+    def append(piece: str, surface: str) -> None:
+        new = proto.pieces.add()
+        score = lowest - 1.0 - len(result.added) if bpe else 0.0
+        new.piece, new.score, new.type = piece, score, normal
+        existing.add(piece)
+        scores[piece] = score
+        result.added.append((len(proto.pieces) - 1, surface))
+
+    for surface in (sorted(surfaces, key=len) if bpe else surfaces):
         piece = surface.replace(" ", SPACE)
         if piece in existing:
             result.present.append(surface)
             continue
-        new = proto.pieces.add()
-        new.piece, new.score, new.type = piece, 0.0, pb.ModelProto.SentencePiece.NORMAL
-        existing.add(piece)
-        result.added.append((len(proto.pieces) - 1, surface))
+        chain = _sp_bpe(piece, scores) if bpe else [piece]
+        acc = chain[0]
+        for nxt in chain[1:]:
+            acc += nxt
+            if acc not in existing:
+                append(acc, acc.replace(SPACE, " "))
+                if acc != piece:
+                    result.intermediate.append(result.added[-1][1])
+        if piece not in existing:  # one character (or a unigram piece)
+            append(piece, surface)
     result.new_size = len(proto.pieces)
     (out_dir / "tokenizer.model").write_bytes(proto.SerializeToString())
     return result

@@ -147,3 +147,58 @@ def test_refusals(base, tmp_path):
     with pytest.raises(ExpansionError, match="model type 'WordLevel'; only BPE"):
         expand_tokenizer(str(wordpiece), ["x"], tmp_path / "out")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_word_start_forms():
+    from phoenix.tokenizer.expand_vocab import with_word_starts
+
+    assert with_word_starts(["quetzal", "你好", " daily", "42x", "quetzal", "été"]) == \
+        ["quetzal", " quetzal", "你好", " daily", "42x", "été", " été"]
+
+
+WORD, TEXT = "quetzalcoatl", "the quetzalcoatl flew over a quetzalcoatl nest."
+
+
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_an_added_word_is_used_in_running_text(kind, base, tiny_data, tmp_path):
+    """The word-start form makes a new word one token after a space; as given (the old
+    behaviour), running text spends at least one more token per occurrence (e.g. the
+    space, then the new token)."""
+    from phoenix.tokenizer import load_tokenizer
+    from phoenix.tokenizer.expand_vocab import expand_tokenizer, with_word_starts
+
+    src = base if kind == "bpe" else tiny_data.tokenizer_model
+
+    def expanded(surfaces, name):
+        out = tmp_path / name
+        result = expand_tokenizer(src, surfaces, out)
+        new = load_tokenizer(str(out) if kind == "bpe" else str(out / "tokenizer.model"))
+        return new, dict((s, i) for i, s in result.added)
+
+    new, ids = expanded(with_word_starts([WORD]), "word_start")
+    assert new.encode(TEXT).count(ids[" " + WORD]) == 2
+    assert new.decode(new.encode(TEXT)).endswith(TEXT)  # after the BPE one's BOS
+    given, _ = expanded([WORD], "as_given")
+    assert len(given.encode(TEXT)) >= len(new.encode(TEXT)) + 2
+
+
+def test_tokenizer_check_lists_texts_that_use_new_tokens(base, tmp_path, capsys):
+    from phoenix.cli import main
+    from phoenix.tokenizer.expand_vocab import expand_tokenizer, with_word_starts
+
+    expand_tokenizer(base, with_word_starts([WORD]), tmp_path / "new")
+    texts = [TEXT, "no new word here.", f"a {WORD}s flock", "plain text again."] * 4
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(texts) + "\n")
+    new = str(tmp_path / "new" / "tokenizer.json")
+    rc = main(["tokenizer", "check", str(os.path.join(base, "tokenizer.json")), new,
+               "--corpus", str(corpus), "--list"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    listed = [line for line in out.splitlines() if line.strip().startswith("text ")]
+    assert len(listed) == 8 and all(f"' {WORD}'" in line for line in listed)
+    assert "8 of 16 texts are encoded differently" in out
+    rc = main(["tokenizer", "check", str(os.path.join(base, "tokenizer.json")), new,
+               "--corpus", str(corpus)])
+    assert rc == 1 and len([ln for ln in capsys.readouterr().out.splitlines()
+                            if ln.strip().startswith("text ")]) == 5
