@@ -171,8 +171,11 @@ class NeedleResult:
     """int64 [depths, lengths]."""
     counts: np.ndarray
     """int64 [depths, lengths]."""
-    answers: list[tuple[int, float, int, str, str | None]] = field(default_factory=list)
-    """(length, depth, trial, passkey, answer) of the prompts scored in this process."""
+    answers: list[dict] = field(default_factory=list)
+    """Per prompt scored in this process (every prompt after
+    :meth:`NeedleEvaluator.evaluate <phoenix.eval.needle_run.NeedleEvaluator.evaluate>`):
+    ``{"length", "depth", "trial", "passkey", "answer", "text", "hit"}``; ``answer`` is
+    the number read from the generated ``text`` (None: no digits)."""
 
     @property
     def matrix(self) -> np.ndarray:
@@ -200,7 +203,8 @@ class NeedleResult:
                 "accuracy": [[None if math.isnan(v) else float(v) for v in row]
                              for row in self.matrix],
                 "by_length": {str(k): v for k, v in self.accuracy_by_length().items()},
-                "mean": self.mean, "hits": self.hits.tolist(), "counts": self.counts.tolist()}
+                "mean": self.mean, "hits": self.hits.tolist(), "counts": self.counts.tolist(),
+                "prompts": list(self.answers)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "NeedleResult":
@@ -241,11 +245,14 @@ def score(tasks: Sequence[NeedleTask], generate_fn: GenerateFn, decode: Callable
                 raise ValueError(f"generate_fn returned {len(generated)} answers for "
                                  f"{len(batch)} prompts")
             for t, ids in zip(batch, generated):
-                answer = extract_answer(decode([int(i) for i in ids]))
+                text = decode([int(i) for i in ids])
+                answer = extract_answer(text)
                 i, j = row[t.depth], col[t.length]
                 result.counts[i, j] += 1
                 result.hits[i, j] += int(answer == t.passkey)
-                result.answers.append((t.length, t.depth, t.trial, t.passkey, answer))
+                result.answers.append({"length": t.length, "depth": t.depth, "trial": t.trial,
+                                       "passkey": t.passkey, "answer": answer, "text": text,
+                                       "hit": answer == t.passkey})
     return result
 
 

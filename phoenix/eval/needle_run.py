@@ -102,6 +102,11 @@ class NeedleEvaluator:
                                  device=self.layout.device)
         dist.all_reduce(counts, group=self.layout.dp_group)
         result.hits, result.counts = (c.cpu().numpy() for c in counts)
+        # Every prompt's answer on every rank, in the order of the tasks (for --out).
+        gathered = [None] * self.layout.dp_size
+        dist.all_gather_object(gathered, result.answers, group=self.layout.dp_group)
+        result.answers = sorted((a for part in gathered for a in part),
+                                key=lambda a: (a["length"], a["depth"], a["trial"]))
         return result
 
     def evaluate_timed(self, seq_length: int) -> tuple[NeedleResult, float]:

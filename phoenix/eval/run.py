@@ -17,8 +17,9 @@ With ``--needle`` (or an ``eval.needle`` section in CONFIG) the needle-in-a-hays
 eval (:mod:`phoenix.eval.needle`) runs too (alone when there are no sets): rank 0 prints
 the accuracy table (depth x length), writes the heatmap to
 ``<output_dir>/needle/step_XXXXXXX.png`` (or ``--needle-png FILE``) and adds
-``"needle": {"lengths", "depths", "accuracy", "by_length", "mean", "hits", "counts"}``
-to the JSON. ``--needle-lengths/-depths/-trials/-haystack`` replace those keys of
+``"needle": {"lengths", "depths", "accuracy", "by_length", "mean", "hits", "counts",
+"prompts"}`` to the JSON (``prompts``: per prompt its length, depth, trial, passkey, the
+generated text, the number read from it and whether it was right). ``--needle-lengths/-depths/-trials/-haystack`` replace those keys of
 ``eval.needle``; without ``eval.needle``, ``--needle-haystack`` is required. The lengths
 default to powers of two up to the sequence length of the checkpoint's stage. It needs one
 pipeline stage (``parallel.pipeline=1``).

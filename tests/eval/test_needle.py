@@ -319,6 +319,15 @@ def test_phoenix_eval_needle_prints_the_table(needle_run):
     needle = report["needle"]
     assert report["step"] == STEPS and report["sets"] == {}
     assert needle["lengths"] == LENGTHS and needle["counts"] == [[1, 1]] * 5
+    # Every prompt: where the needle was, its passkey and what the model answered.
+    prompts = needle["prompts"]
+    assert len(prompts) == 10
+    assert {(p["length"], p["depth"]) for p in prompts} == \
+        {(n, d) for n in LENGTHS for d in needle["depths"]}
+    for p in prompts:
+        assert p["passkey"].isdigit() and isinstance(p["text"], str)
+        assert p["hit"] == (p["answer"] == p["passkey"])
+    assert sum(p["hit"] for p in prompts) == sum(map(sum, needle["hits"]))
 
 
 @pytest.mark.slow
