@@ -13,7 +13,7 @@ export OMP_NUM_THREADS ?= 1
 # install phoenix into an environment that already has their CUDA torch (see README).
 CPU_TORCH = torch==2.13.0
 DEPS = megatron-core==0.16.1 psutil numpy sentencepiece tokenizers safetensors tensorboard pybind11 pyyaml tqdm einops
-TEST_DEPS = pytest hypothesis matplotlib transformers
+TEST_DEPS = pytest hypothesis matplotlib transformers wandb
 
 .PHONY: install quickstart test test-fast clean
 

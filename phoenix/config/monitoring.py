@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -51,8 +52,38 @@ class SpikeConfig:
             raise ConfigError("spikes.skip_step: needs loss_sigma (only loss spikes skip a step)")
 
 
-BUILTIN_CALLBACKS = ("console", "train_scalars", "tensorboard", "norms", "dataset_loss", "moe",
-                     "throughput", "spikes", "eval", "manual_gc")
+@dataclass(kw_only=True)
+class WandbConfig:
+    """Weights & Biases as a second sink beside TensorBoard (phoenix.monitor.wandb_sink):
+    the same tags at the same steps, the resolved config as the W&B run's config. Needs
+    the optional ``wandb`` package."""
+
+    project: str
+    """W&B project (``wandb.init(project=...)``)."""
+    entity: Optional[str] = None
+    """W&B team or user (default: the logged-in user's default entity)."""
+    name: Optional[str] = None
+    """Display name of the W&B run (default: the config's ``name``)."""
+    mode: str = "online"
+    """``online``, ``offline`` (files only; ``wandb sync`` uploads them later) or
+    ``disabled``."""
+    dir: Optional[str] = None
+    """Where W&B writes its files (a ``wandb/`` folder; default: ``output_dir``)."""
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not isinstance(self.project, str) or not self.project:
+            raise ConfigError("wandb.project: a W&B project name is needed")
+        if self.mode not in ("online", "offline", "disabled"):
+            raise ConfigError(f"wandb.mode: {self.mode!r} is not one of online, offline, disabled")
+        # Refused when the config is read (and by --dry-run), not at the first log.
+        if importlib.util.find_spec("wandb") is None:
+            raise ConfigError("logging.wandb: the wandb package is not installed (pip install "
+                              "wandb); or remove logging.wandb")
+
+
+BUILTIN_CALLBACKS = ("console", "train_scalars", "tensorboard", "wandb", "norms", "dataset_loss",
+                     "moe", "throughput", "spikes", "eval", "manual_gc")
 """The names of the trainer's own callbacks (phoenix.train.callbacks), for
 ``logging.callbacks``."""
 
@@ -66,6 +97,8 @@ class LoggingConfig:
     costs about five host synchronisations in all (phoenix.testing.host_syncs), so at 10
     the monitors stay well under 1% of an 8B step (README, "The lean step")."""
     tensorboard: bool = True
+    wandb: Optional[WandbConfig] = None
+    """Also log to Weights & Biases (``{project, entity, name, mode, dir, tags}``)."""
     norm_interval: Optional[int] = None
     """Per-layer grad/param/update norms in TensorBoard every N steps (default: every
     log_interval steps; 0: off). Costs one fp32 copy of this rank's owned weights and one

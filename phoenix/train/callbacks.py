@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
+import yaml
+
 from phoenix.config import ConfigError, RunConfig
 from phoenix.eval.callback import EvalCallback
 from phoenix.monitor import (
@@ -25,18 +27,24 @@ from phoenix.monitor import (
     TrainScalars,
 )
 from phoenix.monitor.base import Callback
+from phoenix.monitor.wandb_sink import WandbLogger
 from phoenix.train.manual_gc import ManualGC
 
 
 def builtin_callbacks(cfg: RunConfig, out_dir: Path, config_yaml: str) -> dict[str, Callback]:
-    """The trainer's own callbacks that ``cfg`` turns on, by name. The TensorBoard-based
-    monitors exist only with ``logging.tensorboard`` (they write nowhere else)."""
-    log, tb = cfg.logging, cfg.logging.tensorboard
+    """The trainer's own callbacks that ``cfg`` turns on, by name. The monitors exist
+    only with a sink (``logging.tensorboard`` or ``logging.wandb``: they write nowhere
+    else)."""
+    log = cfg.logging
+    tb = log.tensorboard or log.wandb is not None
     names = [e.display_name for e in cfg.data.datasets]
     found: dict[str, Callback | None] = {
         "console": ConsoleLogger(cfg.train.steps, log.log_interval),
         "train_scalars": TrainScalars(),
-        "tensorboard": TensorBoardLogger(out_dir / "tensorboard", config_yaml) if tb else None,
+        "tensorboard": (TensorBoardLogger(out_dir / "tensorboard", config_yaml)
+                        if log.tensorboard else None),
+        "wandb": (WandbLogger(log.wandb, out_dir, cfg.name, yaml.safe_load(config_yaml))
+                  if log.wandb is not None else None),
         "norms": NormMonitor(log.norm_interval) if tb and log.norm_interval else None,
         "dataset_loss": (DatasetLossMonitor(log.dataset_loss_interval, names=names)
                          if tb and log.dataset_loss_interval else None),
