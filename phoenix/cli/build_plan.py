@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dump-batch", type=int, action="append", default=[],
                         help="list the samples of this global batch (repeatable)")
     args = parser.parse_intermixed_args(argv)
+    from phoenix.data.indexed import data_only_process
+
+    data_only_process()  # a data tool: megatron-core without compiled kernels (start-up)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)
     try:

@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="cut each sample's text to this many characters (0: whole text)")
     parser.add_argument("--json", action="store_true", help="one JSON object per sample")
     args = parser.parse_args(argv)
+    from phoenix.data.indexed import data_only_process
+
+    data_only_process()  # a data tool: megatron-core without compiled kernels (start-up)
     if args.samples is not None and args.samples < 0 or args.chars < 0:
         print("phoenix inspect-batch: error: --samples and --chars must be >= 0", file=sys.stderr)
         return 2

@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tags", default="", help="comma-separated tags for meta.json")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
     args = p.parse_args(argv)
+    from phoenix.data.indexed import data_only_process
+
+    data_only_process()  # a data tool: megatron-core without compiled kernels (start-up)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("megatron").setLevel(logging.WARNING)  # its import-time INFO chatter
     try:

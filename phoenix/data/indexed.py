@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import traceback
@@ -14,15 +15,48 @@ class DataError(ValueError):
     """Training data is missing or inconsistent; the message names the file."""
 
 
+_DATA_ONLY = False
+
+
+def data_only_process() -> None:
+    """Declare this process a data tool (``build-plan``, ``preprocess``, ``inspect-batch``):
+    it reads and writes indexed datasets but never builds a model or runs a kernel.
+
+    megatron-core's package import decorates its fused kernels with ``torch.compile``,
+    which imports TorchDynamo: about 4.5 s of CPU, most of a data tool's start-up (a
+    training process pays it anyway, for its model). In a data-only process megatron-core
+    is imported with those decorations left out (:func:`indexed_dataset_module`)."""
+    global _DATA_ONLY
+    _DATA_ONLY = True
+
+
+@contextlib.contextmanager
+def _kernels_not_compiled():
+    import torch
+
+    def passthrough(fn=None, *args, **kwargs):
+        return fn if callable(fn) else (lambda f: f)
+
+    compile_ = torch.compile
+    torch.compile = passthrough
+    try:
+        yield
+    finally:
+        torch.compile = compile_
+
+
 def indexed_dataset_module():
-    """megatron-core's ``indexed_dataset`` module, imported without its GPU-kernel notices.
+    """megatron-core's ``indexed_dataset`` module, imported without its GPU-kernel notices
+    (and, in a :func:`data_only_process`, without compiling megatron's fused kernels).
 
     Importing it pulls in megatron.core, which warns that Transformer Engine and apex are
     missing; data tools never run GPU kernels, so those warnings only mislead here.
     """
+    import sys
     import warnings
 
-    with warnings.catch_warnings():
+    light = _DATA_ONLY and "megatron.core" not in sys.modules
+    with warnings.catch_warnings(), (_kernels_not_compiled() if light else contextlib.nullcontext()):
         warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
         from megatron.core.datasets import indexed_dataset
     return indexed_dataset
