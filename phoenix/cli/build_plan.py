@@ -20,10 +20,11 @@ import sys
 
 from phoenix.config import ConfigError, load_config
 from phoenix.data.indexed import DataError
+from phoenix.runtime.command import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter,
         prog="phoenix build-plan", description=__doc__.split("\n\n")[0],
         epilog="Columns: min/b, max/b = samples per batch where present; groups whole/fit = "
                "groups kept whole / groups that fit the batch where they start ('units' with "

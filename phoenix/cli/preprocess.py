@@ -1,4 +1,4 @@
-"""``phoenix preprocess``: tokenize JSONL into a megatron-core indexed dataset
+r"""``phoenix preprocess``: tokenize JSONL into a megatron-core indexed dataset
 (PREFIX.bin/.idx + .meta.json).
 
 Exit status 2 with one line naming the file when an input cannot be used (missing,
@@ -17,12 +17,12 @@ import logging
 import sys
 
 from phoenix.data.preprocess import WorkerDiedError, preprocess
+from phoenix.runtime.command import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
         prog="phoenix preprocess", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", nargs="+", required=True,
                    help="UTF-8 JSONL files, plain or compressed by name: .gz, .bz2, .xz")

@@ -19,10 +19,11 @@ import argparse
 import logging
 import sys
 
+from phoenix.runtime.command import HelpFormatter
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix upcycle", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="phoenix upcycle", description=__doc__)
     p.add_argument("dense_checkpoint", help="a checkpoint folder, or a run folder (its latest)")
     p.add_argument("moe_config", help="recipe (or model preset) YAML with model.moe")
     p.add_argument("out", help="output folder (must not exist)")

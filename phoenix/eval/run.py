@@ -37,6 +37,7 @@ import sys
 from pathlib import Path
 
 from phoenix.io import atomic_write_text
+from phoenix.runtime.command import HelpFormatter
 
 log = logging.getLogger("phoenix.eval")
 
@@ -155,7 +156,7 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter,
         prog="phoenix eval",
         description="Evaluate a checkpoint on held-out sets: loss, perplexity, top-1/top-5 "
                     "next-token accuracy; with --needle, the needle-in-a-haystack (passkey "

@@ -14,6 +14,7 @@ Who prints, in a job of several processes:
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -37,6 +38,22 @@ _INTERNAL_WARNINGS = (
 ERROR_WAIT = 10.0
 """Seconds a failing rank waits to learn whether every rank (or rank 0) failed too: ranks
 that stop on the same error reach it within this of each other, start-up included."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` of every command: descriptions and epilogs as written (their examples,
+    backslash continuations included, paste into a shell as they are), and each option's
+    default when it has one worth saying (not None, not a flag's False) and its help does
+    not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default in (None, False, argparse.SUPPRESS) or "default" in text
+                or not action.option_strings or isinstance(default, bool)):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
 
 
 def _rank_world() -> tuple[int, int]:
