@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                "= fraction of label positions that carry loss (the rest pads a group's or "
                "unit's last sample).")
     parser.add_argument("config", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="dotted overrides, e.g. train.steps=100")
     parser.add_argument("--dump-batch", type=int, action="append", default=[],
                         help="list the samples of this global batch (repeatable)")
     args = parser.parse_intermixed_args(argv)

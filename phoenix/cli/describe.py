@@ -32,9 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     from phoenix.train.describe import (describe, fit_verdict, format_description,
                                         format_fit, require_vocab_size)
 
-    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="phoenix describe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                     prog="phoenix describe", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=8")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="dotted overrides, e.g. parallel.tensor=8")
     parser.add_argument("--world-size", type=int, default=None,
                         help="GPUs of the run (default $WORLD_SIZE, else the smallest world the layout "
                              "fits: PP x lcm(TP x CP, EP x ETP))")

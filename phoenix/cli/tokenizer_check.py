@@ -93,9 +93,11 @@ def compare(a, b, texts: list[str], shown: int = 5) -> tuple[int, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="phoenix tokenizer", description=__doc__)
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                prog="phoenix tokenizer", description=__doc__)
     sub = p.add_subparsers(dest="action", required=True)
-    check = sub.add_parser("check", formatter_class=HelpFormatter, help="do two tokenizers encode a corpus alike?")
+    check = sub.add_parser("check", formatter_class=HelpFormatter,
+                           help="do two tokenizers encode a corpus alike?")
     check.add_argument("a", help="a .model, a tokenizer.json, or a folder (AutoTokenizer)")
     check.add_argument("b", help="the same kinds as A")
     check.add_argument("--corpus", required=True, help="text file (one text a line) or .jsonl")

@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
                     "retrieval) test. Launch under torchrun for a parallel layout.")
     parser.add_argument("checkpoint", help="checkpoint directory (step_*), or a run directory")
     parser.add_argument("config", help="run config YAML (e.g. the run's config.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=2")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="dotted overrides, e.g. parallel.tensor=2")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=PREFIX",
                         help="an eval set (repeatable); replaces the config's eval.sets")
     parser.add_argument("--max-samples", type=int, default=None,

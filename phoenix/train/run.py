@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         prog="phoenix train",
         description="Train from a YAML recipe; launch under torchrun for several processes.")
     parser.add_argument("config", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides (optional), e.g. train.steps=100")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                        help="dotted overrides, none needed, e.g. train.steps=100")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config, check the layout (for $WORLD_SIZE, else "
                              "the smallest world it fits), the installed packages, init_from's "
