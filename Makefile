@@ -17,13 +17,21 @@ TEST_DEPS = pytest hypothesis matplotlib transformers wandb
 
 .PHONY: install quickstart test test-fast clean
 
+# pip runs quietly (-q): each step says what it installs first, so minutes of silence are
+# never a mystery (torch alone is a large download).
 $(STAMP): setup.py $(wildcard csrc/*)
+	@echo "== [1/5] creating the virtualenv $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
+	@echo "== [2/5] upgrading pip, setuptools, wheel"
 	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	@echo "== [3/5] installing $(CPU_TORCH) (CPU build; a large download, a few minutes)"
 	$(BIN)/python -m pip install -q $(CPU_TORCH)
+	@echo "== [4/5] installing $(DEPS) $(TEST_DEPS)"
 	$(BIN)/python -m pip install -q $(DEPS) $(TEST_DEPS)
+	@echo "== [5/5] installing phoenix (editable) and compiling the data-plan extension (csrc/)"
 	$(BIN)/python -m pip install -q --no-build-isolation -e .
 	touch $(STAMP)
+	@echo "== installed: $(VENV)/bin/phoenix ($$($(BIN)/phoenix --version))"
 
 install: $(STAMP)
 

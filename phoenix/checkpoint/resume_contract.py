@@ -95,7 +95,21 @@ class ConfigChange:
     new: Any
 
     def __str__(self) -> str:
-        return f"{self.key}: {self.old!r} -> {self.new!r}"
+        old, new = readable_pair(self.old, self.new)
+        return f"{self.key}: {old} -> {new}"
+
+
+def readable_pair(a: Any, b: Any) -> tuple[str, str]:
+    """``a`` and ``b`` for a message: floats with as few significant digits as tell them
+    apart (0.0003, not 0.00030000000000000003, which is the same LR to a user), else repr."""
+    if not (isinstance(a, float) or isinstance(b, float)) or isinstance(a, bool) \
+            or isinstance(b, bool) or not all(isinstance(v, (int, float)) for v in (a, b)):
+        return repr(a), repr(b)
+    for digits in range(6, 18):
+        x, y = f"{a:.{digits}g}", f"{b:.{digits}g}"
+        if (x != y) == (a != b):
+            return x, y
+    return repr(a), repr(b)
 
 
 def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -148,10 +162,11 @@ def _schedule_differs(old: RunConfig, new: RunConfig, steps: int) -> str | None:
     scheduled_wd = _scheduled_wd(old) or _scheduled_wd(new)
     for k in range(steps):
         if a.lr_at(k) != b.lr_at(k):
-            return f"step {k} would have been trained with LR {b.lr_at(k)!r} instead of {a.lr_at(k)!r}"
+            new, old_lr = readable_pair(b.lr_at(k), a.lr_at(k))
+            return f"step {k} would have been trained with LR {new} instead of {old_lr}"
         if scheduled_wd and a.wd_at(k) != b.wd_at(k):
-            return (f"step {k} would have been trained with weight decay {b.wd_at(k)!r} instead "
-                    f"of {a.wd_at(k)!r}")
+            new, old_wd = readable_pair(b.wd_at(k), a.wd_at(k))
+            return f"step {k} would have been trained with weight decay {new} instead of {old_wd}"
     return None
 
 

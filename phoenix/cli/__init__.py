@@ -8,6 +8,7 @@ its command runs, so ``phoenix --help`` and the light commands start without tor
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import sys
 import warnings
@@ -52,10 +53,35 @@ SUMMARIES = {
 
 def usage() -> str:
     width = max(map(len, COMMANDS))
-    lines = ["usage: phoenix <command> [args ...]   (phoenix <command> --help for its options)",
+    lines = ["usage: phoenix <command> [args ...]   (phoenix <command> --help for its options;"
+             " phoenix --version)",
              "", "commands:"]
     lines += [f"  {name:<{width}}  {SUMMARIES[name]}" for name in COMMANDS]
     return "\n".join(lines)
+
+
+def version() -> str:
+    """phoenix's version and the versions of the stack it runs on, read from the installed
+    packages' metadata (importing torch for its version would cost seconds)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    from phoenix import __version__
+
+    def of(package: str) -> str:
+        try:
+            return installed(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return (f"phoenix {__version__} (megatron-core {of('megatron-core')}, torch {of('torch')}, "
+            f"Python {sys.version.split()[0]})")
+
+
+def unknown_command(name: str) -> str:
+    close = difflib.get_close_matches(name, list(COMMANDS), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else " (phoenix --help lists them)"
+    return f"phoenix: error: unknown command '{name}'{hint}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,10 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in ("-h", "--help"):
         print(usage())
         return 0
+    if argv and argv[0] in ("-V", "--version"):
+        print(version())
+        return 0
     if not argv or argv[0] not in COMMANDS:
-        print(usage(), file=sys.stderr)
-        if argv:
-            print(f"phoenix: error: unknown command '{argv[0]}'", file=sys.stderr)
+        if argv:  # a typo: the one line, not the whole usage above it
+            print(unknown_command(argv[0]), file=sys.stderr)
+        else:
+            print(usage(), file=sys.stderr)
         return 2
     # megatron-core warns at import that TE/Apex are missing; the commands that build a
     # model log the layer spec and backend they use instead (set before any import).

@@ -20,10 +20,11 @@ import sys
 
 from phoenix.config import ConfigError, load_config
 from phoenix.data.indexed import DataError
+from phoenix.runtime.command import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter,
         prog="phoenix build-plan", description=__doc__.split("\n\n")[0],
         epilog="Columns: min/b, max/b = samples per batch where present; groups whole/fit = "
                "groups kept whole / groups that fit the batch where they start ('units' with "
@@ -31,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
                "= fraction of label positions that carry loss (the rest pads a group's or "
                "unit's last sample).")
     parser.add_argument("config", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="dotted overrides, e.g. train.steps=100")
     parser.add_argument("--dump-batch", type=int, action="append", default=[],
                         help="list the samples of this global batch (repeatable)")
     args = parser.parse_intermixed_args(argv)

@@ -21,12 +21,15 @@ import argparse
 import logging
 import sys
 
+from phoenix.runtime.command import HelpFormatter
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                prog="phoenix convert", description=__doc__)
     sub = p.add_subparsers(dest="direction", required=True)
-    imp = sub.add_parser("hf-to-phoenix", help="a Hugging Face folder -> a phoenix checkpoint")
+    imp = sub.add_parser("hf-to-phoenix", formatter_class=HelpFormatter,
+                         help="a Hugging Face folder -> a phoenix checkpoint")
     imp.add_argument("hf_dir")
     imp.add_argument("out")
     imp.add_argument("--tp", type=int, default=1, help="suggested tensor parallel size (checked)")
@@ -35,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="suggested expert parallel size (checked; MoE models)")
     imp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
                      help="weights dtype (default: the source's)")
-    exp = sub.add_parser("phoenix-to-hf", help="a phoenix checkpoint -> a Hugging Face folder")
+    exp = sub.add_parser("phoenix-to-hf", formatter_class=HelpFormatter,
+                         help="a phoenix checkpoint -> a Hugging Face folder")
     exp.add_argument("checkpoint", help="a checkpoint folder, a run folder or an hf-to-phoenix OUT")
     exp.add_argument("out")
     exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,

@@ -20,20 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 
 from phoenix.config import ConfigError, load_config
+from phoenix.runtime.command import HelpFormatter
+from phoenix.runtime.world_fit import smallest_world
 
 
 def main(argv: list[str] | None = None) -> int:
     from phoenix.train.describe import (describe, fit_verdict, format_description,
                                         format_fit, require_vocab_size)
 
-    parser = argparse.ArgumentParser(prog="phoenix describe", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                     prog="phoenix describe", description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=8")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="dotted overrides, e.g. parallel.tensor=8")
     parser.add_argument("--world-size", type=int, default=None,
                         help="GPUs of the run (default $WORLD_SIZE, else the smallest world the layout "
                              "fits: PP x lcm(TP x CP, EP x ETP))")
@@ -46,11 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        p = cfg.parallel
-        # The smallest world the layout fits: PP x a multiple of TP x CP that EP x ETP divides.
-        smallest = p.pipeline * math.lcm(p.tensor * p.context,
-                                         p.expert * (p.expert_tensor or p.tensor))
-        world = args.world_size or int(os.environ.get("WORLD_SIZE", 0)) or smallest
+        world = (args.world_size or int(os.environ.get("WORLD_SIZE", 0))
+                 or smallest_world(cfg.parallel))
         vocab = require_vocab_size(cfg, args.vocab_size)
         d = describe(cfg, world, vocab)
         if args.gpu_memory is not None:

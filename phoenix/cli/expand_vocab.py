@@ -34,10 +34,12 @@ import json
 import logging
 import sys
 
+from phoenix.runtime.command import HelpFormatter
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix expand-vocab", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                prog="phoenix expand-vocab", description=__doc__)
     p.add_argument("base", help="the tokenizer to expand (HF folder, tokenizer.json or .model)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--tokens", help="text file: one new token a line")

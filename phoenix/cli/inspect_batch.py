@@ -31,6 +31,8 @@ import json
 import sys
 from pathlib import Path
 
+from phoenix.runtime.command import HelpFormatter
+
 EOD_MARK = "<|eod|>"
 
 
@@ -159,7 +161,7 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="phoenix inspect-batch",
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="phoenix inspect-batch",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir")
     parser.add_argument("step", type=int, help="1-based optimizer step (plan batch STEP-1)")

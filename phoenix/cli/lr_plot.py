@@ -23,6 +23,7 @@ from typing import Optional
 from phoenix.config.typed import ConfigError
 from phoenix.io import atomic_write
 from phoenix.config.schedule import ResolvedSchedule, ScheduleConfig, resolve
+from phoenix.runtime.command import HelpFormatter
 
 AFTER_END = "after-end"
 """``phase`` value of the rows past the last phase (the LR stays at its last value)."""
@@ -102,9 +103,9 @@ def write_png(path: Path, resolved: ResolvedSchedule, table: list[tuple[int, flo
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="phoenix lr-plot",
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="phoenix lr-plot",
                                 description="Write the LR schedule of a run as lr.csv and lr.png.")
-    p.add_argument("args", nargs="*", metavar="CONFIG.yaml [key=value ...]",
+    p.add_argument("args", nargs="*", default=[], metavar="CONFIG.yaml [key=value ...]",
                    help="run config and dotted overrides (overrides apply to --schedule-yaml "
                         "when no run config is given)")
     p.add_argument("--out", required=True, help="output directory")

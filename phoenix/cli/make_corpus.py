@@ -1,4 +1,4 @@
-"""``phoenix make-corpus``: write a deterministic synthetic JSONL corpus (web / code /
+r"""``phoenix make-corpus``: write a deterministic synthetic JSONL corpus (web / code /
 math styles; .gz supported), for trying a recipe without real data.
 
 Example:
@@ -12,12 +12,12 @@ import argparse
 import sys
 
 from phoenix.data.synthetic import DOMAINS, write_corpus
+from phoenix.runtime.command import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
         prog="phoenix make-corpus", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--output", required=True, help="JSONL path; gzip if it ends in .gz")
     p.add_argument("--num-docs", type=int, required=True)

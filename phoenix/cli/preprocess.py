@@ -1,9 +1,10 @@
-"""``phoenix preprocess``: tokenize JSONL into a megatron-core indexed dataset
+r"""``phoenix preprocess``: tokenize JSONL into a megatron-core indexed dataset
 (PREFIX.bin/.idx + .meta.json).
 
 Exit status 2 with one line naming the file when an input cannot be used (missing,
-unreadable, not the compression its name says, truncated, not UTF-8) or a line cannot be
-encoded; 1 when a worker process dies. Either way no output is written.
+unreadable, not the compression its name says, truncated, not UTF-8), a line cannot be
+encoded, or more than --max-skipped-fraction (default 1%) of the lines are malformed;
+1 when a worker process dies. Either way no output is written.
 
 Example:
     phoenix preprocess --input data/web.jsonl.gz --output-prefix data/web \
@@ -17,12 +18,12 @@ import logging
 import sys
 
 from phoenix.data.preprocess import WorkerDiedError, preprocess
+from phoenix.runtime.command import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
         prog="phoenix preprocess", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", nargs="+", required=True,
                    help="UTF-8 JSONL files, plain or compressed by name: .gz, .bz2, .xz")
@@ -40,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="dataset name for meta.json (default: prefix)")
     p.add_argument("--tags", default="", help="comma-separated tags for meta.json")
     p.add_argument("--no-progress", action="store_true", help="disable the progress bar")
+    p.add_argument("--max-skipped-fraction", type=float, default=0.01, metavar="F",
+                   help="fail, writing nothing, when more than this fraction of the input "
+                        "lines is malformed (1 keeps whatever parses)")
     args = p.parse_args(argv)
     from phoenix.data.indexed import data_only_process
 
@@ -59,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             tags=args.tags,
             chunk_lines=args.chunk_lines,
             progress=False if args.no_progress else None,
+            max_skipped_fraction=args.max_skipped_fraction,
         )
     except (OSError, ValueError) as e:  # input errors (naming the file): one line, no traceback
         print(f"phoenix preprocess: error: {e}", file=sys.stderr)

@@ -20,6 +20,8 @@ import json
 import os
 import sys
 
+from phoenix.runtime.command import HelpFormatter
+
 
 class _AutoTokenizer:
     """transformers' AutoTokenizer of a folder, encoding as ``tok(text)`` does."""
@@ -106,10 +108,11 @@ def compare(a, b, texts: list[str], shown: int = 5) -> tuple[int, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix tokenizer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                prog="phoenix tokenizer", description=__doc__)
     sub = p.add_subparsers(dest="action", required=True)
-    check = sub.add_parser("check", help="do two tokenizers encode a corpus alike?")
+    check = sub.add_parser("check", formatter_class=HelpFormatter,
+                           help="do two tokenizers encode a corpus alike?")
     check.add_argument("a", help="a .model, a tokenizer.json, or a folder (AutoTokenizer)")
     check.add_argument("b", help="the same kinds as A")
     check.add_argument("--corpus", required=True, help="text file (one text a line) or .jsonl")

@@ -1,4 +1,4 @@
-"""``phoenix train-tokenizer``: train a byte-fallback SentencePiece tokenizer
+r"""``phoenix train-tokenizer``: train a byte-fallback SentencePiece tokenizer
 (unk=0, bos=1, eos=2, no pad).
 
 Example:
@@ -12,12 +12,12 @@ import argparse
 import sys
 
 from phoenix.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from phoenix.runtime.command import HelpFormatter
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
         prog="phoenix train-tokenizer", description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--input", nargs="+", required=True, help="text files, or JSONL with --text-key")
     p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")

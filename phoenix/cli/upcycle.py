@@ -19,14 +19,17 @@ import argparse
 import logging
 import sys
 
+from phoenix.runtime.command import HelpFormatter
+
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="phoenix upcycle", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(formatter_class=HelpFormatter,
+                                prog="phoenix upcycle", description=__doc__)
     p.add_argument("dense_checkpoint", help="a checkpoint folder, or a run folder (its latest)")
     p.add_argument("moe_config", help="recipe (or model preset) YAML with model.moe")
     p.add_argument("out", help="output folder (must not exist)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of MOE_CONFIG")
+    p.add_argument("overrides", nargs="*", default=[],
+                   help="dotted key=value overrides of MOE_CONFIG")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of the router init (default: MOE_CONFIG's train.seed, else 1234)")
     args = p.parse_intermixed_args(argv)

@@ -9,6 +9,7 @@ resolved against the working directory of the run, as in Megatron-LM.
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
 from pathlib import Path
@@ -36,6 +37,24 @@ _Loader.add_implicit_resolver(
 )
 
 
+# ``1e6`` (an integer mantissa, a non-negative exponent) is read as the integer it names, so
+# integer fields take it, while ``4.0`` stays a float, which integer fields refuse
+# (phoenix.config.typed): a fractional-looking count is more likely a slip than a count.
+_SCIENTIFIC_INT = re.compile(r"^[-+]?[0-9][0-9_]*[eE]\+?[0-9]+$")
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in _Loader.yaml_implicit_resolvers.items()}
+for _first in "-+0123456789":  # ahead of the float resolver, which would match it too
+    _Loader.yaml_implicit_resolvers.setdefault(_first, []).insert(
+        0, ("tag:phoenix,2026:sciint", _SCIENTIFIC_INT))
+
+
+def _scientific_int(loader, node) -> int:
+    mantissa, _, exponent = loader.construct_scalar(node).replace("_", "").lower().partition("e")
+    return int(mantissa) * 10 ** int(exponent)  # exact, unlike float()
+
+
+_Loader.add_constructor("tag:phoenix,2026:sciint", _scientific_int)
+
+
 def _yaml_load(text: str):
     return yaml.load(text, Loader=_Loader)
 
@@ -45,7 +64,9 @@ def read_yaml(path: str | os.PathLike) -> dict:
     float, not PyYAML's string); ConfigError when missing, invalid or not a mapping."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        close = close_recipes(path)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ConfigError(f"config file not found: {path}{hint}")
     try:
         data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -53,6 +74,23 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     return data
+
+
+def close_recipes(path: str | os.PathLike, n: int = 3) -> list[str]:
+    """YAML files under configs/ whose path or name is close to ``path`` (a typo, or the
+    recipe's name without its folder), as the user would type them from the checkout."""
+    if not CONFIGS_DIR.is_dir():
+        return []
+    known = sorted(p for p in CONFIGS_DIR.rglob("*.y*ml"))
+    base = CONFIGS_DIR.parent
+    typed = {os.path.relpath(p, base): p for p in known}  # configs/recipes/x.yaml
+    wanted = str(path)
+    close = difflib.get_close_matches(wanted, list(typed), n=n, cutoff=0.75)
+    if not close:  # a bare or misplaced name: match the file names alone
+        by_name = {p.name: rel for rel, p in typed.items()}
+        close = [by_name[m] for m in difflib.get_close_matches(Path(wanted).name, list(by_name),
+                                                               n=n, cutoff=0.75)]
+    return close
 
 
 def resolve_model_preset(preset: str) -> Path:
@@ -100,8 +138,9 @@ def build_config(data: dict, overrides: Iterable[str] = ()) -> RunConfig:
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RunConfig:
     """Load ``path`` (a recipe YAML), apply overrides, validate, return the typed config."""
+    data = read_yaml(path)  # its errors name the path already
     try:
-        return build_config(read_yaml(path), overrides)
+        return build_config(data, overrides)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -80,10 +80,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            # Accept 1e6-style floats only when they are whole numbers.
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            # A float is refused even when whole (4.0): YAML reads 1e6 as an integer
+            # already (phoenix.config.loader), so a float here was written as one.
+            hint = (f" (write {int(value)})" if isinstance(value, float) and value.is_integer()
+                    else "")
+            raise ConfigError(f"{key}: expected an integer, got {value!r}{hint}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):

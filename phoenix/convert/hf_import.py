@@ -88,6 +88,29 @@ def _tokenizer_section(hf_dir: Path, out: Path, copied: list[str]) -> dict:
     return {"hf_dir": str(out / "tokenizer")}
 
 
+def _check_tokenizer_fits(hf_dir: Path, vocab_size: int) -> None:
+    """Refuse a folder whose tokenizer has ids past the model's embedding rows: those ids
+    would index past the embedding in training (an unreadable tokenizer is only warned
+    about, after the conversion)."""
+    from phoenix.tokenizer import load_tokenizer
+
+    if (hf_dir / "tokenizer.json").is_file():
+        where, source = hf_dir, "tokenizer.json"
+    elif (hf_dir / "tokenizer.model").is_file():
+        where, source = hf_dir / "tokenizer.model", "tokenizer.model"
+    else:
+        return
+    try:
+        ids = load_tokenizer(where).vocab_size
+    except (OSError, ValueError, RuntimeError):
+        return
+    if ids > vocab_size:
+        raise ConversionError(f"{hf_dir}: {source} has {ids} token ids but the model has "
+                              f"{vocab_size} embedding rows (config.json vocab_size): ids "
+                              f"{vocab_size}..{ids - 1} have no row; this tokenizer does not "
+                              f"belong to these weights, nothing was written")
+
+
 def hf_to_phoenix(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
                   dtype: Optional[str] = None, progress: bool = True) -> Path:
     """Convert the HF folder ``hf_dir`` into the phoenix folder ``out`` (see the module
@@ -117,6 +140,7 @@ def hf_to_phoenix(hf_dir: str | Path, out: str | Path, *, tp: int = 1, pp: int =
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     target = DTYPES[dtype] if dtype else reader.dtype()
+    _check_tokenizer_fits(hf_dir, model["vocab_size"])
     with atomic_output(out) as tmp:
         copied = copy_tokenizer_files(hf_dir, tmp / "tokenizer")
         tokenizer = _tokenizer_section(hf_dir, out, copied)

@@ -76,10 +76,17 @@ def check_prefix(prefix: str) -> dict:
     for path in (idx_path, bin_path):
         if not path.is_file():
             raise DataError(f"data prefix '{prefix}': missing file {path}")
+    ds = IndexedDataset.__new__(IndexedDataset)
     try:
-        ds = IndexedDataset(prefix, mmap=True)
+        ds.__init__(prefix, mmap=True)
     except Exception as e:  # a corrupt header raises assorted errors inside megatron
-        raise DataError(f"data prefix '{prefix}': cannot read {idx_path}: {_describe(e)}") from None
+        # megatron's IndexedDataset.__del__ deletes these two unconditionally: without them
+        # the half-built object's collection prints an AttributeError after our one line.
+        for name in ("bin_reader", "index"):
+            if name not in vars(ds):
+                setattr(ds, name, None)
+        raise DataError(f"data prefix '{prefix}': cannot read {idx_path}: {_describe(e)}; "
+                        f"rebuild it with phoenix preprocess") from None
     lengths = ds.sequence_lengths
     num_sequences = len(lengths)
     if num_sequences == 0:

@@ -68,6 +68,10 @@ class EmptyOutputError(ValueError):
     """No input line produced a document."""
 
 
+class TooManySkippedError(ValueError):
+    """More input lines were malformed than ``max_skipped_fraction`` allows."""
+
+
 class WorkerDiedError(RuntimeError):
     """A tokenizer worker process ended abruptly (killed, out of memory)."""
 
@@ -292,6 +296,7 @@ def preprocess(
     tags: Iterable[str] | str = (),
     chunk_lines: int = 256,
     progress: bool | None = None,
+    max_skipped_fraction: float | None = None,
 ) -> dict[str, Any]:
     """Tokenize JSONL files (plain or ``.gz``) into ``output_prefix.{bin,idx,meta.json}``.
 
@@ -309,6 +314,8 @@ def preprocess(
         WorkerDiedError: a tokenizer worker process ended abruptly.
         GroupAdjacencyError: a group's documents are not adjacent.
         EmptyOutputError: no line produced a document (no files are written).
+        TooManySkippedError: more than ``max_skipped_fraction`` of the input lines were
+            malformed (None: no limit; no files are written).
     """
     paths = [os.fspath(p) for p in ([inputs] if isinstance(inputs, (str, os.PathLike)) else inputs)]
     if not paths:
@@ -350,6 +357,16 @@ def preprocess(
                 "skipped %d malformed input line(s) (first %d listed):\n  %s",
                 stats.num_skipped, len(stats.skipped_examples), "\n  ".join(stats.skipped_examples),
             )  # fmt: skip
+        lines = stats.num_skipped + stats.num_documents
+        if (max_skipped_fraction is not None and stats.num_documents
+                and stats.num_skipped > max_skipped_fraction * lines):
+            # Half a file dropped usually means the wrong --text-key or a broken export,
+            # not a few bad records: publish nothing rather than a silently smaller set.
+            raise TooManySkippedError(
+                f"{stats.num_skipped} of {lines} input lines "
+                f"({stats.num_skipped / lines:.1%}) are malformed, more than "
+                f"--max-skipped-fraction {max_skipped_fraction:g} allows (first: "
+                f"{stats.skipped_examples[0]}); nothing written to {prefix}.*")
         if stats.num_documents == 0:
             raise EmptyOutputError(
                 f"no documents produced from {paths} ({stats.num_skipped} line(s) skipped); "

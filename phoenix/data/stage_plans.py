@@ -51,6 +51,12 @@ class StagePlanInputs:
     keys: list[Optional[StreamKey]]
 
 
+def _cut(key: StreamKey) -> str:
+    seq, grouped = key
+    return f"samples of {seq} tokens" + (" within its groups (group_mode: batch)" if grouped
+                                          else "")
+
+
 class StreamTracker:
     """Where each dataset's stream stands between stages."""
 
@@ -67,10 +73,11 @@ class StreamTracker:
         if last_key == key:
             return offset
         start = max(self.offsets.get((d, key), 0), math.ceil(Fraction(offset, last_n) * num_samples))
-        log.warning("stage '%s': dataset '%s' is read with (seq_length, grouped) %s instead of %s: "
-                    "its samples come from another stream, started at the same fraction of epochs "
-                    "(%.3f); samples of the current epoch may repeat", stage, self.names[d], key,
-                    last_key, offset / last_n)
+        log.warning("stage '%s': dataset '%s' is cut into %s, the stage before it into %s, so "
+                    "it is read from a new sample order that starts %.1f%% into its epoch, as "
+                    "far as it got: samples of this epoch may repeat. To read on without "
+                    "repeats, keep its seq_length and group_mode the same in both stages",
+                    stage, self.names[d], _cut(key), _cut(last_key), 100 * offset / last_n)
         return start
 
     def finish(self, d: int, key: StreamKey, num_samples: int, end_offset: int) -> None:

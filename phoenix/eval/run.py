@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 
 from phoenix.io import atomic_write_text
+from phoenix.runtime.command import HelpFormatter
 
 log = logging.getLogger("phoenix.eval")
 
@@ -156,14 +157,15 @@ def evaluate_checkpoint(checkpoint, cfg, eval_cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter,
         prog="phoenix eval",
         description="Evaluate a checkpoint on held-out sets: loss, perplexity, top-1/top-5 "
                     "next-token accuracy; with --needle, the needle-in-a-haystack (passkey "
                     "retrieval) test. Launch under torchrun for a parallel layout.")
     parser.add_argument("checkpoint", help="checkpoint directory (step_*), or a run directory")
     parser.add_argument("config", help="run config YAML (e.g. the run's config.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tensor=2")
+    parser.add_argument("overrides", nargs="*", default=[],
+                        help="dotted overrides, e.g. parallel.tensor=2")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="NAME=PREFIX",
                         help="an eval set (repeatable); replaces the config's eval.sets")
     parser.add_argument("--max-samples", type=int, default=None,

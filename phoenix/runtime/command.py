@@ -4,7 +4,8 @@ with the process groups torn down.
 
 Who prints, in a job of several processes:
 
-* warnings: every rank, tagged ``[rank N]``;
+* warnings: every rank, tagged ``[rank N]``, except those every rank computes alike (the
+  config's, the data plan's, the device backend's: ``JOB_WIDE_LOGGERS``), said by rank 0;
 * set-up lines (INFO): global rank 0, and the first rank of every other node (what a node
   did on its own disks, e.g. a node-local data cache);
 * progress lines (``step N/M | loss ...``, eval results): the logging rank (last pipeline
@@ -14,6 +15,7 @@ Who prints, in a job of several processes:
 
 from __future__ import annotations
 
+import argparse
 import errno
 import logging
 import os
@@ -39,8 +41,35 @@ ERROR_WAIT = 10.0
 that stop on the same error reach it within this of each other, start-up included."""
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """``--help`` of every command: descriptions and epilogs as written (their examples,
+    backslash continuations included, paste into a shell as they are), and each option's
+    default when it has one worth saying (not None, not a flag's False) and its help does
+    not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default in (None, False, argparse.SUPPRESS) or "default" in text
+                or not action.option_strings or isinstance(default, bool)):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})" if text else f"default: {shown}"
+
+
 def _rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+JOB_WIDE_LOGGERS = ("phoenix.config", "phoenix.data.stage_plans", "phoenix.data.plan_groups",
+                    "phoenix.runtime.cpu_backend")
+"""Loggers whose lines every rank computes alike (from the config, the deterministic data
+plan, the device backend): global rank 0 says them once for the job."""
+
+
+class _OncePerJob(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.name.startswith(JOB_WIDE_LOGGERS)
 
 
 def setup_logging() -> None:
@@ -48,6 +77,9 @@ def setup_logging() -> None:
     tag = f"[rank {rank}] " if world > 1 else ""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {tag}%(message)s",
                         datefmt="%H:%M:%S", stream=sys.stdout, force=True)
+    if rank != 0:  # rank 0 says the job-wide lines; the others would repeat them
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_OncePerJob())
     # Set-up lines from rank 0 and the first rank of each node; every rank's warnings.
     if rank != 0 and os.environ.get("LOCAL_RANK", "0") != "0":
         logging.getLogger().setLevel(logging.WARNING)

@@ -5,15 +5,15 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 
-from phoenix.checkpoint import CheckpointSaveError, plan_restore
+from phoenix.checkpoint import CheckpointSaveError
 from phoenix.checkpoint.store import CheckpointError
-from phoenix.config import dump_config, load_config
+from phoenix.config import ConfigError, load_config
 from phoenix.data.indexed import DataError
-from phoenix.runtime.capabilities import check_capabilities
-from phoenix.runtime.command import log_progress_from, setup_logging
+from phoenix.runtime.command import HelpFormatter, log_progress_from, setup_logging
 from phoenix.runtime.command import run_command as _run_command
+from phoenix.runtime.world_fit import fits, layout_hint
+from phoenix.train.dry_run import dry_run
 from phoenix.train.trainer import NonFiniteLossError
 
 log = logging.getLogger("phoenix")
@@ -44,46 +44,32 @@ def run_command(body) -> int:
                         stop_errors=(NonFiniteLossError, CheckpointSaveError))
 
 
-def _print_plan_summary(cfg) -> None:
-    """--dry-run: size, FLOPs and memory per GPU on stderr (stdout is the config)."""
-    from phoenix.train.describe import describe, format_description, vocab_size_of
-
-    vocab = vocab_size_of(cfg)
-    if vocab is None:
-        print("# size and memory: unknown vocabulary (set model.vocab_size)", file=sys.stderr)
-        return
-    summary = format_description(describe(cfg, int(os.environ.get("WORLD_SIZE", "1")), vocab))
-    print("".join(f"# {line}\n" for line in summary.splitlines()), end="", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter,
         prog="phoenix train",
         description="Train from a YAML recipe; launch under torchrun for several processes.")
     parser.add_argument("config", help="recipe YAML")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="key=value",
+                        help="dotted overrides, none needed, e.g. train.steps=100")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the resolved config, check the layout, the installed packages "
-                             "and (resuming) the config changes against the checkpoint, then exit")
+                        help="print the resolved config, check the layout (for $WORLD_SIZE, else "
+                             "the smallest world it fits), the installed packages, init_from's "
+                             "vocabulary and shapes and (resuming) the config changes against "
+                             "the checkpoint, then exit")
     args = parser.parse_intermixed_args(argv)
     setup_logging()
 
     def body():
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
-            cfg.validate_layout(int(os.environ.get("WORLD_SIZE", "1")))
-            check_capabilities(cfg)
-            # Where the run would start from, and (resuming) whether the checkpoint's run
-            # allows every config change: the same refusals as the real start.
-            restore = plan_restore(cfg)
-            print(dump_config(cfg), end="")
-            _print_plan_summary(cfg)
-            if restore.kind != "fresh":
-                print(f"# would {restore.kind.replace('_', ' ')} {restore.path}"
-                      + "".join(f"\n# honoured change: {c}" for c in restore.honoured)
-                      + "".join(f"\n# data change (implicit stage boundary): {c}"
-                                for c in restore.data_changed), file=sys.stderr)
-            return 0
+            return dry_run(cfg)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if not fits(cfg.parallel, world):  # say how to launch it, before any process group
+            try:
+                cfg.validate_layout(world)
+            except ConfigError as e:
+                raise ConfigError(f"{e}; {layout_hint(cfg, world, args.config, args.overrides)}") \
+                    from None
         train(cfg)
 
     return run_command(body)

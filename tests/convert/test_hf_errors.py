@@ -163,3 +163,25 @@ def test_a_dtype_the_target_cannot_hold_fails_the_cli_and_leaves_nothing(llama, 
     assert proc.returncode == 2, proc.stderr
     assert "model.norm.weight: its values (max |x| 1e+06) do not fit torch.float16" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["llama"]  # no OUT, no .tmp-OUT
+
+
+def test_a_tokenizer_with_more_ids_than_embedding_rows_is_refused(llama, tmp_path):
+    """Issue 23: a folder whose tokenizer.json has more ids than the model's 200 embedding
+    rows was converted; now one line, exit 2, nothing written."""
+    from phoenix.testing.hf_tiny import make_llama3_tokenizer
+    from phoenix.tokenizer import load_tokenizer
+
+    texts = [f"document {i}: the quick brown fox {i * 7} jumps over {i % 13} lazy dogs"
+             for i in range(200)]
+    make_llama3_tokenizer(llama, texts, vocab_size=300)
+    ids = load_tokenizer(llama).vocab_size
+    assert ids > 200
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "phoenix.cli", "convert", "hf-to-phoenix",
+                           str(llama), str(out), "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"phoenix convert hf-to-phoenix: error: {llama}: tokenizer.json has {ids} token ids but "
+        f"the model has 200 embedding rows (config.json vocab_size): ids 200..{ids - 1} have no "
+        f"row; this tokenizer does not belong to these weights, nothing was written")
+    assert not out.exists()

@@ -459,3 +459,25 @@ def test_synthetic_domains_have_distinct_styles() -> None:
     for doc in generate_documents(20, seed=0, domain="web", min_words=50):
         assert "def " not in doc["text"] and " = " not in doc["text"]
         assert 50 <= len(doc["text"].split())
+
+
+def test_cli_refuses_a_mostly_malformed_file(tok, tmp_path: Path) -> None:
+    """Issue 23: half a file dropped used to exit 0. Above --max-skipped-fraction (default
+    0.01) it is one line, exit 2 and nothing published; raising the limit keeps the rest."""
+    from phoenix.cli import main as phoenix
+
+    src = tmp_path / "half.jsonl"
+    src.write_text("".join('{"text": "good %d"}\n{"txt": "bad"}\n' % i for i in range(50)))
+    out = tmp_path / "half"
+    args = ["--input", str(src), "--output-prefix", str(out), "--tokenizer-model",
+            tok.model_file, "--no-progress"]
+    proc = subprocess.run([sys.executable, "-m", "phoenix.cli", "preprocess", *args],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last == (f"phoenix preprocess: error: 50 of 100 input lines (50.0%) are malformed, "
+                    f"more than --max-skipped-fraction 0.01 allows (first: {src}:2: missing "
+                    f"key 'text'); nothing written to {out}.*")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["half.jsonl"]
+    assert phoenix(["preprocess", *args, "--max-skipped-fraction", "0.5"]) == 0
+    assert json.loads(out.with_suffix(".meta.json").read_text())["num_documents"] == 50

@@ -122,6 +122,27 @@ def test_corrupt_idx(tiny_data, tmp_path):
         check_prefix(prefix)
 
 
+def test_corrupt_idx_is_one_line_without_megatrons_del_error(tiny_data, tmp_path):
+    """Issue 23: the half-built IndexedDataset's __del__ printed an AttributeError after
+    the message, the last thing on screen. Now: the one line, saying how to fix it."""
+    import subprocess
+    import sys
+
+    prefix = copy_prefix(tiny_data.prefixes["web"], tmp_path / "data")
+    Path(prefix + ".idx").write_bytes(b"this is not an index" * 4)
+    script = ("import gc, sys\n"
+              "from phoenix.data.indexed import DataError, check_prefix\n"
+              "try:\n    check_prefix(sys.argv[1])\n"
+              "except DataError as e:\n    print(e, file=sys.stderr)\n"
+              "gc.collect()\n")
+    proc = subprocess.run([sys.executable, "-c", script, prefix], capture_output=True, text=True)
+    lines = [line for line in proc.stderr.splitlines()
+             if "Transformer Engine" not in line and "warn" not in line.lower()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"data prefix '{prefix}': cannot read {prefix}.idx: ")
+    assert lines[0].endswith("; rebuild it with phoenix preprocess")
+
+
 def test_idx_document_index_must_cut_the_sequences_into_documents(tmp_path):
     """Written with megatron-core's builder: a sequence after the last end_document
     (megatron's reader asserts; the message says which check failed), and a document
