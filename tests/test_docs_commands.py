@@ -142,9 +142,14 @@ def check_command(line: str, whole: bool = True) -> str | None:
         parsed, problem = _parse(get_args_parser(), "parse_args", args)
         if problem:
             return problem
-        if not parsed.module or parsed.training_script != "phoenix.train":
-            return "phoenix torchrun runs -m phoenix.train"
-        command, args = "train", parsed.training_script_args
+        if not parsed.module or parsed.training_script not in ("phoenix.train", "phoenix.cli"):
+            return "phoenix torchrun runs -m phoenix.train or -m phoenix.cli <command>"
+        if parsed.training_script == "phoenix.train":
+            command, args = "train", parsed.training_script_args
+        else:  # python -m phoenix.cli <command> ...
+            if not parsed.training_script_args or parsed.training_script_args[0] not in COMMANDS:
+                return "-m phoenix.cli: no such command"
+            command, args = parsed.training_script_args[0], parsed.training_script_args[1:]
     parser, method = parser_of(command)
     if whole:
         parsed, problem = _parse(parser, method, args)
