@@ -194,7 +194,11 @@ class DataConfig:
     groups). ``megatron``: megatron-core's BlendedDataset/GPTDataset (for comparison;
     ignores min_share and group_mode)."""
     cache_dir: Optional[str] = None
-    """Where data plans and sample indices are cached; default ``<output_dir>/data_cache``."""
+    """Where data plans and sample indices are cached. Default: the plans in
+    ``<output_dir>/data_cache``, the sample indices (each dataset cut into samples, the
+    costly part at scale) in a cache every run over the same data shares,
+    ``$PHOENIX_CACHE_DIR`` else ``~/.cache/phoenix`` (``sample_index/``; keyed by the data
+    files' content and the cut, safe for concurrent builders)."""
     prefetch_batches: int = 2
     """Global batches this rank reads ahead in one background thread while the current
     step trains (0: read each batch when it is needed)."""

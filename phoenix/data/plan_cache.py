@@ -2,7 +2,8 @@
 
 :func:`run_stage_plans` maps a run config onto the per-stage driver
 (:mod:`phoenix.data.stage_plans`), loading or building every plan in the run's cache
-(``data.cache_dir``, else ``output_dir/data_cache``). :func:`build_source` is the run's
+(``data.cache_dir``, else ``output_dir/data_cache``; the sample indices in
+:func:`index_cache_dir`, shared by runs). :func:`build_source` is the run's
 sample source, collective: one rank per cache directory (rank 0, or one per node when
 ``data.cache_dir`` is node-local) builds and caches every stage's plan, the others load
 them. It is the only module of ``phoenix.data`` that uses the runtime's collectives.
@@ -11,6 +12,7 @@ them. It is the only module of ``phoenix.data`` that uses the runtime's collecti
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -28,7 +30,46 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir(cfg: RunConfig) -> Path:
+    """Where the run's data plans are cached: ``data.cache_dir``, else
+    ``<output_dir>/data_cache`` (a plan belongs to its run: inspect-batch and the spike
+    records read it there)."""
     return Path(cfg.data.cache_dir or Path(cfg.output_dir) / "data_cache")
+
+
+def shared_index_cache() -> Path:
+    """The sample-index cache that runs share: ``$PHOENIX_CACHE_DIR/sample_index``, else
+    ``$XDG_CACHE_HOME/phoenix/sample_index``, else ``~/.cache/phoenix/sample_index``."""
+    root = os.environ.get("PHOENIX_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "phoenix")
+    return Path(root) / "sample_index"
+
+
+_warned_unwritable: set = set()
+
+
+def index_cache_dir(cfg: RunConfig) -> Path:
+    """Where the sample indices of ``cfg``'s datasets are cached and mapped from:
+    ``data.cache_dir`` when set; else the cache that every run over the same data shares
+    (:func:`shared_index_cache`), so a new ``output_dir`` does not cut the same datasets
+    again. An index is keyed by the content of its files and the cut
+    (:mod:`phoenix.data.sample_cache`), and concurrent builders are safe, so sharing is
+    too. A shared cache that cannot be written falls back to the run's
+    :func:`cache_dir`, with a warning."""
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir)
+    shared = shared_index_cache()
+    try:
+        shared.mkdir(parents=True, exist_ok=True)
+        if os.access(shared, os.W_OK | os.X_OK):
+            return shared
+    except OSError:
+        pass
+    if str(shared) not in _warned_unwritable:
+        _warned_unwritable.add(str(shared))
+        log.warning("sample-index cache %s cannot be written; caching in the run's %s (set "
+                    "PHOENIX_CACHE_DIR or data.cache_dir to share it between runs)",
+                    shared, cache_dir(cfg))
+    return cache_dir(cfg)
 
 
 def run_stage_plans(cfg: RunConfig, get_plan: Callable[[PlanInputs], DataPlan] | None = None,
@@ -44,7 +85,7 @@ def run_stage_plans(cfg: RunConfig, get_plan: Callable[[PlanInputs], DataPlan] |
                        cfg.train.seed, get_plan, resume,
                        min_document_tokens=[e.min_document_tokens for e in datasets],
                        pack_groups=[e.pack_groups for e in datasets],
-                       index_dir=cache_dir(cfg))
+                       index_dir=index_cache_dir(cfg))
 
 
 def data_change(old: RunConfig, old_resume: Optional[DataResume], step: int) -> DataResume:

@@ -178,3 +178,41 @@ def test_plan_fingerprint_from_the_stored_digest_equals_the_computed_one(prefix,
     moved = replace(computed, datasets=[computed.datasets[0],
                                         replace(computed.datasets[1], group_ids=other)])
     assert plan_fingerprint(moved) != plan_fingerprint(computed)
+
+
+def test_runs_over_the_same_data_share_the_sample_indices(tiny_data, tmp_path, monkeypatch, caplog):
+    """Without data.cache_dir the sample indices go to the shared cache: a second run in
+    another output_dir cuts nothing again (the plans stay in each run's data_cache); an
+    explicit data.cache_dir holds both; an unwritable shared cache falls back to the run."""
+    import phoenix.data.sample_cache as sample_cache
+    from phoenix.data.plan_cache import run_stage_plans
+    from phoenix.testing.tiny import tiny_config
+
+    shared = tmp_path / "shared"
+    monkeypatch.setenv("PHOENIX_CACHE_DIR", str(shared))
+    run_stage_plans(tiny_config(tiny_data, tmp_path / "run_a"))
+    built = sorted(p.name for p in (shared / "sample_index").glob("samples-*"))
+    assert len(built) == 2  # web and code
+    assert not list((tmp_path / "run_a" / "data_cache").glob("samples-*"))
+    assert list((tmp_path / "run_a" / "data_cache").glob("plan-*"))
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the second run cut a dataset again")
+
+    monkeypatch.setattr(sample_cache, "build_sample_index", no_build)
+    run_stage_plans(tiny_config(tiny_data, tmp_path / "run_b"))
+    assert list((tmp_path / "run_b" / "data_cache").glob("plan-*"))
+    monkeypatch.undo()
+
+    monkeypatch.setenv("PHOENIX_CACHE_DIR", str(shared))
+    run_stage_plans(tiny_config(tiny_data, tmp_path / "run_c",
+                                [f"data.cache_dir={tmp_path / 'own'}"]))
+    assert len(list((tmp_path / "own").glob("samples-*"))) == 2
+
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    monkeypatch.setenv("PHOENIX_CACHE_DIR", str(blocker))
+    with caplog.at_level("WARNING"):
+        run_stage_plans(tiny_config(tiny_data, tmp_path / "run_d"))
+    assert len(list((tmp_path / "run_d" / "data_cache").glob("samples-*"))) == 2
+    assert "cannot be written" in caplog.text
