@@ -79,7 +79,8 @@ class ParallelConfig:
             self.virtual_pipeline = None  # one chunk per rank: the plain 1F1B schedule
         if self.virtual_pipeline is not None and self.pipeline < 2:
             raise ConfigError(f"parallel.virtual_pipeline: {self.virtual_pipeline} chunks per "
-                              f"rank need parallel.pipeline >= 2 (got {self.pipeline})")
+                              f"rank need parallel.pipeline >= 2 (got {self.pipeline}); "
+                              f"parallel.virtual_pipeline=1 turns it off")
         if self.sequence_parallel and self.tensor == 1:
             raise ConfigError("parallel.sequence_parallel: needs parallel.tensor > 1")
         if self.overlap_param_gather and not self.use_distributed_optimizer:

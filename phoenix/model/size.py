@@ -308,9 +308,11 @@ def memory_estimate(model_cfg, padded_vocab: int, layout: Layout) -> MemoryEstim
             dense += count.embedding / t
         if last:
             dense += count.final_norm + (count.output or (count.embedding if pp > 1 else 0)) / t
-        acts, peak = _stage_activations(
-            [_layer_activations(model_cfg, layout, pattern[i]) for i in layers], layout,
-            model_cfg.hidden_size)
+        # Full recompute counts its units per model chunk (each chunk is its own block).
+        per_layer = [_layer_activations(model_cfg, layout, pattern[i]) for i in layers]
+        parts = [_stage_activations(per_layer[c * per_chunk:(c + 1) * per_chunk], layout,
+                                    model_cfg.hidden_size) for c in range(vp)]
+        acts, peak = sum(kept for kept, _ in parts), max(p for _, p in parts)
         if layout.dense_mask:  # per micro-batch, shared by the layers: the bool mask and
             # sdpa's additive float mask
             additive = 0 if layout.attention != "sdpa" else 4 if layout.precision == "fp32" else 2

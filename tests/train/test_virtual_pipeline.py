@@ -35,23 +35,27 @@ def _scalars(run_dir) -> dict[str, dict[int, float]]:
             if tag.startswith(NORMS + ("eval/",))}
 
 
-def _config(tiny_data, out, steps=STEPS, **checkpoint):
-    """Every run of this file: the vocabulary padded (512 -> 576 rows: the padded-vocab
-    mask on the last chunk), held-out eval at steps 2 and 4 (10 samples: 3 micro-batches
-    of 4, padded to 4 under the interleaved schedule), checkpoints at steps 2 and 4."""
+def _config(tiny_data, out, steps=STEPS, evaluate=False, **checkpoint):
+    """The dense runs of this file: the vocabulary padded (512 -> 576 rows: the padded-vocab
+    mask on the last chunk), checkpoints at steps 2 and 4; ``evaluate``: held-out eval at
+    steps 2 and 4 (10 samples: 3 micro-batches of 4, padded to 4 under the interleaved
+    schedule)."""
+    eval_section = {"sets": [{"name": "code", "prefix": tiny_data.prefixes["code"]}],
+                    "interval": 2, "max_samples": 10, "micro_batch_size": 4}
     return tiny_config_dict(
         tiny_data, out, model={"preset": "tiny", "make_vocab_size_divisible_by": 96},
-        train={"steps": steps}, logging={"tensorboard": True, "log_interval": 1},
-        eval={"sets": [{"name": "code", "prefix": tiny_data.prefixes["code"]}],
-              "interval": 2, "max_samples": 10, "micro_batch_size": 4},
+        train={"steps": steps}, logging={"tensorboard": evaluate, "log_interval": 1},
+        eval=eval_section if evaluate else None,
         checkpoint={"save_interval": 2, "save_at_end": False, **checkpoint})
 
 
 @pytest.fixture(scope="module")
 def reference(tiny_data, tmp_path_factory):
-    """One process, norms every step, checkpoints at steps 0 (weights), 2 and 4."""
+    """One process, norms every step, eval at steps 2 and 4, checkpoints at steps 0
+    (weights), 2 and 4."""
     out = tmp_path_factory.mktemp("vp_ref")
-    (result,) = run_distributed(train_with_norms, 1, _config(tiny_data, out, save_initial=True))
+    cfg = _config(tiny_data, out, evaluate=True, save_initial=True)
+    (result,) = run_distributed(train_with_norms, 1, cfg)
     return out, result["steps"], _scalars(out)
 
 
@@ -60,7 +64,8 @@ def interleaved(reference, tiny_data, tmp_path_factory):
     """PP=2 x VP=2 from the reference's initial weights, checkpoints at steps 2 and 4."""
     out = tmp_path_factory.mktemp("vp_pp2_vp2")
     init = str(reference[0] / "checkpoints" / "step_000000")
-    results = run_distributed(train_with_norms, 2, _config(tiny_data, out, init_from=init), VP)
+    cfg = _config(tiny_data, out, evaluate=True, init_from=init)
+    results = run_distributed(train_with_norms, 2, cfg, VP)
     return out, results, _scalars(out)
 
 
@@ -196,6 +201,14 @@ def test_describe_shows_each_chunk_and_the_interleaving_memory(tiny_data, tmp_pa
     a, b = plain["memory_bytes"], vp["memory_bytes"]
     assert a["activations_per_micro_batch"] == b["activations_per_micro_batch"]
     assert b["activations"] == pytest.approx(1.25 * a["activations"], rel=1e-6)
+    # Full recompute of 1 layer per block (block method): each chunk is a block, so at
+    # VP=2 both of a rank's layers keep only their input, at VP=1 one of the two.
+    block = ["model.recompute.granularity=full", "model.recompute.method=block",
+             "model.recompute.num_layers=1"]
+    a = describe(tiny_config(tiny_data, tmp_path, ["parallel.pipeline=2", *block]), 2, 512)
+    b = describe(tiny_config(tiny_data, tmp_path, VP + block), 2, 512)
+    kept = a["memory_bytes"]["activations_per_micro_batch"]
+    assert b["memory_bytes"]["activations_per_micro_batch"] < kept
 
 
 def test_dry_run_refuses_and_describes(tiny_data, tmp_path, monkeypatch, capsys):
