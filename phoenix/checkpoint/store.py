@@ -149,9 +149,24 @@ def read_checkpoint_state(path: str | os.PathLike) -> dict:
 
 
 def _model_sharded_state_dict(model_chunks) -> dict:
-    if len(model_chunks) != 1:
-        raise NotImplementedError("virtual pipeline chunks are not supported yet")
-    return unwrap(model_chunks[0]).sharded_state_dict()
+    """The model's dist_checkpointing dict: one chunk's own, or ``{"chunk0": ..., ...}``
+    for a virtual pipeline's chunks (as Megatron-LM's ``model0``, ``model1``). The nesting
+    does not reach the files: every tensor is stored under its global key (a layer's
+    weights in the stack of all ``num_layers``, at the offset megatron gives the chunk's
+    ``vp_stage``), so a checkpoint of any pipeline / virtual pipeline size loads at any
+    other."""
+    if len(model_chunks) == 1:
+        return unwrap(model_chunks[0]).sharded_state_dict()
+    return {f"chunk{i}": unwrap(chunk).sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+
+
+def _load_model_state(model_chunks, loaded: dict) -> None:
+    """Copy a loaded model dict (nested as :func:`_model_sharded_state_dict`) into the chunks."""
+    if len(model_chunks) == 1:
+        unwrap(model_chunks[0]).load_state_dict(loaded)
+        return
+    for i, chunk in enumerate(model_chunks):
+        unwrap(chunk).load_state_dict(loaded[f"chunk{i}"])
 
 
 def _rng_state() -> dict:
@@ -292,7 +307,7 @@ class CheckpointStore:
             sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                              metadata=_OPTIM_METADATA)
         loaded = dist_checkpointing.load(sharded, str(path))
-        unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+        _load_model_state(model_chunks, loaded["model"])
         if optimizer is not None:
             n = len(getattr(optimizer, "chained_optimizers", [optimizer]))
             optimizer.load_state_dict(fit_chained_optimizer_state(loaded["optimizer"], n))
@@ -338,5 +353,5 @@ class CheckpointStore:
 
         model_sd = _model_sharded_state_dict(model_chunks)
         loaded = dist_checkpointing.load({"model": model_sd}, str(path))
-        unwrap(model_chunks[0]).load_state_dict(loaded["model"])
+        _load_model_state(model_chunks, loaded["model"])
         return read_checkpoint_state(path)

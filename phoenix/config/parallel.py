@@ -15,6 +15,18 @@ class ParallelConfig:
 
     tensor: int = 1
     pipeline: int = 1
+    virtual_pipeline: Optional[int] = None
+    """Interleaved 1F1B: model chunks per pipeline rank (megatron-core's
+    ``virtual_pipeline_model_parallel_size``; Megatron-LM
+    ``--num-layers-per-virtual-pipeline-stage`` / ``--virtual-pipeline-model-parallel-size``).
+    Each rank holds this many non-adjacent slices of ``num_layers / (pipeline x
+    virtual_pipeline)`` layers (chunk c of rank r: global slice ``c * pipeline + r``), which
+    cuts the pipeline bubble from ``(p-1)/m`` to ``(p-1)/(v m)`` of a step at the cost of
+    ``v`` times the point-to-point messages and ``1 + (p-1)/(p v)`` times the first
+    stage's in-flight activations. Needs ``pipeline >= 2``, ``num_layers`` divisible by
+    ``pipeline x virtual_pipeline`` and, for every stage, a number of micro-batches per
+    step (global batch / (micro batch x data parallel)) divisible by ``pipeline``
+    (megatron-core 0.16.1's interleaved schedule refuses the rest). None or 1: off."""
     context: int = 1
     """Context parallelism: each sequence split over this many ranks (megatron-core's
     load-balanced 2*CP chunks, ring attention in Transformer Engine). CUDA with TE only;
@@ -62,7 +74,13 @@ class ParallelConfig:
     def __post_init__(self):
         positive("parallel", tensor=self.tensor, pipeline=self.pipeline, context=self.context,
                   expert=self.expert, expert_tensor=self.expert_tensor,
-                  bucket_size=self.bucket_size)
+                  bucket_size=self.bucket_size, virtual_pipeline=self.virtual_pipeline)
+        if self.virtual_pipeline == 1:
+            self.virtual_pipeline = None  # one chunk per rank: the plain 1F1B schedule
+        if self.virtual_pipeline is not None and self.pipeline < 2:
+            raise ConfigError(f"parallel.virtual_pipeline: {self.virtual_pipeline} chunks per "
+                              f"rank need parallel.pipeline >= 2 (got {self.pipeline}); "
+                              f"parallel.virtual_pipeline=1 turns it off")
         if self.sequence_parallel and self.tensor == 1:
             raise ConfigError("parallel.sequence_parallel: needs parallel.tensor > 1")
         if self.overlap_param_gather and not self.use_distributed_optimizer:
@@ -74,6 +92,11 @@ class ParallelConfig:
         if self.align_param_gather and self.overlap_param_gather is False:
             raise ConfigError("parallel.align_param_gather: needs parallel.overlap_param_gather")
 
+    @property
+    def chunks(self) -> int:
+        """Model chunks per pipeline rank: ``virtual_pipeline``, or 1 when it is off."""
+        return self.virtual_pipeline or 1
+
     def overlap(self, device: str, dp_size: int) -> tuple[bool, bool]:
         """(overlap_grad_reduce, overlap_param_gather) as they apply to a run on ``device``
         with ``dp_size`` data-parallel ranks: the set values, or the defaults above."""
@@ -82,3 +105,24 @@ class ParallelConfig:
         param = (auto and self.use_distributed_optimizer if self.overlap_param_gather is None
                  else self.overlap_param_gather)
         return grad, param
+
+
+def check_virtual_pipeline(p: ParallelConfig, num_layers: int,
+                           micro_batches: dict[str, int]) -> None:
+    """``parallel.virtual_pipeline`` against the model and the batch layout, refused up
+    front with megatron-core 0.16.1's own rules (``TransformerConfig`` asserts the layer
+    split; the interleaved schedule raises on the micro-batch count: with its default
+    ``microbatch_group_size_per_vp_stage`` = pipeline, the count must be a multiple of the
+    pipeline size). ``micro_batches``: micro-batches per step of each stage, by name."""
+    v, pp = p.virtual_pipeline, p.pipeline
+    if v is None:
+        return
+    if num_layers % (pp * v):
+        raise ConfigError(f"parallel.virtual_pipeline: model.num_layers {num_layers} is not "
+                          f"divisible by pipeline x virtual_pipeline = {pp}x{v}")
+    for stage, m in micro_batches.items():
+        if m % pp:
+            raise ConfigError(
+                f"parallel.virtual_pipeline: stage '{stage}' has {m} micro-batches per step "
+                f"(global batch / (micro_batch_size x data parallel)); the interleaved schedule "
+                f"needs a multiple of parallel.pipeline {pp}")

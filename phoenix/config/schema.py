@@ -15,7 +15,7 @@ from phoenix.config.eval import EvalConfig
 from phoenix.config.moe import MoEConfig, check_moe_layout, check_moe_model
 from phoenix.config.monitoring import LoggingConfig
 from phoenix.config.optim import OptimConfig
-from phoenix.config.parallel import ParallelConfig
+from phoenix.config.parallel import ParallelConfig, check_virtual_pipeline
 from phoenix.config.performance import (Fp8Config, FusionsConfig, RecomputeConfig,
                                         check_recompute)
 from phoenix.config.rope import RopeConfig
@@ -432,6 +432,13 @@ class RunConfig:
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // (self.parallel.tensor * self.parallel.pipeline * self.parallel.context)
 
+    def _micro_batches_per_stage(self, dp: int) -> dict[str, int]:
+        """Micro-batches per step of every stage (by stage name) at ``dp`` data-parallel
+        ranks; a stage whose batch does not divide is left out (refused elsewhere)."""
+        per = self.train.micro_batch_size * dp
+        return {s.name: s.global_batch_size // per for s in self._resolved.stages.stages
+                if s.global_batch_size % per == 0}
+
     def validate_layout(self, world_size: int) -> None:
         """Check that the parallel layout fits ``world_size`` processes and the model."""
         p, m, t = self.parallel, self.model, self.train
@@ -458,6 +465,8 @@ class RunConfig:
             raise ConfigError(
                 f"train.global_batch_size: {t.global_batch_size} is not divisible by "
                 f"micro_batch_size * data_parallel_size = {t.micro_batch_size}*{dp}")
+        if p.virtual_pipeline is not None:
+            check_virtual_pipeline(p, m.num_layers, self._micro_batches_per_stage(dp))
         self._check_moe(world_size)
         check_recompute(m.recompute, num_layers=m.num_layers, pipeline=p.pipeline, moe=m.moe)
         for i, stage in enumerate(self.stages or []):

@@ -35,6 +35,7 @@ import torch.distributed as dist
 
 from phoenix.eval.metrics import STATS, token_stats
 from phoenix.model.attention_inputs import document_forward
+from phoenix.model.chunks import chunk_iterators
 
 log = logging.getLogger("phoenix.eval")
 
@@ -153,11 +154,15 @@ class Evaluator:
         samples = [reader.read(int(i)) for i in mine]
         if not samples:
             return []
-        while len(samples) % self.micro_batch_size:  # pad: a copy that carries no loss
+        mbs = self.micro_batch_size
+        # Padded with copies that carry no loss to whole micro-batches and, under a virtual
+        # pipeline, to a multiple of the pipeline size of them (megatron-core 0.16.1's
+        # interleaved schedule raises otherwise).
+        multiple = mbs * (self.layout.pp_size if len(self.model) > 1 else 1)
+        while len(samples) % multiple:
             filler = dict(samples[-1])
             filler["loss_mask"] = np.zeros_like(filler["loss_mask"])
             samples.append(filler)
-        mbs = self.micro_batch_size
         batches = [{k: torch.as_tensor(np.stack([s[k] for s in samples[j:j + mbs]])) for k in _FIELDS}
                    for j in range(0, len(samples), mbs)]
         return [self.documents(b) for b in batches] if self.documents else batches
@@ -192,7 +197,8 @@ class Evaluator:
                 total = torch.zeros(len(STATS), dtype=torch.float64)
                 if batches:
                     reports = forward(
-                        forward_step_func=self._forward_step, data_iterator=iter(batches),
+                        forward_step_func=self._forward_step,
+                        data_iterator=chunk_iterators(batches, len(self.model)),
                         model=self.model, num_microbatches=len(batches),
                         seq_length=self.seq_length, micro_batch_size=self.micro_batch_size,
                         forward_only=True)

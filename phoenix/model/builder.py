@@ -75,6 +75,15 @@ def transformer_config(cfg: RunConfig, layout: ParallelLayout):
         hidden_dropout=m.hidden_dropout,
         tensor_model_parallel_size=layout.tp_size,
         pipeline_model_parallel_size=layout.pp_size,
+        # parallel.virtual_pipeline: the layer offsets of each chunk (vp_stage) follow it.
+        virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline,
+        # Interleaved 1F1B: Megatron-LM's default p2p (--overlap-p2p-communication): separate
+        # isend/irecv, ordered by even/odd rank. With the batched ops (batch_p2p_comm) both
+        # neighbours are one rank at PP=2, and a send to "previous" and one to "next" (a
+        # gradient and an activation of one shape) are posted in an order the peer does
+        # not receive them in: on gloo, PP=2 x VP=2's first grad norm was 2% off.
+        overlap_p2p_comm=cfg.parallel.virtual_pipeline is not None,
+        batch_p2p_comm=cfg.parallel.virtual_pipeline is None,
         context_parallel_size=cfg.parallel.context,
         sequence_parallel=cfg.parallel.sequence_parallel,
         params_dtype=dtype,
@@ -157,17 +166,20 @@ def uses_te_spec(layout: ParallelLayout) -> bool:
     return layout.device.type == "cuda" and te_available()
 
 
-def layer_spec(cfg: RunConfig, layout: ParallelLayout, tconfig=None):
-    """The decoder spec: one layer spec for a dense model; for MoE, megatron-core's block
-    spec of this pipeline stage's layers (MoE or dense per ``moe.layer_freq``; experts as
-    SequentialMLP, or TEGroupedMLP with ``grouped_gemm`` on CUDA + TE). With
-    ``model.attention_backend`` sdpa, its core attention is phoenix's SDPAttention."""
+def layer_spec(cfg: RunConfig, layout: ParallelLayout, tconfig=None, vp_stage: int | None = None,
+               announce: bool = True):
+    """The decoder spec of model chunk ``vp_stage`` (None: no virtual pipeline): one layer
+    spec for a dense model; for MoE, megatron-core's block spec of the chunk's layers (MoE
+    or dense per ``moe.layer_freq``; experts as SequentialMLP, or TEGroupedMLP with
+    ``grouped_gemm`` on CUDA + TE). With ``model.attention_backend`` sdpa, its core
+    attention is phoenix's SDPAttention. ``announce``: log the choices (once per build)."""
     attention = resolved_attention_backend(cfg)
-    fusions = ", ".join(f"{k} {'on' if v is True else 'off' if v is False else v}"
-                        for k, v in resolved_fusions(cfg).items())
-    log.info("model: attention %s (model.attention_backend %s); fusions: %s", attention,
-             cfg.model.attention_backend, fusions)
-    spec = _decoder_spec(cfg, layout, tconfig)
+    if announce:
+        fusions = ", ".join(f"{k} {'on' if v is True else 'off' if v is False else v}"
+                            for k, v in resolved_fusions(cfg).items())
+        log.info("model: attention %s (model.attention_backend %s); fusions: %s", attention,
+                 cfg.model.attention_backend, fusions)
+    spec = _decoder_spec(cfg, layout, tconfig, vp_stage, announce)
     if attention == "sdpa":
         from phoenix.model.sdpa_attention import sdpa_spec
 
@@ -175,26 +187,27 @@ def layer_spec(cfg: RunConfig, layout: ParallelLayout, tconfig=None):
     return spec
 
 
-def _decoder_spec(cfg: RunConfig, layout: ParallelLayout, tconfig):
+def _decoder_spec(cfg: RunConfig, layout: ParallelLayout, tconfig, vp_stage, announce: bool):
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_decoder_block_spec,
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    say = log.info if announce else log.debug
     if cfg.model.moe is not None:
         te = uses_te_spec(layout)
-        log.info("model: MoE, %s layer spec", "Transformer Engine" if te else "local")
+        say("model: MoE, %s layer spec", "Transformer Engine" if te else "local")
         spec = get_gpt_decoder_block_spec(tconfig, use_transformer_engine=te,
                                           normalization=cfg.model.normalization,
-                                          pp_rank=layout.pp_rank)
+                                          vp_stage=vp_stage, pp_rank=layout.pp_rank)
         if cfg.parallel.sequence_parallel and not te:  # torch norms marked for SP
-            spec = sequence_parallel_spec(spec, tconfig, layout.pp_rank)
+            spec = sequence_parallel_spec(spec, tconfig, layout.pp_rank, vp_stage)
         return spec
     if uses_te_spec(layout):
-        log.info("model: Transformer Engine layer spec")
+        say("model: Transformer Engine layer spec")
         return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=cfg.model.qk_layernorm)
-    if layout.device.type == "cuda":
+    if layout.device.type == "cuda" and announce:
         log.warning("model: Transformer Engine is not importable; using megatron-core's local "
                     "layer spec (slower on GPU: no fused kernels, no fp8)")
     return get_gpt_layer_local_spec(qk_layernorm=cfg.model.qk_layernorm,
@@ -204,7 +217,10 @@ def _decoder_spec(cfg: RunConfig, layout: ParallelLayout, tconfig):
 def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_ddp: bool = True,
                 initialize: bool = True, dtype: torch.dtype | None = None,
                 rope: RopeConfig | None = None):
-    """Build this rank's model chunk(s): a list (one chunk; virtual PP is not used yet).
+    """Build this rank's model chunks: a list of ``layout.vp_size`` chunks (one without a
+    virtual pipeline), in megatron's order: chunk ``c`` of pipeline rank ``r`` holds the
+    global layers of slice ``c * pp + r`` (:func:`chunk_layers`); only chunk 0 of the first
+    rank has the embedding, only the last chunk of the last rank the output layer.
 
     ``rope``: the RoPE to build with, that of the step the model starts from (a stage's
     own ``rope``: ``cfg.resolved.stages.stage_at(step).rope``); default ``model.rope``.
@@ -214,7 +230,6 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_dd
     (``torch.empty``) when every one is overwritten next; ``dtype`` overrides the
     parameter dtype of ``train.precision`` (e.g. bf16 weights on the cpu device)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.models.gpt import GPTModel
 
     if cfg.model.position_embedding != "rope":
         if rope is not None:
@@ -227,24 +242,10 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_dd
     if dtype is not None:
         tconfig.params_dtype = dtype
     padded = padded_vocab_size(vocab_size, cfg.model.make_vocab_size_divisible_by, layout.tp_size)
-    model = GPTModel(
-        config=tconfig,
-        transformer_layer_spec=layer_spec(cfg, layout, tconfig),
-        vocab_size=padded,
-        max_sequence_length=cfg.model.max_seq_length,
-        pre_process=layout.is_first_stage,
-        post_process=layout.is_last_stage,
-        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
-        pg_collection=layout.pg_collection,
-        position_embedding_type="learned_absolute" if rope is None else "rope",
-    )
-    if rope is not None:  # the rotary module of phoenix.model.rope (GPTModel's is replaced)
-        install_rope(model, rope)
-    mask_padded_vocab(model, vocab_size, padded, layout.tp_rank)  # padded ids: logits -inf
-    model.phoenix_rope = rope
-    model.to(layout.device)
+    chunks = [_gpt_chunk(cfg, layout, tconfig, vocab_size, padded, rope, c)
+              for c in range(layout.vp_size)]
     if not wrap_ddp:
-        return [model]
+        return chunks
     overlap_grad_reduce, overlap_param_gather = cfg.parallel.overlap(layout.device.type,
                                                                       layout.dp_size)
     ddp_config = DistributedDataParallelConfig(
@@ -255,6 +256,44 @@ def build_model(cfg: RunConfig, layout: ParallelLayout, vocab_size: int, wrap_dd
         bucket_size=cfg.parallel.bucket_size,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    ddp = DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=model,
-                                  pg_collection=layout.pg_collection)
-    return [ddp]
+    # One DDP (own grad buffer) per chunk, as Megatron-LM wraps them; chunks after the
+    # first keep one bucket each: their reduce already overlaps other chunks' backward.
+    return [DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=c > 0, pg_collection=layout.pg_collection)
+            for c, chunk in enumerate(chunks)]
+
+
+def _gpt_chunk(cfg: RunConfig, layout: ParallelLayout, tconfig, vocab_size: int, padded: int,
+               rope: RopeConfig | None, chunk: int):
+    """Model chunk ``chunk`` (megatron's ``vp_stage``) of this rank: a ``GPTModel`` on
+    ``layout.device`` with phoenix's RoPE and padded-vocabulary mask installed."""
+    from megatron.core.models.gpt import GPTModel
+
+    vp_stage = chunk if layout.vp_size > 1 else None
+    model = GPTModel(
+        config=tconfig,
+        transformer_layer_spec=layer_spec(cfg, layout, tconfig, vp_stage, announce=chunk == 0),
+        vocab_size=padded,
+        max_sequence_length=cfg.model.max_seq_length,
+        pre_process=layout.chunk_is_first(chunk),
+        post_process=layout.chunk_is_last(chunk),
+        share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+        pg_collection=layout.pg_collection,
+        position_embedding_type="learned_absolute" if rope is None else "rope",
+        vp_stage=vp_stage,
+    )
+    if rope is not None:  # the rotary module of phoenix.model.rope (GPTModel's is replaced)
+        install_rope(model, rope)
+    mask_padded_vocab(model, vocab_size, padded, layout.tp_rank)  # padded ids: logits -inf
+    model.phoenix_rope = rope
+    return model.to(layout.device)
+
+
+def chunk_layers(num_layers: int, pp_size: int, vp_size: int, pp_rank: int,
+                 chunk: int) -> range:
+    """Global 0-based layers of model chunk ``chunk`` on pipeline rank ``pp_rank`` (megatron
+    ``get_transformer_layer_offset`` for an even split): slice ``chunk * pp_size + pp_rank``
+    of ``pp_size * vp_size`` equal slices."""
+    per = num_layers // (pp_size * vp_size)
+    start = (chunk * pp_size + pp_rank) * per
+    return range(start, start + per)

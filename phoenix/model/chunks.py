@@ -12,3 +12,14 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     while isinstance(getattr(chunk, "module", None), torch.nn.Module):
         chunk = chunk.module
     return chunk
+
+
+def chunk_iterators(micro_batches: list, num_chunks: int):
+    """The ``data_iterator`` of megatron's ``forward_backward_func`` for a rank with
+    ``num_chunks`` model chunks: one iterator over ``micro_batches`` (one chunk), or one
+    per chunk (a virtual pipeline: every chunk runs every micro-batch, the first chunk
+    reading its tokens and the last its labels), as Megatron-LM's training loop builds
+    them."""
+    if num_chunks == 1:
+        return iter(micro_batches)
+    return [iter(micro_batches) for _ in range(num_chunks)]

@@ -51,9 +51,10 @@ def _replace_norms(node, old):
             _replace_norms(value, old)
 
 
-def sequence_parallel_spec(spec, config, pp_rank: int):
+def sequence_parallel_spec(spec, config, pp_rank: int, vp_stage: int | None = None):
     """A copy of ``spec`` (a layer ModuleSpec or a TransformerBlockSubmodules) as a block
-    spec whose torch norms (final norm included) support sequence parallelism."""
+    spec whose torch norms (final norm included) support sequence parallelism.
+    ``vp_stage``: the model chunk (parallel.virtual_pipeline), None without one."""
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
     from megatron.core.transformer.transformer_block import (
@@ -62,7 +63,7 @@ def sequence_parallel_spec(spec, config, pp_rank: int):
     )
 
     if isinstance(spec, ModuleSpec):  # one layer spec: the block megatron would build
-        n = get_num_layers_to_build(config, pp_rank=pp_rank)
+        n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
         spec = TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=WrappedTorchNorm)
     spec = copy.deepcopy(spec)
     _replace_norms(spec, WrappedTorchNorm)

@@ -51,6 +51,9 @@ routed experts it is not sent to: *active* = total − (E − top_k) experts per
   activation and fc2 inputs), ``moe_act`` the experts' fc2 inputs.
 
   With 1F1B the first stage holds ``min(PP, micro-batches)`` micro-batches at once;
+  interleaved (``virtual_pipeline`` VP chunks per rank, each rank holding every PP-th
+  slice of layers) ``PP (1 + (PP-1)/(PP VP))`` of them (Megatron-LM's interleaved-schedule
+  penalty; see :func:`_in_flight`);
 * logits: the last stage's fp32 vocab-parallel logits, ``4 s b V / TP``.
 
 Not counted: the CUDA context and allocator fragmentation (a few GiB), communication
@@ -170,6 +173,8 @@ class Layout:
 
     tensor: int = 1
     pipeline: int = 1
+    virtual_pipeline: int = 1
+    """Model chunks per pipeline rank (parallel.virtual_pipeline; 1: plain 1F1B)."""
     data: int = 1
     expert: int = 1
     expert_tensor: int | None = None
@@ -264,6 +269,19 @@ def _stage_activations(per_layer: list[float], layout: Layout,
     return len(chunks) * unit_input, max((sum(c) for c in chunks), default=0.0)
 
 
+def _in_flight(pp: int, vp: int, rank: int, micro_batches: int) -> float:
+    """Micro-batches whose activations pipeline rank ``rank`` holds at its peak, in whole
+    stage's worth (a chunk's forward keeps 1/vp of the stage's layers), from megatron-core
+    0.16.1's warm-up counts (``get_pp_rank_microbatches``): ``pp - rank`` forwards
+    (1F1B), or ``2 (pp - rank - 1) + (vp - 1) pp + 1`` chunk forwards (interleaved; at
+    rank 0 that is ``pp (1 + (pp-1)/(pp vp))``, Megatron-LM's "interleaved schedule
+    memory penalty"); never more than the step's ``micro_batches``."""
+    if vp == 1:
+        return min(pp - rank, micro_batches)
+    chunk_forwards = 2 * (pp - rank - 1) + (vp - 1) * pp + 1
+    return min(chunk_forwards, micro_batches * vp) / vp
+
+
 def memory_estimate(model_cfg, padded_vocab: int, layout: Layout) -> MemoryEstimate:
     """Memory of the most loaded GPU of ``layout`` training ``model_cfg``."""
     count = parameter_count(model_cfg, padded_vocab)
@@ -275,10 +293,14 @@ def memory_estimate(model_cfg, padded_vocab: int, layout: Layout) -> MemoryEstim
     optim_bytes = 8 if layout.precision == "fp32" else 12
     expert_dp = max(t * layout.data // (ep * etp), 1)
 
+    vp = layout.virtual_pipeline
+
     def stage(first: bool, last: bool) -> tuple[float, float, float]:
         """(dense params, expert params, activation bytes of one micro-batch)."""
-        lo = 0 if first else (pp - 1) * per_stage
-        layers = range(lo, lo + per_stage)
+        # Under a virtual pipeline, pipeline rank r holds slices c * pp + r of pp * vp.
+        per_chunk = per_stage // vp
+        rank = 0 if first else pp - 1
+        layers = [(c * pp + rank) * per_chunk + i for c in range(vp) for i in range(per_chunk)]
         dense = sum((count.layers[i].attention + count.layers[i].mlp) / t
                     + count.layers[i].norms for i in layers)
         experts = sum(count.layers[i].experts for i in layers) / (ep * etp)
@@ -286,9 +308,11 @@ def memory_estimate(model_cfg, padded_vocab: int, layout: Layout) -> MemoryEstim
             dense += count.embedding / t
         if last:
             dense += count.final_norm + (count.output or (count.embedding if pp > 1 else 0)) / t
-        acts, peak = _stage_activations(
-            [_layer_activations(model_cfg, layout, pattern[i]) for i in layers], layout,
-            model_cfg.hidden_size)
+        # Full recompute counts its units per model chunk (each chunk is its own block).
+        per_layer = [_layer_activations(model_cfg, layout, pattern[i]) for i in layers]
+        parts = [_stage_activations(per_layer[c * per_chunk:(c + 1) * per_chunk], layout,
+                                    model_cfg.hidden_size) for c in range(vp)]
+        acts, peak = sum(kept for kept, _ in parts), max(p for _, p in parts)
         if layout.dense_mask:  # per micro-batch, shared by the layers: the bool mask and
             # sdpa's additive float mask
             additive = 0 if layout.attention != "sdpa" else 4 if layout.precision == "fp32" else 2
@@ -296,9 +320,10 @@ def memory_estimate(model_cfg, padded_vocab: int, layout: Layout) -> MemoryEstim
         return dense, experts, acts, peak
 
     # (first stage, last stage, micro-batches in flight): 1F1B fills the first stage most.
-    candidates = [(True, pp == 1, min(pp, layout.num_micro_batches))]
+    m = layout.num_micro_batches
+    candidates = [(True, pp == 1, _in_flight(pp, vp, 0, m))]
     if pp > 1:
-        candidates.append((False, True, 1))
+        candidates.append((False, True, _in_flight(pp, vp, pp - 1, m)))
     best = None
     for first, last, in_flight in candidates:
         dense, experts, acts, peak = stage(first, last)

@@ -67,6 +67,8 @@ class ParallelLayout:
     dp_cp_group: dist.ProcessGroup
     cp_group: dist.ProcessGroup | None = None
     ep_group: dist.ProcessGroup | None = None
+    vp_size: int = 1
+    """Model chunks per pipeline rank (``parallel.virtual_pipeline``; 1: no interleaving)."""
 
     @property
     def dp_cp_size(self) -> int:
@@ -95,8 +97,18 @@ class ParallelLayout:
 
     def describe(self) -> str:
         ep = dist.get_world_size(self.ep_group) if self.ep_group is not None else 1
-        return (f"world={self.world_size} tp={self.tp_size} pp={self.pp_size} dp={self.dp_size} "
+        return (f"world={self.world_size} tp={self.tp_size} pp={self.pp_size} "
+                + (f"vp={self.vp_size} " if self.vp_size > 1 else "") + f"dp={self.dp_size} "
                 + (f"ep={ep} " if ep > 1 else "") + f"device={self.device.type}")
+
+    def chunk_is_first(self, vp_stage: int) -> bool:
+        """Whether model chunk ``vp_stage`` of this rank holds the embedding (megatron's
+        ``is_pipeline_first_stage(ignore_virtual=False, vp_stage=...)``)."""
+        return self.is_first_stage and vp_stage == 0
+
+    def chunk_is_last(self, vp_stage: int) -> bool:
+        """Whether model chunk ``vp_stage`` of this rank holds the output layer and loss."""
+        return self.is_last_stage and vp_stage == self.vp_size - 1
 
 
 def _init_process_group(device: str, timeout_minutes: int) -> None:
@@ -202,6 +214,7 @@ def init_runtime(cfg: RunConfig) -> ParallelLayout:
         ps.initialize_model_parallel(
             tensor_model_parallel_size=cfg.parallel.tensor,
             pipeline_model_parallel_size=cfg.parallel.pipeline,
+            virtual_pipeline_model_parallel_size=cfg.parallel.virtual_pipeline,
             context_parallel_size=cfg.parallel.context,
             expert_model_parallel_size=cfg.parallel.expert,
             expert_tensor_parallel_size=cfg.parallel.expert_tensor,  # None: = tensor
@@ -226,6 +239,7 @@ def init_runtime(cfg: RunConfig) -> ParallelLayout:
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         cp_group=ps.get_context_parallel_group(check_initialized=False),
         ep_group=ps.get_expert_model_parallel_group(check_initialized=False),
+        vp_size=cfg.parallel.chunks,
     )
     seed_everything(cfg.train.seed, layout.pp_rank)
     if cfg.parallel.tp_comm_overlap:  # CUDA with TE only (check_capabilities)

@@ -40,7 +40,7 @@ def describe(cfg, world_size: int, vocab_size: int) -> dict:
     te_spec = attention == "te" or cfg.runtime.device == "cuda" and te_available()
     dense_mask = cfg.data.document_mask and not te_spec
     layout = Layout(
-        tensor=p.tensor, pipeline=p.pipeline, data=dp * p.context,
+        tensor=p.tensor, pipeline=p.pipeline, virtual_pipeline=p.chunks, data=dp * p.context,
         expert=getattr(p, "expert", 1), expert_tensor=getattr(p, "expert_tensor", None),
         sequence_parallel=p.sequence_parallel, distributed_optimizer=p.use_distributed_optimizer,
         precision=cfg.train.precision, micro_batch_size=cfg.train.micro_batch_size,
@@ -56,6 +56,8 @@ def describe(cfg, world_size: int, vocab_size: int) -> dict:
         "vocab": {"size": vocab_size, "padded": padded},
         "flops_per_token": model_flops_per_token(m, stage.seq_length, padded),
         "layout": {"world_size": world_size, "tensor": p.tensor, "pipeline": p.pipeline,
+                   "virtual_pipeline": p.chunks,
+                   "pipeline_layers": pipeline_layers(m.num_layers, p.pipeline, p.chunks),
                    "context": p.context, "data": dp, "expert": layout.expert,
                    "micro_batch_size": layout.micro_batch_size,
                    "micro_batches": layout.num_micro_batches, "seq_length": stage.seq_length,
@@ -70,6 +72,33 @@ def describe(cfg, world_size: int, vocab_size: int) -> dict:
                          "activations_per_micro_batch": mem.activations_per_micro_batch,
                          "logits": mem.logits, "total": mem.total, "params_on_gpu": mem.params},
     }
+
+
+def pipeline_layers(num_layers: int, pp: int, vp: int) -> list[list[list[int]]]:
+    """Global 0-based layers of each pipeline rank's model chunks: ``[rank][chunk]`` ->
+    layers (one chunk per rank without a virtual pipeline)."""
+    from phoenix.model.builder import chunk_layers
+
+    return [[list(chunk_layers(num_layers, pp, vp, r, c)) for c in range(vp)] for r in range(pp)]
+
+
+def _fmt_layers(layers: list[int]) -> str:
+    return str(layers[0]) if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+
+
+def _pipeline_line(lay: dict) -> list[str]:
+    """``pipeline: rank 0 layers 0-3 | ...``; with a virtual pipeline each rank's chunks."""
+    ranks = lay.get("pipeline_layers") or []
+    if len(ranks) < 2:
+        return []
+    vp = lay.get("virtual_pipeline", 1)
+    head = (f"pipeline: {len(ranks)} stages x {vp} chunks (interleaved 1F1B), global layers"
+            if vp > 1 else f"pipeline: {len(ranks)} stages, global layers")
+    parts = [f"rank {r}: " + ", ".join(_fmt_layers(c) for c in chunks)
+             for r, chunks in enumerate(ranks)]
+    if len(parts) > 8:  # a long pipeline: its first and last ranks tell the pattern
+        parts = parts[:4] + ["..."] + parts[-2:]
+    return [head + " " + " | ".join(parts)]
 
 
 def _recompute_label(rc) -> str:
@@ -96,11 +125,14 @@ def format_description(d: dict) -> str:
         f"vocab: {d['vocab']['size']} -> {d['vocab']['padded']} padded",
         f"FLOPs per token (train, fwd+bwd, seq {lay['seq_length']}; attention over the full "
         f"s x s, whatever the kernel): {d['flops_per_token']:.3e}",
-        f"layout: {lay['world_size']} GPUs = TP {lay['tensor']} x PP {lay['pipeline']} x CP "
+        f"layout: {lay['world_size']} GPUs = TP {lay['tensor']} x PP {lay['pipeline']}"
+        + (f" (VP {lay['virtual_pipeline']})" if lay.get("virtual_pipeline", 1) > 1 else "")
+        + f" x CP "
         f"{lay['context']} x DP {lay['data']} (EP {lay['expert']}); micro-batch "
         f"{lay['micro_batch_size']} x {lay['micro_batches']} per step; stage '{lay['stage']}'; "
         f"{lay['precision']}; attention {lay['attention']}" + _auto_note(lay)
         + ("; dense document mask" if lay["dense_document_mask"] else ""),
+        *_pipeline_line(lay),
         "memory of the most loaded GPU (estimate; + CUDA context and fragmentation):",
         f"  weights      {gib['weights']}   ({_fmt_count(mem['params_on_gpu'])} parameters)",
         f"  gradients    {gib['gradients']}   (fp32 buffer)",

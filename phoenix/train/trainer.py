@@ -24,7 +24,7 @@ from phoenix.data.loader import GlobalBatchLoader
 from phoenix.data.data_resume import DataResume, DataState, rebase
 from phoenix.data.plan_cache import build_source
 from phoenix.io import atomic_write_text
-from phoenix.model import build_model, current_rope, install_rope, unwrap
+from phoenix.model import build_model, chunk_iterators, current_rope, install_rope, unwrap
 from phoenix.model.builder import uses_te_spec
 from phoenix.monitor.base import Callback, MetricsCollector, StepMetrics, sort_callbacks
 from phoenix.optim import build_optimizer, build_scheduler
@@ -165,17 +165,25 @@ class Trainer:
         self.loader.load_state_dict({"step": self.state.step})
 
     def _wire_megatron_hooks(self) -> None:
+        """Give megatron's schedule the DDP hooks of every model chunk: one callable with a
+        single chunk, a list (one per chunk, in chunk order) with a virtual pipeline, as
+        the interleaved schedule calls ``grad_sync_func[c]`` / ``param_sync_func[c]`` as
+        chunk ``c`` finishes its backward / is about to start its forward."""
         from megatron.core.distributed import finalize_model_grads
 
-        config = self.model[0].config
+        def per_chunk(name):
+            funcs = [getattr(chunk, name) for chunk in self.model]
+            return funcs[0] if len(funcs) == 1 else funcs
+
+        config = self.model[0].config  # one TransformerConfig, shared by every chunk
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
-        config.no_sync_func = self.model[0].no_sync
+        config.no_sync_func = per_chunk("no_sync")
         ddp = self.model[0].ddp_config
         if ddp.overlap_grad_reduce:  # the last micro-batch's backward starts each chunk's reduce
-            config.grad_sync_func = self.model[0].start_grad_sync
+            config.grad_sync_func = per_chunk("start_grad_sync")
         if ddp.overlap_param_gather and ddp.align_param_gather:  # the schedule starts the gathers
-            config.param_sync_func = self.model[0].start_param_sync
+            config.param_sync_func = per_chunk("start_param_sync")
 
     @property
     def gpt_models(self) -> list:
@@ -278,7 +286,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = self._forward_backward(
-            forward_step_func=self.forward_step, data_iterator=iter(micro_batches),
+            forward_step_func=self.forward_step, data_iterator=chunk_iterators(micro_batches,
+                                                                               len(self.model)),
             model=self.model, num_microbatches=len(micro_batches),
             seq_length=stage.seq_length, micro_batch_size=cfg.train.micro_batch_size,
             forward_only=False)
