@@ -128,9 +128,11 @@ class Trainer:
             cfg, layout.rank, tokenizer, resume=DataResume.from_dict(plan.data_resume),
             changed_from=(plan.old_config, plan.start_step) if plan.data_changed else None)
         if plan.data_changed and layout.rank == 0:
-            log.warning("resume: the data changes from step %s on (an implicit stage boundary "
-                        "that continues every dataset's stream): %s", plan.start_step,
-                        "; ".join(plan.data_changed))
+            log.warning("resume: the data changes from step %s on (an implicit stage boundary: "
+                        "every dataset's stream continues where it stood; one read at a new "
+                        "seq_length first reads the rest of its current epoch, re-cut at that "
+                        "length, so no token of the epoch is read twice or skipped): %s",
+                        plan.start_step, "; ".join(plan.data_changed))
         self.stages = rebase(cfg.resolved.stages, data_resume)
         # Built with the RoPE of the step it starts from (a stage's own rope included).
         self.model = build_model(cfg, layout, vocab_size,
