@@ -121,20 +121,35 @@ def _inside(origin: Optional[tuple], offset: int, n: int) -> Optional[tuple]:
 
 class DataState:
     """The data layer's resumable state in a checkpoint (key ``"data"``): the latest
-    implicit stage boundary of the run (:class:`DataResume`), None when there was none.
+    implicit stage boundary of the run (:class:`DataResume`, None when there was none)
+    and its data history, one entry per earlier boundary, oldest first: ``{"until": the
+    boundary's step, "config": the YAML of the config trained before it, "data_resume":
+    that config's own boundary (a dict) or None}``. With the checkpoint's config they say
+    which plans every step of the run read (``phoenix inspect-batch`` replays them).
 
     Read before any model is built (the plans depend on it), so the checkpointer hands
     the saved value to ``build_source`` from its restore plan; ``load_state_dict`` only
     checks that what the source was built with is what the checkpoint holds."""
 
-    def __init__(self, resume: Optional[DataResume] = None):
+    def __init__(self, resume: Optional[DataResume] = None, history: Optional[list] = None):
         self.resume = resume
+        self.history = list(history or [])
 
     def state_dict(self) -> dict:
-        return {"data_resume": self.resume.to_dict() if self.resume else None}
+        return {"data_resume": self.resume.to_dict() if self.resume else None,
+                "history": self.history}
 
     def load_state_dict(self, state: dict) -> None:
         saved = DataResume.from_dict(state.get("data_resume"))
         if saved is not None and self.resume is None:
             raise ValueError("DataState: the checkpoint has a data boundary the source was not "
                              "built with")
+
+
+def extend_history(saved: Optional[dict], step: int, old_config_yaml: str) -> list:
+    """The data history after a resume at ``step`` that changed the data: the checkpoint's
+    (``saved``: its ``"data"`` state) plus the boundary at ``step``, before which the run
+    trained with ``old_config_yaml`` and the checkpoint's own boundary."""
+    saved = saved or {}
+    return [*saved.get("history", []), {"until": int(step), "config": old_config_yaml,
+                                        "data_resume": saved.get("data_resume")}]

@@ -47,11 +47,13 @@ def run_stage_plans(cfg: RunConfig, get_plan: Callable[[PlanInputs], DataPlan] |
                        index_dir=cache_dir(cfg))
 
 
-def data_change(old: RunConfig, old_resume: Optional[DataResume], step: int) -> DataResume:
+def data_change(old: RunConfig, old_resume: Optional[DataResume], step: int,
+                get_plan: Callable[[PlanInputs], DataPlan] | None = None) -> DataResume:
     """The implicit stage boundary of a resume at ``step`` whose data changed: where the
     old config's plans (as that run had them) left every stream. Rank 0 only (it loads
-    or builds the old plans); raises ValueError when no exact position exists."""
-    plans = run_stage_plans(old, resume=old_resume)
+    or builds the old plans, through ``get_plan`` when given); raises ValueError when no
+    exact position exists."""
+    plans = run_stage_plans(old, get_plan, resume=old_resume)
     table = rebase(old.resolved.stages, old_resume)
     return DataResume(step=step, start_sample=table.samples_before(step),
                       streams=streams_at(plans, step, old_resume))

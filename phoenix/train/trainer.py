@@ -21,7 +21,7 @@ from phoenix.checkpoint import Checkpointer, plan_restore, sweep_unfinished_save
 from phoenix.config import RunConfig, dump_config
 from phoenix.data.documents import DocumentInputs
 from phoenix.data.loader import GlobalBatchLoader
-from phoenix.data.data_resume import DataResume, DataState, rebase
+from phoenix.data.data_resume import DataResume, DataState, extend_history, rebase
 from phoenix.data.plan_cache import build_source
 from phoenix.io import atomic_write_text
 from phoenix.model import build_model, current_rope, install_rope, unwrap
@@ -153,8 +153,14 @@ class Trainer:
         self.cp_group = layout.cp_group if cfg.parallel.context > 1 else None
         self.forward_step = partial(forward_step, packed=uses_te_spec(layout),
                                     cp_group=self.cp_group)
-        # The data layer's own state (its latest implicit stage boundary), under "data".
-        stateful = {"trainer": self, "scheduler": self.scheduler, "data": DataState(data_resume)}
+        # The data layer's own state (its latest implicit stage boundary and the earlier
+        # ones, which inspect-batch replays), under "data".
+        saved = (plan.bundle or {}).get("states", {}).get("data") if plan.kind == "resume" else None
+        history = (saved or {}).get("history", [])
+        if plan.data_changed:  # the config trained before this boundary joins the history
+            history = extend_history(saved, plan.start_step, (plan.path / "config.yaml").read_text())
+        stateful = {"trainer": self, "scheduler": self.scheduler,
+                    "data": DataState(data_resume, history)}
         for cb in self.callbacks:
             key = getattr(cb, "state_key", None)
             if key is not None and hasattr(cb, "state_dict"):
