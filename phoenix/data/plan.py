@@ -54,7 +54,10 @@ computed from the weights as float64, see :func:`phoenix.data.plan_counts.normal
    batch closes and it comes first in the next one. So every fitting group lands whole
    in one batch (always), and while the batch has room (``v * F + S <= F``, ``S`` the
    largest group ``<= ceil(v * B)``; ``prepare`` logs when this may fail)
-   ``-S/2 < C - T_k <= max(S, 1)/2`` after every batch. A larger group starts once
+   ``-S/2 < C - T_k <= max(S, 1)/2`` after every batch, ``v`` being the share as the
+   plan holds it (the quota, a multiple of ``2**-60``): against the written weights'
+   exact share both ends move by up to ``2**-60 * sum F``, so ``-S/2`` itself can be
+   reached (tests/data/test_flex_prefix_edge.py). A larger group starts once
    ``round(T_k - C) >= 1`` and takes ``round(T_k - C)`` samples per batch (at least one
    while ``v * F_k >= 1``: consecutive batches). The flexible datasets are packed first,
    in dataset order; the allocator (step 2) then plans the others on the slots left,
