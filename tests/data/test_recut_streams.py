@@ -20,11 +20,12 @@ from phoenix.testing.tiny import tiny_config_dict
 B = 64
 
 
-def _config(files, out, stages=None, seq=32, steps=60, grouped=False, **data):
+def _config(files, out, stages=None, seq=32, steps=60, grouped=False, web_extra=None, **data):
     d = tiny_config_dict(files, out, train={"global_batch_size": B, "micro_batch_size": 2,
                                             "seed": 3, "steps": steps})
     d["data"]["seq_length"] = seq
-    d["data"]["datasets"] = [{"prefix": files.prefixes["web"], "weight": 0.6, "name": "web"},
+    d["data"]["datasets"] = [{"prefix": files.prefixes["web"], "weight": 0.6, "name": "web",
+                              **(web_extra or {})},
                              {"prefix": files.prefixes["repos"], "weight": 0.4, "name": "repos",
                               **({"group_mode": "batch"} if grouped else {})}]
     d["data"].update(data)
@@ -83,12 +84,15 @@ def assert_epochs_exact(reads: dict, plans) -> None:
     assert checked, "the run should finish the first epoch of some dataset"
 
 
-@pytest.mark.parametrize("grouped", [False, True])
-def test_a_stage_that_changes_seq_length_continues_the_epoch(tiny_data, tmp_path, grouped, caplog):
+@pytest.mark.parametrize("grouped,view", [(False, False), (True, False), (False, True)])
+def test_a_stage_that_changes_seq_length_continues_the_epoch(tiny_data, tmp_path, grouped, view,
+                                                             caplog):
+    # view: web read as its documents of >= 200 tokens (a min_document_tokens view)
     mix = {"web": 0.6, "repos": {"weight": 0.4, **({"group_mode": "batch"} if grouped else {})}}
     stages = [{"name": "short", "steps": 23, "mixture": mix},
               {"name": "long", "steps": 60, "seq_length": 64, "mixture": mix}]
-    cfg = _config(tiny_data, tmp_path, stages=stages, grouped=grouped)
+    cfg = _config(tiny_data, tmp_path, stages=stages, grouped=grouped,
+                  web_extra={"min_document_tokens": 200} if view else {})
     plans = run_stage_plans(cfg)
     (s1, p1), (s2, p2) = plans
     web = p1.names.index("web")
