@@ -41,6 +41,8 @@ class Segment:
     until: Optional[int]
     config: RunConfig
     resume: Optional[DataResume]
+    recut: bool = True
+    """False: planned before re-cut streams continued exactly (see DataState)."""
 
 
 def data_segments(run_dir: str | Path, cfg: RunConfig,
@@ -54,8 +56,10 @@ def data_segments(run_dir: str | Path, cfg: RunConfig,
     states = read_checkpoint_state(latest).get("states", {})
     # format 2 kept the boundary in the trainer's state (no history then)
     data = states.get("data") or {"data_resume": states.get("trainer", {}).get("data_resume")}
+    recut = "stream_recut" in data
     segments = [Segment(int(h["until"]), build_config(yaml.safe_load(h["config"])),
-                        DataResume.from_dict(h["data_resume"])) for h in data.get("history", [])]
+                        DataResume.from_dict(h["data_resume"]), recut)
+                for h in data.get("history", [])]
     step = step_of(latest)
     resume = DataResume.from_dict(data.get("data_resume"))
     try:
@@ -64,10 +68,10 @@ def data_segments(run_dir: str | Path, cfg: RunConfig,
         changed = []
     if changed:
         saved = load_saved_config(latest / "config.yaml")
-        segments.append(Segment(step, saved, resume))
-        segments.append(Segment(None, cfg, data_change(saved, resume, step, get_plan)))
+        segments.append(Segment(step, saved, resume, recut))
+        segments.append(Segment(None, cfg, data_change(saved, resume, step, get_plan, recut), recut))
     else:
-        segments.append(Segment(None, cfg, resume))
+        segments.append(Segment(None, cfg, resume, recut))
     return segments
 
 

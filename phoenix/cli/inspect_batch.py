@@ -134,7 +134,8 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
         tokenizer = load_tokenizer(cfg.tokenizer)
         segment = segment_at(data_segments(run_dir, cfg, get_plan), step - 1)
         paths.clear()
-        plans = run_stage_plans(segment.config, get_plan, resume=segment.resume)
+        plans = run_stage_plans(segment.config, get_plan, resume=segment.resume,
+                                recut=segment.recut)
     except ConfigError as e:
         raise InspectError(f"the run's data history: {e}") from None
     except ValueError as e:

@@ -126,18 +126,26 @@ class DataState:
     boundary's step, "config": the YAML of the config trained before it, "data_resume":
     that config's own boundary (a dict) or None}``. With the checkpoint's config they say
     which plans every step of the run read (``phoenix inspect-batch`` replays them).
+    ``stream_recut: 1`` marks a run planned with exact re-cut continuations
+    (:mod:`phoenix.data.stream_recut`); a checkpoint without it resumes with the plans it
+    began with (``recut=False`` everywhere), so a running job's data never changes.
 
     Read before any model is built (the plans depend on it), so the checkpointer hands
     the saved value to ``build_source`` from its restore plan; ``load_state_dict`` only
     checks that what the source was built with is what the checkpoint holds."""
 
-    def __init__(self, resume: Optional[DataResume] = None, history: Optional[list] = None):
+    def __init__(self, resume: Optional[DataResume] = None, history: Optional[list] = None,
+                 recut: bool = True):
         self.resume = resume
         self.history = list(history or [])
+        self.recut = recut
 
     def state_dict(self) -> dict:
-        return {"data_resume": self.resume.to_dict() if self.resume else None,
-                "history": self.history}
+        state = {"data_resume": self.resume.to_dict() if self.resume else None,
+                 "history": self.history}
+        if self.recut:  # absent: a run begun before re-cut streams continued exactly
+            state["stream_recut"] = 1
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         saved = DataResume.from_dict(state.get("data_resume"))

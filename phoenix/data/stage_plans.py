@@ -66,8 +66,8 @@ class StreamTracker:
     :func:`phoenix.data.stream_recut.continuation` rebuilds the remainder)."""
 
     def __init__(self, names: list[str], seed: int,
-                 index_of: Callable[[int, StreamKey], SampleIndex]):
-        self.names, self.seed, self.index_of = names, seed, index_of
+                 index_of: Callable[[int, StreamKey], SampleIndex], recut: bool = True):
+        self.names, self.seed, self.index_of, self.recut = names, seed, index_of, recut
         self.offsets: dict[tuple[int, StreamKey], int] = {}
         self.cursor: dict[int, Cursor] = {}
         self.origin: dict[int, Optional[Cursor]] = {}
@@ -90,7 +90,7 @@ class StreamTracker:
             _, head, continued = continuation(self.index_of(d, origin[:2]), origin, index,
                                               key[1], packed, self.seed, name)
             return offset, head, continued, origin
-        exact = None if origin is not None else continuation(
+        exact = None if origin is not None or not self.recut else continuation(
             self.index_of(d, (seq, grouped)), self.cursor[d], index, key[1], packed, self.seed, name)
         if exact is not None:
             start, head, continued = exact
@@ -103,7 +103,7 @@ class StreamTracker:
         why = ("it is re-cut a second time inside the same epoch" if origin is not None else
                "a grouped stream stopped inside a group, a change of grouping, or pack_groups "
                "with a new seq_length has no exact continuation")
-        if strict:
+        if strict and self.recut:
             raise ValueError(f"dataset '{name}' would be read with (seq_length, grouped) {key} "
                              f"instead of {(seq, grouped)} from the middle of its epoch {offset // n} "
                              f"({why}); keep its cut until a stage that begins after the resume "
@@ -129,7 +129,7 @@ def stage_plans(table: StageTable, prefixes: list[str], seed: int,
                 get_plan: Callable[[PlanInputs], DataPlan], resume: Optional[DataResume] = None,
                 min_document_tokens: Optional[list[int]] = None,
                 pack_groups: Optional[list[int]] = None,
-                index_dir: Optional[Path] = None,
+                index_dir: Optional[Path] = None, recut: bool = True,
                 ) -> list[tuple[StagePlanInputs, DataPlan]]:
     """Build (or load, through ``get_plan``) every stage's plan in order; each stage's
     start offsets come from the plans before it, or from ``resume`` (where the streams
@@ -140,7 +140,10 @@ def stage_plans(table: StageTable, prefixes: list[str], seed: int,
     ``min_document_tokens``: per dataset, the document-length view it reads (0: all).
     ``pack_groups``: per dataset, group packing's unit size when it is read grouped (0: off).
     ``index_dir``: where the sample indices are cached and memory-mapped from
-    (:mod:`phoenix.data.sample_cache`); None builds them in memory."""
+    (:mod:`phoenix.data.sample_cache`); None builds them in memory.
+    ``recut=False``: every change of cut starts at the same fraction of an epoch, as
+    before exact continuations existed: a run whose checkpoint predates them
+    (:class:`phoenix.data.data_resume.DataState`) resumes with the plans it began."""
     min_document_tokens = min_document_tokens or [0] * len(prefixes)
     pack_groups = pack_groups or [0] * len(prefixes)
     names = table.dataset_names
@@ -154,7 +157,7 @@ def stage_plans(table: StageTable, prefixes: list[str], seed: int,
                 pack_groups=pack_groups[d])
         return index_cache[(d, key)]
 
-    tracker = StreamTracker(names, seed, index_of)
+    tracker = StreamTracker(names, seed, index_of, recut)
     for name, (seq, grouped, offset, n, origin) in (resume.streams if resume else {}).items():
         if name in names:
             tracker.finish(names.index(name), (seq, grouped), n, offset, origin)

@@ -124,9 +124,12 @@ class Trainer:
 
         # The data plan first: its input errors must stop the run before a model is built.
         plan = self.restore_plan
+        saved = (plan.bundle or {}).get("states", {}).get("data") if plan.kind == "resume" else None
+        recut = saved is None or "stream_recut" in saved  # else: planned before exact re-cuts
         source, data_resume = build_source(
             cfg, layout.rank, tokenizer, resume=DataResume.from_dict(plan.data_resume),
-            changed_from=(plan.old_config, plan.start_step) if plan.data_changed else None)
+            changed_from=(plan.old_config, plan.start_step) if plan.data_changed else None,
+            recut=recut)
         if plan.data_changed and layout.rank == 0:
             log.warning("resume: the data changes from step %s on (an implicit stage boundary: "
                         "every dataset's stream continues where it stood; one read at a new "
@@ -155,12 +158,11 @@ class Trainer:
                                     cp_group=self.cp_group)
         # The data layer's own state (its latest implicit stage boundary and the earlier
         # ones, which inspect-batch replays), under "data".
-        saved = (plan.bundle or {}).get("states", {}).get("data") if plan.kind == "resume" else None
         history = (saved or {}).get("history", [])
         if plan.data_changed:  # the config trained before this boundary joins the history
             history = extend_history(saved, plan.start_step, (plan.path / "config.yaml").read_text())
         stateful = {"trainer": self, "scheduler": self.scheduler,
-                    "data": DataState(data_resume, history)}
+                    "data": DataState(data_resume, history, recut)}
         for cb in self.callbacks:
             key = getattr(cb, "state_key", None)
             if key is not None and hasattr(cb, "state_dict"):

@@ -125,3 +125,19 @@ def test_a_resume_without_exact_continuation_is_refused(tiny_data, tmp_path):
     with pytest.raises(ValueError, match=r"dataset 'repos' would be read with \(seq_length, "
                                          r"grouped\) \(32, True\) instead of \(32, False\)"):
         run_stage_plans(new, resume=data_change(old, None, 17))
+
+
+def test_a_run_planned_before_exact_recuts_keeps_its_plans(tiny_data, tmp_path, caplog):
+    """A checkpoint without DataState's ``stream_recut`` mark was planned with the old
+    rule (the new cut starts at the same fraction of an epoch): its resumes rebuild that."""
+    from phoenix.data.data_resume import DataState
+
+    stages = [{"name": "short", "steps": 23, "mixture": {"web": 0.6, "repos": 0.4}},
+              {"name": "long", "steps": 20, "seq_length": 64, "mixture": {"web": 0.6, "repos": 0.4}}]
+    cfg = _config(tiny_data, tmp_path, stages=stages)
+    (s1, p1), (s2, p2) = run_stage_plans(cfg, recut=False)
+    n32, n64 = len(s1.indices[0]), len(s2.indices[0])
+    assert p2.start_offsets[0] == -(-int(p1.end_offsets[0]) * n64 // n32)
+    assert s2.origins[0] is None and "may be read twice" in caplog.text
+    assert "stream_recut" in DataState().state_dict()
+    assert "stream_recut" not in DataState(recut=False).state_dict()
