@@ -24,9 +24,12 @@ The table (also in the README, "Resuming and changing a run"):
 * **The data of a stage that has begun** (its mixture, bursts, groups, batch size,
   sequence length or length): honoured from the resume step as an implicit stage
   boundary that continues every dataset's stream where the run had left it
-  (phoenix.data.data_resume). Refused where no exact continuation exists: a whole-group
-  dataset read mid-stage, a step inside a mixture warmup (both reported when the data is
-  planned), ``train.seed``, a dataset's prefix or name, ``data.sampler``, a begun stage
+  (phoenix.data.data_resume); a dataset read at a new ``seq_length`` first reads the rest
+  of its current epoch re-cut at that length (phoenix.data.stream_recut). Refused where
+  no exact continuation exists: a whole-group dataset read mid-stage, a step inside a
+  mixture warmup, a change of a dataset's cut in mid-epoch that cannot be continued (a
+  change of grouping, ``pack_groups`` with a new length, a grouped stream stopped inside
+  a group, a second re-cut inside one epoch) (these reported when the data is planned), ``train.seed``, a dataset's prefix or name, ``data.sampler``, a begun stage
   moved or removed. Stages that begin after the resume step may change freely.
 * **RoPE** (``model.rope``, the stages' ``rope``): honoured from the resume step (a
   context-extension step; RoPE frequencies are not part of the weights), logged and

@@ -13,7 +13,10 @@ characters (0: whole text); a token id outside the tokenizer's vocabulary shows 
 ``<|bad id N|>``. ``--json`` prints one JSON object per sample instead.
 
 Needs no GPU and no torch.distributed: the run's resolved ``RUN_DIR/config.yaml`` gives
-the datasets, tokenizer, seq_length, global batch size, steps and seed; the sample
+the datasets, tokenizer, seq_length, global batch size, steps and seed, and where the run
+was resumed with other data, the latest checkpoint's data history gives the config and
+boundary each step was read with (:mod:`phoenix.cli.data_history`), so every step shows
+what the run trained on, before and after such a resume; the sample
 indices are rebuilt from the ``.bin/.idx`` files and the plan is loaded from the data
 cache (``data.cache_dir``, else ``RUN_DIR/data_cache``, else the cache under the
 config's ``output_dir``). If no cached plan exists it is rebuilt in memory (the plan is a
@@ -104,6 +107,7 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
         raise InspectError(f"step {step} is not in [1, {cfg.train.steps}] (train.steps of this run; "
                            f"STEP is the 1-based optimizer step)")
 
+    from phoenix.cli.data_history import data_segments, segment_at
     from phoenix.data.plan import build_plan
     from phoenix.data.plan_cache import cache_dir, run_stage_plans
     from phoenix.data.plan_source import load_or_build_plan
@@ -130,7 +134,12 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
 
     try:
         tokenizer = load_tokenizer(cfg.tokenizer)
-        plans = run_stage_plans(cfg, get_plan)
+        segment = segment_at(data_segments(run_dir, cfg, get_plan), step - 1)
+        paths.clear()
+        plans = run_stage_plans(segment.config, get_plan, resume=segment.resume,
+                                recut=segment.recut)
+    except ConfigError as e:
+        raise InspectError(f"the run's data history: {e}") from None
     except ValueError as e:
         raise InspectError(f"data plan: {e}") from None
     except (DataError, OSError, RuntimeError) as e:
@@ -157,6 +166,7 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
         })
     return {"step": step, "batch": k, "num_batches": plan.num_batches, "counts": counts,
             "stage": spi.stage.name,
+            "data_resumed_at": segment.resume.step if segment.resume is not None else None,
             "plan_path": str(plan_path) if plan_path else None, "samples": samples}
 
 
@@ -191,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({**s, "step": info["step"], "text": cut(s["text"])}, ensure_ascii=False))
         return 0
     counts = ", ".join(f"{name} {n}" for name, n in info["counts"].items())
+    resumed = info["data_resumed_at"]
     print(f"step {info['step']} = plan batch {info['batch']} of {info['num_batches']} "
-          f"({counts}); plan {info['plan_path'] or '(rebuilt in memory)'}")
+          f"({counts}); plan {info['plan_path'] or '(rebuilt in memory)'}"
+          + (f"; data as resumed at step {resumed}" if resumed is not None else ""))
     for s in info["samples"]:
         docs = s["document_ids"]
         doc_text = str(docs[0]) if len(docs) == 1 else f"{docs[0]}-{docs[-1]}"

@@ -34,20 +34,32 @@ class DataResume:
     step: int
     start_sample: int
     """Samples consumed by steps ``[0, step)``."""
-    streams: dict[str, tuple[int, bool, int, int]]
-    """Dataset name -> (seq_length, grouped, stream position, samples in its index)."""
+    streams: dict[str, tuple]
+    """Dataset name -> (seq_length, grouped, stream position, samples per epoch, origin):
+    ``origin`` is None, or, while the stream reads the remainder of an epoch re-cut in
+    mid-epoch, the old cut's ``(seq_length, grouped, position, samples)`` at the re-cut
+    (the remainder is rebuilt from it, :mod:`phoenix.data.stream_recut`)."""
 
     def to_dict(self) -> dict:
         return {"step": self.step, "start_sample": self.start_sample,
-                "streams": {k: list(v) for k, v in self.streams.items()}}
+                "streams": {k: [*v[:4], None if v[4] is None else list(v[4])]
+                            for k, v in self.streams.items()}}
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> Optional["DataResume"]:
         if not d:
             return None
         return cls(step=int(d["step"]), start_sample=int(d["start_sample"]),
-                   streams={k: (int(a), bool(b), int(c), int(n))
-                            for k, (a, b, c, n) in d["streams"].items()})
+                   streams={k: _stream(v) for k, v in d["streams"].items()})
+
+
+def _stream(v: list) -> tuple:
+    """A stored stream entry (4 fields before re-cuts were continued: no origin)."""
+    a, b, c, n = v[:4]
+    origin = v[4] if len(v) > 4 else None
+    if origin is not None:
+        origin = (int(origin[0]), bool(origin[1]), int(origin[2]), int(origin[3]))
+    return int(a), bool(b), int(c), int(n), origin
 
 
 def rebase(table: StageTable, resume: Optional[DataResume]) -> StageTable:
@@ -72,7 +84,7 @@ def rebase(table: StageTable, resume: Optional[DataResume]) -> StageTable:
 
 
 def streams_at(plans: list, step: int, start: Optional[DataResume] = None,
-               ) -> dict[str, tuple[int, bool, int, int]]:
+               ) -> dict[str, tuple]:
     """Every dataset's stream position after ``step`` steps of a run whose (rebased) stage
     plans are ``plans`` (``(StagePlanInputs, DataPlan)`` pairs in order) and whose earlier
     boundary is ``start``. Raises ValueError for a grouped dataset mid-stage."""
@@ -86,35 +98,66 @@ def streams_at(plans: list, step: int, start: Optional[DataResume] = None,
             if key is None:
                 continue
             name = spi.inputs.datasets[d].name
-            n = len(spi.indices[d])
+            n = int(spi.inputs.datasets[d].num_samples)
+            origin = spi.origins[d] if spi.origins else None
             if inside >= stage.steps:
-                streams[name] = (key[0], key[1], int(plan.end_offsets[d]), n)
+                streams[name] = (key[0], key[1], int(plan.end_offsets[d]), n,
+                                 _inside(origin, int(plan.end_offsets[d]), n))
                 continue
             if key[1] and plan.counts[:inside, d].any():
                 raise ValueError(f"dataset '{name}' is read whole-group in stage '{stage.name}'; its "
                                  f"stream has no single position at step {step} (mid-stage): "
                                  f"change the data at a stage boundary")
             offset = int(spi.inputs.start_offsets[d]) + int(np.sum(plan.counts[:inside, d], dtype=np.int64))
-            streams[name] = (key[0], key[1], offset, n)
+            streams[name] = (key[0], key[1], offset, n, _inside(origin, offset, n))
     return streams
+
+
+def _inside(origin: Optional[tuple], offset: int, n: int) -> Optional[tuple]:
+    """``origin`` while ``offset`` (of a stream of ``n`` samples per epoch) is still in
+    the epoch it re-cut, else None."""
+    return origin if origin is not None and offset < (origin[2] // origin[3] + 1) * n else None
 
 
 class DataState:
     """The data layer's resumable state in a checkpoint (key ``"data"``): the latest
-    implicit stage boundary of the run (:class:`DataResume`), None when there was none.
+    implicit stage boundary of the run (:class:`DataResume`, None when there was none)
+    and its data history, one entry per earlier boundary, oldest first: ``{"until": the
+    boundary's step, "config": the YAML of the config trained before it, "data_resume":
+    that config's own boundary (a dict) or None}``. With the checkpoint's config they say
+    which plans every step of the run read (``phoenix inspect-batch`` replays them).
+    ``stream_recut: 1`` marks a run planned with exact re-cut continuations
+    (:mod:`phoenix.data.stream_recut`); a checkpoint without it resumes with the plans it
+    began with (``recut=False`` everywhere), so a running job's data never changes.
 
     Read before any model is built (the plans depend on it), so the checkpointer hands
     the saved value to ``build_source`` from its restore plan; ``load_state_dict`` only
     checks that what the source was built with is what the checkpoint holds."""
 
-    def __init__(self, resume: Optional[DataResume] = None):
+    def __init__(self, resume: Optional[DataResume] = None, history: Optional[list] = None,
+                 recut: bool = True):
         self.resume = resume
+        self.history = list(history or [])
+        self.recut = recut
 
     def state_dict(self) -> dict:
-        return {"data_resume": self.resume.to_dict() if self.resume else None}
+        state = {"data_resume": self.resume.to_dict() if self.resume else None,
+                 "history": self.history}
+        if self.recut:  # absent: a run begun before re-cut streams continued exactly
+            state["stream_recut"] = 1
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         saved = DataResume.from_dict(state.get("data_resume"))
         if saved is not None and self.resume is None:
             raise ValueError("DataState: the checkpoint has a data boundary the source was not "
                              "built with")
+
+
+def extend_history(saved: Optional[dict], step: int, old_config_yaml: str) -> list:
+    """The data history after a resume at ``step`` that changed the data: the checkpoint's
+    (``saved``: its ``"data"`` state) plus the boundary at ``step``, before which the run
+    trained with ``old_config_yaml`` and the checkpoint's own boundary."""
+    saved = saved or {}
+    return [*saved.get("history", []), {"until": int(step), "config": old_config_yaml,
+                                        "data_resume": saved.get("data_resume")}]

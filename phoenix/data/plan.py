@@ -54,7 +54,10 @@ computed from the weights as float64, see :func:`phoenix.data.plan_counts.normal
    batch closes and it comes first in the next one. So every fitting group lands whole
    in one batch (always), and while the batch has room (``v * F + S <= F``, ``S`` the
    largest group ``<= ceil(v * B)``; ``prepare`` logs when this may fail)
-   ``-S/2 < C - T_k <= max(S, 1)/2`` after every batch. A larger group starts once
+   ``-S/2 < C - T_k <= max(S, 1)/2`` after every batch, ``v`` being the share as the
+   plan holds it (the quota, a multiple of ``2**-60``): against the written weights'
+   exact share both ends move by up to ``2**-60 * sum F``, so ``-S/2`` itself can be
+   reached (tests/data/test_flex_prefix_edge.py). A larger group starts once
    ``round(T_k - C) >= 1`` and takes ``round(T_k - C)`` samples per batch (at least one
    while ``v * F_k >= 1``: consecutive batches). The flexible datasets are packed first,
    in dataset order; the allocator (step 2) then plans the others on the slots left,
@@ -99,6 +102,7 @@ from phoenix.data.native import plan_cpp
 from phoenix.data.plan_checks import check_inputs
 from phoenix.data.plan_counts import Q_BITS, shares
 from phoenix.data.plan_groups import check_groups, digest_of_starts, groups_digest
+from phoenix.data.stream_recut import apply_head, dataset_key
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +154,10 @@ class PlanInputs:
     """(K0, D) per-batch counts for the first ``K0 <= K`` batches, given by the caller
     (a mixture warmup: see :func:`phoenix.data.plan_counts.mixture_warmup_counts`); each row
     sums to ``B``. The allocator plans the remaining batches from the weights, bursts starting at K0."""
+    heads: list | None = None
+    """Per dataset, None or the :class:`phoenix.data.stream_recut.StreamHead` of a stream
+    re-cut in mid-epoch: the plan then gives that epoch's positions the remainder's ids
+    (``num_samples + r``, see :func:`phoenix.data.stream_recut.apply_head`)."""
 
 
 @dataclass
@@ -254,7 +262,7 @@ def prepare(inputs: PlanInputs, *, horizon: int = HORIZON, window: int = GROUP_W
     group_starts = check_groups(ds, mix, K, fixed)
     start = list(inputs.start_offsets) if inputs.start_offsets is not None else [0] * len(ds)
     names = [d.name for d in ds]
-    keys = [int.from_bytes(hashlib.sha256(n.encode()).digest()[:8], "little") for n in names]
+    keys = [dataset_key(n) for n in names]
     return dict(
         names=names, weights=np.array([float(x) for x in mix.weights]),
         burst=np.array(mix.burst, dtype=bool),
@@ -289,6 +297,8 @@ def _fingerprint(inputs: PlanInputs, digests: list, horizon: int, window: int) -
                num_batches=int(inputs.num_batches), seed=int(inputs.seed),
                start_offsets=None if inputs.start_offsets is None else [int(s) for s in inputs.start_offsets],
                interleave=bool(inputs.interleave))
+    if inputs.heads is not None and any(h is not None for h in inputs.heads):
+        doc["heads"] = [None if h is None else [int(h.epoch), int(h.count)] for h in inputs.heads]
     if inputs.fixed_counts is not None and len(inputs.fixed_counts):
         doc["fixed_counts"] = hashlib.sha256(np.ascontiguousarray(inputs.fixed_counts, dtype="<i4")
                                              .tobytes()).hexdigest()
@@ -317,6 +327,10 @@ def build_plan(inputs: PlanInputs, *, threads: int | None = None, horizon: int =
     if out["allocator"] != "pd2":
         log.info("data plan: PD^2 could not keep per-batch counts within 1 of the target with "
                  "these bursts; used the EDF allocator (prefix bound kept, per-batch within 2)")
+    for d, head in enumerate(inputs.heads or []):
+        if head is not None:  # a stream re-cut in mid-epoch reads its remainder first
+            apply_head(out["dataset_ids"], out["sample_ids"], d, int(prep["num_samples"][d]),
+                       head, int(prep["start"][d]), int(prep["seed"]), prep["names"][d])
     digests = [None if st is None else digest_of_starts(st) for st in prep["group_starts"]]
     plan = _to_plan(prep, out, _fingerprint(inputs, digests, horizon, window))
     plan.build_seconds = dict(prepare=t1 - t0, allocate=out["allocate_s"], fill=out["fill_s"],

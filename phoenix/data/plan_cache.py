@@ -73,10 +73,13 @@ def index_cache_dir(cfg: RunConfig) -> Path:
 
 
 def run_stage_plans(cfg: RunConfig, get_plan: Callable[[PlanInputs], DataPlan] | None = None,
-                    resume: Optional[DataResume] = None) -> list[tuple[StagePlanInputs, DataPlan]]:
+                    resume: Optional[DataResume] = None, recut: bool = True,
+                    ) -> list[tuple[StagePlanInputs, DataPlan]]:
     """Every stage's (inputs, plan) in order, from ``resume``'s step when given;
-    ``get_plan`` defaults to load-or-build in the run's cache. Raises ValueError naming
-    the stage and dataset on bad inputs."""
+    ``get_plan`` defaults to load-or-build in the run's cache; ``recut=False``: the
+    streams of a run begun before re-cut streams continued exactly (see
+    :func:`phoenix.data.stage_plans.stage_plans`). Raises ValueError naming the stage and
+    dataset on bad inputs."""
     if get_plan is None:
         def get_plan(inputs):
             return load_or_build_plan(inputs, cache_dir(cfg))[0]
@@ -85,14 +88,17 @@ def run_stage_plans(cfg: RunConfig, get_plan: Callable[[PlanInputs], DataPlan] |
                        cfg.train.seed, get_plan, resume,
                        min_document_tokens=[e.min_document_tokens for e in datasets],
                        pack_groups=[e.pack_groups for e in datasets],
-                       index_dir=index_cache_dir(cfg))
+                       index_dir=index_cache_dir(cfg), recut=recut)
 
 
-def data_change(old: RunConfig, old_resume: Optional[DataResume], step: int) -> DataResume:
+def data_change(old: RunConfig, old_resume: Optional[DataResume], step: int,
+                get_plan: Callable[[PlanInputs], DataPlan] | None = None,
+                recut: bool = True) -> DataResume:
     """The implicit stage boundary of a resume at ``step`` whose data changed: where the
     old config's plans (as that run had them) left every stream. Rank 0 only (it loads
-    or builds the old plans); raises ValueError when no exact position exists."""
-    plans = run_stage_plans(old, resume=old_resume)
+    or builds the old plans, through ``get_plan`` when given); raises ValueError when no
+    exact position exists."""
+    plans = run_stage_plans(old, get_plan, resume=old_resume, recut=recut)
     table = rebase(old.resolved.stages, old_resume)
     return DataResume(step=step, start_sample=table.samples_before(step),
                       streams=streams_at(plans, step, old_resume))
@@ -129,13 +135,14 @@ def plan_builders(views: list[RankView]) -> list[int]:
 
 def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = None,
                  resume: Optional[DataResume] = None,
-                 changed_from: Optional[tuple[RunConfig, int]] = None):
+                 changed_from: Optional[tuple[RunConfig, int]] = None, recut: bool = True):
     """The sample source of the run and its DataResume (None: the plans start at step 0);
     collective (every rank calls it).
 
     ``resume``: the boundary the checkpoint recorded, if any. ``changed_from``: ``(the
     checkpoint's config, the resume step)`` when the resume changes the data: a new
     boundary at that step is computed on rank 0 (see phoenix.data.data_resume).
+    ``recut``: see :func:`run_stage_plans`.
 
     Rank 0 builds every stage's plan into its cache directory; where ``data.cache_dir`` is
     node-local, one rank per other directory then builds its own copy (the plans are
@@ -170,8 +177,8 @@ def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = 
     if rank == 0:
         try:
             if changed_from is not None:
-                resume = data_change(changed_from[0], resume, changed_from[1])
-            plans = run_stage_plans(cfg, resume=resume)
+                resume = data_change(changed_from[0], resume, changed_from[1], recut=recut)
+            plans = run_stage_plans(cfg, resume=resume, recut=recut)
         except ValueError as e:  # the plan's input checks (weights, groups, min_share, ...)
             error = e
     # Every rank learns whether rank 0 could build the plans (and where a data change
@@ -184,7 +191,7 @@ def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = 
         error = None
         if rank in builders[1:]:
             try:
-                plans = run_stage_plans(cfg, resume=resume)
+                plans = run_stage_plans(cfg, resume=resume, recut=recut)
             except ValueError as e:
                 error = str(e)
         errors = [e for e in all_gather(error) if e is not None]
@@ -192,7 +199,7 @@ def build_source(cfg: RunConfig, rank: int, tokenizer, vocab_size: int | None = 
             raise DataError(f"data plan: {errors[0]}")
     if rank not in builders:
         plans = run_stage_plans(cfg, lambda inputs: load_or_build_plan(inputs, directory,
-                                                                       build=False)[0], resume)
+                                                                       build=False)[0], resume, recut)
     return StagedSource(plans, tokenizer.eod_id, vocab_size), resume
 
 

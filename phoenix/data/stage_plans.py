@@ -4,10 +4,14 @@ A dataset's *stream* is its epoch-permuted sample order for one sample index, i.
 one ``(seq_length, grouped)`` pair: samples of a different length, or cut at group
 boundaries, are different samples. Between stages that read a dataset with the same
 pair, the next stage starts exactly at the previous stage's end offset (the data plan
-continues the same epochs). When a stage changes a dataset's sequence length or group
-mode, the new stream starts at the same *fraction of epochs* already consumed (so the
-amount of data read carries over, but which samples of the current epoch repeat is left
-to chance); a warning says so.
+continues the same epochs). When a stage changes a dataset's sequence length in
+mid-epoch, the new cut first reads the tokens of that epoch not yet read, re-cut at the
+new length, then whole epochs (:mod:`phoenix.data.stream_recut`): no token twice before
+the epoch ends, none skipped. Where no exact continuation exists (a change of grouping
+in mid-epoch, ``pack_groups`` with a new length, a grouped stream stopped inside a
+group, a second re-cut inside one epoch) the new stream starts at the same *fraction of
+epochs* already consumed and a warning says that tokens of the current epoch may repeat
+or be skipped; at a resume's implicit boundary that is refused instead.
 
 Every stage plan lists all datasets of ``data.datasets`` in order (unused ones with
 weight 0), so dataset ids are the same in every stage. A stage's weights reach the plan
@@ -36,6 +40,7 @@ from phoenix.data.plan_counts import mixture_warmup_counts
 from phoenix.data.plan_source import PlanSource
 from phoenix.data.sample_cache import cached_sample_index
 from phoenix.data.samples import SampleIndex
+from phoenix.data.stream_recut import Cursor, StreamHead, continuation
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,9 @@ class StagePlanInputs:
     indices: list[Optional[SampleIndex]]
     """Sample index of every dataset read in the stage (None: not read)."""
     keys: list[Optional[StreamKey]]
+    origins: list[Optional[Cursor]] = None
+    """Per dataset: the cursor of the old cut whose epoch remainder it reads first (a
+    stream re-cut in mid-epoch, :mod:`phoenix.data.stream_recut`), else None."""
 
 
 def _cut(key: StreamKey) -> str:
@@ -58,95 +66,149 @@ def _cut(key: StreamKey) -> str:
 
 
 class StreamTracker:
-    """Where each dataset's stream stands between stages."""
+    """Where each dataset's stream stands between stages: its cursor ``(seq_length,
+    grouped, offset, samples per epoch)`` and, while it reads the remainder of an epoch
+    re-cut in mid-epoch, the old cursor that remainder continues (its *origin*, from which
+    :func:`phoenix.data.stream_recut.continuation` rebuilds the remainder)."""
 
-    def __init__(self, names: list[str]):
-        self.names = names
+    def __init__(self, names: list[str], seed: int,
+                 index_of: Callable[[int, StreamKey], SampleIndex], recut: bool = True):
+        self.names, self.seed, self.index_of, self.recut = names, seed, index_of, recut
         self.offsets: dict[tuple[int, StreamKey], int] = {}
-        self.last: dict[int, tuple[StreamKey, int]] = {}   # d -> (key, num_samples)
+        self.cursor: dict[int, Cursor] = {}
+        self.origin: dict[int, Optional[Cursor]] = {}
 
-    def start(self, d: int, key: StreamKey, num_samples: int, stage: str) -> int:
-        if d not in self.last:
-            return 0
-        last_key, last_n = self.last[d]
-        offset = self.offsets[(d, last_key)]
-        if last_key == key:
-            return offset
-        start = max(self.offsets.get((d, key), 0), math.ceil(Fraction(offset, last_n) * num_samples))
-        log.warning("stage '%s': dataset '%s' is cut into %s, the stage before it into %s, so "
-                    "it is read from a new sample order that starts %.1f%% into its epoch, as "
-                    "far as it got: samples of this epoch may repeat. To read on without "
-                    "repeats, keep its seq_length and group_mode the same in both stages",
-                    stage, self.names[d], _cut(key), _cut(last_key), 100 * offset / last_n)
-        return start
+    def start(self, d: int, key: StreamKey, index: SampleIndex, packed: bool, stage: str,
+              strict: bool = False
+              ) -> tuple[int, Optional[StreamHead], SampleIndex, Optional[Cursor]]:
+        """(start offset, head, the index the plan reads, origin) of dataset ``d`` read
+        with ``key`` (whose sample index is ``index``) from the next stage on. ``strict``
+        (a resume's implicit boundary): a change of cut without an exact continuation
+        raises ValueError instead of starting at the same fraction of an epoch."""
+        if d not in self.cursor:
+            return 0, None, index, None
+        seq, grouped, offset, n = self.cursor[d]
+        origin = self.origin.get(d)
+        name = self.names[d]
+        if (seq, grouped) == key:
+            if origin is None:
+                return offset, None, index, None
+            _, head, continued = continuation(self.index_of(d, origin[:2]), origin, index,
+                                              key[1], packed, self.seed, name)
+            return offset, head, continued, origin
+        exact = None if origin is not None or not self.recut else continuation(
+            self.index_of(d, (seq, grouped)), self.cursor[d], index, key[1], packed, self.seed, name)
+        if exact is not None:
+            start, head, continued = exact
+            if head is not None:
+                log.info("stage '%s': dataset '%s' is re-cut into %s in epoch %d: the %d "
+                         "unread %s continue as %d samples, then whole epochs of the new cut",
+                         stage, name, _cut(key), head.epoch, n - offset % n,
+                         _cut((seq, grouped)), head.count)
+            return start, head, continued, self.cursor[d] if head is not None else None
+        why = ("it is re-cut a second time inside the same epoch" if origin is not None else
+               "a grouped stream stopped inside a group, a change of grouping, or pack_groups "
+               "with a new seq_length has no exact continuation")
+        if strict and self.recut:
+            raise ValueError(f"dataset '{name}' would be read with (seq_length, grouped) {key} "
+                             f"instead of {(seq, grouped)} from the middle of its epoch {offset // n} "
+                             f"({why}); keep its cut until a stage that begins after the resume "
+                             f"step, or resume at an epoch boundary")
+        start = max(self.offsets.get((d, key), 0), math.ceil(Fraction(offset, n) * len(index)))
+        log.warning("stage '%s': dataset '%s' is cut into %s, the stage before it into %s, "
+                    "in mid-epoch, and %s: it is read from a new sample order that starts %.1f%% "
+                    "into its epoch, so until the epoch ends some of its tokens may be read "
+                    "twice and others not at all. To read on without repeats, keep its cut "
+                    "until the epoch ends", stage, name, _cut(key), _cut((seq, grouped)), why,
+                    100 * offset / n)
+        return start, None, index, None
 
-    def finish(self, d: int, key: StreamKey, num_samples: int, end_offset: int) -> None:
+    def finish(self, d: int, key: StreamKey, num_samples: int, end_offset: int,
+               origin: Optional[Cursor] = None) -> None:
         self.offsets[(d, key)] = int(end_offset)
-        self.last[d] = (key, num_samples)
+        self.cursor[d] = (key[0], key[1], int(end_offset), int(num_samples))
+        # the remainder's origin matters only while the stream is inside that epoch
+        inside = origin is not None and end_offset < (origin[2] // origin[3] + 1) * num_samples
+        self.origin[d] = tuple(origin) if inside else None
 
 
 def stage_plans(table: StageTable, prefixes: list[str], seed: int,
                 get_plan: Callable[[PlanInputs], DataPlan], resume: Optional[DataResume] = None,
                 min_document_tokens: Optional[list[int]] = None,
                 pack_groups: Optional[list[int]] = None,
-                index_dir: Optional[Path] = None,
+                index_dir: Optional[Path] = None, recut: bool = True,
                 ) -> list[tuple[StagePlanInputs, DataPlan]]:
     """Build (or load, through ``get_plan``) every stage's plan in order; each stage's
     start offsets come from the plans before it, or from ``resume`` (where the streams
-    stood at the first stage's start, see phoenix.data.data_resume).
+    stood at the first stage's start, see phoenix.data.data_resume); a dataset re-cut in
+    mid-epoch continues exactly (:mod:`phoenix.data.stream_recut`), or, where no exact
+    continuation exists, from the same fraction of an epoch with a warning (refused at a
+    resume's implicit boundary: ValueError).
     ``min_document_tokens``: per dataset, the document-length view it reads (0: all).
     ``pack_groups``: per dataset, group packing's unit size when it is read grouped (0: off).
     ``index_dir``: where the sample indices are cached and memory-mapped from
-    (:mod:`phoenix.data.sample_cache`); None builds them in memory."""
+    (:mod:`phoenix.data.sample_cache`); None builds them in memory.
+    ``recut=False``: every change of cut starts at the same fraction of an epoch, as
+    before exact continuations existed: a run whose checkpoint predates them
+    (:class:`phoenix.data.data_resume.DataState`) resumes with the plans it began."""
     min_document_tokens = min_document_tokens or [0] * len(prefixes)
     pack_groups = pack_groups or [0] * len(prefixes)
     names = table.dataset_names
-    tracker = StreamTracker(names)
-    for name, (seq, grouped, offset, n) in (resume.streams if resume else {}).items():
-        if name in names:
-            tracker.finish(names.index(name), (seq, grouped), n, offset)
     index_cache: dict[tuple[int, StreamKey], SampleIndex] = {}
+
+    def index_of(d: int, key: StreamKey) -> SampleIndex:
+        if (d, key) not in index_cache:
+            index_cache[(d, key)] = cached_sample_index(
+                prefixes[d], key[0], use_groups=key[1],
+                min_document_tokens=min_document_tokens[d], cache_dir=index_dir,
+                pack_groups=pack_groups[d])
+        return index_cache[(d, key)]
+
+    tracker = StreamTracker(names, seed, index_of, recut)
+    for name, (seq, grouped, offset, n, origin) in (resume.streams if resume else {}).items():
+        if name in names:
+            tracker.finish(names.index(name), (seq, grouped), n, offset, origin)
     out = []
     previous: Optional[ResolvedStage] = None
     for stage in table.stages:
         warmup = (mixture_warmup_counts(list(stage.warmup_from), list(stage.weights),
                                         stage.global_batch_size, stage.warmup_steps)
                   if stage.warmup_steps else None)
-        datasets, indices, keys, starts = [], [], [], []
+        datasets, indices, keys, starts, heads, origins = [], [], [], [], [], []
         for d, name in enumerate(names):
             weight = stage.weights[d]
             fading = warmup is not None and weight == 0 and warmup[:, d].any()
             if weight == 0 and not fading:
                 datasets.append(PlanDataset(name=name, num_samples=0, weight=weight))
                 indices.append(None), keys.append(None), starts.append(0)
+                heads.append(None), origins.append(None)
                 continue
             # A dataset read only during the warmup (fading out) keeps its previous mode.
             group_mode = previous.group_mode[d] if fading else stage.group_mode[d]
             key = (stage.seq_length, group_mode == "batch")
-            if (d, key) not in index_cache:
-                index_cache[(d, key)] = cached_sample_index(
-                    prefixes[d], key[0], use_groups=key[1],
-                    min_document_tokens=min_document_tokens[d], cache_dir=index_dir,
-                    pack_groups=pack_groups[d])
-            ix = index_cache[(d, key)]
+            ix = index_of(d, key)
+            strict = resume is not None and not out   # the resume's implicit boundary
+            start, head, read, origin = tracker.start(d, key, ix, bool(key[1] and pack_groups[d]),
+                                                      stage.name, strict)
             datasets.append(PlanDataset(
                 name=name, num_samples=len(ix), weight=weight, min_share=stage.min_share[d],
                 group_mode=group_mode, group_ids=ix.group_ids if key[1] else None,
                 pack_groups=ix.pack_groups,
                 groups_digest=ix.groups_digest if key[1] else None))
-            indices.append(ix), keys.append(key)
-            starts.append(tracker.start(d, key, len(ix), stage.name))
+            indices.append(read), keys.append(key), starts.append(start)
+            heads.append(head), origins.append(origin)
         inputs = PlanInputs(datasets=datasets, global_batch_size=stage.global_batch_size,
                             num_batches=stage.steps, seed=seed, start_offsets=starts,
-                            fixed_counts=warmup)
+                            fixed_counts=warmup,
+                            heads=heads if any(h is not None for h in heads) else None)
         try:
             plan = get_plan(inputs)
         except ValueError as e:
             raise ValueError(f"stage '{stage.name}': {e}") from None
         for d, key in enumerate(keys):
             if key is not None:
-                tracker.finish(d, key, len(indices[d]), plan.end_offsets[d])
-        out.append((StagePlanInputs(stage, inputs, indices, keys), plan))
+                tracker.finish(d, key, datasets[d].num_samples, plan.end_offsets[d], origins[d])
+        out.append((StagePlanInputs(stage, inputs, indices, keys, origins), plan))
         previous = stage
     return out
 

@@ -21,7 +21,7 @@ from phoenix.checkpoint import Checkpointer, plan_restore, sweep_unfinished_save
 from phoenix.config import RunConfig, dump_config
 from phoenix.data.documents import DocumentInputs
 from phoenix.data.loader import GlobalBatchLoader
-from phoenix.data.data_resume import DataResume, DataState, rebase
+from phoenix.data.data_resume import DataResume, DataState, extend_history, rebase
 from phoenix.data.plan_cache import build_source
 from phoenix.io import atomic_write_text
 from phoenix.model import build_model, chunk_iterators, current_rope, install_rope, unwrap
@@ -124,13 +124,18 @@ class Trainer:
 
         # The data plan first: its input errors must stop the run before a model is built.
         plan = self.restore_plan
+        saved = (plan.bundle or {}).get("states", {}).get("data") if plan.kind == "resume" else None
+        recut = saved is None or "stream_recut" in saved  # else: planned before exact re-cuts
         source, data_resume = build_source(
             cfg, layout.rank, tokenizer, resume=DataResume.from_dict(plan.data_resume),
-            changed_from=(plan.old_config, plan.start_step) if plan.data_changed else None)
+            changed_from=(plan.old_config, plan.start_step) if plan.data_changed else None,
+            recut=recut)
         if plan.data_changed and layout.rank == 0:
-            log.warning("resume: the data changes from step %s on (an implicit stage boundary "
-                        "that continues every dataset's stream): %s", plan.start_step,
-                        "; ".join(plan.data_changed))
+            log.warning("resume: the data changes from step %s on (an implicit stage boundary: "
+                        "every dataset's stream continues where it stood; one read at a new "
+                        "seq_length first reads the rest of its current epoch, re-cut at that "
+                        "length, so no token of the epoch is read twice or skipped): %s",
+                        plan.start_step, "; ".join(plan.data_changed))
         self.stages = rebase(cfg.resolved.stages, data_resume)
         # Built with the RoPE of the step it starts from (a stage's own rope included).
         self.model = build_model(cfg, layout, vocab_size,
@@ -151,8 +156,13 @@ class Trainer:
         self.cp_group = layout.cp_group if cfg.parallel.context > 1 else None
         self.forward_step = partial(forward_step, packed=uses_te_spec(layout),
                                     cp_group=self.cp_group)
-        # The data layer's own state (its latest implicit stage boundary), under "data".
-        stateful = {"trainer": self, "scheduler": self.scheduler, "data": DataState(data_resume)}
+        # The data layer's own state (its latest implicit stage boundary and the earlier
+        # ones, which inspect-batch replays), under "data".
+        history = (saved or {}).get("history", [])
+        if plan.data_changed:  # the config trained before this boundary joins the history
+            history = extend_history(saved, plan.start_step, (plan.path / "config.yaml").read_text())
+        stateful = {"trainer": self, "scheduler": self.scheduler,
+                    "data": DataState(data_resume, history, recut)}
         for cb in self.callbacks:
             key = getattr(cb, "state_key", None)
             if key is not None and hasattr(cb, "state_dict"):

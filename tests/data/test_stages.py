@@ -197,7 +197,7 @@ def _stream(n: int, seed: int, name: str, start: int, stop: int) -> np.ndarray:
 def test_consumption_continues_across_stages(tiny_data, tmp_path):
     """web and code are read in s1, s2 and (web) s3's replay at the same sequence length in
     s1/s2: together the stages consume exactly the start of each epoch stream, no sample
-    twice; s3 reads them at another sequence length from a new stream."""
+    twice; s3 reads web at another sequence length: the rest of its epoch, re-cut."""
     cfg = build_config(recipe(tiny_data, tmp_path))
     plans = _stage_plans(cfg)
     (i1, p1), (i2, p2), (i3, p3) = plans
@@ -209,10 +209,13 @@ def test_consumption_continues_across_stages(tiny_data, tmp_path):
         want = _stream(n, cfg.train.seed, name, 0, len(used))
         assert sorted(used.tolist()) == sorted(want.tolist())
         assert len(set(used.tolist())) == len(used)
-    # s3: a new stream (seq 32) that starts at the fraction of an epoch already consumed.
+    # s3: web re-cut at seq 32 in mid-epoch: epoch 0 of the new cut holds only the R samples
+    # re-cut from its unread rest, at its end (tests/data/test_recut_streams.py recounts them)
     web = 0
-    n64, n32 = len(i2.indices[web]), len(i3.indices[web])
-    assert p3.start_offsets[web] == math.ceil(p2.end_offsets[web] * n32 / n64)
+    n32 = int(i3.inputs.datasets[web].num_samples)
+    rest = len(i3.indices[web]) - n32
+    assert i3.origins[web] is not None and 0 < rest < n32
+    assert p3.start_offsets[web] == n32 - rest
     # math is read only in s2: it starts at 0; repos only in s3.
     assert p2.start_offsets[2] == 0 and p3.start_offsets[3] == 0
 

@@ -40,16 +40,20 @@ def test_job_wide_lines_come_from_rank_0_only(monkeypatch, capsys, restore_loggi
 
 
 def test_stage_stream_warning_is_in_words(caplog):
+    """A change of cut in mid-epoch without an exact continuation (here: the plans of a
+    run begun before exact re-cuts) is said in words a user can act on."""
     from phoenix.data.stage_plans import StreamTracker
 
-    tracker = StreamTracker(["web", "code"])
+    tracker = StreamTracker(["web", "code"], seed=1, index_of=None, recut=False)
     tracker.finish(1, (128, False), 400, 100)
     with caplog.at_level(logging.WARNING, logger="phoenix.data.stage_plans"):
-        tracker.start(1, (128, True), 380, "anneal")
+        tracker.start(1, (128, True), list(range(380)), packed=False, stage="anneal")
     (message,) = [r.getMessage() for r in caplog.records]
     assert message == (
         "stage 'anneal': dataset 'code' is cut into samples of 128 tokens within its groups "
-        "(group_mode: batch), the stage before it into samples of 128 tokens, so it is read "
-        "from a new sample order that starts 25.0% into its epoch, as far as it got: samples "
-        "of this epoch may repeat. To read on without repeats, keep its seq_length and "
-        "group_mode the same in both stages")
+        "(group_mode: batch), the stage before it into samples of 128 tokens, in mid-epoch, "
+        "and a grouped stream stopped inside a group, a change of grouping, or pack_groups "
+        "with a new seq_length has no exact continuation: it is read from a new sample order "
+        "that starts 25.0% into its epoch, so until the epoch ends some of its tokens may be "
+        "read twice and others not at all. To read on without repeats, keep its cut until "
+        "the epoch ends")
