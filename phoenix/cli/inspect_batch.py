@@ -10,7 +10,8 @@ order, i.e. position ``j`` of the global batch; DP rank r trains positions
 sample id, its group (-1 when the dataset is not grouped), the document ids the sample
 covers, and its decoded text (documents separated by ``<|eod|>``), cut to ``--chars``
 characters (0: whole text); a token id outside the tokenizer's vocabulary shows as
-``<|bad id N|>``. ``--json`` prints one JSON object per sample instead.
+``<|bad id N|>``. ``--json`` prints one JSON object per sample instead, with its token
+ids (``token_ids``: what the training read, before the input/label shift).
 
 Needs no GPU and no torch.distributed: the run's resolved ``RUN_DIR/config.yaml`` gives
 the datasets, tokenizer, seq_length, global batch size, steps and seed, and where the run
@@ -52,12 +53,17 @@ def sample_documents(index, sample_id: int) -> list[int]:
     return ids
 
 
-def sample_text(reader, sample_id: int, tokenizer, eod_id: int) -> str:
-    """The decoded real tokens of a sample (inputs plus the last label), documents joined
-    by ``<|eod|>`` (EOD tokens themselves are not decoded)."""
+def sample_token_ids(reader, sample_id: int) -> list[int]:
+    """The real token ids of a sample (inputs plus the last label; no padding), as the
+    training read them."""
     item = reader.read(sample_id)
     n = int(reader.index.lengths[sample_id])
-    ids = [*item["tokens"].tolist(), int(item["labels"][-1])][:n]
+    return [*item["tokens"].tolist(), int(item["labels"][-1])][:n]
+
+
+def sample_text(ids: list[int], tokenizer, eod_id: int) -> str:
+    """The decoded ``ids`` of a sample (:func:`sample_token_ids`), documents joined by
+    ``<|eod|>`` (EOD tokens themselves are not decoded)."""
     pieces, current = [], []
     for t in ids:
         if t == eod_id:
@@ -87,7 +93,7 @@ def decode(tokenizer, ids: list[int]) -> str:
 def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None) -> dict:
     """What :func:`main` prints, as data: ``{"step", "batch", "num_batches", "counts",
     "plan_path", "samples": [{position, dataset, dataset_id, sample_id, group_id,
-    document_ids, text}]}``. Raises InspectError for user errors."""
+    document_ids, tokens, token_ids, text}]}``. Raises InspectError for user errors."""
     from phoenix.config import ConfigError, load_config
     from phoenix.data.indexed import DataError
 
@@ -157,12 +163,14 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
             break
         ix = indices[d]
         reader = readers.get(d) or readers.setdefault(d, SampleReader(ix, eod))
+        ids = sample_token_ids(reader, s)
         samples.append({
             "position": j, "dataset": plan.names[d], "dataset_id": d, "sample_id": s,
             "group_id": int(ix.group_ids[s]) if ix.group_ids is not None else -1,
             "document_ids": sample_documents(ix, s),
             "tokens": int(ix.lengths[s]),
-            "text": sample_text(reader, s, tokenizer, eod),
+            "token_ids": ids,
+            "text": sample_text(ids, tokenizer, eod),
         })
     return {"step": step, "batch": k, "num_batches": plan.num_batches, "counts": counts,
             "stage": spi.stage.name,

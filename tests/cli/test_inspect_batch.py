@@ -50,7 +50,8 @@ def _expected(cfg, plan, step):
         first = int(np.searchsorted(ix.doc_starts, start, side="right") - 1)
         last = int(np.searchsorted(ix.doc_starts, start + n - 1, side="right") - 1)
         out.append({"dataset": entry.name, "sample_id": s, "documents": list(range(first, last + 1)),
-                    "text": inspect_batch.EOD_MARK.join(tok.decode(p) for p in parts)})
+                    "text": inspect_batch.EOD_MARK.join(tok.decode(p) for p in parts),
+                    "ids": ids})
     return out
 
 
@@ -65,6 +66,7 @@ def test_prints_the_batch_of_a_step(run_dir, capsys):
         assert (got["dataset"], got["sample_id"], got["document_ids"]) == \
             (want["dataset"], want["sample_id"], want["documents"])
         assert got["text"] == want["text"] and len(got["text"]) > 20
+        assert got["token_ids"] == want["ids"] and len(got["token_ids"]) == got["tokens"]
         assert got["step"] == step
     # step STEP is plan batch STEP-1: a neighbouring batch would not match
     assert [s["sample_id"] for s in shown] != [w["sample_id"] for w in _expected(cfg, plan, step + 1)]
