@@ -17,6 +17,7 @@ from phoenix.eval.callback import EvalCallback
 from phoenix.monitor import (
     ConsoleLogger,
     DatasetLossMonitor,
+    HeatmapMonitor,
     MoEMonitor,
     NormMonitor,
     SpikeMonitor,
@@ -25,6 +26,7 @@ from phoenix.monitor import (
     TrainScalars,
 )
 from phoenix.monitor.base import Callback
+from phoenix.monitor.tensorboard import tensorboard_dir
 from phoenix.train.manual_gc import ManualGC
 
 
@@ -32,16 +34,23 @@ def builtin_callbacks(cfg: RunConfig, out_dir: Path, config_yaml: str) -> dict[s
     """The trainer's own callbacks that ``cfg`` turns on, by name. The TensorBoard-based
     monitors exist only with ``logging.tensorboard`` (they write nowhere else)."""
     log, tb = cfg.logging, cfg.logging.tensorboard
+    try:
+        tb_dir = tensorboard_dir(out_dir, cfg.name) if tb else None
+    except ValueError as e:
+        raise ConfigError(f"name: {e}") from None
     names = [e.display_name for e in cfg.data.datasets]
+    moe_on = bool(tb and log.moe_interval and cfg.model.moe is not None)
     found: dict[str, Callback | None] = {
         "console": ConsoleLogger(cfg.train.steps, log.log_interval),
         "train_scalars": TrainScalars(),
-        "tensorboard": TensorBoardLogger(out_dir / "tensorboard", config_yaml) if tb else None,
+        "tensorboard": TensorBoardLogger(tb_dir, config_yaml) if tb else None,
         "norms": NormMonitor(log.norm_interval) if tb and log.norm_interval else None,
         "dataset_loss": (DatasetLossMonitor(log.dataset_loss_interval, names=names)
                          if tb and log.dataset_loss_interval else None),
         "moe": (MoEMonitor(log.moe_interval, moe=cfg.model.moe, num_layers=cfg.model.num_layers)
-                if tb and log.moe_interval and cfg.model.moe is not None else None),
+                if moe_on else None),
+        "heatmaps": (HeatmapMonitor(log.heatmap_every, out_dir / "heatmaps")
+                     if tb and log.heatmap_every and (log.norm_interval or moe_on) else None),
         "throughput": (ThroughputMonitor(log.throughput_interval, log.peak_tflops,
                                          model=cfg.model, precision=cfg.train.precision)
                        if tb and log.throughput_interval else None),
@@ -80,6 +89,8 @@ def run_callbacks(cfg: RunConfig, out_dir: Path, config_yaml: str) -> dict[str, 
             callbacks.pop(name, None)
         else:
             callbacks[name] = user_callback(name, spec)
+    if "heatmaps" in callbacks and not callbacks.keys() & {"norms", "moe"}:
+        del callbacks["heatmaps"]  # it draws what those record: nothing without them
     for name, cb in callbacks.items():
         cb.name = name
     return callbacks

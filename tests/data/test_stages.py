@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from phoenix.config import ConfigError, build_config
+from phoenix.monitor.tensorboard import tensorboard_dir
 from phoenix.testing import plan_reference as R
 from phoenix.testing.tiny import tiny_config_dict
 
@@ -273,7 +274,8 @@ def test_three_stage_run_resumes_identically_at_boundary_and_mid_stage(tiny_data
     # TensorBoard: train/stage steps to the next index where each stage begins.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tmp_path / "full" / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(tensorboard_dir(tmp_path / "full", "tiny")),
+                           size_guidance={"scalars": 0})
     acc.Reload()
     stage_of_step = {e.step: int(e.value) for e in acc.Scalars("train/stage")}
     assert [stage_of_step[k] for k in (1, 4, 5, 9, 10, 15)] == [0, 0, 1, 1, 2, 2]

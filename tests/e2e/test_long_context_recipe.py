@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from phoenix.monitor.tensorboard import tensorboard_dir
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +36,8 @@ def test_long_context_example_runs_both_stages(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip().endswith("step_000030")
     assert (out / "needle" / "step_0000030.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc = EventAccumulator(str(tensorboard_dir(out, "long_context")),
+                           size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     for tag in ("eval/web_val/loss", "eval/needle/128", "eval/needle/256", "eval/needle/mean"):
         assert [e.step for e in acc.Scalars(tag)] == [10, 20, 30], tag

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from phoenix.monitor.tensorboard import tensorboard_dir
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +82,7 @@ def test_quickstart_pipeline(tmp_path):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run / "tensorboard"))
+    acc = EventAccumulator(str(tensorboard_dir(run, "quickstart")))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     for tag in ("train/loss", "train/lr", "train/grad_norm", "train/consumed_tokens",

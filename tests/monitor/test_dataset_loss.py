@@ -16,7 +16,7 @@ import torch
 
 from phoenix.monitor.base import MetricsCollector
 from phoenix.monitor.dataset_loss import DatasetLossMonitor, dataset_tags, per_dataset_sums
-from phoenix.monitor.tensorboard import TensorBoardLogger
+from phoenix.monitor.tensorboard import TensorBoardLogger, tensorboard_dir
 
 STEPS = 3
 NAMES = ["web", "code"]
@@ -121,7 +121,7 @@ def test_burst_dataset_between_writes_is_logged():
 def _scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tb = run_dir / "tensorboard"
+    tb = tensorboard_dir(run_dir, "tiny")
     assert len(list(tb.glob("events.out.tfevents.*"))) == 1, "exactly one writer"
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
     acc.Reload()

@@ -17,6 +17,7 @@ import yaml
 
 from phoenix.monitor.moe import router_entropy_sum, routing_tags
 from phoenix.monitor.norms import expert_key, layer_part
+from phoenix.monitor.tensorboard import tensorboard_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -97,7 +98,8 @@ def _recipe(tiny_data, out: Path) -> dict:
 def _events(run_dir: Path) -> tuple[dict, list[str]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    acc = EventAccumulator(str(tensorboard_dir(run_dir, "quickstart_moe")),
+                           size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     scalars = {tag: dict((e.step, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
     return scalars, acc.Tags()["histograms"]

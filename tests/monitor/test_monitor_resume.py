@@ -3,6 +3,7 @@ equal those of an uninterrupted run (read back from the event files)."""
 
 import pytest
 
+from phoenix.monitor.tensorboard import tensorboard_dir
 from phoenix.testing.distributed import run_distributed
 from phoenix.testing.tiny import tiny_config_dict
 from phoenix.testing.workers import train_and_record, train_jobs
@@ -13,7 +14,7 @@ pytestmark = pytest.mark.slow
 def _tokens(run_dir, step):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc = EventAccumulator(str(tensorboard_dir(run_dir, "tiny")))
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag) if e.step == step][-1]
             for tag in acc.Tags()["scalars"] if tag.startswith("tokens/by_dataset/")}
@@ -52,7 +53,8 @@ def test_steps_rerun_after_any_restart_appear_once(tiny_data, tmp_path):
     assert [s["step"] for s in stopped["steps"]] == [1, 2]
     assert [s["step"] for s in restarted["steps"]] == [1, 2, 3, 4, 5]  # nothing to resume
     assert [s["step"] for s in resumed["steps"]] == [4, 5, 6]
-    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
+    acc = EventAccumulator(str(tensorboard_dir(tmp_path / "run", "tiny")),
+                           size_guidance={"tensors": 0})
     acc.Reload()
     tags = acc.Tags()["tensors"]
     assert {"train/loss", "train/lr", "config/text_summary"} <= set(tags), tags
