@@ -77,7 +77,7 @@ ea = EventAccumulator("runs/qs_cuda/tensorboard/quickstart", size_guidance={"sca
 ea.Reload()
 tags = ea.Tags()["scalars"]
 print(f"quickstart_scalar_tags={len(tags)}")
-for tag in ("train/loss", "throughput/tokens_per_sec_per_gpu", "throughput/mfu",
+for tag in ("1_train/loss", "3_throughput/tokens_per_sec_per_gpu", "3_throughput/mfu",
             "memory/max_allocated_gb"):
     if tag in tags:
         last = ea.Scalars(tag)[-1]

@@ -74,7 +74,7 @@ class LoggingConfig:
     dataset_loss_interval: Optional[int] = None
     """Per-dataset loss/tokens in TensorBoard every N steps (default log_interval; 0: off)."""
     throughput_interval: Optional[int] = None
-    """throughput/* (TFLOP/s, MFU, time split) and memory/* every N steps (default
+    """3_throughput/* (TFLOP/s, MFU, time split) and memory/* every N steps (default
     log_interval; 0: off)."""
     moe_interval: Optional[int] = None
     """MoE routing in TensorBoard (``moe/*``: aux/z losses, tokens per expert, imbalance,
@@ -88,7 +88,7 @@ class LoggingConfig:
     100 steps; a render costs milliseconds on the host and nothing on the device (see
     phoenix.monitor.heatmap)."""
     peak_tflops: Optional[float] = None
-    """Per-GPU peak TFLOP/s for throughput/mfu; default from the GPU name (bf16 dense,
+    """Per-GPU peak TFLOP/s for 3_throughput/mfu; default from the GPU name (bf16 dense,
     e.g. H100/H200 989); on CPU MFU is logged only when this is set."""
     sync_timers: bool = False
     """Synchronise the device at the step's phase boundaries (data, forward-backward,

@@ -48,8 +48,8 @@ from pathlib import Path
 import numpy as np
 
 from phoenix.monitor.base import Callback, StepMetrics
+from phoenix.monitor.tags import HEATMAPS as TAG
 
-TAG = "4_heatmaps"
 NORM_FAMILIES = ("grad_norm", "param_norm", "update_norm", "update_ratio")
 _LAYER_TAG = re.compile(r"^(grad_norm|param_norm|update_norm|update_ratio)/layer_(\d+)$")
 _MOE_TAG = re.compile(r"^moe/layer_(\d+)/tokens_per_expert$")
@@ -267,7 +267,8 @@ class HeatmapMonitor(Callback):
         for i, layer in enumerate(layers):
             grid[i, :len(self.moe_latest[layer])] = self.moe_latest[layer]
         self._emit(metrics, "moe_load", grid, 0.0, max(float(np.nanmax(grid)), 1e-12),
-                   f"share x E at step {metrics.step}, rows MoE layers {', '.join(layers)}, columns experts,")
+                   f"share x E at step {metrics.step}, rows MoE layers "
+                   f"{', '.join(layers)}, columns experts,")
         self._record_scales(metrics)
 
     def _record_scales(self, metrics) -> None:

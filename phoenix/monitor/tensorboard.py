@@ -13,7 +13,7 @@ monitor records its scalars into the step's metrics collector (see
 :mod:`phoenix.monitor.base`) and this sink writes them, on the logging rank (the one
 that holds the loss), at the optimizer step (steps completed) of the collector. The
 resolved config is logged once as text under ``config``. Which tags exist is documented
-by their producers (:mod:`phoenix.monitor.train_scalars` for ``train/*``).
+by their producers; the groups and their order: :mod:`phoenix.monitor.tags`.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_long_context_example_runs_both_stages(tmp_path):
     for tag in ("eval/needle/128", "eval/needle/256"):
         assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars(tag))
     assert [e.step for e in acc.Images("eval/needle/heatmap")] == [10, 20, 30]
-    losses = [e.value for e in acc.Scalars("train/loss")]
+    losses = [e.value for e in acc.Scalars("1_train/loss")]
     assert len(losses) >= 6 and losses[-1] < losses[0] - 1.0
 
     # `phoenix eval` on the final checkpoint reproduces the in-training eval of step 30:

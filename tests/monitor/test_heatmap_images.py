@@ -179,3 +179,8 @@ def test_a_training_run_draws_its_layer_norms(tiny_data, tmp_path):
             if want[a] - want[b] > 0.05 * span:  # clearly larger: clearly brighter
                 assert cells[a] > cells[b], (a, b, want, cells)
     assert (tmp_path / "heatmaps" / "update_ratio.png").is_file()
+    # TensorBoard lays groups out alphabetically: the basics come first, before the
+    # per-layer families (phoenix.monitor.tags).
+    groups = sorted({t.split("/")[0] for t in acc.Tags()["scalars"] + acc.Tags()["images"]})
+    assert groups[:4] == ["1_train", "2_datasets", "3_throughput", "4_heatmaps"], groups
+    assert {"grad_norm", "param_norm", "update_norm", "update_ratio"} <= set(groups[4:])

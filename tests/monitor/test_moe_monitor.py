@@ -197,7 +197,7 @@ def test_per_expert_norms_match_single_process_and_sum_to_the_global_norm(runs, 
     assert not bad, "\n".join(bad[:20])
     for scalars in (ref, got):  # squares of the parts = megatron's global grad norm squared
         parts = _parts(scalars)
-        for step, norm in scalars["train/grad_norm"].items():
+        for step, norm in scalars["1_train/grad_norm"].items():
             total = sum(scalars[t][step] ** 2 for t in parts)
             assert _close(total, norm ** 2, 1e-5), (step, math.sqrt(total), norm)
 

@@ -144,7 +144,7 @@ def _check_parts_sum_to_global(scalars):
              and not (t.startswith("grad_norm/layer_") and t.count("/") == 1)]
     assert {"grad_norm/embedding", "grad_norm/final_norm", "grad_norm/output_layer",
             "grad_norm/layer_00/attention/qkv", "grad_norm/layer_03/mlp/fc2"} <= set(parts)
-    megatron = dict(scalars["train/grad_norm"])
+    megatron = dict(scalars["1_train/grad_norm"])
     assert sorted(megatron) == list(range(1, STEPS + 1))
     for step, norm in megatron.items():
         total = sum(dict(scalars[t])[step] ** 2 for t in parts)

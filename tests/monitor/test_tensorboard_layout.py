@@ -11,14 +11,14 @@ from phoenix.monitor.tensorboard import TensorBoardLogger, tensorboard_dir
 
 
 def _job(log_dir, start_step: int, steps: range, value: float) -> None:
-    """One job of a run: the sink alone, writing ``train/loss`` at ``steps``."""
+    """One job of a run: the sink alone, writing ``1_train/loss`` at ``steps``."""
     trainer = SimpleNamespace(layout=SimpleNamespace(is_logging_rank=True),
                               state=SimpleNamespace(step=start_step))
     tb = TensorBoardLogger(log_dir, config_yaml="name: x")
     tb.on_train_start(trainer)
     for step in steps:
         metrics = MetricsCollector(step)
-        metrics.record("train/loss", value)
+        metrics.record("1_train/loss", value)
         tb.log_metrics(trainer, metrics)
     tb.on_train_end(trainer)
 
@@ -34,7 +34,7 @@ def test_runs_are_named_by_the_recipe_name(tmp_path):
     mux = EventMultiplexer().AddRunsFromDirectory(str(tmp_path))
     mux.Reload()
     assert sorted(mux.Runs()) == ["a/tensorboard/alpha", "b/tensorboard/beta"]
-    alpha = [(e.step, e.value) for e in mux.Scalars("a/tensorboard/alpha", "train/loss")]
+    alpha = [(e.step, e.value) for e in mux.Scalars("a/tensorboard/alpha", "1_train/loss")]
     assert alpha == [(1, 1.0), (2, 1.0), (3, 3.0), (4, 3.0), (5, 3.0)]  # step 3 once
 
     one = EventMultiplexer().AddRunsFromDirectory(str(tmp_path / "a" / "tensorboard"))
