@@ -26,6 +26,7 @@ from phoenix.monitor import (
     TrainScalars,
 )
 from phoenix.monitor.base import Callback
+from phoenix.monitor.console import Cadence
 from phoenix.monitor.tensorboard import tensorboard_dir
 from phoenix.train.manual_gc import ManualGC
 
@@ -41,7 +42,10 @@ def builtin_callbacks(cfg: RunConfig, out_dir: Path, config_yaml: str) -> dict[s
     names = [e.display_name for e in cfg.data.datasets]
     moe_on = bool(tb and log.moe_interval and cfg.model.moe is not None)
     found: dict[str, Callback | None] = {
-        "console": ConsoleLogger(cfg.train.steps, log.log_interval),
+        "console": ConsoleLogger(
+            cfg.train.steps, log.log_interval,
+            saves=Cadence(cfg.checkpoint.save_interval, cfg.checkpoint.save_at_end),
+            evals=Cadence(cfg.eval.interval, cfg.eval.at_end) if cfg.eval else Cadence()),
         "train_scalars": TrainScalars(),
         "tensorboard": TensorBoardLogger(tb_dir, config_yaml) if tb else None,
         "norms": NormMonitor(log.norm_interval) if tb and log.norm_interval else None,
