@@ -71,13 +71,13 @@ if part data_prep 60 bash examples/prepare_tiny_data.sh "$PY" >"$OUT/data_prep.l
     train.stop_at_step=3 logging.log_interval=1 output_dir=runs/qs_cuda >"$OUT/quickstart.log" 2>&1
   grep -E "step +[0-9]+/|eval .*@ step|saved checkpoint|Error|error:" "$OUT/quickstart.log" | head -12
   record quickstart_steps_completed "$(grep -cE 'step +[0-9]+/40 \|' "$OUT/quickstart.log")"
-  [ -d runs/qs_cuda/tensorboard ] && part tensorboard_tags 15 "$PY" - <<'PY' | tee -a "$SUMMARY"
+  [ -d runs/qs_cuda/tensorboard/quickstart ] && part tensorboard_tags 15 "$PY" - <<'PY' | tee -a "$SUMMARY"
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-ea = EventAccumulator("runs/qs_cuda/tensorboard", size_guidance={"scalars": 0})
+ea = EventAccumulator("runs/qs_cuda/tensorboard/quickstart", size_guidance={"scalars": 0})
 ea.Reload()
 tags = ea.Tags()["scalars"]
 print(f"quickstart_scalar_tags={len(tags)}")
-for tag in ("train/loss", "throughput/tokens_per_sec_per_gpu", "throughput/mfu",
+for tag in ("1_train/loss", "3_throughput/tokens_per_sec_per_gpu", "3_throughput/mfu",
             "memory/max_allocated_gb"):
     if tag in tags:
         last = ea.Scalars(tag)[-1]

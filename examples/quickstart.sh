@@ -30,7 +30,7 @@ cat <<MSG
 
 Done.
   checkpoints : $RUN/checkpoints/ (latest: $latest)
-  TensorBoard : $RUN/tensorboard/
+  TensorBoard : $RUN/tensorboard/quickstart/ (the run is named by the recipe's name)
   config      : $RUN/config.yaml
   spikes      : $RUN/spikes.jsonl (if any step spiked)
 Open TensorBoard with:

@@ -5,7 +5,7 @@
 
 Prints total and active parameters (MoE: the routed experts a token is not sent to are
 not active), the training FLOPs per token (forward + backward, the convention of
-``throughput/tflops_per_gpu``), and the memory of the most loaded GPU for the recipe's
+``3_throughput/tflops_per_gpu``), and the memory of the most loaded GPU for the recipe's
 layout at ``--world-size`` GPUs (default ``$WORLD_SIZE``, else the smallest world the
 layout fits): weights, gradients, optimizer states with and without the distributed
 optimizer, activations per micro-batch and in flight, logits. The counts and formulas

@@ -74,7 +74,7 @@ class MoEConfig:
     0.0, i.e. no balancing at all, which lets a router collapse onto a few experts; 1e-2 is
     the starting value megatron's own docstring recommends (Switch Transformer used 1e-2,
     GShard/Mixtral 1e-2–1e-3). Set 0 with router_enable_expert_bias for aux-loss-free
-    balancing. The aux loss adds gradients only: train/loss reports the LM loss alone."""
+    balancing. The aux loss adds gradients only: 1_train/loss reports the LM loss alone."""
     z_loss_coeff: Optional[float] = None
     """Router z-loss weight (ST-MoE, arXiv 2202.08906; ``moe_z_loss_coeff``): penalises
     large router logits; 1e-3 is the usual value. None: off."""

@@ -83,7 +83,7 @@ class WandbConfig:
 
 
 BUILTIN_CALLBACKS = ("console", "train_scalars", "tensorboard", "wandb", "norms", "dataset_loss",
-                     "moe", "throughput", "spikes", "eval", "manual_gc")
+                     "moe", "heatmaps", "throughput", "spikes", "eval", "manual_gc")
 """The names of the trainer's own callbacks (phoenix.train.callbacks), for
 ``logging.callbacks``."""
 
@@ -107,14 +107,21 @@ class LoggingConfig:
     dataset_loss_interval: Optional[int] = None
     """Per-dataset loss/tokens in TensorBoard every N steps (default log_interval; 0: off)."""
     throughput_interval: Optional[int] = None
-    """throughput/* (TFLOP/s, MFU, time split) and memory/* every N steps (default
+    """3_throughput/* (TFLOP/s, MFU, time split) and memory/* every N steps (default
     log_interval; 0: off)."""
     moe_interval: Optional[int] = None
     """MoE routing in TensorBoard (``moe/*``: aux/z losses, tokens per expert, imbalance,
     router entropy, dropped tokens; see phoenix.monitor.moe) every N steps (default
     log_interval; 0: off). Only with model.moe; costs one small all-reduce on those steps."""
+    heatmap_every: int = 10
+    """Per-layer norms (layer x step) and MoE load (expert x step, layer x expert) as
+    heatmap images in TensorBoard (``4_heatmaps/*``) and PNG files in
+    ``<output_dir>/heatmaps/``, rendered at every N-th step that logs per-layer norms or
+    MoE load, and at the run's last step (0: off). 10: with the default intervals, every
+    100 steps; a render costs milliseconds on the host and nothing on the device (see
+    phoenix.monitor.heatmap)."""
     peak_tflops: Optional[float] = None
-    """Per-GPU peak TFLOP/s for throughput/mfu; default from the GPU name (bf16 dense,
+    """Per-GPU peak TFLOP/s for 3_throughput/mfu; default from the GPU name (bf16 dense,
     e.g. H100/H200 989); on CPU MFU is logged only when this is set."""
     sync_timers: bool = False
     """Synchronise the device at the step's phase boundaries (data, forward-backward,
@@ -151,4 +158,6 @@ class LoggingConfig:
                 setattr(self, key, self.log_interval)
             if getattr(self, key) < 0:
                 raise ConfigError(f"logging.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.heatmap_every < 0:
+            raise ConfigError(f"logging.heatmap_every: must be >= 0, got {self.heatmap_every}")
         positive("logging", peak_tflops=self.peak_tflops)

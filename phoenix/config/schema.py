@@ -284,7 +284,7 @@ class TrainConfig:
     on_nonfinite_loss: Literal["stop", "skip"] = "stop"
     """What a NaN/Inf loss or gradient does: stop the run before the update (one error line
     naming the step and the last good checkpoint) or skip the update (counted in
-    ``train/skipped_steps``). Either way nothing non-finite reaches the weights."""
+    ``1_train/skipped_steps``). Either way nothing non-finite reaches the weights."""
     manual_gc_interval: int = 0
     """Python's garbage collector off during training and run (``gc.collect()``) every N
     steps on every rank, so no rank pauses at a random moment and stalls the others in a

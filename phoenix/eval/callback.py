@@ -10,7 +10,7 @@ context-extension stage evaluates at its own length; the loss moves at the bound
 
 * The step's metrics (on the logging rank; the TensorBoard sink writes them):
   ``eval/<set>/loss``, ``eval/<set>/ppl``, ``eval/<set>/top1``, ``eval/<set>/top5`` at
-  the training step (steps completed, as ``train/loss``), and ``time/eval`` (seconds).
+  the training step (steps completed, as ``1_train/loss``), and ``time/eval`` (seconds).
 * The console (logging rank): one line per set.
 * With ``eval.needle``, the needle-in-a-haystack eval (:mod:`phoenix.eval.needle`) at the
   same steps: ``eval/needle/<length>`` (accuracy over depths and trials) and

@@ -5,7 +5,7 @@ For each loss-bearing position (``loss_mask`` > 0) of a micro-batch:
 * **loss**: the cross entropy of the label over the real vocabulary (megatron's
   ``vocab_parallel_cross_entropy`` with the padded ids at ``-inf``, as training computes
   it: :mod:`phoenix.model.vocab_mask`), so an eval loss on training data equals
-  ``train/loss`` and the exported HF model's loss.
+  ``1_train/loss`` and the exported HF model's loss.
 * **top-k accuracy** (k = 1, 5): the label is among the k most likely *real* tokens.
   The output layer is padded beyond the model's vocabulary (``model.vocab_size``, or the
   tokenizer's size; see :func:`phoenix.model.builder.padded_vocab_size`); those padding

@@ -4,15 +4,15 @@ Every ``interval`` steps (and the run's last step) :class:`DatasetLossMonitor` w
 for each dataset of ``data.datasets`` (named by ``display_name``; ``dataset_id`` is the
 index in that list):
 
-``loss/by_dataset/<name>``
+``2_datasets/loss/<name>``
     Token-weighted mean loss of that dataset's samples in the **global** batches of every
     step since the previous write (the logging interval, this step included):
     ``sum(loss sums) / sum(loss tokens)`` over its samples on every data-parallel rank,
     so a dataset that comes in bursts between two writes is still seen. Datasets with no
     loss-bearing token in the interval are not written (no fake zeros). At interval 1 the
-    token-weighted mean of these values over datasets is ``train/loss``.
-``tokens/by_dataset/<name>``
-    Loss-bearing tokens (the ``loss_mask`` sum, the unit of ``train/consumed_tokens``)
+    token-weighted mean of these values over datasets is ``1_train/loss``.
+``2_datasets/tokens/<name>``
+    Loss-bearing tokens (the ``loss_mask`` sum, the unit of ``1_train/consumed_tokens``)
     of that dataset trained on so far, this step included; written for every dataset
     (0 for one not seen yet is a true count). Skipped steps count: their batch is
     consumed.
@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from phoenix.monitor.base import Callback, StepMetrics
+from phoenix.monitor.tags import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,14 @@ def dataset_tags(names: list[str], sums, cumulative) -> dict:
     tags = {}
     for name, (loss_sum, tokens) in zip(names, sums):
         if tokens > 0:
-            tags[f"loss/by_dataset/{name}"] = loss_sum / tokens
+            tags[f"{DATASETS}/loss/{name}"] = loss_sum / tokens
     for name, tokens in zip(names, cumulative):
-        tags[f"tokens/by_dataset/{name}"] = tokens
+        tags[f"{DATASETS}/tokens/{name}"] = tokens
     return tags
 
 
 class DatasetLossMonitor(Callback):
-    """Writes ``loss/by_dataset/<name>`` and ``tokens/by_dataset/<name>`` (module docstring).
+    """Writes ``2_datasets/loss/<name>`` and ``2_datasets/tokens/<name>`` (module docstring).
 
     ``interval``: every N steps (0: never write, but still count tokens). ``names``: the
     dataset names by ``dataset_id``; default ``[e.display_name for e in
@@ -141,7 +142,7 @@ class DatasetLossMonitor(Callback):
         self._sums = torch.zeros(num, 2, dtype=torch.float64, device=trainer.layout.device)
         if trainer.state.step > 0 and not self._loaded and trainer.layout.is_logging_rank:
             log.warning("DatasetLossMonitor: resumed at step %d without saved per-dataset token "
-                        "counts; tokens/by_dataset/* count from this step on", trainer.state.step)
+                        "counts; 2_datasets/tokens/* count from this step on", trainer.state.step)
         dropped = sorted(set(self._base) - set(self.names))
         if dropped and trainer.layout.is_logging_rank:
             log.warning("DatasetLossMonitor: saved token counts of datasets no longer in the "

@@ -27,7 +27,7 @@ Losses. megatron-core's routers save ``aux_loss / coeff`` (and ``z_loss / coeff`
 ``get_moe_layer_wise_logging_tracker()``: the values here are the *unscaled* losses, so a
 curve does not move when the coefficient changes (``aux_loss`` is 1.0 for a perfectly
 balanced softmax router, about ``E/k`` when every token goes to the same k experts). The
-loss that reaches the gradients is ``coeff x`` this value; it never appears in ``train/loss``
+loss that reaches the gradients is ``coeff x`` this value; it never appears in ``1_train/loss``
 (``MoEAuxLossAutoScaler`` attaches it to the router's activations through autograd).
 Each micro-batch adds its loss to the tracker: the value is the mean over the step's
 micro-batches; it is then reduced as megatron's ``reduce_aux_losses_tracker_across_ranks``

@@ -33,7 +33,7 @@ zero-padded to at least two digits, whatever the pipeline stage that holds them)
     embedding   final_norm   output_layer   other (only if present)
     global                            all parameters
 
-The step index is the one ``train/loss`` uses (steps completed after the step).
+The step index is the one ``1_train/loss`` uses (steps completed after the step).
 
 How the values are reduced (as megatron's own ``get_grad_norm_fp32`` does for the
 global norm): each rank adds the squares of the elements it *owns* into a fixed-order

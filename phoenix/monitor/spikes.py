@@ -36,7 +36,7 @@ are read from the per-layer grad norms recorded in the step's metrics (by the
 
 ``skip_step: true`` skips the optimizer update of a step whose **loss** spikes, through
 ``trainer.request_skip("loss spike")`` in ``on_before_optimizer_step``; the trainer
-counts it in ``state.skipped_steps`` and TensorBoard ``train/skipped_steps``. The grad
+counts it in ``state.skipped_steps`` and TensorBoard ``1_train/skipped_steps``. The grad
 norm is only known after the optimizer step, so grad-norm spikes are logged, never
 skipped. ``spikes/count`` (flagged steps so far) is recorded (for TensorBoard) on every
 flagged step and every ``logging.log_interval`` steps.

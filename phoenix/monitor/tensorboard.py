@@ -1,20 +1,42 @@
 """TensorBoard: the sink that writes a step's recorded metrics, on one rank.
 
+Where: every run writes under ``<output_dir>/tensorboard/<name>/`` (:func:`tensorboard_dir`,
+``name`` the recipe's top-level ``name``), so TensorBoard pointed at a folder that holds
+several output dirs (``tensorboard --logdir runs/``) lists each run by its name
+(``quickstart/tensorboard/quickstart``), and pointed at one output dir's ``tensorboard/``
+it lists ``quickstart``. A resumed run (same output dir, same name) appends to the same
+folder; its first step hides what earlier jobs wrote from that step on (see
+:class:`TensorBoardLogger`).
+
 :class:`TensorBoardLogger` is the only owner of a ``SummaryWriter`` in a run; every
 monitor records its scalars into the step's metrics collector (see
 :mod:`phoenix.monitor.base`) and this sink writes them, on the logging rank (the one
 that holds the loss), at the optimizer step (steps completed) of the collector. The
 resolved config is logged once as text under ``config``. Which tags exist is documented
-by their producers (:mod:`phoenix.monitor.train_scalars` for ``train/*``).
+by their producers; the groups and their order: :mod:`phoenix.monitor.tags`.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from pathlib import Path
 
 from phoenix.monitor.base import Callback, MetricsCollector
+
+log = logging.getLogger(__name__)
+
+
+def tensorboard_dir(output_dir: str | Path, name: str) -> Path:
+    """``<output_dir>/tensorboard/<name>``: the folder of a run's event files. ``name``
+    (the recipe's ``name``) becomes the run's name in TensorBoard; ValueError when it is
+    empty or would leave ``tensorboard/`` (absolute, ``..``)."""
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or ".." in parts:
+        raise ValueError(f"run name {name!r}: must be non-empty and stay inside tensorboard/ "
+                         f"(it names the TensorBoard run)")
+    return Path(output_dir) / "tensorboard" / name
 
 
 class BackgroundWriter:
@@ -45,8 +67,9 @@ class BackgroundWriter:
                 if item is None:
                     return
                 name, args = item
-                if self._error is None:
-                    getattr(self._writer, name)(*args)
+                if self._error is None:  # a writer method, or one of ours (_add_png)
+                    target = self if name.startswith("_") else self._writer
+                    getattr(target, name)(*args)
             except BaseException as e:  # reported on the training thread's next call
                 self._error = e
             finally:
@@ -67,7 +90,21 @@ class BackgroundWriter:
         """``image``: RGB ``uint8 [H, W, 3]`` (copied now)."""
         import numpy as np
 
-        self._put("add_image", tag, np.array(image, dtype=np.uint8), int(step), None, "HWC")
+        self._put("_add_png", tag, np.array(image, dtype=np.uint8), int(step))
+
+    def _add_png(self, tag: str, image, step: int) -> None:
+        """Runs on the writer thread. The image summary is built here with phoenix's own
+        PNG encoder: ``SummaryWriter.add_image`` needs PIL, which is no run-time
+        dependency of phoenix."""
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
+        from phoenix.monitor.heatmap import encode_png
+
+        height, width, _ = image.shape
+        png = Summary.Image(height=height, width=width, colorspace=3,
+                            encoded_image_string=encode_png(image))
+        summary = Summary(value=[Summary.Value(tag=tag, image=png)])
+        self._writer._get_file_writer().add_summary(summary, step)
 
     def add_histogram(self, tag: str, values, step: int) -> None:
         self._put("add_histogram", tag, values.detach().float().cpu().clone(), int(step))
@@ -111,6 +148,10 @@ class TensorBoardLogger(Callback):
         # So every tag has each step once, whatever the kind of restart. The config is
         # logged at that first step too (at the start step it would be kept twice).
         first = trainer.state.step + 1
+        parent = self.log_dir.parent
+        if any(parent.glob("events.out.tfevents.*")):  # written before runs had a name
+            log.info("TensorBoard: %s holds events of an earlier layout (run '.'); this run "
+                     "writes to %s", parent, self.log_dir)
         self.writer = BackgroundWriter(str(self.log_dir), purge_step=first)
         self.writer.add_text("config", "```yaml\n" + self.config_yaml + "\n```", first)
 

@@ -27,18 +27,18 @@ In closed form (forward, per token)::
 collector (written by the TensorBoard sink), every ``interval`` steps (and the last
 step):
 
-``throughput/tokens_per_sec_per_gpu``
-    ``train/``'s loss-bearing tokens per second (as ``throughput/tokens_per_sec``,
+``3_throughput/tokens_per_sec_per_gpu``
+    ``1_train/``'s loss-bearing tokens per second (as ``3_throughput/tokens_per_sec``,
     which the TensorBoard logger writes) divided by the world size.
-``throughput/forward_backward_time``, ``throughput/optimizer_time``
+``3_throughput/forward_backward_time``, ``3_throughput/optimizer_time``
     Seconds of this step on the logging rank (``StepMetrics``' times).
-``throughput/logging_time``
+``3_throughput/logging_time``
     Seconds the callbacks of the *previous* step took (not written at a process's
     first step, which has no previous one).
-``throughput/tflops_per_gpu``
+``3_throughput/tflops_per_gpu``
     ``3 x forward FLOPs per token x global_batch_size x seq_length / step_time /
     world_size`` (every position of every sample is computed, masked or not).
-``throughput/mfu``
+``3_throughput/mfu``
     ``tflops_per_gpu / peak_tflops``: against the configured peak, else a default for
     the GPU (:data:`PEAK_TFLOPS`, bf16/fp16 dense); not written when neither is known
     (e.g. on CPU without a configured peak).
@@ -47,7 +47,7 @@ step):
     rank closest to running out); ``max_allocated`` is the peak since the process
     started.
 
-``throughput/tokens_per_sec``, ``throughput/step_time`` and ``throughput/data_time``
+``3_throughput/tokens_per_sec``, ``3_throughput/step_time`` and ``3_throughput/data_time``
 are recorded by :class:`~phoenix.monitor.train_scalars.TrainScalars`, not here.
 On logging steps with CUDA the monitor does one 3-element ``all_reduce(MAX)`` over the
 world, so every rank must have it; it does nothing else outside the logging rank.
@@ -61,6 +61,7 @@ import torch
 import torch.distributed as dist
 
 from phoenix.monitor.base import Callback, StepMetrics
+from phoenix.monitor.tags import THROUGHPUT
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +144,10 @@ def default_peak_tflops(device_name: str | None, precision: str = "bf16") -> flo
 
 
 class ThroughputMonitor(Callback):
-    """Writes the ``throughput/`` and ``memory/`` tags listed in the module docstring.
+    """Writes the ``3_throughput/`` and ``memory/`` tags listed in the module docstring.
 
     ``interval``: every N steps (0 disables); the run's last step is always included.
-    ``peak_tflops``: the per-GPU peak that ``throughput/mfu`` is measured against;
+    ``peak_tflops``: the per-GPU peak that ``3_throughput/mfu`` is measured against;
     None takes :func:`default_peak_tflops` of the CUDA device (none on CPU).
     ``flops_per_token``: override the architecture count (tests, exotic models).
     ``model`` and ``precision``: the run's ``model`` section and ``train.precision`` (the
@@ -186,7 +187,7 @@ class ThroughputMonitor(Callback):
             self.peak_tflops = default_peak_tflops(name, self.precision)
             if self.peak_tflops is None and layout.is_logging_rank:
                 log.info("ThroughputMonitor: no peak TFLOP/s known for '%s' (%s); set "
-                         "logging.peak_tflops to log throughput/mfu", name, self.precision)
+                         "logging.peak_tflops to log 3_throughput/mfu", name, self.precision)
 
     def on_step_end(self, trainer, m: StepMetrics) -> None:
         if self._first_step is None or not trainer.metrics.due(self.interval, self.log_last_step):
@@ -196,20 +197,20 @@ class ThroughputMonitor(Callback):
         if not layout.is_logging_rank:
             return
         world = layout.world_size
-        tags = {"throughput/tokens_per_sec_per_gpu": m.tokens_per_second / world}
-        tags["throughput/forward_backward_time"] = m.forward_backward_time
-        tags["throughput/optimizer_time"] = m.optimizer_time
+        tags = {f"{THROUGHPUT}/tokens_per_sec_per_gpu": m.tokens_per_second / world}
+        tags[f"{THROUGHPUT}/forward_backward_time"] = m.forward_backward_time
+        tags[f"{THROUGHPUT}/optimizer_time"] = m.optimizer_time
         if m.step != self._first_step:
-            tags["throughput/logging_time"] = m.callbacks_time_prev_step
+            tags[f"{THROUGHPUT}/logging_time"] = m.callbacks_time_prev_step
         if m.step_time > 0:
             # Stages may change the batch and sequence length (attention FLOPs grow with it).
             stage = trainer.stages.stage_at(m.step - 1)
             per_token = self.flops_per_token or model_flops_per_token(
                 self.model, stage.seq_length, self._vocab)
             tflops = per_token * stage.tokens_per_step / m.step_time / world / 1e12
-            tags["throughput/tflops_per_gpu"] = tflops
+            tags[f"{THROUGHPUT}/tflops_per_gpu"] = tflops
             if self.peak_tflops:
-                tags["throughput/mfu"] = tflops / self.peak_tflops
+                tags[f"{THROUGHPUT}/mfu"] = tflops / self.peak_tflops
         if memory is not None:
             tags.update(memory)
         self.last = tags

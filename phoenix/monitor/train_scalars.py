@@ -3,13 +3,14 @@
 Recorded on the logging rank every ``logging.log_interval`` steps and at the run's last
 step, from the step's :class:`~phoenix.monitor.base.StepMetrics`:
 
-``train/loss``, ``train/lr``, ``train/grad_norm`` (megatron's global norm before
-clipping; NaN on a skipped step), ``train/loss_scale`` (fp16 only),
-``train/consumed_tokens``, ``train/consumed_samples``, ``train/skipped_steps`` (so far),
-``throughput/tokens_per_sec``, ``throughput/step_time``, ``throughput/data_time``, and
-with explicit stages ``train/stage`` (the 0-based stage index).
+``1_train/loss``, ``1_train/lr``, ``1_train/grad_norm`` (megatron's global norm before
+clipping; NaN on a skipped step), ``1_train/loss_scale`` (fp16 only),
+``1_train/consumed_tokens``, ``1_train/consumed_samples``, ``1_train/skipped_steps`` (so
+far), ``3_throughput/tokens_per_sec``, ``3_throughput/step_time``,
+``3_throughput/data_time``, and with explicit stages ``1_train/stage`` (the 0-based stage
+index). (Why the groups are numbered: phoenix.monitor.tags.)
 
-Where each stage begins (explicit stages), ``train/stage`` and a ``stages`` text are
+Where each stage begins (explicit stages), ``1_train/stage`` and a ``stages`` text are
 recorded at that step whatever the interval: the step axis of every other curve reads
 against it.
 """
@@ -17,6 +18,7 @@ against it.
 from __future__ import annotations
 
 from phoenix.monitor.base import Callback, StepMetrics
+from phoenix.monitor.tags import THROUGHPUT, TRAIN
 
 
 class TrainScalars(Callback):
@@ -37,21 +39,21 @@ class TrainScalars(Callback):
         stage = m.stage
         explicit = stage is not None and trainer.stages.explicit
         if explicit and m.stage_began:
-            rec.record("train/stage", stage.index)
+            rec.record(f"{TRAIN}/stage", stage.index)
             rec.record_text("stages", f"stage {stage.index} '{stage.name}' began at step "
                                       f"{stage.start_step} (after {stage.start_step} optimizer steps)")
         if not rec.due():
             return
         if explicit:
-            rec.record("train/stage", stage.index)
-        rec.record("train/loss", m.loss)
-        rec.record("train/lr", m.lr)
-        rec.record("train/grad_norm", m.grad_norm)
+            rec.record(f"{TRAIN}/stage", stage.index)
+        rec.record(f"{TRAIN}/loss", m.loss)
+        rec.record(f"{TRAIN}/lr", m.lr)
+        rec.record(f"{TRAIN}/grad_norm", m.grad_norm)
         if m.loss_scale is not None:
-            rec.record("train/loss_scale", m.loss_scale)
-        rec.record("train/consumed_tokens", m.consumed_tokens)
-        rec.record("train/consumed_samples", m.consumed_samples)
-        rec.record("train/skipped_steps", self.skipped)
-        rec.record("throughput/tokens_per_sec", m.tokens_per_second)
-        rec.record("throughput/step_time", m.step_time)
-        rec.record("throughput/data_time", m.data_time)
+            rec.record(f"{TRAIN}/loss_scale", m.loss_scale)
+        rec.record(f"{TRAIN}/consumed_tokens", m.consumed_tokens)
+        rec.record(f"{TRAIN}/consumed_samples", m.consumed_samples)
+        rec.record(f"{TRAIN}/skipped_steps", self.skipped)
+        rec.record(f"{THROUGHPUT}/tokens_per_sec", m.tokens_per_second)
+        rec.record(f"{THROUGHPUT}/step_time", m.step_time)
+        rec.record(f"{THROUGHPUT}/data_time", m.data_time)

@@ -19,6 +19,7 @@ from phoenix.eval.callback import EvalCallback
 from phoenix.monitor import (
     ConsoleLogger,
     DatasetLossMonitor,
+    HeatmapMonitor,
     MoEMonitor,
     NormMonitor,
     SpikeMonitor,
@@ -28,6 +29,8 @@ from phoenix.monitor import (
 )
 from phoenix.monitor.base import Callback
 from phoenix.monitor.wandb_sink import WandbLogger
+from phoenix.monitor.console import Cadence
+from phoenix.monitor.tensorboard import tensorboard_dir
 from phoenix.train.manual_gc import ManualGC
 
 
@@ -37,19 +40,28 @@ def builtin_callbacks(cfg: RunConfig, out_dir: Path, config_yaml: str) -> dict[s
     else)."""
     log = cfg.logging
     tb = log.tensorboard or log.wandb is not None
+    try:
+        tb_dir = tensorboard_dir(out_dir, cfg.name) if log.tensorboard else None
+    except ValueError as e:
+        raise ConfigError(f"name: {e}") from None
     names = [e.display_name for e in cfg.data.datasets]
+    moe_on = bool(tb and log.moe_interval and cfg.model.moe is not None)
     found: dict[str, Callback | None] = {
-        "console": ConsoleLogger(cfg.train.steps, log.log_interval),
+        "console": ConsoleLogger(
+            cfg.train.steps, log.log_interval,
+            saves=Cadence(cfg.checkpoint.save_interval, cfg.checkpoint.save_at_end),
+            evals=Cadence(cfg.eval.interval, cfg.eval.at_end) if cfg.eval else Cadence()),
         "train_scalars": TrainScalars(),
-        "tensorboard": (TensorBoardLogger(out_dir / "tensorboard", config_yaml)
-                        if log.tensorboard else None),
+        "tensorboard": TensorBoardLogger(tb_dir, config_yaml) if log.tensorboard else None,
         "wandb": (WandbLogger(log.wandb, out_dir, cfg.name, yaml.safe_load(config_yaml))
                   if log.wandb is not None else None),
         "norms": NormMonitor(log.norm_interval) if tb and log.norm_interval else None,
         "dataset_loss": (DatasetLossMonitor(log.dataset_loss_interval, names=names)
                          if tb and log.dataset_loss_interval else None),
         "moe": (MoEMonitor(log.moe_interval, moe=cfg.model.moe, num_layers=cfg.model.num_layers)
-                if tb and log.moe_interval and cfg.model.moe is not None else None),
+                if moe_on else None),
+        "heatmaps": (HeatmapMonitor(log.heatmap_every, out_dir / "heatmaps")
+                     if tb and log.heatmap_every and (log.norm_interval or moe_on) else None),
         "throughput": (ThroughputMonitor(log.throughput_interval, log.peak_tflops,
                                          model=cfg.model, precision=cfg.train.precision)
                        if tb and log.throughput_interval else None),
@@ -88,6 +100,8 @@ def run_callbacks(cfg: RunConfig, out_dir: Path, config_yaml: str) -> dict[str, 
             callbacks.pop(name, None)
         else:
             callbacks[name] = user_callback(name, spec)
+    if "heatmaps" in callbacks and not callbacks.keys() & {"norms", "moe"}:
+        del callbacks["heatmaps"]  # it draws what those record: nothing without them
     for name, cb in callbacks.items():
         cb.name = name
     return callbacks

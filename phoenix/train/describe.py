@@ -1,7 +1,7 @@
 """What a recipe needs before it runs: parameters, FLOPs per token and the memory of the
 most loaded GPU of its layout (``phoenix describe``, and ``phoenix train --dry-run``).
 The counts and formulas are in :mod:`phoenix.model.size`; the FLOPs convention is that of
-``throughput/tflops_per_gpu`` (:func:`phoenix.monitor.throughput.model_flops_per_token`).
+``3_throughput/tflops_per_gpu`` (:func:`phoenix.monitor.throughput.model_flops_per_token`).
 """
 
 from __future__ import annotations

@@ -272,7 +272,8 @@ class Trainer:
                     break
             if state.skipped_steps:
                 log.warning("%d of the run's %d steps so far were skipped (not applied): see "
-                            "train/skipped_steps and the step lines", state.skipped_steps, state.step)
+                            "1_train/skipped_steps and the step lines", state.skipped_steps,
+                            state.step)
         finally:
             stop.uninstall()
             self.loader.close()

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from phoenix.config import ConfigError, build_config
+from phoenix.monitor.tensorboard import tensorboard_dir
 from phoenix.testing import plan_reference as R
 from phoenix.testing.tiny import tiny_config_dict
 
@@ -273,12 +274,13 @@ def test_three_stage_run_resumes_identically_at_boundary_and_mid_stage(tiny_data
             assert a["sample_ids"] == b["sample_ids"]
         assert second["stage_starts"] == full["stage_starts"]
 
-    # TensorBoard: train/stage steps to the next index where each stage begins.
+    # TensorBoard: 1_train/stage steps to the next index where each stage begins.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(tmp_path / "full" / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(tensorboard_dir(tmp_path / "full", "tiny")),
+                           size_guidance={"scalars": 0})
     acc.Reload()
-    stage_of_step = {e.step: int(e.value) for e in acc.Scalars("train/stage")}
+    stage_of_step = {e.step: int(e.value) for e in acc.Scalars("1_train/stage")}
     assert [stage_of_step[k] for k in (1, 4, 5, 9, 10, 15)] == [0, 0, 1, 1, 2, 2]
 
     # A resumed run may not move a stage that has begun (s2 began at step 4).

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from phoenix.monitor.tensorboard import tensorboard_dir
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,14 +36,15 @@ def test_long_context_example_runs_both_stages(tmp_path):
     assert (out / "checkpoints" / "latest").read_text().strip().endswith("step_000030")
     assert (out / "needle" / "step_0000030.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc = EventAccumulator(str(tensorboard_dir(out, "long_context")),
+                           size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     for tag in ("eval/web_val/loss", "eval/needle/128", "eval/needle/256", "eval/needle/mean"):
         assert [e.step for e in acc.Scalars(tag)] == [10, 20, 30], tag
     for tag in ("eval/needle/128", "eval/needle/256"):
         assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars(tag))
     assert [e.step for e in acc.Images("eval/needle/heatmap")] == [10, 20, 30]
-    losses = [e.value for e in acc.Scalars("train/loss")]
+    losses = [e.value for e in acc.Scalars("1_train/loss")]
     assert len(losses) >= 6 and losses[-1] < losses[0] - 1.0
 
     # `phoenix eval` on the final checkpoint reproduces the in-training eval of step 30:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from phoenix.monitor.tensorboard import tensorboard_dir
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,17 +82,17 @@ def test_quickstart_pipeline(tmp_path):
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run / "tensorboard"))
+    acc = EventAccumulator(str(tensorboard_dir(run, "quickstart")))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/consumed_tokens",
-                "throughput/tokens_per_sec", "throughput/step_time"):
+    for tag in ("1_train/loss", "1_train/lr", "1_train/grad_norm", "1_train/consumed_tokens",
+                "3_throughput/tokens_per_sec", "3_throughput/step_time"):
         assert tag in tags, (tag, tags)
-    steps = sorted({e.step for e in acc.Scalars("train/loss")})
+    steps = sorted({e.step for e in acc.Scalars("1_train/loss")})
     assert steps == list(range(1, 9))  # both jobs wrote to the same log, no gaps
-    losses = {e.step: e.value for e in acc.Scalars("train/loss")}
+    losses = {e.step: e.value for e in acc.Scalars("1_train/loss")}
     assert losses[8] < losses[1]
-    consumed = {e.step: e.value for e in acc.Scalars("train/consumed_tokens")}
+    consumed = {e.step: e.value for e in acc.Scalars("1_train/consumed_tokens")}
     # Loss-bearing tokens of the 8 planned batches, counted from the plan file and the
     # sample lengths (grouped code samples end short at group boundaries).
     import numpy as np
@@ -109,8 +111,8 @@ def test_quickstart_pipeline(tmp_path):
         assert f"grad_norm/layer_{layer:02d}" in tags
     assert {"grad_norm/global", "param_norm/embedding", "update_ratio/output_layer"} <= tags
     # every tag family of the quickstart: per-dataset loss/tokens, throughput, eval, spikes
-    assert {"loss/by_dataset/web", "tokens/by_dataset/code", "throughput/tflops_per_gpu",
-            "throughput/forward_backward_time", "spikes/count"} <= tags, tags
+    assert {"2_datasets/loss/web", "2_datasets/tokens/code", "3_throughput/tflops_per_gpu",
+            "3_throughput/forward_backward_time", "spikes/count"} <= tags, tags
     for metric in ("loss", "ppl", "top1", "top5"):
         steps = [e.step for e in acc.Scalars(f"eval/heldout_web/{metric}")]
         assert steps == [4, 5, 8], (metric, steps)  # every 4 steps and at the end of each job

@@ -8,9 +8,10 @@ import math
 import pytest
 
 from phoenix.config import ConfigError
-from phoenix.config.typed import from_dict
 from phoenix.config.eval import EvalConfig
+from phoenix.config.typed import from_dict
 from phoenix.eval.evaluator import EvalResult, format_table, select_samples
+from phoenix.monitor.tensorboard import tensorboard_dir
 from phoenix.testing.distributed import run_distributed
 from phoenix.testing.tiny import tiny_config_dict
 from phoenix.testing.workers import run_eval_cli, train_with_eval
@@ -122,7 +123,7 @@ def test_eval_logged_and_training_unchanged(trained, tiny_data, tmp_path):
     # Training moved the held-out numbers (so the periodic evaluations are really re-run).
     assert result["evals"][0][1]["code"]["loss"] != result["evals"][1][1]["code"]["loss"]
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(tensorboard_dir(run_dir, "tiny")), size_guidance={"scalars": 0})
     acc.Reload()
     for name in ("code", "web"):
         for key in KEYS:

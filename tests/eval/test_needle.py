@@ -22,8 +22,9 @@ from phoenix.eval.needle import (
     read_haystack,
     score,
 )
-from phoenix.testing.needle import copy_passkey_fn, needle_greedy
+from phoenix.monitor.tensorboard import tensorboard_dir
 from phoenix.testing.distributed import run_distributed
+from phoenix.testing.needle import copy_passkey_fn, needle_greedy
 from phoenix.testing.tiny import tiny_config_dict
 from phoenix.testing.workers import train_with_eval
 
@@ -290,7 +291,8 @@ def test_needle_logged_during_training(needle_run):
         assert all(0.0 <= a <= 1.0 for row in r["accuracy"] for a in row)
         assert 0.0 <= r["mean"] <= 1.0
 
-    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
+    acc = EventAccumulator(str(tensorboard_dir(out, "tiny")),
+                           size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
     for key in ("96", "128", "mean"):
         events = acc.Scalars(f"eval/needle/{key}")

@@ -16,7 +16,7 @@ import torch
 
 from phoenix.monitor.base import MetricsCollector
 from phoenix.monitor.dataset_loss import DatasetLossMonitor, dataset_tags, per_dataset_sums
-from phoenix.monitor.tensorboard import TensorBoardLogger
+from phoenix.monitor.tensorboard import TensorBoardLogger, tensorboard_dir
 
 STEPS = 3
 NAMES = ["web", "code"]
@@ -62,9 +62,9 @@ def test_per_dataset_sums():
     sums = per_dataset_sums(_report([(1, 2.0, 4), (0, 1.0, 2), (1, 6.0, 4)]), 3)
     assert sums.tolist() == [[1.0, 2.0], [8.0, 8.0], [0.0, 0.0]]
     tags = dataset_tags(["a", "b", "c"], sums, torch.tensor([5.0, 8.0, 0.0]))
-    assert tags == {"loss/by_dataset/a": 0.5, "loss/by_dataset/b": 1.0,
-                    "tokens/by_dataset/a": 5.0, "tokens/by_dataset/b": 8.0,
-                    "tokens/by_dataset/c": 0.0}
+    assert tags == {"2_datasets/loss/a": 0.5, "2_datasets/loss/b": 1.0,
+                    "2_datasets/tokens/a": 5.0, "2_datasets/tokens/b": 8.0,
+                    "2_datasets/tokens/c": 0.0}
     with pytest.raises(ValueError):
         per_dataset_sums(_report([(3, 1.0, 1)]), 3)
 
@@ -78,11 +78,11 @@ def test_interval_absence_cumulative_tokens_and_resume():
     _step(mon, trainer, 3, [(1, 9.0, 3)])                           # not a logging step
     _step(mon, trainer, 4, [(0, 1.0, 1), (1, 8.0, 4)])
     # Each write is the token mean over the interval's steps (1-2, then 3-4).
-    assert writer.scalars["loss/by_dataset/web"] == [(2, 0.7), (4, 1.0)]
-    assert writer.scalars["loss/by_dataset/code"] == [(2, 4.0), (4, 17.0 / 7.0)]
+    assert writer.scalars["2_datasets/loss/web"] == [(2, 0.7), (4, 1.0)]
+    assert writer.scalars["2_datasets/loss/code"] == [(2, 4.0), (4, 17.0 / 7.0)]
     # Tokens of every step (3 included) are counted, logged at logging steps.
-    assert writer.scalars["tokens/by_dataset/web"] == [(2, 10.0), (4, 11.0)]
-    assert writer.scalars["tokens/by_dataset/code"] == [(2, 1.0), (4, 8.0)]
+    assert writer.scalars["2_datasets/tokens/web"] == [(2, 10.0), (4, 11.0)]
+    assert writer.scalars["2_datasets/tokens/code"] == [(2, 1.0), (4, 8.0)]
     state = mon.state_dict()
     assert state == {"tokens": {"web": 11, "code": 8}}
 
@@ -93,10 +93,10 @@ def test_interval_absence_cumulative_tokens_and_resume():
     resumed.load_state_dict(state)
     resumed.on_train_start(trainer2)
     _step(resumed, trainer2, 5, [(1, 1.0, 1)])
-    assert writer2.scalars["tokens/by_dataset/web"] == [(5, 11.0)]
-    assert writer2.scalars["tokens/by_dataset/code"] == [(5, 9.0)]
-    assert writer2.scalars["loss/by_dataset/code"] == [(5, 1.0)]
-    assert "loss/by_dataset/web" not in writer2.scalars
+    assert writer2.scalars["2_datasets/tokens/web"] == [(5, 11.0)]
+    assert writer2.scalars["2_datasets/tokens/code"] == [(5, 9.0)]
+    assert writer2.scalars["2_datasets/loss/code"] == [(5, 1.0)]
+    assert "2_datasets/loss/web" not in writer2.scalars
     assert resumed.state_dict() == {"tokens": {"web": 11, "code": 9}}
 
 
@@ -112,16 +112,16 @@ def test_burst_dataset_between_writes_is_logged():
     _step(mon, trainer, 4, [(0, 4.0, 2)])
     _step(mon, trainer, 5, [(1, 1.0, 1), (1, 2.0, 1)])              # the burst again
     _step(mon, trainer, 6, [(0, 2.0, 2)])
-    assert writer.scalars["loss/by_dataset/code"] == [(3, 3.0), (6, 1.5)]
-    assert writer.scalars["loss/by_dataset/web"] == [(3, 1.0), (6, 1.5)]
-    assert writer.scalars["tokens/by_dataset/code"] == [(3, 2.0), (6, 4.0)]
+    assert writer.scalars["2_datasets/loss/code"] == [(3, 3.0), (6, 1.5)]
+    assert writer.scalars["2_datasets/loss/web"] == [(3, 1.0), (6, 1.5)]
+    assert writer.scalars["2_datasets/tokens/code"] == [(3, 2.0), (6, 4.0)]
 
 
 # -- slow: real runs, event files, oracle ----------------------------------------------
 def _scalars(run_dir: Path) -> dict[str, dict[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tb = run_dir / "tensorboard"
+    tb = tensorboard_dir(run_dir, "tiny")
     assert len(list(tb.glob("events.out.tfevents.*"))) == 1, "exactly one writer"
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})
     acc.Reload()
@@ -171,20 +171,20 @@ def _check_against_oracle(scalars, oracle, rel):
     cumulative = {n: 0.0 for n in NAMES}
     for step, per in enumerate(oracle, start=1):
         for name in NAMES:
-            logged = scalars.get(f"loss/by_dataset/{name}", {})
+            logged = scalars.get(f"2_datasets/loss/{name}", {})
             if name in per:
                 loss_sum, tokens = per[name]
                 cumulative[name] += tokens
                 assert _close(logged[step], loss_sum / tokens, rel), (name, step, logged, per)
             else:
                 assert step not in logged, f"{name} absent at step {step} but logged"
-            assert scalars[f"tokens/by_dataset/{name}"][step] == cumulative[name], (name, step)
-        # The token-weighted mean over datasets is the global train/loss.
-        step_tokens = {n: scalars[f"tokens/by_dataset/{n}"][step]
-                       - scalars[f"tokens/by_dataset/{n}"].get(step - 1, 0.0) for n in NAMES}
-        mean = (sum(scalars[f"loss/by_dataset/{n}"][step] * step_tokens[n]
+            assert scalars[f"2_datasets/tokens/{name}"][step] == cumulative[name], (name, step)
+        # The token-weighted mean over datasets is the global 1_train/loss.
+        step_tokens = {n: scalars[f"2_datasets/tokens/{n}"][step]
+                       - scalars[f"2_datasets/tokens/{n}"].get(step - 1, 0.0) for n in NAMES}
+        mean = (sum(scalars[f"2_datasets/loss/{n}"][step] * step_tokens[n]
                     for n in NAMES if step_tokens[n]) / sum(step_tokens.values()))
-        assert _close(mean, scalars["train/loss"][step], 1e-5), (step, mean)
+        assert _close(mean, scalars["1_train/loss"][step], 1e-5), (step, mean)
     return cumulative
 
 
@@ -196,13 +196,13 @@ def test_single_process_matches_oracle(reference):
     assert [sorted(per) for per in oracle] == [["web"], ["code", "web"], ["web"]]
     cumulative = _check_against_oracle(scalars, oracle, 1e-5)
     assert result["dataset_state"] == {"tokens": {n: int(v) for n, v in cumulative.items()}}
-    assert sum(cumulative.values()) == scalars["train/consumed_tokens"][STEPS]
+    assert sum(cumulative.values()) == scalars["1_train/consumed_tokens"][STEPS]
     # The throughput monitor ran in the same run: its tags, once per step, none clashing.
     for tag in ("tokens_per_sec_per_gpu", "forward_backward_time", "optimizer_time",
                 "tflops_per_gpu"):
-        assert sorted(scalars[f"throughput/{tag}"]) == [1, 2, 3], tag
-    assert sorted(scalars["throughput/logging_time"]) == [2, 3]
-    assert "throughput/mfu" not in scalars  # CPU, no configured peak
+        assert sorted(scalars[f"3_throughput/{tag}"]) == [1, 2, 3], tag
+    assert sorted(scalars["3_throughput/logging_time"]) == [2, 3]
+    assert "3_throughput/mfu" not in scalars  # CPU, no configured peak
 
 
 @pytest.mark.slow
@@ -218,6 +218,6 @@ def test_data_parallel_matches_oracle(reference, tiny_data, tmp_path):
     cumulative = _check_against_oracle(scalars, ref["oracle"], 1e-4)
     for r in results:  # state_dict() is collective and global on every rank
         assert r["dataset_state"] == {"tokens": {n: int(v) for n, v in cumulative.items()}}
-    tags = sorted(t for t in scalars if t.startswith(("loss/by_dataset/", "tokens/by_dataset/")))
+    tags = sorted(t for t in scalars if t.startswith(("2_datasets/loss/", "2_datasets/tokens/")))
     assert tags == sorted(t for t in ref_scalars
-                          if t.startswith(("loss/by_dataset/", "tokens/by_dataset/")))
+                          if t.startswith(("2_datasets/loss/", "2_datasets/tokens/")))

@@ -17,6 +17,7 @@ import yaml
 
 from phoenix.monitor.moe import router_entropy_sum, routing_tags
 from phoenix.monitor.norms import expert_key, layer_part
+from phoenix.monitor.tensorboard import tensorboard_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
@@ -97,7 +98,8 @@ def _recipe(tiny_data, out: Path) -> dict:
 def _events(run_dir: Path) -> tuple[dict, list[str]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "histograms": 0})
+    acc = EventAccumulator(str(tensorboard_dir(run_dir, "quickstart_moe")),
+                           size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     scalars = {tag: dict((e.step, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
     return scalars, acc.Tags()["histograms"]
@@ -195,7 +197,7 @@ def test_per_expert_norms_match_single_process_and_sum_to_the_global_norm(runs, 
     assert not bad, "\n".join(bad[:20])
     for scalars in (ref, got):  # squares of the parts = megatron's global grad norm squared
         parts = _parts(scalars)
-        for step, norm in scalars["train/grad_norm"].items():
+        for step, norm in scalars["1_train/grad_norm"].items():
             total = sum(scalars[t][step] ** 2 for t in parts)
             assert _close(total, norm ** 2, 1e-5), (step, math.sqrt(total), norm)
 

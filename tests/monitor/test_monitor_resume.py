@@ -3,6 +3,7 @@ equal those of an uninterrupted run (read back from the event files)."""
 
 import pytest
 
+from phoenix.monitor.tensorboard import tensorboard_dir
 from phoenix.testing.distributed import run_distributed
 from phoenix.testing.tiny import tiny_config_dict
 from phoenix.testing.workers import train_and_record, train_jobs
@@ -13,10 +14,10 @@ pytestmark = pytest.mark.slow
 def _tokens(run_dir, step):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc = EventAccumulator(str(tensorboard_dir(run_dir, "tiny")))
     acc.Reload()
     return {tag: [e.value for e in acc.Scalars(tag) if e.step == step][-1]
-            for tag in acc.Tags()["scalars"] if tag.startswith("tokens/by_dataset/")}
+            for tag in acc.Tags()["scalars"] if tag.startswith("2_datasets/tokens/")}
 
 
 def test_dataset_tokens_resume(tiny_data, tmp_path):
@@ -28,7 +29,7 @@ def test_dataset_tokens_resume(tiny_data, tmp_path):
     run_distributed(train_and_record, 1, split, ["train.stop_at_step=2"])
     run_distributed(train_and_record, 1, split)
     expected = _tokens(tmp_path / "full", 4)
-    assert set(expected) == {"tokens/by_dataset/web", "tokens/by_dataset/code"}
+    assert set(expected) == {"2_datasets/tokens/web", "2_datasets/tokens/code"}
     assert sum(expected.values()) == 4 * 8 * 64  # every token of the 4 batches, all datasets
     assert _tokens(tmp_path / "split", 4) == expected
 
@@ -52,16 +53,17 @@ def test_steps_rerun_after_any_restart_appear_once(tiny_data, tmp_path):
     assert [s["step"] for s in stopped["steps"]] == [1, 2]
     assert [s["step"] for s in restarted["steps"]] == [1, 2, 3, 4, 5]  # nothing to resume
     assert [s["step"] for s in resumed["steps"]] == [4, 5, 6]
-    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"tensors": 0})
+    acc = EventAccumulator(str(tensorboard_dir(tmp_path / "run", "tiny")),
+                           size_guidance={"tensors": 0})
     acc.Reload()
     tags = acc.Tags()["tensors"]
-    assert {"train/loss", "train/lr", "config/text_summary"} <= set(tags), tags
+    assert {"1_train/loss", "1_train/lr", "config/text_summary"} <= set(tags), tags
     for tag in tags:
         steps = [e.step for e in acc.Tensors(tag)]
         assert steps == sorted(set(steps)), (tag, steps)
-    for tag in ("train/loss", "train/lr"):
+    for tag in ("1_train/loss", "1_train/lr"):
         assert [e.step for e in acc.Tensors(tag)] == [1, 2, 3, 4, 5, 6], tag
     assert [e.step for e in acc.Tensors("config/text_summary")] == [1, 4]  # jobs 2 and 3
-    losses = {e.step: float(make_ndarray(e.tensor_proto)) for e in acc.Tensors("train/loss")}
+    losses = {e.step: float(make_ndarray(e.tensor_proto)) for e in acc.Tensors("1_train/loss")}
     for s in resumed["steps"]:
         assert abs(losses[s["step"]] - s["loss"]) < 1e-6

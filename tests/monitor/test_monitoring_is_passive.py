@@ -3,6 +3,7 @@ versus no monitoring at all give bit-identical losses and grad norms."""
 
 import pytest
 
+from phoenix.monitor.tensorboard import tensorboard_dir
 from phoenix.testing.distributed import run_distributed
 from phoenix.testing.tiny import tiny_config_dict
 from phoenix.testing.workers import train_and_record
@@ -17,7 +18,7 @@ def test_monitoring_does_not_change_training(tiny_data, tmp_path):
                            logging={"tensorboard": False, "log_interval": 1000})
     (with_logs,) = run_distributed(train_and_record, 1, on)
     (without,) = run_distributed(train_and_record, 1, off)
-    assert list((tmp_path / "on" / "tensorboard").glob("events.out.tfevents.*"))
+    assert list(tensorboard_dir(tmp_path / "on", "tiny").glob("events.out.tfevents.*"))
     assert not (tmp_path / "off" / "tensorboard").exists()
     assert [(s["loss"], s["grad_norm"]) for s in with_logs["steps"]] == \
            [(s["loss"], s["grad_norm"]) for s in without["steps"]]

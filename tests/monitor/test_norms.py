@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from phoenix.monitor.norms import layer_key, layer_part, named_parameter_keys
+from phoenix.monitor.tensorboard import tensorboard_dir
 
 STEPS = 3
 NORM_FAMILIES = ("grad_norm/", "param_norm/", "update_norm/", "update_ratio/")
@@ -84,7 +85,7 @@ def test_layer_keys_come_from_layer_number_not_the_name():
 def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    tb = run_dir / "tensorboard"
+    tb = tensorboard_dir(run_dir, "tiny")
     assert len(list(tb.glob("events.out.tfevents.*"))) == 1, "exactly one writer"
     acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every event
     acc.Reload()
@@ -143,7 +144,7 @@ def _check_parts_sum_to_global(scalars):
              and not (t.startswith("grad_norm/layer_") and t.count("/") == 1)]
     assert {"grad_norm/embedding", "grad_norm/final_norm", "grad_norm/output_layer",
             "grad_norm/layer_00/attention/qkv", "grad_norm/layer_03/mlp/fc2"} <= set(parts)
-    megatron = dict(scalars["train/grad_norm"])
+    megatron = dict(scalars["1_train/grad_norm"])
     assert sorted(megatron) == list(range(1, STEPS + 1))
     for step, norm in megatron.items():
         total = sum(dict(scalars[t])[step] ** 2 for t in parts)

@@ -11,6 +11,7 @@ import pytest
 from phoenix.config import ConfigError
 from phoenix.config.monitoring import SpikeConfig
 from phoenix.monitor.spikes import SpikeDetector, provenance, read_spikes, top_layers
+from phoenix.monitor.tensorboard import tensorboard_dir
 
 SPIKE_AT, STEPS, FACTOR = 6, 6, 20.0
 # grad norms grow early in the tiny run (~1.0 -> 1.8 by step 5): rel_std_floor keeps that
@@ -169,14 +170,14 @@ def test_spike_record_single_process_with_skip(single_run):
     assert sums[SPIKE_AT - 1] == sums[SPIKE_AT - 2] and sums[SPIKE_AT - 2] != sums[SPIKE_AT - 3]
     assert result["skipped"] == 1 and result["count"] == 1
 
-    # TensorBoard: spikes/count and train/skipped_steps
+    # TensorBoard: spikes/count and 1_train/skipped_steps
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc = EventAccumulator(str(tensorboard_dir(run_dir, "tiny")), size_guidance={"scalars": 0})
     acc.Reload()
     count = {e.step: e.value for e in acc.Scalars("spikes/count")}
     assert count == {st: float(st >= SPIKE_AT) for st in range(1, STEPS + 1)}
-    assert acc.Scalars("train/skipped_steps")[-1].value == 1
+    assert acc.Scalars("1_train/skipped_steps")[-1].value == 1
 
     # the batch inspector lists those very samples for the same 1-based step
     from phoenix.cli.inspect_batch import batch_samples

@@ -143,22 +143,23 @@ def test_monitor_tags_and_values():
     _run(mon, trainer, 5)
     got = tb.writer.scalars
     assert sorted(got) == sorted([
-        "throughput/tokens_per_sec_per_gpu", "throughput/forward_backward_time",
-        "throughput/optimizer_time", "throughput/logging_time", "throughput/tflops_per_gpu",
-        "throughput/mfu"])
+        "3_throughput/tokens_per_sec_per_gpu", "3_throughput/forward_backward_time",
+        "3_throughput/optimizer_time", "3_throughput/logging_time", "3_throughput/tflops_per_gpu",
+        "3_throughput/mfu"])
     # The TensorBoard logger's own tags are not written twice.
-    assert not {"throughput/tokens_per_sec", "throughput/step_time", "throughput/data_time"} & set(got)
+    assert not {"3_throughput/tokens_per_sec", "3_throughput/step_time",
+                "3_throughput/data_time"} & set(got)
     for tag, values in got.items():
         assert [s for s, _ in values] == [2, 4, 5], tag  # every 2 steps and the last
     v = {tag: values[-1][1] for tag, values in got.items()}
-    assert v["throughput/tokens_per_sec_per_gpu"] == 500 / 2.0 / 4
-    assert v["throughput/forward_backward_time"] == 1.5
-    assert v["throughput/optimizer_time"] == pytest.approx(0.2)
-    assert v["throughput/logging_time"] == pytest.approx(0.05)
+    assert v["3_throughput/tokens_per_sec_per_gpu"] == 500 / 2.0 / 4
+    assert v["3_throughput/forward_backward_time"] == 1.5
+    assert v["3_throughput/optimizer_time"] == pytest.approx(0.2)
+    assert v["3_throughput/logging_time"] == pytest.approx(0.05)
     tflops = 1.5e9 * 8 * 64 / 2.0 / 4 / 1e12   # flops/token x tokens / s / GPUs
-    assert math.isclose(v["throughput/tflops_per_gpu"], tflops, rel_tol=1e-12)
-    assert math.isclose(v["throughput/mfu"], tflops / 100.0, rel_tol=1e-12)
-    assert mon.last["throughput/mfu"] == v["throughput/mfu"]
+    assert math.isclose(v["3_throughput/tflops_per_gpu"], tflops, rel_tol=1e-12)
+    assert math.isclose(v["3_throughput/mfu"], tflops / 100.0, rel_tol=1e-12)
+    assert mon.last["3_throughput/mfu"] == v["3_throughput/mfu"]
 
 
 def test_no_mfu_on_cpu_without_peak_and_no_logging_time_at_first_step():
@@ -166,10 +167,10 @@ def test_no_mfu_on_cpu_without_peak_and_no_logging_time_at_first_step():
     mon = ThroughputMonitor(interval=1, flops_per_token=1e9)
     _run(mon, trainer, 2)
     got = tb.writer.scalars
-    assert "throughput/mfu" not in got
+    assert "3_throughput/mfu" not in got
     assert not any(t.startswith("memory/") for t in got)  # CPU: no CUDA memory stats
-    assert [s for s, _ in got["throughput/tflops_per_gpu"]] == [1, 2]
-    assert [s for s, _ in got["throughput/logging_time"]] == [2]  # step 1 has no previous
+    assert [s for s, _ in got["3_throughput/tflops_per_gpu"]] == [1, 2]
+    assert [s for s, _ in got["3_throughput/logging_time"]] == [2]  # step 1 has no previous
 
 
 def test_only_the_logging_rank_writes():
@@ -191,7 +192,7 @@ def test_memory_tags_on_gpu():
     assert v["memory/allocated_gb"] >= 0.25 and v["memory/reserved_gb"] >= v["memory/allocated_gb"]
     assert v["memory/max_allocated_gb"] >= v["memory/allocated_gb"]
     if default_peak_tflops(torch.cuda.get_device_name(), "bf16"):
-        assert "throughput/mfu" in v
+        assert "3_throughput/mfu" in v
     del x
 
 
@@ -225,5 +226,5 @@ def test_monitor_counts_moe_flops_from_the_model_config():
     moe_mlp = k * 3 * h * f + h * E
     forward = 2 * L * (attn + moe_mlp) + 2 * L * (2 * s * n_q * d) + 2 * h * V
     tflops = 3 * forward * 8 * 64 / 2.0 / 2 / 1e12
-    (step, value), = tb.writer.scalars["throughput/tflops_per_gpu"]
+    (step, value), = tb.writer.scalars["3_throughput/tflops_per_gpu"]
     assert step == 1 and math.isclose(value, tflops, rel_tol=1e-12)
