@@ -28,6 +28,7 @@ COMMANDS = {
     "upcycle": "phoenix.cli.upcycle",
     "tokenizer": "phoenix.cli.tokenizer_check",
     "expand-vocab": "phoenix.cli.expand_vocab",
+    "compare-checkpoints": "phoenix.cli.compare_checkpoints",
 }
 """Command name -> the module whose ``main(argv)`` runs it."""
 
@@ -47,6 +48,7 @@ SUMMARIES = {
     "upcycle": "a dense checkpoint as a MoE one (experts from the dense MLP, granular too)",
     "tokenizer": "tokenizer tools: check A B --corpus FILE (do two tokenizers agree?)",
     "expand-vocab": "append tokens to a tokenizer (no id changes) and resize a checkpoint to it",
+    "compare-checkpoints": "per layer/part weight and Adam-state change between checkpoints (CSV, heatmap)",
 }
 
 
