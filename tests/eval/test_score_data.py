@@ -166,3 +166,41 @@ def test_score_data_refuses_bad_input(setup, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
     assert not list(tmp_path.iterdir())
+
+
+def test_windows_score_every_token_once():
+    from phoenix.eval.score_data import windows
+
+    assert windows(40, 16, 8) == [(0, 16, 0), (8, 16, 8), (16, 16, 8), (24, 15, 8)]
+    assert windows(1, 16, 8) == [] and windows(17, 16, 8) == [(0, 16, 0)]
+    for n, seq, stride in ((100, 16, 5), (33, 8, 8), (7, 4, 1)):
+        scored = [start + i + 1 for start, length, first in windows(n, seq, stride)
+                  for i in range(first, length)]
+        assert scored == list(range(1, n)) and all(length <= seq for _, length, _ in windows(n, seq, stride))
+
+
+def test_keep_mask_by_document_and_by_group():
+    from phoenix.eval.score_data import keep_mask
+
+    loss = np.array([3.0, 1.0, np.nan, 2.0, 5.0, 4.0])
+    tokens = np.array([10, 10, 0, 10, 10, 10])
+    # by document: the 3 lowest losses, the unscored document counted among the kept
+    assert keep_mask(loss, tokens, 0.5).tolist() == [False, True, True, True, False, False]
+    # by group: {0, 1} mean 2.0 (token-weighted), {2} unscored, {3, 4, 5} mean 11/3
+    groups = np.array([0, 0, 1, 2, 2, 2])
+    assert keep_mask(loss, tokens, 0.5, groups).tolist() == [True, True, True, False, False, False]
+    assert keep_mask(loss, tokens, 0.51, groups).all()
+
+
+def test_compare_hf_folder_with_its_import(setup, tmp_path, capsys):
+    """A Hugging Face folder is imported on the fly: against its own import nothing moved."""
+    import csv
+
+    from phoenix.cli.compare_checkpoints import main
+
+    root, _, _ = setup
+    assert main([str(root / "hf"), str(root / "px"), "--out", str(tmp_path / "cmp")]) == 0
+    with open(tmp_path / "cmp" / "compare.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["state"] for r in rows} == {"weight"} and len(rows) > 10
+    assert all(float(r["delta"]) == 0.0 and float(r["cosine"]) == pytest.approx(1.0) for r in rows)
