@@ -4,8 +4,8 @@ A tiny random Llama-3 (GQA, llama3 RoPE; vocabulary padded for the output layer)
 built with transformers and imported with ``hf-to-phoenix``. Documents of 1 to 63 tokens
 (written with megatron's own ``IndexedDatasetBuilder``, in groups) are scored in windows
 of 16 tokens, 8 apart; the reference feeds transformers the same windows, computed here
-independently, and takes the log-softmax itself. One process and two (DP=2, gloo) give
-the same arrays; the ``--keep`` prefix is read back with megatron's ``IndexedDataset``."""
+independently, and takes the log-softmax itself. One process, two (DP=2) and two (TP=2, the
+vocabulary split with padding on the second rank) give the same arrays; the ``--keep`` prefix is read back with megatron's ``IndexedDataset``."""
 
 from __future__ import annotations
 
@@ -107,6 +107,8 @@ def test_scores_match_transformers_at_one_and_two_processes(setup):
     assert run_distributed(_cli, 1, _args(root, prefix, one, "--keep", KEEP, "--keep-out",
                                           root / "kept" / "docs")) == [0]
     assert run_distributed(_cli, 2, _args(root, prefix, two)) == [0, 0]
+    tp2 = root / "tp2" / "scores"  # vocab 308 padded to 384: TP rank 1 holds 116 real ids
+    assert run_distributed(_cli, 2, _args(root, prefix, tp2, "parallel.tensor=2")) == [0, 0]
 
     ref = _reference(root, docs)
     got = np.load(f"{one}.npz")
@@ -119,14 +121,16 @@ def test_scores_match_transformers_at_one_and_two_processes(setup):
         assert got["loss"][d] == pytest.approx(r.mean(), rel=1e-5), d
         assert got["ppl"][d] == pytest.approx(math.exp(r.mean()), rel=1e-5), d
         assert got["min_k"][d] == pytest.approx(-np.sort(r)[::-1][:k].mean(), rel=1e-5), d
-    dp2 = np.load(f"{two}.npz")
-    for name in ("loss", "ppl", "min_k", "tokens"):
-        np.testing.assert_allclose(dp2[name], got[name], rtol=1e-5, equal_nan=True)
+    for other in (two, tp2):
+        scores = np.load(f"{other}.npz")
+        for name in ("loss", "ppl", "min_k", "tokens"):
+            np.testing.assert_allclose(scores[name], got[name], rtol=1e-5, equal_nan=True)
     sidecar = json.loads(open(f"{one}.json").read())
     assert sidecar["settings"] == {"seq_length": SEQ, "stride": STRIDE, "micro_batch_size": 3,
                                    "min_k": MIN_K}
     assert len(sidecar["tokenizer"]["fingerprint"]) > 8 and len(sidecar["checkpoint"]["fingerprint"]) == 16
     assert "dp=2" in json.loads(open(f"{two}.json").read())["layout"]
+    assert "tp=2" in json.loads(open(f"{tp2}.json").read())["layout"]
 
     # --keep 0.5 by group: groups ranked by token-weighted mean loss, best first, until
     # at least 6 of the 12 documents are kept.
