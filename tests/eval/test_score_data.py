@@ -4,8 +4,9 @@ A tiny random Llama-3 (GQA, llama3 RoPE; vocabulary padded for the output layer)
 built with transformers and imported with ``hf-to-phoenix``. Documents of 1 to 63 tokens
 (written with megatron's own ``IndexedDatasetBuilder``, in groups) are scored in windows
 of 16 tokens, 8 apart; the reference feeds transformers the same windows, computed here
-independently, and takes the log-softmax itself. One process, two (DP=2) and two (TP=2, the
-vocabulary split with padding on the second rank) give the same arrays; the ``--keep`` prefix is read back with megatron's ``IndexedDataset``."""
+independently, and takes the log-softmax itself. One process, two (DP=2) and two (TP=2,
+the vocabulary split with padding on the second rank) give the same arrays; the ``--keep``
+prefix is read back with megatron's ``IndexedDataset``."""
 
 from __future__ import annotations
 
