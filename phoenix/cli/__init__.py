@@ -29,6 +29,8 @@ COMMANDS = {
     "upcycle": "phoenix.cli.upcycle",
     "tokenizer": "phoenix.cli.tokenizer_check",
     "expand-vocab": "phoenix.cli.expand_vocab",
+    "compare-checkpoints": "phoenix.cli.compare_checkpoints",
+    "score-data": "phoenix.cli.score_data",
 }
 """Command name -> the module whose ``main(argv)`` runs it."""
 
@@ -48,6 +50,8 @@ SUMMARIES = {
     "upcycle": "a dense checkpoint as a MoE one (experts from the dense MLP, granular too)",
     "tokenizer": "tokenizer tools: check A B --corpus FILE (do two tokenizers agree?)",
     "expand-vocab": "append tokens to a tokenizer (no id changes) and resize a checkpoint to it",
+    "compare-checkpoints": "per layer/part weight and Adam-state change between checkpoints (CSV, heatmap)",
+    "score-data": "per-document loss, perplexity and Min-K% of a dataset under a checkpoint; --keep filters",
 }
 
 
