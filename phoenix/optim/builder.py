@@ -25,9 +25,13 @@ def build_optimizer(cfg: RunConfig, model_chunks, layout, *,
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     from phoenix.model.builder import params_dtype
-    from phoenix.optim.compat import patch_distributed_optimizer_for_torch_adam
+    from phoenix.optim.compat import (
+        patch_distributed_optimizer_for_torch_adam,
+        patch_fully_reshardable_multi_bucket,
+    )
 
     patch_distributed_optimizer_for_torch_adam()
+    patch_fully_reshardable_multi_bucket()
 
     o, precision = cfg.optim, cfg.train.precision
     config = OptimizerConfig(

@@ -14,6 +14,17 @@ shared counter advanced once per parameter per step and the bias correction drif
 ``load_state_dict`` gives each parameter its own copy.
 
 Both are applied only when megatron itself reports neither apex nor TE.
+
+Third, whatever the stack (:func:`patch_fully_reshardable_multi_bucket`): saving a
+``fully_reshardable`` optimizer state of a gradient buffer split into several buckets
+(``parallel.overlap_grad_reduce``, the CUDA default with DP > 1) writes every parameter
+past the first bucket from the wrong offset. ``get_parameter_state_dp_zero`` joins the
+buckets with each bucket's end padding stripped, and
+``sharded_param_state_fully_reshardable`` slices that by the parameters' offsets in the
+padded buffer. The patch hands it the state laid out as the padded buffer (zeros in each
+bucket's padding), so the offsets are right. Found here as a resume whose loss left the
+uninterrupted run's at its first step (``tests/checkpoint/test_multi_bucket_resume.py``);
+the same fault is described in Megatron-LM pull request #5077.
 """
 
 from __future__ import annotations
@@ -51,3 +62,51 @@ def patch_distributed_optimizer_for_torch_adam() -> None:
     d.DistributedOptimizer._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states
     d.DistributedOptimizer.load_state_dict = load_state_dict
     _PATCHED = True
+
+
+_PATCHED_BUCKETS = False
+
+
+def _as_padded_buffer(optimizer, state):
+    """``get_parameter_state_dp_zero``'s world tensors (buckets joined without their end
+    padding) re-laid in the padded buffer's coordinates, where ``param_index_map`` points."""
+    if state is None:
+        return None
+    for gbuf_idx, by_dtype in state.items():
+        if not isinstance(gbuf_idx, int):
+            continue
+        buffer = optimizer.buffers[gbuf_idx]
+        for world in by_dtype.values():
+            for key, tensor in list(world.items()):
+                if not torch.is_tensor(tensor) or tensor.dim() != 1 or key == "step":
+                    continue
+                padded = tensor.new_zeros(buffer.numel)
+                joined = 0
+                for bucket in buffer.buckets:
+                    n = bucket.numel_unpadded
+                    padded[bucket.offset:bucket.offset + n] = tensor[joined:joined + n]
+                    joined += n
+                world[key] = padded
+    return state
+
+
+def patch_fully_reshardable_multi_bucket() -> None:
+    """Make megatron-core 0.16.1's ``fully_reshardable`` optimizer save correct for
+    gradient buffers of several buckets (see the module docstring). Idempotent."""
+    global _PATCHED_BUCKETS
+    from megatron.core.optimizer import distrib_optimizer as d
+
+    if _PATCHED_BUCKETS:
+        return
+    original = d.DistributedOptimizer.sharded_param_state_fully_reshardable
+
+    def sharded_param_state_fully_reshardable(self, *args, **kwargs):
+        dp_zero = self.get_parameter_state_dp_zero
+        self.get_parameter_state_dp_zero = lambda **kw: _as_padded_buffer(self, dp_zero(**kw))
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            del self.get_parameter_state_dp_zero
+
+    d.DistributedOptimizer.sharded_param_state_fully_reshardable = sharded_param_state_fully_reshardable
+    _PATCHED_BUCKETS = True
