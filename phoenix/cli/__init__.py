@@ -27,6 +27,7 @@ COMMANDS = {
     "upcycle": "phoenix.cli.upcycle",
     "tokenizer": "phoenix.cli.tokenizer_check",
     "expand-vocab": "phoenix.cli.expand_vocab",
+    "reshard": "phoenix.cli.reshard",
 }
 """Command name -> the module whose ``main(argv)`` runs it."""
 
@@ -45,6 +46,7 @@ SUMMARIES = {
     "upcycle": "a dense checkpoint as a MoE one (experts from the dense MLP, granular too)",
     "tokenizer": "tokenizer tools: check A B --corpus FILE (do two tokenizers agree?)",
     "expand-vocab": "append tokens to a tokenizer (no id changes) and resize a checkpoint to it",
+    "reshard": "rewrite a dp_reshardable checkpoint so that it resumes at any TP/PP/EP",
 }
 
 
