@@ -149,10 +149,20 @@ class ShardedSave:
 
     def __init__(self, sharded_state_dict: dict, rank: int):
         from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper,
+        )
 
         self.rank = rank
         self.sharded, self.common = save_preprocess(sharded_state_dict,
                                                     validate_access_integrity=True)
+        # Spread the writes of replicated tensors (the model shard every data-parallel rank
+        # holds) evenly over the ranks holding them (megatron's
+        # FullyParallelSaveStrategyWrapper, over the world group as megatron defaults to):
+        # otherwise DP rank 0 stages and writes the whole model shard besides its own
+        # optimizer shard, and bounds the save's time and host memory.
+        FullyParallelSaveStrategyWrapper(_agreeing_strategy()("torch_dist", 1)) \
+            .apply_saving_parallelization(self.sharded)
         self.bytes = int(sum_over_ranks(_main_replica_bytes(self.sharded)))
 
     def write(self, checkpoint_dir: Path, background=None) -> None:
