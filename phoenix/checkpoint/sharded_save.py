@@ -154,8 +154,10 @@ class ShardedSave:
         )
 
         self.rank = rank
+        # the access integrity (every shard written once) is validated by the distribution
+        # below, after it has chosen the writers: one gather of the shards' metadata, not two
         self.sharded, self.common = save_preprocess(sharded_state_dict,
-                                                    validate_access_integrity=True)
+                                                    validate_access_integrity=False)
         # Spread the writes of replicated tensors (the model shard every data-parallel rank
         # holds) evenly over the ranks holding them (megatron's
         # FullyParallelSaveStrategyWrapper, over the world group as megatron defaults to):
