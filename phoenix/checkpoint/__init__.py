@@ -6,6 +6,9 @@
 * :mod:`phoenix.checkpoint.sharded_save`: megatron's sharded save, failing on every rank
   at once; :mod:`phoenix.checkpoint.save_failures`: the free-space check, the one-line
   error, the start-up sweep of unfinished saves.
+* :mod:`phoenix.checkpoint.optimizer_format`: the distributed optimizer's on-disk format
+  (``dp_reshardable`` / ``fully_reshardable``) and where each loads;
+  :mod:`phoenix.checkpoint.reshard`: ``phoenix reshard``, dp_reshardable to fully_reshardable.
 * :mod:`phoenix.checkpoint.trained_model`: a checkpoint's model with the RoPE it was
   trained with (:func:`load_model`), for evaluation and export.
 """

@@ -39,6 +39,7 @@ from phoenix.checkpoint.store import (
     resolve_checkpoint,
     step_of,
 )
+from phoenix.checkpoint.optimizer_format import layout_problem, layout_record
 from phoenix.checkpoint.resume_contract import check_resume, record_changes, rope_changes
 from phoenix.checkpoint.save_failures import CheckpointSaveError
 from phoenix.config import ConfigError, RunConfig
@@ -103,6 +104,7 @@ def plan_restore(cfg: RunConfig, vocab_size: Optional[int] = None) -> RestorePla
         # Every config change is honoured or refused here, before any work.
         decision = check_resume(latest, cfg, step_of(latest))
         bundle = upgrade_bundle(read_checkpoint_state(latest), latest, cfg)
+        _refuse_optimizer_layout(bundle, latest, cfg)
         return RestorePlan("resume", latest, tuple(decision.honoured), decision.old,
                            tuple(decision.data_changed), bundle)
     if not ckpt.init_from:
@@ -116,8 +118,18 @@ def plan_restore(cfg: RunConfig, vocab_size: Optional[int] = None) -> RestorePla
         raise ConfigError(f"checkpoint.init_optimizer: {source} has no optimizer state (it was "
                           f"saved before the first step); load weights only")
     check_init_vocab(source, cfg, vocab_size)
+    if ckpt.init_optimizer:
+        _refuse_optimizer_layout(bundle, source, cfg)
     return RestorePlan("init_from", source, honoured=tuple(rope_changes(source, cfg)),
                        bundle=bundle)
+
+
+def _refuse_optimizer_layout(bundle: dict, path: Path, cfg: RunConfig) -> None:
+    """Refuse, before a model is built, to load a dp_reshardable optimizer state at other
+    parallel degrees (the buckets are compared once the optimizer exists)."""
+    problem = layout_problem(bundle, path, cfg.parallel)
+    if problem is not None:
+        raise CheckpointError(problem)
 
 
 def _vocab_of(cfg: RunConfig) -> Optional[int]:
@@ -232,6 +244,7 @@ class Checkpointer:
         self.stateful = stateful
         self.store = CheckpointStore(checkpoint_root(cfg.output_dir), layout.rank,
                                          layout.world_size, self.ckpt.keep_last)
+        self.published: list[Path] = []  # background saves published, not yet reported
 
     # -- restore -------------------------------------------------------------------
     def restore(self, plan: RestorePlan) -> str:
@@ -240,6 +253,7 @@ class Checkpointer:
         if plan.kind == "resume":
             self.store.check_compatible(plan.path, self.model)
             bundle = plan.bundle  # read and upgraded once, by plan_restore
+            self._check_optimizer_layout(plan)
             with self._keeping_group_settings():
                 self.store.load(plan.path, self.model, self.optimizer, bundle)
             for key, obj in self.stateful.items():
@@ -256,6 +270,7 @@ class Checkpointer:
         if plan.kind == "init_from":
             self.store.check_compatible(plan.path, self.model)
             if self.ckpt.init_optimizer:
+                self._check_optimizer_layout(plan)
                 with self._keeping_group_settings():
                     self.store.load(plan.path, self.model, self.optimizer, plan.bundle,
                                       load_rng=False)
@@ -270,6 +285,19 @@ class Checkpointer:
                             plan.path, "; ".join(map(str, plan.honoured)))
             return f"initialised {what} from {plan.path}; schedule and data start at step 0"
         return "starting from scratch"
+
+    def _check_optimizer_layout(self, plan: RestorePlan) -> None:
+        """A dp_reshardable checkpoint's optimizer state loads only at its own layout and
+        buckets: refused in one line naming ``phoenix reshard`` otherwise (rank 0's buckets
+        decide; the degrees are the same on every rank)."""
+        from phoenix.runtime.distributed import max_over_ranks
+
+        problem = layout_problem(plan.bundle, plan.path, self.cfg.parallel,
+                                 self.optimizer if self.layout.rank == 0 else None)
+        if max_over_ranks(problem is not None):
+            raise CheckpointError(problem or layout_problem(plan.bundle, plan.path, self.cfg.parallel)
+                                  or f"checkpoint {plan.path}: its optimizer state does not fit "
+                                     f"this layout (see rank 0)")
 
     @contextlib.contextmanager
     def _keeping_group_settings(self):
@@ -287,7 +315,9 @@ class Checkpointer:
     def save(self, step: int, *, last: bool = False) -> Optional[Path]:
         """Save after ``step`` steps if the cadence asks for it: every
         ``checkpoint.save_interval`` steps, and with ``last`` (the end of the job) when
-        ``save_at_end``; a step already saved is not saved again. Returns the path or None.
+        ``save_at_end``; a step already saved is not saved again. Returns the path, or None
+        (nothing due, or a periodic save left to write in the background with
+        ``checkpoint.async_save``: :meth:`poll` publishes it).
 
         A failed save raises CheckpointSaveError, except a periodic one under
         ``checkpoint.on_save_error: continue`` (logged; None is returned)."""
@@ -298,25 +328,70 @@ class Checkpointer:
         if not due:
             return None
         try:
-            return self.save_now(step)
+            return self.save_now(step, background=self.ckpt.async_save and not last)
         except CheckpointSaveError as e:
-            if last or self.ckpt.on_save_error == "stop":
+            if last:
                 raise
-            if self.layout.rank == 0:
-                end = min(self.cfg.train.steps, self.cfg.train.stop_at_step or self.cfg.train.steps)
-                nxt = f"step {step + every}" if step + every < end else "the end of the job"
-                log.error("%s; training continues (checkpoint.on_save_error: continue) and "
-                          "saves again at %s", e, nxt)
+            self._periodic_failed(e)
             return None
 
-    def save_now(self, step: int) -> Path:
-        """Write checkpoint ``step`` now (atomically; see phoenix.checkpoint.store)."""
+    def _periodic_failed(self, e: CheckpointSaveError) -> None:
+        """checkpoint.on_save_error for a failed periodic save: re-raise, or log and go on."""
+        if self.ckpt.on_save_error == "stop":
+            raise e
+        if self.layout.rank == 0:
+            every, step = self.ckpt.save_interval, e.step
+            end = min(self.cfg.train.steps, self.cfg.train.stop_at_step or self.cfg.train.steps)
+            nxt = f"step {step + every}" if step + every < end else "the end of the job"
+            log.error("%s; training continues (checkpoint.on_save_error: continue) and "
+                      "saves again at %s", e, nxt)
+
+    def save_now(self, step: int, *, background: bool = False) -> Optional[Path]:
+        """Write checkpoint ``step`` now (atomically; see phoenix.checkpoint.store), after
+        finishing a background save still in progress. ``background``: megatron's
+        asynchronous save (returns None; :meth:`poll` / :meth:`wait` publish it)."""
+        self.wait()
         # Before the first step Adam has no state to save: a step-0 checkpoint is weights only.
         optimizer = self.optimizer if step > 0 else None
         bundle = {"format": FORMAT_VERSION, "step": step,
                   "states": {key: obj.state_dict() for key, obj in self.stateful.items()}}
+        fmt = self.ckpt.optimizer_format
         with gathered_params(self.model):  # overlap_param_gather: the updated weights
-            return self.store.save(step, self.model, optimizer, bundle, self.config_yaml)
+            return self.store.save(step, self.model, optimizer, bundle, self.config_yaml,
+                                   optimizer_format=fmt, background=background,
+                                   layout=layout_record(self.cfg.parallel, self.optimizer))
+
+    def poll(self) -> None:
+        """Publish a background save whose writers are done on every rank (one all-reduce
+        while one is in progress; never waits). Collective: every step."""
+        self._finish_pending(block=False)
+
+    def wait(self) -> None:
+        """Publish the background save in progress, waiting for its writers."""
+        self._finish_pending(block=True)
+
+    def _finish_pending(self, block: bool) -> None:
+        try:
+            path = self.store.finish_pending(block)
+        except CheckpointSaveError as e:
+            self._periodic_failed(e)
+            return
+        if path is not None:
+            self.published.append(path)
+
+    def take_published(self) -> list[Path]:
+        """The background saves published since the last call (for the saved callbacks)."""
+        out, self.published = self.published, []
+        return out
+
+    def close(self, clean: bool) -> None:
+        """The end of the job: publish the background save in progress when ``clean``
+        (every rank ends here together), else stop its writer unpublished (a failing job:
+        the previous checkpoint stays latest)."""
+        if clean:
+            self.wait()
+        else:
+            self.store.abandon_pending()
 
     # -- queries -------------------------------------------------------------------
     def latest(self) -> Optional[Path]:

@@ -13,6 +13,13 @@ the next collective: a hang until the distributed timeout, and no way to keep tr
 (:func:`agreed`): a failure anywhere raises :class:`SaveFailed` on every rank at the same
 point, so the caller can remove the temporary directory and stop, or keep training.
 
+The asynchronous save (``write(..., background=queue)``) is megatron's ``async_save`` of
+the same strategy: the planning collectives and the staging of the tensors in host memory
+happen in the call, the shard writes in a process forked from the trainer (megatron's
+``TemporalAsyncCaller``; the fork also freezes the CPU tensors it writes), and
+:meth:`ShardedSave.finish` runs megatron's finalisation under the same agreements once the
+``AsyncCallsQueue`` reports every rank's writer done.
+
 Helper processes: the shard writers' results travel through a multiprocessing Manager
 queue that megatron starts with the ``spawn`` method (a server process, plus the
 ``resource_tracker`` it keeps alive). Killed with the worker (SIGKILL of torchrun's process
@@ -24,6 +31,7 @@ then sees its pipe close and exits too).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 from pathlib import Path
@@ -141,27 +149,85 @@ class ShardedSave:
 
     def __init__(self, sharded_state_dict: dict, rank: int):
         from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper,
+        )
 
         self.rank = rank
+        # the access integrity (every shard written once) is validated by the distribution
+        # below, after it has chosen the writers: one gather of the shards' metadata, not two
         self.sharded, self.common = save_preprocess(sharded_state_dict,
-                                                    validate_access_integrity=True)
+                                                    validate_access_integrity=False)
+        # Spread the writes of replicated tensors (the model shard every data-parallel rank
+        # holds) evenly over the ranks holding them (megatron's
+        # FullyParallelSaveStrategyWrapper, over the world group as megatron defaults to):
+        # otherwise DP rank 0 stages and writes the whole model shard besides its own
+        # optimizer shard, and bounds the save's time and host memory.
+        FullyParallelSaveStrategyWrapper(_agreeing_strategy()("torch_dist", 1)) \
+            .apply_saving_parallelization(self.sharded)
         self.bytes = int(sum_over_ranks(_main_replica_bytes(self.sharded)))
 
-    def write(self, checkpoint_dir: Path) -> None:
+    def write(self, checkpoint_dir: Path, background=None) -> None:
         """``dist_checkpointing.save`` into the existing, empty ``checkpoint_dir``, raising
-        :class:`SaveFailed` on every rank when any write fails (module docstring)."""
-        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+        :class:`SaveFailed` on every rank when any write fails (module docstring).
+
+        ``background``: a megatron ``AsyncCallsQueue``. The save is then planned here and its
+        shards handed to a forked writer process scheduled on the queue (megatron's
+        ``async_save``: the tensors are staged in host memory first, so training may change
+        them afterwards); :meth:`finish` completes it once the queue reports the writers
+        done on every rank."""
         from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
         _results_queue()
         rank0 = self.rank == 0
         agreed(lambda: get_default_save_common_strategy().save_common(self.common, checkpoint_dir),
                run_here=rank0)
         strategy = _agreeing_strategy()("torch_dist", 1)
-        agreed(lambda: strategy.save(self.sharded, checkpoint_dir))  # shards, then .metadata
+        self._dir, self._strategy = checkpoint_dir, strategy
+        if background is None:
+            agreed(lambda: strategy.save(self.sharded, checkpoint_dir))  # shards, then .metadata
+            self._finalize_fns = []
+            self._finish_metadata()
+            return
+        planned = []
+        agreed(lambda: planned.append(strategy.async_save(self.sharded, checkpoint_dir)))
+        request = planned[0]
+        # megatron's finalisation (gather the write results, rank 0 writes .metadata) runs in
+        # finish(), under agreement; the queue only runs and watches the writer process.
+        self._finalize_fns = list(request.finalize_fns)
+        writer = (None if request.async_fn is None
+                  else functools.partial(_writer_dying_with, os.getpid(), request.async_fn))
+        agreed(lambda: background.schedule_async_request(
+            AsyncRequest(writer, request.async_fn_args, [], request.async_fn_kwargs,
+                         preload_fn=request.preload_fn)))
+
+    def finish(self) -> None:
+        """Complete a background write (see :meth:`write`) whose writers are done on every
+        rank: ``.metadata`` and ``metadata.json``. Raises SaveFailed on every rank when a
+        shard or these files failed. Collective; a no-op after a foreground write."""
+        if not self._finalize_fns:
+            return
+        fns, self._finalize_fns = self._finalize_fns, []
+        agreed(lambda: [fn() for fn in fns])  # raises the writers' errors on every rank
+        self._finish_metadata()
+
+    def _finish_metadata(self) -> None:
+        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+
+        strategy, rank0 = self._strategy, self.rank == 0
         agreed(strategy.raise_metadata_error, run_here=rank0)
         agreed(lambda: save_config(CheckpointingConfig(strategy.backend, strategy.version),
-                                   str(checkpoint_dir)), run_here=rank0)
+                                   str(self._dir)), run_here=rank0)
+
+
+def _writer_dying_with(parent: int, write: Callable, *args, **kwargs):
+    """The forked shard writer: killed with the training process (a writer that outlived a
+    killed job could write into a temporary directory the next job sweeps)."""
+    from phoenix.runtime.watchdog import die_with_parent
+
+    die_with_parent(parent)
+    return write(*args, **kwargs)
 
 
 _STRATEGY = None

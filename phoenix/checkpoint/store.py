@@ -17,6 +17,13 @@ either the previous checkpoint as latest or the new one fully written. Resume ta
 newest ``step_*`` directory that holds ``phoenix_state.pt`` (written last, inside the
 temporary directory). Multi-node runs need a filesystem shared by all nodes.
 
+With ``background`` (``checkpoint.async_save``) the shards are staged in host memory and
+written by forked processes while training goes on; everything after them (megatron's
+``.metadata``, RNG states, config, bundle, rename, ``latest``, keep_last) happens in
+:meth:`CheckpointStore.finish_pending`, at a later step, once every rank's writer is done.
+A job killed in between leaves the previous checkpoint as latest and the temporary
+directory for the next job to sweep.
+
 A write that fails on any rank (a full disk, a quota) fails the save on every rank at the
 same point: the temporary directory is removed, the previous checkpoint is untouched, and
 :class:`~phoenix.checkpoint.save_failures.CheckpointSaveError` says so in one line. Before
@@ -25,11 +32,15 @@ each save rank 0 warns when the free space is less than the save needs.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -40,6 +51,7 @@ from phoenix.checkpoint.save_failures import (
     SaveSpace,
     nearly_full,
 )
+from phoenix.checkpoint.optimizer_format import FULLY_RESHARDABLE, saved_format, sharding_metadata
 from phoenix.checkpoint.sharded_save import SaveFailed, ShardedSave, agreed
 from phoenix.io import atomic_write_text
 from phoenix.model import unwrap
@@ -49,13 +61,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "phoenix_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
-# The distributed optimizer's canonical (per-parameter) layout: loadable at any TP/PP/DP.
-# ``chained_optim_avoid_prefix``: with expert parallelism megatron chains a dense and an
-# expert optimizer and would prefix their keys ``chained_0.``/``chained_1.``; without the
-# prefix the keys are the parameters' own, so EP=2 state loads at EP=1 (one optimizer).
-# A single (dense) optimizer never had a prefix: dense checkpoints are unchanged.
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
-                   "chained_optim_avoid_prefix": True}
+
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -195,12 +201,12 @@ def _fresh_dir(path: Path) -> None:
     path.mkdir()
 
 
-def _save_rng(tmp: Path, rank: int) -> None:
+def _save_rng(tmp: Path, rank: int, state: dict) -> None:
     (tmp / "rng").mkdir(exist_ok=True)  # after the shards: megatron wants an empty dir
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    torch.save(state, tmp / "rng" / f"rank_{rank:05d}.pt")
 
 
-def _publish(tmp: Path, final: Path, config_yaml: str, bundle: dict) -> None:
+def _rename_into_place(tmp: Path, final: Path, config_yaml: str, bundle: dict) -> None:
     """Rank 0: the config and the state bundle (written last: it marks the directory
     complete), then the rename into place."""
     (tmp / "config.yaml").write_text(config_yaml)
@@ -210,6 +216,27 @@ def _publish(tmp: Path, final: Path, config_yaml: str, bundle: dict) -> None:
     os.replace(tmp, final)
 
 
+@dataclass
+class _SaveJob:
+    """One save between its start and its publication (a background one lives across steps)."""
+
+    step: int
+    tmp: Path
+    final: Path
+    save: ShardedSave
+    bundle: dict
+    """The state bundle as it was at the step saved (a copy: training goes on)."""
+    rng: dict
+    """This rank's RNG states at the step saved."""
+    config_yaml: str
+    space: Optional[SaveSpace]
+    previous: Optional[Path]
+
+    @property
+    def name(self) -> str:
+        return self.final.name
+
+
 class CheckpointStore:
     """Saves/loads this run's checkpoints under ``root``; every rank calls every method."""
 
@@ -217,18 +244,32 @@ class CheckpointStore:
         self.root = Path(root)
         self.rank, self.world_size = rank, world_size
         self.keep_last = keep_last
+        self.pending: Optional[_SaveJob] = None
+        """The background save whose writers may still run (see :meth:`finish_pending`)."""
+        self._queue = None  # megatron's AsyncCallsQueue, made at the first background save
 
     # -- save ----------------------------------------------------------------------
-    def save(self, step: int, model_chunks, optimizer, state: dict, config_yaml: str) -> Path:
-        """Write checkpoint ``step``: model (and optimizer, unless None) sharded by
-        dist_checkpointing, per-rank RNG states, ``config_yaml`` and the ``state`` bundle,
-        in a temporary directory that is renamed into place once every rank is done.
+    def save(self, step: int, model_chunks, optimizer, state: dict, config_yaml: str, *,
+             optimizer_format: str = FULLY_RESHARDABLE, layout: Optional[dict] = None,
+             background: bool = False) -> Optional[Path]:
+        """Write checkpoint ``step``: model (and optimizer, unless None, in
+        ``optimizer_format``; see phoenix.checkpoint.optimizer_format) sharded by
+        dist_checkpointing, per-rank RNG states, ``config_yaml`` and the ``state`` bundle
+        (with the format and ``layout``, the optimizer_format's layout record), in a
+        temporary directory that is renamed into place once every rank is done.
+
+        ``background``: megatron's asynchronous save; returns None once the shards are
+        staged and their writer runs, and :meth:`finish_pending` publishes it later.
+        Otherwise returns the published checkpoint.
 
         Raises CheckpointSaveError on every rank when a write fails on any (a full disk,
         a quota, an I/O error): the temporary directory is removed and the previous
         checkpoint is left as it was."""
         from phoenix.optim.nonfinite import state_is_finite
 
+        if self.pending is not None:
+            raise RuntimeError(f"checkpoint {self.pending.name} is still being written; "
+                               f"finish_pending(block=True) first")
         # Never publish NaN/Inf weights or optimizer state: each rank checks its shards,
         # one all-reduce combines the verdicts, and nothing is written on failure.
         finite, bad = state_is_finite(model_chunks, optimizer)
@@ -239,42 +280,92 @@ class CheckpointStore:
                 f"non-finite values ({'on this rank: ' + shown if bad else 'on another rank'}); "
                 f"the last good checkpoint stays {self.latest()}")
         name = f"step_{step:06d}"
-        final, tmp = self.root / name, self.root / f"{TMP_PREFIX}{name}"
         model_sd = _model_sharded_state_dict(model_chunks)
         sharded = {"model": model_sd}
+        bundle = dict(state, world_size=self.world_size, has_optimizer=optimizer is not None)
         if optimizer is not None:
-            sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False,
-                                                             metadata=_OPTIM_METADATA)
-        save = ShardedSave(sharded, self.rank)
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                model_sd, is_loading=False, metadata=sharding_metadata(optimizer_format))
+            bundle.update(optimizer_format=optimizer_format, optimizer_layout=layout)
         rank0, previous = self.rank == 0, self.latest()
+        save = ShardedSave(sharded, self.rank)
         space = SaveSpace.measure(self.root, save.bytes, previous) if rank0 else None
         if space is not None and not space.fits:
             log.warning("checkpoint %s: %s; the save will likely fail (the previous checkpoint "
                         "stays intact)", name, space.describe())
+        job = _SaveJob(step, self.root / f"{TMP_PREFIX}{name}", self.root / name, save,
+                       copy.deepcopy(bundle), _rng_state(), config_yaml, space, previous)
+        if background and self._queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self._queue = AsyncCallsQueue()
+        with self._failing(job):
+            agreed(lambda: _fresh_dir(job.tmp), run_here=rank0)
+            if background:
+                save.write(job.tmp, background=self._queue)
+            else:
+                save.write(job.tmp)
+        if background:
+            self.pending = job
+            return None
+        return self._publish(job)
+
+    def finish_pending(self, block: bool) -> Optional[Path]:
+        """Publish the background save once its writers are done on every rank (waiting
+        for them with ``block``); returns its path, or None when there is none or it is
+        still being written. Collective (one all-reduce when not blocking). Raises
+        CheckpointSaveError like :meth:`save` when a write failed."""
+        if self.pending is None or not self._queue.maybe_finalize_async_calls(blocking=block):
+            return None
+        job, self.pending = self.pending, None
+        return self._publish(job)
+
+    def abandon_pending(self) -> None:
+        """Stop the background save's writer without publishing it (the job is failing;
+        its temporary directory is swept by the next job)."""
+        if self.pending is None:
+            return
+        for call in self._queue.async_calls:
+            call.async_caller.close(abort=True)
+        self._queue.async_calls.clear()
+        self.pending = None
+
+    def _publish(self, job: _SaveJob) -> Path:
+        """The end of a save: megatron's metadata, RNG states, config, bundle, the rename
+        into place, ``latest`` and keep_last. Collective."""
+        rank0 = self.rank == 0
+        with self._failing(job):
+            job.save.finish()
+            agreed(lambda: _save_rng(job.tmp, self.rank, job.rng))
+            agreed(lambda: _rename_into_place(job.tmp, job.final, job.config_yaml, job.bundle),
+                   run_here=rank0)
+        if rank0:
+            try:
+                atomic_write_text(self.root / "latest", job.name + "\n")
+            except OSError as e:  # the checkpoint is complete: resume finds it without `latest`
+                log.warning("checkpoint %s is saved, but %s was not updated: %s", job.name,
+                            self.root / "latest", e)
+            self._prune()
+        dist.barrier()
+        return job.final
+
+    @contextlib.contextmanager
+    def _failing(self, job: _SaveJob):
+        """A SaveFailed inside (raised on every rank at once) removes the temporary
+        directory and becomes one CheckpointSaveError on every rank."""
         try:
-            agreed(lambda: _fresh_dir(tmp), run_here=rank0)
-            save.write(tmp)
-            agreed(lambda: _save_rng(tmp, self.rank))
-            bundle = dict(state, world_size=self.world_size, has_optimizer=optimizer is not None)
-            agreed(lambda: _publish(tmp, final, config_yaml, bundle), run_here=rank0)
+            yield
         except SaveFailed as e:
+            rank0 = self.rank == 0
             # A full disk is said once, by rank 0; torch.save reports one without an errno
             # ("unexpected pos"), so rank 0 also looks at the free space (before the removal).
             full = bool(max_over_ranks(e.no_space or (rank0 and nearly_full(self.root))))
             if rank0:
-                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(job.tmp, ignore_errors=True)
             if not full and e.error is not None:
-                log.warning("checkpoint %s: this rank's write failed: %s", name, e)
-            raise CheckpointSaveError(step, self.root, str(e), full, space, previous) from None
-        if rank0:
-            try:
-                atomic_write_text(self.root / "latest", name + "\n")
-            except OSError as e:  # the checkpoint is complete: resume finds it without `latest`
-                log.warning("checkpoint %s is saved, but %s was not updated: %s", name,
-                            self.root / "latest", e)
-            self._prune()
-        dist.barrier()
-        return final
+                log.warning("checkpoint %s: this rank's write failed: %s", job.name, e)
+            raise CheckpointSaveError(job.step, self.root, str(e), full, job.space,
+                                      job.previous) from None
 
     def _prune(self) -> None:
         if self.keep_last <= 0:
@@ -304,13 +395,18 @@ class CheckpointStore:
             from phoenix.optim.builder import ensure_optimizer_state
 
             ensure_optimizer_state(optimizer)
+            # the format the checkpoint records (older ones: fully_reshardable)
+            metadata = sharding_metadata(saved_format(state))
             sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                             metadata=_OPTIM_METADATA)
+                                                             metadata=metadata)
         loaded = dist_checkpointing.load(sharded, str(path))
         _load_model_state(model_chunks, loaded["model"])
         if optimizer is not None:
             n = len(getattr(optimizer, "chained_optimizers", [optimizer]))
-            optimizer.load_state_dict(fit_chained_optimizer_state(loaded["optimizer"], n))
+            # megatron's dp_reshardable load copies into the fp32 main parameters (leaves
+            # that require grad) outside no_grad, which autograd refuses
+            with torch.no_grad():
+                optimizer.load_state_dict(fit_chained_optimizer_state(loaded["optimizer"], n))
         rng_file = path / "rng" / f"rank_{self.rank:05d}.pt"
         if load_rng and state.get("world_size") == self.world_size and rng_file.is_file():
             _set_rng_state(torch.load(rng_file, weights_only=False))

@@ -31,6 +31,7 @@ COMMANDS = {
     "expand-vocab": "phoenix.cli.expand_vocab",
     "compare-checkpoints": "phoenix.cli.compare_checkpoints",
     "score-data": "phoenix.cli.score_data",
+    "reshard": "phoenix.cli.reshard",
 }
 """Command name -> the module whose ``main(argv)`` runs it."""
 
@@ -52,6 +53,7 @@ SUMMARIES = {
     "expand-vocab": "append tokens to a tokenizer (no id changes) and resize a checkpoint to it",
     "compare-checkpoints": "per layer/part weight and Adam-state change between checkpoints (CSV, heatmap)",
     "score-data": "per-document loss, perplexity and Min-K% of a dataset under a checkpoint; --keep filters",
+    "reshard": "rewrite a dp_reshardable checkpoint so that it resumes at any TP/PP/EP",
 }
 
 

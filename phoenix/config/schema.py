@@ -330,6 +330,24 @@ class CheckpointConfig:
     ``continue`` says the same and keeps training, trying again at the next save_interval.
     Either way the failed save's temporary directory is removed. The save at the end of
     the job (or on a stop signal) stops the job when it fails, whatever this says."""
+    async_save: bool = False
+    """Write the shards in the background (megatron-core's asynchronous sharded save:
+    ``dist_checkpointing.save(..., async_sharded_save=True)`` driven by an
+    ``AsyncCallsQueue``): the step that saves only plans the save and stages its tensors
+    in host memory, forked writer processes write them while training goes on, and the
+    save is finished (metadata, state bundle, rename into place, ``latest``, keep_last)
+    at a later step once every rank's writer is done. A save not yet finished is finished
+    before the next one, at the end of the job and on a stop signal; a killed job leaves
+    the previous checkpoint as latest. A failed write follows ``on_save_error``."""
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """How the distributed optimizer's state is written (megatron-core
+    ``metadata["distrib_optim_sharding_type"]``). ``dp_reshardable``: every rank writes its
+    own shard as it lies in memory, with no gather (host memory bounded by the rank's own
+    shard); it loads at any data-parallel size but only at the TP/PP/CP/EP and gradient
+    buckets it was saved with: a resume at another layout is refused with the
+    ``phoenix reshard`` command that converts it. ``fully_reshardable``: the state is
+    gathered per parameter on every data-parallel rank before it is written (host memory
+    per rank: the whole TP x PP shard of the fp32 state); it loads at any layout."""
 
     def __post_init__(self):
         if self.save_interval < 0 or self.keep_last < 0:

@@ -49,7 +49,10 @@ def patch_distributed_optimizer_for_torch_adam() -> None:
         main_param = self.optimizer.param_groups[group_index]["params"][group_order]
         dst = {"param": main_param, **self.optimizer.state[main_param]}
         for key, value in tensors.items():
-            dst[key].copy_(value)
+            # dp_reshardable hands over its bucket-layout flag ``padding`` and this
+            # optimizer's own ``step`` (not saved: megatron restored it from the param groups)
+            if key not in ("padding", "step"):
+                dst[key].copy_(value)
 
     original_load = d.DistributedOptimizer.load_state_dict
 

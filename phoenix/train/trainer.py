@@ -262,9 +262,13 @@ class Trainer:
                 for cb in self.callbacks:  # the sinks write what was recorded this step
                     cb.log_metrics(self, self.metrics)
                 t_callbacks = self._clock() - t2
+                self.checkpointer.poll()  # publishes a background save its writers finished
                 self._after_save(self.checkpointer.save(state.step, last=state.step == last_step))
+                self._after_background_saves()
                 reason = stop.agreed() if state.step < last_step else None
                 if reason is not None:  # preemption or time limit: save and end the job cleanly
+                    self.checkpointer.wait()  # a background save of this step counts
+                    self._after_background_saves()
                     if self.checkpointer.latest_step() != state.step:
                         self._after_save(self.checkpointer.save_now(state.step))
                     self._log0(f"stopping after step {state.step}: {reason}; checkpoint "
@@ -274,6 +278,15 @@ class Trainer:
                 log.warning("%d of the run's %d steps so far were skipped (not applied): see "
                             "1_train/skipped_steps and the step lines", state.skipped_steps,
                             state.step)
+        except BaseException as e:
+            # An agreed stop (every rank raises it at the same step) may still publish the
+            # background save in progress; anything else may have left ranks apart, so the
+            # writer is stopped unpublished (the previous checkpoint stays latest).
+            self.checkpointer.close(clean=isinstance(e, NonFiniteLossError))
+            raise
+        else:
+            self.checkpointer.close(clean=True)
+            self._after_background_saves()
         finally:
             stop.uninstall()
             self.loader.close()
@@ -401,6 +414,10 @@ class Trainer:
         self._log0(f"saved checkpoint {path}")
         for cb in self.callbacks:
             cb.on_checkpoint_saved(self, path)
+
+    def _after_background_saves(self) -> None:
+        for path in self.checkpointer.take_published():
+            self._after_save(path)
 
     def _log0(self, msg: str) -> None:
         if self.layout.rank == 0:

@@ -38,10 +38,13 @@ def _continual(files, out, source, **changes):
 @pytest.fixture(scope="module")
 def source(tiny_data, tmp_path_factory):
     """The source run every init_from test reads, trained once: 4 steps at TP=2, with
-    checkpoints at steps 2 and 4 (latest). Tests only read it (one of them checks that)."""
+    checkpoints at steps 2 and 4 (latest). Tests only read it (one of them checks that).
+    Its optimizer state is fully_reshardable: init_optimizer loads it at TP=1 (a
+    dp_reshardable one is refused there, naming phoenix reshard)."""
     out = tmp_path_factory.mktemp("continual") / "source"
     cfg = tiny_config_dict(tiny_data, out, train={"steps": 4},
-                           checkpoint={"save_at_end": True, "save_interval": 2})
+                           checkpoint={"save_at_end": True, "save_interval": 2,
+                                       "optimizer_format": "fully_reshardable"})
     run_distributed(train_and_record, 2, cfg, ["parallel.tensor=2"])
     return out, cfg
 

@@ -41,10 +41,12 @@ def test_resume_is_exact(tiny_data, tmp_path):
 ])
 def test_resharding_resume(saved, loaded, tiny_data, tmp_path):
     """Save at TP=2 (PP=2), resume at TP=1 (PP=1): the continuation matches the
-    uninterrupted run at the saving layout."""
+    uninterrupted run at the saving layout (fully_reshardable loads at any layout; the
+    default dp_reshardable goes through phoenix reshard: test_optimizer_format.py)."""
     world, overrides = saved
     cfg = tiny_config_dict(tiny_data, tmp_path / "saved", train={"steps": 6},
-                           checkpoint={"save_interval": 3, "save_at_end": False})
+                           checkpoint={"save_interval": 3, "save_at_end": False,
+                                       "optimizer_format": "fully_reshardable"})
     reference = run_distributed(train_and_record, world, cfg, overrides)[0]
 
     resumed_dir = tmp_path / "resharded" / "checkpoints"

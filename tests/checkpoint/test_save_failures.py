@@ -117,12 +117,13 @@ def test_a_failed_periodic_save_stops_or_continues_by_policy(caplog):
 
     from phoenix.checkpoint.checkpointer import Checkpointer
 
-    def failing(step):
+    def failing(step, background=False):
         raise CheckpointSaveError(step, Path("/run/checkpoints"), "x", True, None, None)
 
     for policy in ("stop", "continue"):
         ckpt = Checkpointer.__new__(Checkpointer)
-        ckpt.ckpt = SimpleNamespace(save_interval=4, save_at_end=True, on_save_error=policy)
+        ckpt.ckpt = SimpleNamespace(save_interval=4, save_at_end=True, on_save_error=policy,
+                                    async_save=False)
         ckpt.cfg = SimpleNamespace(train=SimpleNamespace(steps=20, stop_at_step=None))
         ckpt.layout = SimpleNamespace(rank=0)
         ckpt.save_now, ckpt.latest_step = failing, lambda: 4

@@ -59,9 +59,11 @@ def test_moe_layout_matches_single_process(name, references, tiny_data, tmp_path
 
 
 def test_moe_checkpoint_reshards_from_ep2_to_ep1(tiny_data, tmp_path):
-    """Save at EP=2 after 2 steps, resume at EP=1: step 3 matches the uninterrupted EP=2 run."""
+    """Save at EP=2 after 2 steps, resume at EP=1: step 3 matches the uninterrupted EP=2 run
+    (optimizer state fully_reshardable: it loads at any layout)."""
     cfg = _config(tiny_data, tmp_path / "saved", "moe", train={"steps": 3},
-                  checkpoint={"save_interval": 2, "save_at_end": False})
+                  checkpoint={"save_interval": 2, "save_at_end": False,
+                              "optimizer_format": "fully_reshardable"})
     reference = run_distributed(train_and_record, 2, cfg, ["parallel.expert=2"])[0]
 
     resumed_dir = tmp_path / "resharded" / "checkpoints"
