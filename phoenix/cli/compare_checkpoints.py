@@ -184,7 +184,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     out.mkdir(parents=True, exist_ok=True)
     for c in ckpts:
-        print(f"{c.label}: {c.path}{'' if c.optim else ' (no optimizer state)'}")
+        note = "" if c.optim else (
+            " (optimizer state not compared: it is stored per data-parallel shard, "
+            "checkpoint.optimizer_format dp_reshardable; `phoenix reshard` writes it per "
+            "parameter)" if any(k.startswith("optimizer.") for k in c.stored)
+            else " (no optimizer state)")
+        print(f"{c.label}: {c.path}{note}")
     print(format_table(rows))
     write_csv(rows, out / "compare.csv")
     print(f"wrote {out / 'compare.csv'}")

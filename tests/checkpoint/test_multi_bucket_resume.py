@@ -25,7 +25,7 @@ def _config(tiny_data, out, **extra):
     return tiny_config_dict(tiny_data, out, train={"steps": 4},
                             logging={"tensorboard": False, "log_interval": 1},
                             checkpoint={"save_interval": 2, "save_at_end": False,
-                                        **extra})
+                                        "optimizer_format": "fully_reshardable", **extra})
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,8 @@ def two_layouts(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare_run")
     cfg = tiny_config_dict(tiny_data, out, train={"steps": 4, "stop_at_step": 2, "global_batch_size": 4},
                            optim={"warmup_steps": 1, "lr": 3.0e-3},
-                           checkpoint={"save_interval": 2, "save_at_end": True})
+                           checkpoint={"save_interval": 2, "save_at_end": True,
+                                       "optimizer_format": "fully_reshardable"})
     run_distributed(train_and_record, 2, cfg, ["parallel.pipeline=2"])
     cfg["train"]["stop_at_step"] = None
     run_distributed(train_and_record, 2, cfg, ["parallel.tensor=2"])
