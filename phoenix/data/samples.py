@@ -120,7 +120,7 @@ def document_view(prefix: str, doc_starts: np.ndarray, min_document_tokens: int)
     return DocumentView(min_document_tokens, kept, starts, doc_starts[kept])
 
 
-def _cut(begin: int, end: int, seq_length: int) -> tuple[np.ndarray, np.ndarray]:
+def cut_range(begin: int, end: int, seq_length: int) -> tuple[np.ndarray, np.ndarray]:
     """Samples covering tokens [begin, end): starts every seq_length, >= 2 tokens each."""
     if end - begin < 2:
         return np.empty(0, np.int64), np.empty(0, np.int32)
@@ -147,13 +147,13 @@ def build_sample_index(prefix: str, seq_length: int, use_groups: bool,
             raise DataError(f"data prefix '{prefix}': min_document_tokens cannot be combined "
                             f"with group_mode batch")
         view = document_view(prefix, doc_starts, min_document_tokens)
-        starts, sample_lengths = _cut(0, int(view.starts[-1]), seq_length)
+        starts, sample_lengths = cut_range(0, int(view.starts[-1]), seq_length)
         if len(starts) == 0:
             raise DataError(f"data prefix '{prefix}': the documents of >= {min_document_tokens} "
                             f"tokens are too few for one sample")
         return SampleIndex(prefix, seq_length, starts, sample_lengths, None, doc_starts, view)
     if not use_groups:
-        starts, sample_lengths = _cut(0, total, seq_length)
+        starts, sample_lengths = cut_range(0, total, seq_length)
         if len(starts) == 0:
             raise DataError(f"data prefix '{prefix}': {total} tokens is too few for one sample")
         return SampleIndex(prefix, seq_length, starts, sample_lengths, None, doc_starts)
@@ -217,11 +217,11 @@ def groups_per_unit(index: SampleIndex) -> np.ndarray:
 
 def _cut_ranges(begins: np.ndarray, ends: np.ndarray, seq_length: int
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_cut` of every range ``[begins[g], ends[g])`` on its own, vectorised:
+    """:func:`cut_range` of every range ``[begins[g], ends[g])`` on its own, vectorised:
     (starts int64, lengths int32, range id int64 of each sample), ranges in order."""
     begins = np.asarray(begins, dtype=np.int64)
     ends = np.asarray(ends, dtype=np.int64)
-    # _cut's np.arange(begin, end - 1, seq_length) has ceil((end - 1 - begin) / seq) items
+    # cut_range's np.arange(begin, end - 1, seq_length) has ceil((end - 1 - begin) / seq) items
     counts = np.maximum(ends - 1 - begins, 0)
     counts += seq_length - 1
     counts //= seq_length

@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 from phoenix.data.native import group_runs, plan_cpp
-from phoenix.data.samples import DocumentView, SampleIndex, _cut
+from phoenix.data.samples import DocumentView, SampleIndex, cut_range
 
 HEAD_SALT = 0x7265637574  # keys the remainder's order apart from the epoch's own permutation
 _CHUNK = 1 << 22          # positions permuted per call (bounded temporary memory)
@@ -123,7 +123,7 @@ def continued_index(new: SampleIndex, begins: np.ndarray, ends: np.ndarray, tota
     starts = np.concatenate([[0], np.cumsum(lengths)])
     view = DocumentView(0 if base is None else base.min_document_tokens,
                         np.array([p[2] for p in pieces], dtype=np.int64), starts, bins)
-    head_starts, head_lengths = _cut(base_end, int(starts[-1]), new.seq_length)
+    head_starts, head_lengths = cut_range(base_end, int(starts[-1]), new.seq_length)
     index = SampleIndex(new.prefix, new.seq_length,
                         np.concatenate([np.asarray(new.starts, dtype=np.int64), head_starts]),
                         np.concatenate([np.asarray(new.lengths, dtype=np.int32), head_lengths]),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from phoenix.data.sample_cache import cached_sample_index
-from phoenix.data.samples import SampleReader, _cut, _cut_ranges, build_sample_index
+from phoenix.data.samples import SampleReader, _cut_ranges, build_sample_index, cut_range
 from phoenix.testing.scale_data import group_ids, lognormal_lengths, write_prefix
 
 SEQ = 64
@@ -110,7 +110,7 @@ def test_vectorised_group_cut_matches_the_per_range_loop():
     bounds = np.concatenate([[0], np.cumsum(sizes)])
     for seq in (1, 7, 64, 257):
         starts, lengths, ids = _cut_ranges(bounds[:-1], bounds[1:], seq)
-        pieces = [_cut(int(b), int(e), seq) for b, e in zip(bounds[:-1], bounds[1:])]
+        pieces = [cut_range(int(b), int(e), seq) for b, e in zip(bounds[:-1], bounds[1:])]
         assert np.array_equal(starts, np.concatenate([p[0] for p in pieces]))
         assert np.array_equal(lengths, np.concatenate([p[1] for p in pieces]))
         assert lengths.dtype == np.int32
