@@ -25,7 +25,8 @@ import json
 import os
 import sys
 
-DEFAULT_LAYOUT = ("parallel.pipeline=1", "parallel.context=1", "parallel.expert=1",
+DEFAULT_LAYOUT = ("parallel.pipeline=1", "parallel.virtual_pipeline=null", "parallel.context=1",
+                  "parallel.expert=1",
                   "parallel.expert_tensor=null", "parallel.sequence_parallel=false",
                   "parallel.overlap_grad_reduce=false", "parallel.overlap_param_gather=false",
                   "train.micro_batch_size=1", "train.global_batch_size=1",
