@@ -29,7 +29,9 @@ def _scalars(run_dir) -> dict[str, dict[int, float]]:
     """The norm and eval scalars of a run's TensorBoard log: tag -> {step: value}."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    from phoenix.monitor.tensorboard import tensorboard_dir
+
+    acc = EventAccumulator(str(tensorboard_dir(run_dir, "tiny")), size_guidance={"scalars": 0})
     acc.Reload()
     return {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]
             if tag.startswith(NORMS + ("eval/",))}
