@@ -98,10 +98,12 @@ def test_unknown_format_is_refused(tiny_data, tmp_path):
 @pytest.mark.slow
 def test_format_1_checkpoint_resumes_exactly(tiny_data, tmp_path):
     """Steps 4-6 resumed from a format-1 copy of a checkpoint equal those resumed from the
-    format-2 original, bit for bit."""
+    format-2 original, bit for bit. (Format-1 checkpoints held the optimizer state
+    fully_reshardable, the only format then.)"""
     split = tiny_config_dict(tiny_data, tmp_path / "v2", train={"steps": 6},
                              optim={"warmup_steps": 2},
-                             checkpoint={"save_interval": 3, "save_at_end": False})
+                             checkpoint={"save_interval": 3, "save_at_end": False,
+                                         "optimizer_format": "fully_reshardable"})
     run_distributed(train_and_record, 1, split, ["train.stop_at_step=3"])
     old = tmp_path / "v1" / "checkpoints" / "step_000003"
     shutil.copytree(tmp_path / "v2" / "checkpoints" / "step_000003", old)

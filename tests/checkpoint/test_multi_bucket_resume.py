@@ -35,7 +35,7 @@ def uninterrupted(tiny_data, tmp_path_factory):
     return out, results[0]["steps"]
 
 
-@pytest.mark.parametrize("world", [2, 1])
+@pytest.mark.parametrize("world", [1])
 def test_resume_from_a_multi_bucket_checkpoint(uninterrupted, tiny_data, tmp_path, world):
     saved, steps = uninterrupted
     assert steps[0]["loss"] != steps[-1]["loss"]

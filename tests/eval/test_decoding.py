@@ -26,7 +26,9 @@ PROMPTS = [[5, 17, 99, 42, 7, 250, 3], [11, 12, 13], [200, 201, 202, 203, 204, 2
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory):
-    from phoenix.convert.hf_import import hf_to_phoenix
+    """The HF model and its phoenix import. The import runs in its own process: phoenix's
+    CPU device emulation must not be active in this one, whose transformers computations
+    are the oracle (and so are other test modules' after it)."""
     from phoenix.testing.hf_tiny import make_llama3_model, make_llama3_tokenizer
 
     root = tmp_path_factory.mktemp("decoding")
@@ -34,7 +36,8 @@ def imported(tmp_path_factory):
     tok_dir = make_llama3_tokenizer(root / "hf", texts, vocab_size=VOCAB_LEARNED)
     vocab = len(json.loads((tok_dir / "tokenizer.json").read_text())["model"]["vocab"]) + 8
     make_llama3_model(root / "hf", vocab)
-    hf_to_phoenix(str(root / "hf"), str(root / "px"), progress=False)
+    proc = _cli(["convert", "hf-to-phoenix", str(root / "hf"), str(root / "px")], root)
+    assert proc.returncode == 0, proc.stderr[-2000:]
     return root, vocab
 
 
