@@ -1,7 +1,7 @@
 """A distributed-optimizer checkpoint of gradient buffers split into several buckets
 (``parallel.overlap_grad_reduce`` with small buckets: the CUDA default at DP > 1 for any
-real model) resumes where the run was: the steps after the resume equal the
-uninterrupted run's, at the same data-parallel size and at another. megatron-core
+real model) resumes where the run was: saved at DP=2, resumed at DP=1, the steps after
+the resume equal the uninterrupted run's. megatron-core
 0.16.1's ``fully_reshardable`` save read every parameter past the first bucket from the
 wrong offset (phoenix.optim.compat.patch_fully_reshardable_multi_bucket); the first
 resumed loss was off by 1%."""
