@@ -52,7 +52,24 @@ logger = logging.getLogger(__name__)
 
 MAX_REPORTED_SKIPS = 20
 # Rename order on success; meta.json goes last so it marks a complete output set.
-_SUFFIXES = (".bin", ".idx", ".groups.npy", ".meta.json")
+PREFIX_SUFFIXES = (".bin", ".idx", ".groups.npy", ".meta.json")
+
+
+def publish_prefix(tmp: dict, prefix: str, meta: dict, groups: np.ndarray | None) -> None:
+    """Finish an output prefix written under temporary names ``tmp`` (suffix -> path, the
+    ``.bin``/``.idx`` already there): write ``groups`` (int64 per document, or None) and
+    ``meta``, then rename every file into place, ``.meta.json`` last, and remove a
+    ``.groups.npy`` an earlier grouped output left at ``prefix``."""
+    if groups is not None:
+        with open(tmp[".groups.npy"], "wb") as f:
+            np.save(f, groups)
+    with open(tmp[".meta.json"], "w", encoding="utf-8") as f:
+        f.write(json.dumps(meta, indent=2) + "\n")
+    for suffix in PREFIX_SUFFIXES:
+        if os.path.exists(tmp[suffix]):
+            os.replace(tmp[suffix], prefix + suffix)
+    if groups is None and os.path.exists(prefix + ".groups.npy"):
+        os.remove(prefix + ".groups.npy")  # stale sidecar of an earlier grouped output
 
 # (tokens, canonical group value or "") for a document, or (None, reason) for a skipped line.
 _Encoded = tuple[np.ndarray | None, str]
@@ -348,7 +365,7 @@ def preprocess(
     os.makedirs(out_dir, exist_ok=True)
     # Same directory as the outputs, so the final os.replace is an atomic rename.
     tmp_prefix = os.path.join(out_dir, f".{os.path.basename(prefix)}.tmp-{uuid.uuid4().hex[:12]}")
-    tmp = {suffix: tmp_prefix + suffix for suffix in _SUFFIXES}
+    tmp = {suffix: tmp_prefix + suffix for suffix in PREFIX_SUFFIXES}
     start = time.perf_counter()
     try:
         stats = _write_dataset(paths, tmp, encoder, dtype, workers, chunk_lines, progress)
@@ -390,16 +407,8 @@ def preprocess(
             "skipped_lines": stats.num_skipped,
             "skipped_examples": stats.skipped_examples,
         }
-        if group_key is not None:
-            with open(tmp[".groups.npy"], "wb") as f:
-                np.save(f, np.asarray(stats.groups, dtype=np.int64))
-        with open(tmp[".meta.json"], "w", encoding="utf-8") as f:
-            f.write(json.dumps(meta, indent=2) + "\n")
-        for suffix in _SUFFIXES:
-            if os.path.exists(tmp[suffix]):
-                os.replace(tmp[suffix], prefix + suffix)
-        if group_key is None and os.path.exists(prefix + ".groups.npy"):
-            os.remove(prefix + ".groups.npy")  # stale sidecar from an earlier grouped run
+        publish_prefix(tmp, prefix, meta,
+                       np.asarray(stats.groups, dtype=np.int64) if group_key is not None else None)
     finally:
         for path in tmp.values():
             if os.path.exists(path):

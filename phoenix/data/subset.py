@@ -9,15 +9,14 @@ renamed into place only when all are complete, ``.meta.json`` last.
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 
 import numpy as np
 
 from phoenix.data.indexed import DataError, indexed_dataset_module, read_meta
+from phoenix.data.preprocess import PREFIX_SUFFIXES, publish_prefix
 
-_SUFFIXES = (".bin", ".idx", ".groups.npy", ".meta.json")
 
 
 def document_ranges(prefix: str) -> np.ndarray:
@@ -54,7 +53,7 @@ def write_subset(prefix: str, out_prefix: str, keep: np.ndarray, record: dict,
     out_dir = os.path.dirname(os.path.abspath(out_prefix))
     os.makedirs(out_dir, exist_ok=True)
     tmp_prefix = os.path.join(out_dir, f".{os.path.basename(out_prefix)}.tmp-{uuid.uuid4().hex[:12]}")
-    tmp = {suffix: tmp_prefix + suffix for suffix in _SUFFIXES}
+    tmp = {suffix: tmp_prefix + suffix for suffix in PREFIX_SUFFIXES}
     tokens = 0
     try:
         builder = module.IndexedDatasetBuilder(tmp[".bin"], dtype=ds.index.dtype)
@@ -71,18 +70,12 @@ def write_subset(prefix: str, out_prefix: str, keep: np.ndarray, record: dict,
         meta = dict(read_meta(prefix) or {})
         meta.update(name=os.path.basename(out_prefix), num_documents=int(keep.sum()),
                     num_tokens=int(tokens), subset={"source": os.path.abspath(prefix), **record})
+        renumbered = None
         if groups is not None:
             _, renumbered = np.unique(groups[keep], return_inverse=True)  # ids stay in order
-            with open(tmp[".groups.npy"], "wb") as f:
-                np.save(f, renumbered.astype(np.int64))
+            renumbered = renumbered.astype(np.int64)
             meta["num_groups"] = int(renumbered.max() + 1) if len(renumbered) else 0
-        with open(tmp[".meta.json"], "w", encoding="utf-8") as f:
-            f.write(json.dumps(meta, indent=2) + "\n")
-        for suffix in _SUFFIXES:
-            if os.path.exists(tmp[suffix]):
-                os.replace(tmp[suffix], out_prefix + suffix)
-        if groups is None and os.path.exists(out_prefix + ".groups.npy"):
-            os.remove(out_prefix + ".groups.npy")  # stale sidecar of an earlier output
+        publish_prefix(tmp, out_prefix, meta, renumbered)
     finally:
         for path in tmp.values():
             if os.path.exists(path):
