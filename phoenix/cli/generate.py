@@ -45,11 +45,14 @@ def generation_config(path, overrides=()):
                              [*DEFAULT_LAYOUT, f"parallel.tensor={world}", *overrides])
 
 
-def generate_text(checkpoint, prompts: list[str], params, overrides=(), kv_cache=None) -> list[dict]:
+def generate_text(checkpoint, prompts: list[str], params, overrides=(), kv_cache=None,
+                  stop_at_eod: bool = True) -> list[dict]:
     """Collective: load ``checkpoint`` on this rank's layout and continue each prompt
-    (text) with :class:`~phoenix.eval.decoding.SamplingParams` ``params`` (its stop ids are
-    extended with the tokenizer's end of document unless it is empty and ``params`` says
-    so). Returns per prompt ``{"prompt", "prompt_ids", "new_ids", "text"}``."""
+    (text) with :class:`~phoenix.eval.decoding.SamplingParams` ``params``, whose stop ids
+    get the tokenizer's end of document with ``stop_at_eod``. Returns per prompt
+    ``{"prompt", "prompt_ids", "new_ids", "text"}``."""
+    import dataclasses
+
     from phoenix.checkpoint import load_model
     from phoenix.checkpoint.store import resolve_checkpoint
     from phoenix.eval.decoding import Decoder
@@ -59,6 +62,8 @@ def generate_text(checkpoint, prompts: list[str], params, overrides=(), kv_cache
     path = resolve_checkpoint(checkpoint)
     cfg = generation_config(path, overrides)
     tokenizer = load_tokenizer(cfg.tokenizer)
+    if stop_at_eod:
+        params = dataclasses.replace(params, stop_ids=(*params.stop_ids, tokenizer.eod_id))
     ids = [tokenizer.encode(p) for p in prompts]
     layout = init_runtime(cfg)
     vocab_size = model_vocab_size(cfg, tokenizer)
@@ -106,9 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {}
 
     def body():
-        from phoenix.checkpoint.store import resolve_checkpoint
         from phoenix.eval.decoding import SamplingParams
-        from phoenix.tokenizer import load_tokenizer
 
         prompts = list(args.prompt)
         if args.prompt_file:
@@ -119,19 +122,16 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
         if not prompts:
             raise ConfigError("no prompt: pass --prompt TEXT (repeatable) or --prompt-file FILE")
-        stop = ()
-        if not args.ignore_eos:
-            cfg = generation_config(resolve_checkpoint(args.checkpoint), args.overrides)
-            stop = (load_tokenizer(cfg.tokenizer).eod_id,)
         try:
             params = SamplingParams(max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_k=args.top_k,
-                                    top_p=args.top_p, seed=args.seed, stop_ids=stop)
+                                    top_p=args.top_p, seed=args.seed)
         except ConfigError as e:
             raise ConfigError(f"--{str(e).split(':')[0].replace('_', '-')}:"
                               f"{str(e).split(':', 1)[1]}") from None
         result["out"] = generate_text(args.checkpoint, prompts, params, args.overrides,
-                                      kv_cache=False if args.no_kv_cache else None)
+                                      kv_cache=False if args.no_kv_cache else None,
+                                      stop_at_eod=not args.ignore_eos)
 
     code = run_command(body, (CheckpointError,))
     if code:
