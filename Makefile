@@ -39,7 +39,7 @@ quickstart: install
 	bash examples/quickstart.sh $(BIN)/python
 
 test: install
-	$(BIN)/python -m pytest tests -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -q -p no:cacheprovider --durations=25
 
 test-fast: install
 	$(BIN)/python -m pytest tests -q -m "not slow"
