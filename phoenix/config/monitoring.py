@@ -1,4 +1,5 @@
-"""The ``logging`` section: console / TensorBoard cadence, per-layer norms, spike detection."""
+"""The ``logging`` section: console / TensorBoard cadence, per-layer norms, histograms, spike
+detection."""
 
 from __future__ import annotations
 
@@ -82,8 +83,45 @@ class WandbConfig:
                               "wandb); or remove logging.wandb")
 
 
+@dataclass(kw_only=True)
+class HistogramConfig:
+    """Weight and gradient histograms in TensorBoard (``logging.histograms``; see
+    phoenix.monitor.histograms): ``param_hist/<key>`` and ``grad_hist/<key>`` of the
+    parts ``patterns`` select, over the full (unsharded) tensors. Off by default."""
+
+    interval: int = 0
+    """Every N optimizer steps (and the run's last step); 0: off. A written step costs a
+    few reads of the selected parts' owned elements, two all-reduces and two host
+    synchronisations."""
+    patterns: list[str] = field(default_factory=list)
+    """Which parts, as shell-style patterns (fnmatch; ``*`` also crosses ``/``) over the
+    per-layer norm keys: ``embedding``, ``output_layer``, ``final_norm``,
+    ``layer_07/attention/qkv``, ``layer_07/attention/proj``, ``layer_07/mlp/fc1``,
+    ``layer_07/mlp/fc2``, ``layer_07/norms``, MoE ``layer_07/mlp/router``,
+    ``layer_07/mlp/expert_05/fc1`` ... (e.g. ``[embedding, output_layer, "layer_*/mlp/fc1"]``).
+    One histogram per matched key (all its weights, e.g. a weight and its bias, together).
+    A pattern that matches no key of the model is refused at start-up, naming the keys."""
+    bins: int = 64
+    """Equal-width buckets between the tensor's global min and max (1 to 512; W&B keeps
+    at most 512)."""
+
+    def __post_init__(self):
+        if self.interval < 0:
+            raise ConfigError(f"logging.histograms.interval: must be >= 0, got {self.interval}")
+        if not isinstance(self.patterns, list) or not all(
+                isinstance(p, str) and p for p in self.patterns):
+            raise ConfigError(f"logging.histograms.patterns: a list of non-empty key patterns "
+                              f"(e.g. [embedding, 'layer_*/mlp/fc1']), got {self.patterns!r}")
+        if self.interval and not self.patterns:
+            raise ConfigError("logging.histograms.patterns: which parts to histogram, e.g. "
+                              "[embedding, output_layer, 'layer_*/mlp/fc1'] (none given)")
+        if not 1 <= self.bins <= 512:
+            raise ConfigError(f"logging.histograms.bins: must be in [1, 512], got {self.bins}")
+
+
 BUILTIN_CALLBACKS = ("console", "train_scalars", "tensorboard", "wandb", "norms", "dataset_loss",
-                     "moe", "heatmaps", "throughput", "spikes", "eval", "manual_gc")
+                     "moe", "heatmaps", "throughput", "spikes", "eval", "manual_gc",
+                     "histograms")
 """The names of the trainer's own callbacks (phoenix.train.callbacks), for
 ``logging.callbacks``."""
 
@@ -103,7 +141,9 @@ class LoggingConfig:
     """Per-layer grad/param/update norms in TensorBoard every N steps (default: every
     log_interval steps; 0: off). Costs one fp32 copy of this rank's owned weights and one
     all-reduce on those steps only."""
-
+    histograms: HistogramConfig = field(default_factory=HistogramConfig)
+    """Weight and gradient histograms of chosen parts (``{interval, patterns, bins}``;
+    off by default; see phoenix.monitor.histograms)."""
     dataset_loss_interval: Optional[int] = None
     """Per-dataset loss/tokens in TensorBoard every N steps (default log_interval; 0: off)."""
     throughput_interval: Optional[int] = None

@@ -80,6 +80,35 @@ def is_logging_step(step: int, interval: int, last_step: int | None = None) -> b
     return step % interval == 0 or step == last_step
 
 
+@dataclass(frozen=True)
+class Histogram:
+    """A histogram already bucketed (e.g. over the whole world by
+    phoenix.monitor.histograms), in TensorBoard's ``HistogramProto`` terms.
+
+    ``bucket_limits[i]`` is the right edge of bucket ``i`` (the first bucket starts at
+    ``min``, the last ends at ``max``); ``bucket_counts[i]`` the number of values in it.
+    ``sum`` and ``sum_squares`` are over all ``num`` values.
+    """
+
+    min: float
+    max: float
+    num: float
+    sum: float
+    sum_squares: float
+    bucket_limits: tuple[float, ...]
+    bucket_counts: tuple[float, ...]
+
+    def __post_init__(self):
+        if len(self.bucket_limits) != len(self.bucket_counts) or not self.bucket_limits:
+            raise ValueError("Histogram: bucket_limits and bucket_counts must have the same, "
+                             "non-zero length")
+
+    @property
+    def bucket_edges(self) -> list[float]:
+        """The ``len + 1`` edges (``numpy.histogram``'s ``bins``): ``[min, *bucket_limits]``."""
+        return [self.min, *self.bucket_limits]
+
+
 class MetricsCollector:
     """The metrics recorded during one optimizer step, in recording order.
 
@@ -95,7 +124,8 @@ class MetricsCollector:
         self.images: dict = {}
         """Tag -> RGB image, ``uint8 [H, W, 3]`` (e.g. the needle eval's heatmap)."""
         self.histograms: dict = {}
-        """Tag -> 1-D tensor of values (e.g. the MoE monitor's tokens per expert)."""
+        """Tag -> 1-D tensor of values (e.g. the MoE monitor's tokens per expert), or a
+        :class:`Histogram` already bucketed (the weight/gradient histograms)."""
 
     def due(self, interval: int | None = None, include_last: bool = True) -> bool:
         """Whether this step is written for ``interval`` (default: ``log_interval``);
@@ -120,8 +150,12 @@ class MetricsCollector:
         self.images[name] = image
 
     def record_histogram(self, name: str, values) -> None:
-        """Record the values of a histogram (a 1-D tensor, copied now) for this step."""
-        self.histograms[name] = values.detach().float().cpu().clone()
+        """Record a histogram for this step: its values (a 1-D tensor, copied now), or a
+        :class:`Histogram` of bucket counts (for tensors too large to copy to one rank)."""
+        if isinstance(values, Histogram):
+            self.histograms[name] = values
+        else:
+            self.histograms[name] = values.detach().float().cpu().clone()
 
     def get(self, name: str, default=None):
         return self.scalars.get(name, default)

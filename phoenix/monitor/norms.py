@@ -37,27 +37,11 @@ The step index is the one ``1_train/loss`` uses (steps completed after the step)
 
 How the values are reduced (as megatron's own ``get_grad_norm_fp32`` does for the
 global norm): each rank adds the squares of the elements it *owns* into a fixed-order
-vector of per-key sums, and one ``all_reduce(SUM)`` over the world gathers them.
-
-* Tensor parallel: a parameter with ``tensor_model_parallel=True`` is a shard, every
-  TP rank adds its own; a duplicated one (norm weights) is added by TP rank 0 only.
-* Pipeline parallel: each stage owns different layers; keys come from the module
-  structure (``layer_number`` is global) and are agreed on by all ranks once at start.
-* Data parallel with the distributed optimizer: after ``finalize_model_grads`` only this
-  rank's shard of each grad-buffer bucket holds reduced gradients (the rest holds local,
-  unreduced partial sums; the buffers are sharded over the layout's ``dp_cp_group``,
-  data x context parallel), so each DP rank adds the slice of every parameter it owns
-  (``param_range_map["param"]`` of the optimizer's ``gbuf_ranges``); the slices are
-  disjoint and cover every parameter once. Parameter and update norms use the same
-  slices (of the fp32 main shards). Without it, every DP rank holds full reduced
-  gradients and weights, and each parameter is added by one DP rank (round robin).
-* Expert parallel: routed experts (``allreduce=False``) live on one EP rank each and are
-  replicated over the *expert* data-parallel group (megatron's ``expt_dp``, whose grad
-  buffers and distributed-optimizer shards are separate from the dense ones) and split
-  over the expert-tensor group: the same rules with those groups in place of DP and TP.
-  The sum over the world then counts every expert once, as megatron's global norm does.
-* Weights marked ``shared`` (the last stage's copy of a tied embedding) are skipped,
-  as megatron does, so they are counted once (under ``embedding``).
+vector of per-key sums, and one ``all_reduce(SUM)`` over the world gathers them. Which
+elements a rank owns under TP, PP, the distributed optimizer's DP shards and EP, with
+TP-duplicated weights counted once and a tied embedding's second copy skipped:
+:mod:`phoenix.monitor.ownership` (shared with the histograms). Layer keys are agreed on
+by all ranks once at start.
 
 Nothing is done outside logging steps. On logging steps the monitor only reads
 gradients and weights (one snapshot of this rank's owned main-weight slices is kept
@@ -73,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 from phoenix.monitor.base import Callback
+from phoenix.monitor.ownership import agreed_keys, loss_scale, owned_slices
 
 log = logging.getLogger(__name__)
 
@@ -165,14 +150,6 @@ def named_parameter_keys(module, num_layers: int) -> list[tuple[str, str, torch.
             for name, p in module.named_parameters() if p.requires_grad]
 
 
-def _group(layout, name: str) -> tuple[int, int]:
-    """(rank, size) in megatron's group ``name`` of the layout (``(0, 1)`` if absent)."""
-    group = getattr(layout.pg_collection, name, None)
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
-
-
 class NormMonitor(Callback):
     """Logs ``grad_norm/``, ``param_norm/``, ``update_norm/``, ``update_ratio/`` scalars.
 
@@ -206,10 +183,7 @@ class NormMonitor(Callback):
         self._entries = [e for gpt in trainer.gpt_models
                          for e in named_parameter_keys(gpt, num_layers)]
         # Every rank must reduce the same fixed-order vector: agree on the union of keys.
-        local = sorted({key for key, _, _ in self._entries})
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        self.keys = sorted(set().union(*map(set, gathered)))
+        self.keys = agreed_keys(self._entries)
         self._index = {key: i for i, key in enumerate(self.keys)}
 
     def on_before_optimizer_step(self, trainer) -> None:
@@ -218,13 +192,13 @@ class NormMonitor(Callback):
             return
         self._active_step = trainer.metrics.step
         with torch.no_grad():
-            owned = self._owned(trainer)
+            owned = owned_slices(trainer, self._entries)
             self._idx = torch.tensor([self._index[k] for k, _, _ in owned], dtype=torch.long,
                                      device=trainer.layout.device)
             self._weights = [w for _, _, w in owned]
             self._snapshot = [w.detach().clone() for w in self._weights]
             grad_sq = self._sums([g for _, g, _ in owned], trainer.layout.device)
-            scale = self._loss_scale(trainer)
+            scale = loss_scale(trainer)
             if scale != 1.0:  # fp16: the grads still carry the loss scale
                 grad_sq = grad_sq / (scale * scale)
             self._grad_sq = grad_sq
@@ -244,51 +218,6 @@ class NormMonitor(Callback):
             self.last = self._tags(vector.cpu().tolist())
             trainer.metrics.record_many(self.last)
 
-    # -- what this rank owns ----------------------------------------------------------
-    def _owned(self, trainer) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """``(key, grad, weight)`` for the elements this rank adds, as 1-D views/tensors.
-
-        ``weight`` is the tensor the optimizer updates in place (fp32 main weights when
-        it keeps them, else the model parameter); ``grad`` the reduced gradient of the
-        same elements.
-        """
-        layout = trainer.layout
-        optimizers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
-        sharded = [o for o in optimizers if hasattr(o, "model_param_gbuf_map")]
-        # Data x context parallel: the ranks megatron's grad buffers are sharded over.
-        dense_dp = (layout.dp_cp_rank, layout.dp_cp_size)
-        # Routed experts (``allreduce=False``) are replicated over the expert-data-parallel
-        # group instead and split over the expert-tensor group (EP ranks hold different ones).
-        expt_dp, expt_tp = (_group(layout, "expt_dp"), _group(layout, "expt_tp"))
-        owned = []
-        for i, (key, _, p) in enumerate(self._entries):
-            expert = not getattr(p, "allreduce", True)
-            if getattr(p, "shared", False):
-                continue  # the last stage's copy of a tied embedding: counted at the first
-            tp_rank = expt_tp[0] if expert else layout.tp_rank
-            if not getattr(p, "tensor_model_parallel", False) and tp_rank != 0:
-                continue  # duplicated on every (expert) TP rank: count once
-            dp_rank, dp_size = expt_dp if expert else dense_dp
-            grad = getattr(p, "main_grad", None)
-            if grad is None:
-                grad = p.grad
-            if grad is None:
-                continue
-            if sharded:  # distributed optimizer: only the slice this DP rank owns
-                opt = next((o for o in sharded if p in o.model_param_gbuf_map), None)
-                if opt is None:
-                    continue  # no element of p falls in this rank's shard
-                r = opt._get_model_param_range_map(p)["param"]
-                main = getattr(p, "main_param", None)
-                weight = main if main is not None else p.detach().view(-1)[r.start:r.end]
-                owned.append((key, grad.view(-1)[r.start:r.end], weight.view(-1)))
-            elif i % dp_size == dp_rank:  # full and all-reduced on every DP rank: each
-                # parameter is added by one DP rank (round robin, to share the work)
-                main = getattr(p, "main_param", None)
-                weight = main if main is not None else p.detach()
-                owned.append((key, grad.view(-1), weight.view(-1)))
-        return owned
-
     def _sums(self, tensors, device) -> torch.Tensor:
         """Per-key sums of squares (float64) of ``tensors`` (one per owned entry)."""
         out = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
@@ -297,13 +226,6 @@ class NormMonitor(Callback):
                                  for t in tensors]).double()
             out.index_add_(0, self._idx, norms * norms)
         return out
-
-    @staticmethod
-    def _loss_scale(trainer) -> float:
-        try:
-            return float(trainer.optimizer.get_loss_scale())
-        except Exception:
-            return 1.0
 
     # -- output -----------------------------------------------------------------------
     def _tags(self, vector: list[float]) -> dict[str, float]:

@@ -23,6 +23,7 @@ before every named group whatever the locale:
 Then, alphabetically, the named groups: ``eval/<set>/*`` and ``time/eval``
 (phoenix.eval.callback), ``grad_norm/<key>``, ``param_norm/<key>``, ``update_norm/<key>``,
 ``update_ratio/<key>`` (phoenix.monitor.norms: per layer and per part of a layer),
+histograms ``param_hist/<key>`` and ``grad_hist/<key>`` (phoenix.monitor.histograms),
 ``memory/*`` (CUDA), ``moe/*`` (phoenix.monitor.moe), ``spikes/count``. Texts: ``config``
 (the resolved recipe, at each job's first step) and ``stages``.
 

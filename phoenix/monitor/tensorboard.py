@@ -23,7 +23,7 @@ import queue
 import threading
 from pathlib import Path
 
-from phoenix.monitor.base import Callback, MetricsCollector
+from phoenix.monitor.base import Callback, Histogram, MetricsCollector
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,14 @@ class BackgroundWriter:
         self._writer._get_file_writer().add_summary(summary, step)
 
     def add_histogram(self, tag: str, values, step: int) -> None:
-        self._put("add_histogram", tag, values.detach().float().cpu().clone(), int(step))
+        """``values``: a 1-D tensor (copied now and bucketed by the writer), or a
+        :class:`~phoenix.monitor.base.Histogram` of bucket counts (written as they are)."""
+        if isinstance(values, Histogram):
+            h = values
+            self._put("add_histogram_raw", tag, h.min, h.max, h.num, h.sum, h.sum_squares,
+                      list(h.bucket_limits), list(h.bucket_counts), int(step))
+        else:
+            self._put("add_histogram", tag, values.detach().float().cpu().clone(), int(step))
 
     def flush(self) -> None:
         self._put("flush")
@@ -129,7 +136,8 @@ class TensorBoardLogger(Callback):
     text recorded in a step's :class:`~phoenix.monitor.base.MetricsCollector` at that step,
     flushes after each checkpoint and closes at the end. It decides nothing about what is
     written when: the producers record only on their logging steps. Images (RGB arrays)
-    are written with ``add_image``, histograms (1-D tensors) with ``add_histogram``.
+    are written with ``add_image``, histograms with ``add_histogram`` (1-D tensors of values)
+or ``add_histogram_raw`` (:class:`~phoenix.monitor.base.Histogram` bucket counts).
     """
 
     # Runs last: its on_train_end closes the writer after every other callback is done.

@@ -3,8 +3,8 @@
 :class:`WandbLogger` writes what :class:`~phoenix.monitor.tensorboard.TensorBoardLogger`
 writes, from the same :class:`~phoenix.monitor.base.MetricsCollector`, with the same tags
 at the same steps: scalars as numbers, images as ``wandb.Image``, histograms as
-``wandb.Histogram``, texts as ``wandb.Html`` (preformatted). The resolved config is the
-W&B run's config. Only the logging rank writes.
+``wandb.Histogram`` (bucket counts as they are), texts as ``wandb.Html`` (preformatted).
+The resolved config is the W&B run's config. Only the logging rank writes.
 
 One W&B run per phoenix run: its id is kept in ``<output_dir>/wandb_run_id`` (written
 atomically at the first start), and every later job of the run (a resume, a restart)
@@ -24,7 +24,7 @@ import uuid
 from pathlib import Path
 
 from phoenix.config import ConfigError
-from phoenix.monitor.base import Callback, MetricsCollector
+from phoenix.monitor.base import Callback, Histogram, MetricsCollector
 
 log = logging.getLogger("phoenix.monitor")
 
@@ -43,6 +43,19 @@ def run_id(out_dir: Path) -> str:
     new = uuid.uuid4().hex[:12]
     atomic_write_text(path, new + "\n")
     return new
+
+
+def wandb_histogram(values):
+    """``wandb.Histogram`` of a 1-D tensor of values, or of a
+    :class:`~phoenix.monitor.base.Histogram`'s bucket counts and edges (as it is: W&B
+    keeps up to 512 buckets)."""
+    import numpy as np
+    import wandb
+
+    if isinstance(values, Histogram):
+        return wandb.Histogram(np_histogram=(np.asarray(values.bucket_counts, dtype=np.float64),
+                                             np.asarray(values.bucket_edges, dtype=np.float64)))
+    return wandb.Histogram(values.detach().float().cpu().numpy())
 
 
 class WandbLogger(Callback):
@@ -85,7 +98,7 @@ class WandbLogger(Callback):
         for tag, image in metrics.images.items():
             row[tag] = wandb.Image(np.asarray(image, dtype=np.uint8))
         for tag, values in metrics.histograms.items():
-            row[tag] = wandb.Histogram(values.detach().float().cpu().numpy())
+            row[tag] = wandb_histogram(values)
         if row:
             self.run.log(row, step=metrics.step)
 

@@ -28,6 +28,7 @@ from phoenix.monitor import (
     TrainScalars,
 )
 from phoenix.monitor.base import Callback
+from phoenix.monitor.histograms import HistogramMonitor
 from phoenix.monitor.wandb_sink import WandbLogger
 from phoenix.monitor.console import Cadence
 from phoenix.monitor.tensorboard import tensorboard_dir
@@ -45,6 +46,7 @@ def builtin_callbacks(cfg: RunConfig, out_dir: Path, config_yaml: str) -> dict[s
     except ValueError as e:
         raise ConfigError(f"name: {e}") from None
     names = [e.display_name for e in cfg.data.datasets]
+    hist = log.histograms
     moe_on = bool(tb and log.moe_interval and cfg.model.moe is not None)
     found: dict[str, Callback | None] = {
         "console": ConsoleLogger(
@@ -56,6 +58,8 @@ def builtin_callbacks(cfg: RunConfig, out_dir: Path, config_yaml: str) -> dict[s
         "wandb": (WandbLogger(log.wandb, out_dir, cfg.name, yaml.safe_load(config_yaml))
                   if log.wandb is not None else None),
         "norms": NormMonitor(log.norm_interval) if tb and log.norm_interval else None,
+        "histograms": (HistogramMonitor(hist.interval, hist.patterns, hist.bins)
+                       if tb and hist.interval else None),
         "dataset_loss": (DatasetLossMonitor(log.dataset_loss_interval, names=names)
                          if tb and log.dataset_loss_interval else None),
         "moe": (MoEMonitor(log.moe_interval, moe=cfg.model.moe, num_layers=cfg.model.num_layers)
