@@ -230,6 +230,11 @@ class StagedSource:
         s = bisect.bisect_right(self.starts, index) - 1
         return self.sources[s].sample(index - self.starts[s])
 
+    def provenance(self, index: int) -> dict:
+        """The origin of sample ``index`` (:meth:`PlanSource.provenance`; no token read)."""
+        s = bisect.bisect_right(self.starts, index) - 1
+        return self.sources[s].provenance(index - self.starts[s])
+
 
 def plan_at_step(plans: list[tuple[StagePlanInputs, DataPlan]], step: int
                  ) -> tuple[StagePlanInputs, DataPlan, int]:
