@@ -210,7 +210,7 @@ def _data_changes(old: RunConfig, new: RunConfig, step: int) -> tuple[list[str],
                        ("global_batch_size", "global_batch_size"), ("seq_length", "seq_length"),
                        ("weights", "mixture (normalised weights)"), ("min_share", "min_share"),
                        ("group_mode", "group_mode"), ("warmup_steps", "mixture_warmup_steps"),
-                       ("warmup_from", "mixture warmup start")):
+                       ("warmup_from", "mixture warmup start"), ("data_seed", "data_seed")):
             a, b = getattr(s, f), getattr(n, f)
             if f in ("weights", "warmup_from") and a is not None and b is not None:
                 a = {k: round(float(w), 6) for k, w in zip(names_a, a) if w}
