@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from phoenix.config import ConfigError, build_config
+from phoenix.checkpoint.resume_contract import check_resume
+from phoenix.config import ConfigError, build_config, dump_config
 from phoenix.data.plan import build_plan
 from phoenix.data.plan_cache import data_change, run_stage_plans
 from phoenix.testing.tiny import tiny_config_dict
@@ -101,6 +102,10 @@ def test_a_resume_that_adds_a_data_seed_is_the_planned_boundary(tiny_data, tmp_p
                                          "mixture": {"web": 0.6, "code": 0.4}}])
     new = _config(tiny_data, tmp_path, [{"name": "main", "steps": 160, "data_seed": 7,
                                          "mixture": {"web": 0.6, "code": 0.4}}])
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.yaml").write_text(dump_config(old))
+    decision = check_resume(tmp_path / "ckpt", new, 23)    # the resume contract's verdict
+    assert decision.data_changed == ["stage 'main' data_seed: None -> 7"]
     resume = data_change(old, None, 23, build_plan)
     resumed = sample_reads(run_stage_plans(new, build_plan, resume=resume))
     planned = _config(tiny_data, tmp_path / "planned", _stages(seed=7))
