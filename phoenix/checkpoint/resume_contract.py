@@ -31,6 +31,9 @@ The table (also in the README, "Resuming and changing a run"):
   change of grouping, ``pack_groups`` with a new length, a grouped stream stopped inside
   a group, a second re-cut inside one epoch) (these reported when the data is planned), ``train.seed``, a dataset's prefix or name, ``data.sampler``, a begun stage
   moved or removed. Stages that begin after the resume step may change freely.
+* **``train.skip_batches``**: honoured when it skips the same steps up to the resume step
+  (ranges added, moved or removed after it), recorded in ``config_changes.jsonl``;
+  refused when it would change which steps already trained or skipped were skipped.
 * **RoPE** (``model.rope``, the stages' ``rope``): honoured from the resume step (a
   context-extension step; RoPE frequencies are not part of the weights), logged and
   recorded in ``config_changes.jsonl``; ``checkpoint.init_from`` records them too.
@@ -52,6 +55,7 @@ from typing import Any
 
 from phoenix.config import ConfigError, RunConfig, to_dict
 from phoenix.config.loader import load_saved_config
+from phoenix.config.skip import merged_ranges, skipped_steps
 
 # Top-level prefixes whose changes are honoured with no effect on what is trained.
 _FREE = ("name", "output_dir", "parallel.", "runtime.", "logging.", "eval", "checkpoint.",
@@ -85,6 +89,8 @@ _REFUSED_HOW = {
     "data": "these cannot change under a running stream; keep them, add a stage that "
             "begins after the resume step (stages:), or start a new run from the weights "
             "with checkpoint.init_from",
+    "skip_batches": "steps up to the resume step were already trained or skipped; keep their "
+                    "ranges and add or change only steps after the resume step",
     "schedule": "the LR of steps already trained would differ from the record; change only "
                 "steps after the resume step (append or edit later phases or stages), or use "
                 "checkpoint.init_from",
@@ -156,6 +162,10 @@ def rope_changes(checkpoint: Path, cfg: RunConfig) -> list[ConfigChange]:
     return [c for c in config_changes(old, cfg) if _is_rope(c.key) and c.old != c.new]
 
 
+def _runs(steps) -> str:
+    return ", ".join(f"{a}..{b}" for a, b in merged_ranges(steps)) or "none"
+
+
 def _schedule_differs(old: RunConfig, new: RunConfig, steps: int) -> str | None:
     """How the LR or scheduled weight decay of the first step before ``steps`` that
     differs changes, else None (a constant weight decay is an optimizer setting)."""
@@ -200,7 +210,7 @@ def _data_changes(old: RunConfig, new: RunConfig, step: int) -> tuple[list[str],
                        ("global_batch_size", "global_batch_size"), ("seq_length", "seq_length"),
                        ("weights", "mixture (normalised weights)"), ("min_share", "min_share"),
                        ("group_mode", "group_mode"), ("warmup_steps", "mixture_warmup_steps"),
-                       ("warmup_from", "mixture warmup start")):
+                       ("warmup_from", "mixture warmup start"), ("data_seed", "data_seed")):
             a, b = getattr(s, f), getattr(n, f)
             if f in ("weights", "warmup_from") and a is not None and b is not None:
                 a = {k: round(float(w), 6) for k, w in zip(names_a, a) if w}
@@ -270,6 +280,13 @@ def check_resume(checkpoint: Path, cfg: RunConfig, step: int) -> ResumeDecision:
             honoured.append(c)
         elif _is_rope(c.key):
             continue  # a stage appended without a rope of its own
+        elif c.key == "train.skip_batches":  # the steps up to the resume step are history
+            past = skipped_steps(c.old or [], step), skipped_steps(c.new or [], step)
+            if past[0] != past[1]:
+                refused["skip_batches"] = [f"{c} changes which of steps 1..{step} were skipped "
+                                           f"(now {_runs(past[0])}, would be {_runs(past[1])})"]
+            else:
+                honoured.append(c)
         elif _matches(c.key, _SCHEDULE) or c.key.startswith("stages[") and ".lr" in c.key:
             if schedule_diff is not None:
                 refused.setdefault("schedule", []).append(str(c))

@@ -92,7 +92,8 @@ def decode(tokenizer, ids: list[int]) -> str:
 
 def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None) -> dict:
     """What :func:`main` prints, as data: ``{"step", "batch", "num_batches", "counts",
-    "plan_path", "samples": [{position, dataset, dataset_id, sample_id, group_id,
+    "stage", "skipped" (a step of ``train.skip_batches``: drawn, not trained),
+    "data_resumed_at", "plan_path", "samples": [{position, dataset, dataset_id, sample_id, group_id,
     document_ids, tokens, token_ids, text}]}``. Raises InspectError for user errors."""
     from phoenix.config import ConfigError, load_config
     from phoenix.data.indexed import DataError
@@ -114,6 +115,7 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
                            f"STEP is the 1-based optimizer step)")
 
     from phoenix.cli.data_history import data_segments, segment_at
+    from phoenix.config.skip import skipped_steps
     from phoenix.data.plan import build_plan
     from phoenix.data.plan_cache import cache_dir, run_stage_plans
     from phoenix.data.plan_source import load_or_build_plan
@@ -173,7 +175,7 @@ def batch_samples(run_dir: str | Path, step: int, max_samples: int | None = None
             "text": sample_text(ids, tokenizer, eod),
         })
     return {"step": step, "batch": k, "num_batches": plan.num_batches, "counts": counts,
-            "stage": spi.stage.name,
+            "stage": spi.stage.name, "skipped": step in skipped_steps(cfg.train.skip_batches),
             "data_resumed_at": segment.resume.step if segment.resume is not None else None,
             "plan_path": str(plan_path) if plan_path else None, "samples": samples}
 
@@ -212,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     resumed = info["data_resumed_at"]
     print(f"step {info['step']} = plan batch {info['batch']} of {info['num_batches']} "
           f"({counts}); plan {info['plan_path'] or '(rebuilt in memory)'}"
-          + (f"; data as resumed at step {resumed}" if resumed is not None else ""))
+          + (f"; data as resumed at step {resumed}" if resumed is not None else "")
+          + ("; SKIPPED: drawn but not trained (train.skip_batches)" if info["skipped"] else ""))
     for s in info["samples"]:
         docs = s["document_ids"]
         doc_text = str(docs[0]) if len(docs) == 1 else f"{docs[0]}-{docs[-1]}"

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Optional
 
 from phoenix.config.schedule import PhaseConfig, ResolvedSchedule, ScheduleConfig, WeightDecayConfig, resolve
 from phoenix.config.stage_table import StageTable, build_stage_table, stage_lr_phases
+from phoenix.config.skip import check_skip_batches
 from phoenix.config.typed import ConfigError
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ def resolve_run(cfg: RunConfig) -> ResolvedRun:
     """Resolve ``cfg``'s stages and LR schedule; raises ConfigError naming the key."""
     table = build_stage_table(cfg)
     _refuse_unused_pack_groups(cfg, table)
+    check_skip_batches(cfg.train.skip_batches, table.total_steps)
     explicit = uses_multi_phase(cfg)
     schedule_config = _schedule_config(cfg, table)
     schedule = resolve(schedule_config, table.tokens_per_step, prefix="optim.schedule",

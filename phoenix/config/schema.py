@@ -290,6 +290,10 @@ class TrainConfig:
     steps on every rank, so no rank pauses at a random moment and stalls the others in a
     collective (Megatron-LM's ``--manual-gc --manual-gc-interval``). 0: Python's own
     automatic collection (the default)."""
+    skip_batches: list[list[int]] = field(default_factory=list)
+    """``[[start, end], ...]``: inclusive 1-based step ranges whose global batches are drawn
+    from the data plan but not trained (Megatron-LM ``--skip-train-iteration-range``; see
+    phoenix.train.skip_batches). Checked against the run's steps (phoenix.config.skip)."""
     fp8: Optional[Fp8Config] = None
     """fp8 GEMMs with Transformer Engine: ``format`` (hybrid / e4m3), ``recipe`` (delayed /
     tensorwise / mxfp8 / blockwise), ``amax_history_len``, ``amax_compute_algo`` (megatron

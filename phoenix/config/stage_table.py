@@ -44,6 +44,9 @@ class ResolvedStage:
     rope: Optional[RopeConfig] = None
     """The stage's rotary embedding: its own ``rope``, else ``model.rope`` (None with
     learned absolute positions)."""
+    data_seed: Optional[int] = None
+    """The seed of its datasets' sample order: the latest ``data_seed`` of this stage or an
+    earlier one (None: ``train.seed``; see phoenix.data.stream_recut)."""
 
     @property
     def steps(self) -> int:
@@ -146,6 +149,7 @@ def build_stage_table(cfg) -> StageTable:
     resolved: list[ResolvedStage] = []
     by_name: dict[str, ResolvedStage] = {}
     step = sample = 0
+    data_seed = None
     for i, stage in enumerate(cfg.stages):
         key = f"stages[{i}]"
         name = stage.name or f"stage{i + 1}"
@@ -196,11 +200,21 @@ def build_stage_table(cfg) -> StageTable:
             if warmup >= steps:
                 raise ConfigError(f"{key}.mixture_warmup_steps: {warmup} is not shorter than the "
                                   f"stage ({steps} steps)")
+        data_seed = stage.data_seed if stage.data_seed is not None else data_seed
+        if data_seed is not None and data_seed != cfg.train.seed:
+            for d, dataset in enumerate(names):
+                if weights[d] and group_mode[d] == "batch":
+                    raise ConfigError(
+                        f"{key}: dataset '{dataset}' is read whole-group (group_mode: batch) under "
+                        f"data_seed {data_seed} (set by this or an earlier stage); reshuffling "
+                        f"whole groups is not supported: read it with group_mode: none here, or "
+                        f"keep train.seed's order")
         current = ResolvedStage(
             index=i, name=name, start_step=step, end_step=step + steps, start_sample=sample,
             global_batch_size=B, seq_length=seq, weights=tuple(weights),
             min_share=tuple(min_share), group_mode=tuple(group_mode), warmup_steps=warmup,
-            warmup_from=resolved[-1].weights if warmup else None, tokens=stage.tokens, rope=rope)
+            warmup_from=resolved[-1].weights if warmup else None, tokens=stage.tokens, rope=rope,
+            data_seed=data_seed)
         _check_rope_coverage(current, cfg.model.max_seq_length, f"{key}.seq_length")
         resolved.append(current)
         by_name[name] = current

@@ -80,6 +80,13 @@ class StageConfig:
     stage only (stages without one use ``model.rope``): context extension, e.g. a larger
     ``base`` or a yarn ``factor`` with a longer ``seq_length``. The model's RoPE is switched
     when the stage begins (RoPE frequencies are not part of a checkpoint)."""
+    data_seed: Optional[int] = None
+    """Reshuffle every dataset from this stage's first step with this seed (instead of
+    ``train.seed``; later stages keep it until one sets another): the samples of each
+    dataset's current epoch not yet read are read in a new order before any sample of its
+    next epoch (none twice, none skipped), and later epochs are permuted with this seed.
+    The batches' mixture is unchanged. Refused for a dataset read whole-group
+    (``group_mode: batch``) under a seed other than ``train.seed``."""
 
     def __post_init__(self):
         if (self.steps is None) == (self.tokens is None):

@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from phoenix.config.stage_table import ResolvedStage, StageTable
+from phoenix.data.stream_recut import StreamHead
 
 
 @dataclass(frozen=True)
@@ -35,15 +36,23 @@ class DataResume:
     start_sample: int
     """Samples consumed by steps ``[0, step)``."""
     streams: dict[str, tuple]
-    """Dataset name -> (seq_length, grouped, stream position, samples per epoch, origin):
-    ``origin`` is None, or, while the stream reads the remainder of an epoch re-cut in
-    mid-epoch, the old cut's ``(seq_length, grouped, position, samples)`` at the re-cut
-    (the remainder is rebuilt from it, :mod:`phoenix.data.stream_recut`)."""
+    """Dataset name -> (seq_length, grouped, stream position, samples per epoch, origin,
+    seed, reseeded): ``origin`` is None, or, while the stream reads the remainder of an
+    epoch re-cut in mid-epoch, the old cut's ``(seq_length, grouped, position, samples[,
+    seed])`` at the re-cut (the remainder is rebuilt from it,
+    :mod:`phoenix.data.stream_recut`); ``seed``: of the stream's order (a stage's
+    ``data_seed``; None: ``train.seed``); ``reseeded``: None, or, while the stream reads
+    the remainder of an epoch reseeded in mid-epoch, its ``StreamHead``."""
 
     def to_dict(self) -> dict:
+        def entry(v):
+            out = [*v[:4], None if v[4] is None else list(v[4])]
+            if len(v) > 5 and (v[5] is not None or v[6] is not None):  # a data_seed run
+                head = v[6]
+                out += [v[5], None if head is None else [head.epoch, head.count, head.from_seed]]
+            return out
         return {"step": self.step, "start_sample": self.start_sample,
-                "streams": {k: [*v[:4], None if v[4] is None else list(v[4])]
-                            for k, v in self.streams.items()}}
+                "streams": {k: entry(v) for k, v in self.streams.items()}}
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> Optional["DataResume"]:
@@ -54,12 +63,16 @@ class DataResume:
 
 
 def _stream(v: list) -> tuple:
-    """A stored stream entry (4 fields before re-cuts were continued: no origin)."""
+    """A stored stream entry (4 fields before re-cuts were continued: no origin; 5 before
+    data_seed: no seed, no reseeded head)."""
     a, b, c, n = v[:4]
     origin = v[4] if len(v) > 4 else None
     if origin is not None:
-        origin = (int(origin[0]), bool(origin[1]), int(origin[2]), int(origin[3]))
-    return int(a), bool(b), int(c), int(n), origin
+        origin = (int(origin[0]), bool(origin[1]), int(origin[2]), int(origin[3]),
+                  *[int(x) for x in origin[4:]])
+    seed = None if len(v) < 6 or v[5] is None else int(v[5])
+    head = None if len(v) < 7 or v[6] is None else StreamHead(*(int(x) for x in v[6]))
+    return int(a), bool(b), int(c), int(n), origin, seed, head
 
 
 def rebase(table: StageTable, resume: Optional[DataResume]) -> StageTable:
@@ -100,17 +113,26 @@ def streams_at(plans: list, step: int, start: Optional[DataResume] = None,
             name = spi.inputs.datasets[d].name
             n = int(spi.inputs.datasets[d].num_samples)
             origin = spi.origins[d] if spi.origins else None
+            head = spi.inputs.heads[d] if spi.inputs.heads else None
+            reseeded = head if head is not None and head.from_seed is not None else None
             if inside >= stage.steps:
-                streams[name] = (key[0], key[1], int(plan.end_offsets[d]), n,
-                                 _inside(origin, int(plan.end_offsets[d]), n))
+                end = int(plan.end_offsets[d])
+                streams[name] = (key[0], key[1], end, n, _inside(origin, end, n),
+                                 stage.data_seed, _reseeded(reseeded, end, n))
                 continue
             if key[1] and plan.counts[:inside, d].any():
                 raise ValueError(f"dataset '{name}' is read whole-group in stage '{stage.name}'; its "
                                  f"stream has no single position at step {step} (mid-stage): "
                                  f"change the data at a stage boundary")
             offset = int(spi.inputs.start_offsets[d]) + int(np.sum(plan.counts[:inside, d], dtype=np.int64))
-            streams[name] = (key[0], key[1], offset, n, _inside(origin, offset, n))
+            streams[name] = (key[0], key[1], offset, n, _inside(origin, offset, n),
+                             stage.data_seed, _reseeded(reseeded, offset, n))
     return streams
+
+
+def _reseeded(head: Optional[StreamHead], offset: int, n: int) -> Optional[StreamHead]:
+    """``head`` (a reseeded remainder) while ``offset`` is still in its epoch, else None."""
+    return head if head is not None and offset < (head.epoch + 1) * n else None
 
 
 def _inside(origin: Optional[tuple], offset: int, n: int) -> Optional[tuple]:

@@ -86,8 +86,12 @@ class GlobalBatchLoader:
 
     def __init__(self, source: SampleSource, batches: BatchLayout | int, micro_batch_size: int,
                  dp_rank: int, dp_size: int, num_steps: int, prefetch: int = 2,
-                 transform: Callable[[dict], dict] | None = None):
+                 transform: Callable[[dict], dict] | None = None,
+                 skip_steps: frozenset[int] = frozenset()):
         self.source = source
+        self.skip_steps = skip_steps
+        """0-based steps whose global batch is handed out as None, its tokens never read
+        (``train.skip_batches``: a batch skipped for bad data must not stop the run)."""
         self.transform = transform  # applied to each collated micro-batch (prefetch thread)
         self.batches = FixedBatches(batches) if isinstance(batches, int) else batches
         self.micro_batch_size = micro_batch_size
@@ -112,7 +116,9 @@ class GlobalBatchLoader:
         return self.batches.samples_before(self.step)
 
     # -- reading -------------------------------------------------------------------
-    def _load(self, step: int) -> list[dict[str, torch.Tensor]]:
+    def _load(self, step: int) -> list[dict[str, torch.Tensor]] | None:
+        if step in self.skip_steps:
+            return None
         positions = rank_sample_indices(step, self.batches.batch_size(step), self.micro_batch_size,
                                         self.dp_rank, self.dp_size, self.batches.batch_start(step))
         micro_batches = [collate([self.source.sample(int(i)) for i in row]) for row in positions]
@@ -145,8 +151,9 @@ class GlobalBatchLoader:
             raise StopIteration
         return self.next_batch()
 
-    def next_batch(self) -> list[dict[str, torch.Tensor]]:
-        """The micro-batches of the next global batch (prefetched in the background)."""
+    def next_batch(self) -> list[dict[str, torch.Tensor]] | None:
+        """The micro-batches of the next global batch (prefetched in the background); None
+        for a step of ``skip_steps``."""
         if self.step >= self.num_steps:
             raise StopIteration(f"data loader exhausted after {self.num_steps} steps")
         if self.prefetch <= 0:

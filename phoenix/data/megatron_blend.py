@@ -95,6 +95,13 @@ class MegatronBlendSource:
             "sample_id": sample_id,
         }
 
+    def provenance(self, index: int) -> dict:
+        """``dataset_id`` and ``sample_id`` of blend position ``index`` (no token read)."""
+        if self._dataset_index is None:
+            return {"dataset_id": 0, "sample_id": int(index)}
+        return {"dataset_id": int(self._dataset_index[index]),
+                "sample_id": int(self._dataset_sample_index[index])}
+
     def _check_ids(self, index: int, dataset_id: int, sample_id: int, tokens, labels) -> None:
         ids = np.append(tokens.numpy(), labels.numpy()[-1:])
         if ids.max() < self.check_vocab_size and ids.min() >= 0:

@@ -156,8 +156,12 @@ class PlanInputs:
     sums to ``B``. The allocator plans the remaining batches from the weights, bursts starting at K0."""
     heads: list | None = None
     """Per dataset, None or the :class:`phoenix.data.stream_recut.StreamHead` of a stream
-    re-cut in mid-epoch: the plan then gives that epoch's positions the remainder's ids
-    (``num_samples + r``, see :func:`phoenix.data.stream_recut.apply_head`)."""
+    re-cut or reseeded in mid-epoch: the plan then gives that epoch's positions the
+    remainder's ids (see :func:`phoenix.data.stream_recut.apply_head`)."""
+    stream_seed: int | None = None
+    """The seed of the ungrouped datasets' sample order when it is not ``seed`` (a stage's
+    ``data_seed``): their ids are those of streams permuted with it (``seed`` still
+    places the samples in the batches). None: ``seed``."""
 
 
 @dataclass
@@ -298,7 +302,9 @@ def _fingerprint(inputs: PlanInputs, digests: list, horizon: int, window: int) -
                start_offsets=None if inputs.start_offsets is None else [int(s) for s in inputs.start_offsets],
                interleave=bool(inputs.interleave))
     if inputs.heads is not None and any(h is not None for h in inputs.heads):
-        doc["heads"] = [None if h is None else [int(h.epoch), int(h.count)] for h in inputs.heads]
+        doc["heads"] = [None if h is None else h.key() for h in inputs.heads]
+    if inputs.stream_seed is not None and inputs.stream_seed != inputs.seed:
+        doc["stream_seed"] = int(inputs.stream_seed)
     if inputs.fixed_counts is not None and len(inputs.fixed_counts):
         doc["fixed_counts"] = hashlib.sha256(np.ascontiguousarray(inputs.fixed_counts, dtype="<i4")
                                              .tobytes()).hexdigest()
@@ -327,10 +333,14 @@ def build_plan(inputs: PlanInputs, *, threads: int | None = None, horizon: int =
     if out["allocator"] != "pd2":
         log.info("data plan: PD^2 could not keep per-batch counts within 1 of the target with "
                  "these bursts; used the EDF allocator (prefix bound kept, per-batch within 2)")
-    for d, head in enumerate(inputs.heads or []):
-        if head is not None:  # a stream re-cut in mid-epoch reads its remainder first
+    stream_seed = inputs.seed if inputs.stream_seed is None else inputs.stream_seed
+    for d, head in enumerate(inputs.heads or [None] * len(inputs.datasets)):
+        # A stream re-cut or reseeded in mid-epoch reads its remainder first; a stream of
+        # another seed has other ids (whole-group datasets keep ``seed``: not reseeded).
+        reseeded = stream_seed != inputs.seed and inputs.datasets[d].group_mode != "batch"
+        if (head is not None or reseeded) and prep["num_samples"][d]:
             apply_head(out["dataset_ids"], out["sample_ids"], d, int(prep["num_samples"][d]),
-                       head, int(prep["start"][d]), int(prep["seed"]), prep["names"][d])
+                       head, int(prep["start"][d]), int(stream_seed), prep["names"][d])
     digests = [None if st is None else digest_of_starts(st) for st in prep["group_starts"]]
     plan = _to_plan(prep, out, _fingerprint(inputs, digests, horizon, window))
     plan.build_seconds = dict(prepare=t1 - t0, allocate=out["allocate_s"], fill=out["fill_s"],

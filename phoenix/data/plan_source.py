@@ -74,6 +74,12 @@ class PlanSource:
         item["dataset_id"] = d
         return item
 
+    def provenance(self, index: int) -> dict:
+        """What :meth:`sample` reports of the sample's origin (``dataset_id``,
+        ``sample_id``, ``group_id``, ``document_id``), without reading its tokens."""
+        d = int(self.plan.dataset_ids[index])
+        return {"dataset_id": d, **self.readers[d].provenance(int(self.plan.sample_ids[index]))}
+
 
 def loss_bearing_fraction(plan: DataPlan, indices: list[SampleIndex | None]) -> list[float | None]:
     """Per dataset: the fraction of its planned samples' ``seq_length`` label positions

@@ -295,25 +295,32 @@ class SampleReader:
         for bin_start, count in pieces:
             text[at:at + count] = self.tokens[bin_start:bin_start + count]
             at += count
-        start = pieces[0][0]  # provenance and errors speak of .bin offsets
         if self.vocab_size is not None:
             self._check_ids(sample_id, pieces, text[:n])
         loss_mask = np.zeros(seq, dtype=np.float32)
         loss_mask[: n - 1] = 1.0  # label positions that are real tokens
-        group = -1 if self.index.group_ids is None else int(self.index.group_ids[sample_id])
-        if self.index.pack_groups:  # the group of the sample's first token, not its unit
-            v = self.index.view
-            group = int(v.documents[np.searchsorted(v.starts, int(self.index.starts[sample_id]),
-                                                    side="right") - 1])
         return {
             "tokens": text[:-1],
             "labels": text[1:],
             "loss_mask": loss_mask,
             "position_ids": np.arange(seq, dtype=np.int64),
-            "sample_id": sample_id,
-            "group_id": group,
-            "document_id": self.index.document_of(start),
+            **self.provenance(sample_id, pieces[0][0]),
         }
+
+    def provenance(self, sample_id: int, bin_start: int | None = None) -> dict:
+        """``sample_id``, ``group_id`` (-1: ungrouped) and ``document_id`` (of its first
+        token) of a sample, without reading its tokens. ``bin_start``: its first token's
+        ``.bin`` offset when already known."""
+        if bin_start is None:
+            bin_start = self.index.physical_ranges(int(self.index.starts[sample_id]),
+                                                   int(self.index.lengths[sample_id]))[0][0]
+        group = -1 if self.index.group_ids is None else int(self.index.group_ids[sample_id])
+        if self.index.pack_groups:  # the group of the sample's first token, not its unit
+            v = self.index.view
+            group = int(v.documents[np.searchsorted(v.starts, int(self.index.starts[sample_id]),
+                                                    side="right") - 1])
+        return {"sample_id": sample_id, "group_id": group,
+                "document_id": self.index.document_of(bin_start)}
 
     def _check_ids(self, sample_id: int, pieces: list[tuple[int, int]], ids: np.ndarray) -> None:
         if ids.max() < self.vocab_size and ids.min() >= 0:

@@ -56,7 +56,8 @@ class StagePlanInputs:
     keys: list[Optional[StreamKey]]
     origins: list[Optional[Cursor]] = None
     """Per dataset: the cursor of the old cut whose epoch remainder it reads first (a
-    stream re-cut in mid-epoch, :mod:`phoenix.data.stream_recut`), else None."""
+    stream re-cut in mid-epoch, :mod:`phoenix.data.stream_recut`), with the seed that cut
+    was read in when it is not the stage's, else None."""
 
 
 def _cut(key: StreamKey) -> str:
@@ -67,69 +68,92 @@ def _cut(key: StreamKey) -> str:
 
 class StreamTracker:
     """Where each dataset's stream stands between stages: its cursor ``(seq_length,
-    grouped, offset, samples per epoch)`` and, while it reads the remainder of an epoch
-    re-cut in mid-epoch, the old cursor that remainder continues (its *origin*, from which
-    :func:`phoenix.data.stream_recut.continuation` rebuilds the remainder)."""
+    grouped, offset, samples per epoch)``, the seed of its order, and, while it reads the
+    remainder of an epoch re-cut in mid-epoch, the old cursor that remainder continues
+    (its *origin*, with the seed it was read with, from which
+    :func:`phoenix.data.stream_recut.continuation` rebuilds the remainder), or, while it
+    reads the remainder of an epoch reseeded in mid-epoch, that remainder's head."""
 
     def __init__(self, names: list[str], seed: int,
                  index_of: Callable[[int, StreamKey], SampleIndex], recut: bool = True):
         self.names, self.seed, self.index_of, self.recut = names, seed, index_of, recut
         self.offsets: dict[tuple[int, StreamKey], int] = {}
         self.cursor: dict[int, Cursor] = {}
-        self.origin: dict[int, Optional[Cursor]] = {}
+        self.origin: dict[int, Optional[tuple]] = {}
+        self.seeds: dict[int, int] = {}
+        self.reseed: dict[int, Optional[StreamHead]] = {}
 
     def start(self, d: int, key: StreamKey, index: SampleIndex, packed: bool, stage: str,
-              strict: bool = False
-              ) -> tuple[int, Optional[StreamHead], SampleIndex, Optional[Cursor]]:
+              strict: bool = False, seed: Optional[int] = None,
+              ) -> tuple[int, Optional[StreamHead], SampleIndex, Optional[tuple]]:
         """(start offset, head, the index the plan reads, origin) of dataset ``d`` read
-        with ``key`` (whose sample index is ``index``) from the next stage on. ``strict``
-        (a resume's implicit boundary): a change of cut without an exact continuation
-        raises ValueError instead of starting at the same fraction of an epoch."""
+        with ``key`` (whose sample index is ``index``) and in ``seed``'s order (default:
+        the run's) from the next stage on. ``strict`` (a resume's implicit boundary): a
+        change of cut or seed without an exact continuation raises ValueError instead of
+        starting at the same fraction of an epoch."""
+        seed = self.seed if seed is None else seed
         if d not in self.cursor:
             return 0, None, index, None
         seq, grouped, offset, n = self.cursor[d]
-        origin = self.origin.get(d)
+        origin, reseeded = self.origin.get(d), self.reseed.get(d)
+        old_seed = self.seeds.get(d, self.seed)
         name = self.names[d]
-        if (seq, grouped) == key:
+        if (seq, grouped) == key and seed == old_seed:
+            if reseeded is not None:
+                return offset, reseeded, index, None
             if origin is None:
                 return offset, None, index, None
-            _, head, continued = continuation(self.index_of(d, origin[:2]), origin, index,
-                                              key[1], packed, self.seed, name)
+            _, head, continued = continuation(self.index_of(d, origin[:2]), origin[:4], index,
+                                              key[1], packed, seed, name,
+                                              origin[4] if len(origin) > 4 else seed)
             return offset, head, continued, origin
-        exact = None if origin is not None or not self.recut else continuation(
-            self.index_of(d, (seq, grouped)), self.cursor[d], index, key[1], packed, self.seed, name)
+        exact = None if origin is not None or reseeded is not None or not self.recut else \
+            continuation(self.index_of(d, (seq, grouped)), self.cursor[d], index, key[1], packed,
+                         seed, name, old_seed)
         if exact is not None:
             start, head, continued = exact
-            if head is not None:
+            if head is not None and head.from_seed is not None:
+                log.info("stage '%s': dataset '%s' is reshuffled with seed %d in epoch %d: its %d "
+                         "unread samples first, then whole epochs in the new order", stage, name,
+                         seed, head.epoch, head.count)
+            elif head is not None:
                 log.info("stage '%s': dataset '%s' is re-cut into %s in epoch %d: the %d "
                          "unread %s continue as %d samples, then whole epochs of the new cut",
                          stage, name, _cut(key), head.epoch, n - offset % n,
                          _cut((seq, grouped)), head.count)
-            return start, head, continued, self.cursor[d] if head is not None else None
-        why = ("it is re-cut a second time inside the same epoch" if origin is not None else
+            recut = head is not None and head.from_seed is None
+            origin = self.cursor[d] if old_seed == seed else (*self.cursor[d], old_seed)
+            return start, head, continued, origin if recut else None
+        why = ("it is re-cut or reseeded a second time inside the same epoch"
+               if origin is not None or reseeded is not None else
                "a grouped stream stopped inside a group, a change of grouping, or pack_groups "
                "with a new seq_length has no exact continuation")
+        change = (f"with (seq_length, grouped) {key} instead of {(seq, grouped)}"
+                  if (seq, grouped) != key else f"with data_seed {seed} instead of {old_seed}")
         if strict and self.recut:
-            raise ValueError(f"dataset '{name}' would be read with (seq_length, grouped) {key} "
-                             f"instead of {(seq, grouped)} from the middle of its epoch {offset // n} "
-                             f"({why}); keep its cut until a stage that begins after the resume "
-                             f"step, or resume at an epoch boundary")
+            raise ValueError(f"dataset '{name}' would be read {change} from the middle of its "
+                             f"epoch {offset // n} ({why}); keep its cut and seed until a stage "
+                             f"that begins after the resume step, or resume at an epoch boundary")
         start = max(self.offsets.get((d, key), 0), math.ceil(Fraction(offset, n) * len(index)))
-        log.warning("stage '%s': dataset '%s' is cut into %s, the stage before it into %s, "
-                    "in mid-epoch, and %s: it is read from a new sample order that starts %.1f%% "
-                    "into its epoch, so until the epoch ends some of its tokens may be read "
-                    "twice and others not at all. To read on without repeats, keep its cut "
-                    "until the epoch ends", stage, name, _cut(key), _cut((seq, grouped)), why,
-                    100 * offset / n)
+        log.warning("stage '%s': dataset '%s' is read %s in mid-epoch, and %s: it is read "
+                    "from a new sample order that starts %.1f%% into its epoch, so until the "
+                    "epoch ends some of its tokens may be read twice and others not at all. To "
+                    "read on without repeats, keep its cut and seed until the epoch ends",
+                    stage, name, change, why, 100 * offset / n)
         return start, None, index, None
 
     def finish(self, d: int, key: StreamKey, num_samples: int, end_offset: int,
-               origin: Optional[Cursor] = None) -> None:
+               origin: Optional[tuple] = None, seed: Optional[int] = None,
+               head: Optional[StreamHead] = None) -> None:
         self.offsets[(d, key)] = int(end_offset)
         self.cursor[d] = (key[0], key[1], int(end_offset), int(num_samples))
+        self.seeds[d] = self.seed if seed is None else int(seed)
         # the remainder's origin matters only while the stream is inside that epoch
         inside = origin is not None and end_offset < (origin[2] // origin[3] + 1) * num_samples
         self.origin[d] = tuple(origin) if inside else None
+        inside = head is not None and head.from_seed is not None and \
+            end_offset < (head.epoch + 1) * num_samples
+        self.reseed[d] = head if inside else None
 
 
 def stage_plans(table: StageTable, prefixes: list[str], seed: int,
@@ -165,9 +189,9 @@ def stage_plans(table: StageTable, prefixes: list[str], seed: int,
         return index_cache[(d, key)]
 
     tracker = StreamTracker(names, seed, index_of, recut)
-    for name, (seq, grouped, offset, n, origin) in (resume.streams if resume else {}).items():
-        if name in names:
-            tracker.finish(names.index(name), (seq, grouped), n, offset, origin)
+    for name, (seq, grouped, offset, n, origin, *order) in (resume.streams if resume else {}).items():
+        if name in names:  # order: (the stream's seed, its reseeded remainder), if recorded
+            tracker.finish(names.index(name), (seq, grouped), n, offset, origin, *order)
     out = []
     previous: Optional[ResolvedStage] = None
     for stage in table.stages:
@@ -189,7 +213,7 @@ def stage_plans(table: StageTable, prefixes: list[str], seed: int,
             ix = index_of(d, key)
             strict = resume is not None and not out   # the resume's implicit boundary
             start, head, read, origin = tracker.start(d, key, ix, bool(key[1] and pack_groups[d]),
-                                                      stage.name, strict)
+                                                      stage.name, strict, stage.data_seed)
             datasets.append(PlanDataset(
                 name=name, num_samples=len(ix), weight=weight, min_share=stage.min_share[d],
                 group_mode=group_mode, group_ids=ix.group_ids if key[1] else None,
@@ -200,14 +224,16 @@ def stage_plans(table: StageTable, prefixes: list[str], seed: int,
         inputs = PlanInputs(datasets=datasets, global_batch_size=stage.global_batch_size,
                             num_batches=stage.steps, seed=seed, start_offsets=starts,
                             fixed_counts=warmup,
-                            heads=heads if any(h is not None for h in heads) else None)
+                            heads=heads if any(h is not None for h in heads) else None,
+                            stream_seed=stage.data_seed if stage.data_seed != seed else None)
         try:
             plan = get_plan(inputs)
         except ValueError as e:
             raise ValueError(f"stage '{stage.name}': {e}") from None
         for d, key in enumerate(keys):
             if key is not None:
-                tracker.finish(d, key, datasets[d].num_samples, plan.end_offsets[d], origins[d])
+                tracker.finish(d, key, datasets[d].num_samples, plan.end_offsets[d], origins[d],
+                               stage.data_seed, heads[d])
         out.append((StagePlanInputs(stage, inputs, indices, keys, origins), plan))
         previous = stage
     return out
@@ -229,6 +255,11 @@ class StagedSource:
     def sample(self, index: int) -> dict:
         s = bisect.bisect_right(self.starts, index) - 1
         return self.sources[s].sample(index - self.starts[s])
+
+    def provenance(self, index: int) -> dict:
+        """The origin of sample ``index`` (:meth:`PlanSource.provenance`; no token read)."""
+        s = bisect.bisect_right(self.starts, index) - 1
+        return self.sources[s].provenance(index - self.starts[s])
 
 
 def plan_at_step(plans: list[tuple[StagePlanInputs, DataPlan]], step: int

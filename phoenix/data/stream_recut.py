@@ -20,10 +20,17 @@ module makes the change exact instead:
 * **Grouped to grouped** without ``pack_groups``: the group order of an epoch depends on
   the groups only, not on the cut, so a stream stopped between two groups continues at
   the same group of the new cut's stream (:func:`grouped_offset`).
+* **A new seed** (a stage's ``data_seed``), same cut: the samples of the current epoch
+  not yet read under the old seed's permutation are read next, in the new seed's order
+  (a permutation of just them, :class:`StreamHead` with ``from_seed``), at the same stream
+  positions; epoch ``e + 1`` on are the new seed's permutations. Together with a new
+  ``seq_length`` (ungrouped), the remainder is the re-cut one above, found under the
+  old seed and ordered by the new one. Whole-group streams are never reseeded (the
+  stage table refuses it).
 * At an epoch boundary every change is exact (the new stream starts its next epoch).
 
 Other changes (grouped <-> ungrouped, ``pack_groups`` with a new length, a grouped stream
-stopped inside a group, a second re-cut inside the epoch of a first) have no exact
+stopped inside a group, a second re-cut or reseed inside the epoch of a first) have no exact
 continuation: :func:`continuation` returns None and the caller decides (a stage starts
 the new stream at the same fraction of an epoch with a warning; a resume is refused).
 """
@@ -40,6 +47,7 @@ from phoenix.data.native import group_runs, plan_cpp
 from phoenix.data.samples import DocumentView, SampleIndex, cut_range
 
 HEAD_SALT = 0x7265637574  # keys the remainder's order apart from the epoch's own permutation
+RESEED_SALT = 0x7265736565  # keys a reseeded remainder's order apart from both
 _CHUNK = 1 << 22          # positions permuted per call (bounded temporary memory)
 
 Cursor = tuple[int, bool, int, int]  # (seq_length, grouped, stream offset, samples in the cut)
@@ -47,11 +55,18 @@ Cursor = tuple[int, bool, int, int]  # (seq_length, grouped, stream offset, samp
 
 @dataclass(frozen=True)
 class StreamHead:
-    """The current epoch of a re-cut stream: ``count`` remainder samples at the end of
-    epoch ``epoch`` (ids ``n..n+count-1`` of the continued index, ``n`` the cut's size)."""
+    """The current epoch of a re-cut or reseeded stream: ``count`` remainder samples at the
+    end of epoch ``epoch``: ids ``n..n+count-1`` of the continued index (``n`` the cut's
+    size) for a re-cut; with ``from_seed``, the samples that ``from_seed``'s permutation
+    of that epoch puts at its last ``count`` positions (a reseed of the same cut)."""
 
     epoch: int
     count: int
+    from_seed: Optional[int] = None
+
+    def key(self) -> list[int]:
+        """For plan fingerprints (a re-cut head's is the one it always had)."""
+        return [self.epoch, self.count] + ([self.from_seed] if self.from_seed is not None else [])
 
 
 def dataset_key(name: str) -> int:
@@ -150,34 +165,40 @@ def grouped_offset(old: SampleIndex, new: SampleIndex, position: int, epoch: int
 
 
 def continuation(old: SampleIndex, old_cursor: Cursor, new: SampleIndex, grouped: bool,
-                 packed: bool, seed: int, name: str
+                 packed: bool, seed: int, name: str, old_seed: Optional[int] = None
                  ) -> Optional[tuple[int, Optional[StreamHead], SampleIndex]]:
-    """How ``new`` (a cut of the same dataset) continues ``old`` at ``old_cursor``:
-    (start offset in ``new``'s stream, its head or None, the index the plan reads), or
-    None when no exact continuation exists (see the module doc)."""
+    """How ``new`` (a cut of the same dataset, read with ``seed``) continues ``old`` (read
+    with ``old_seed``, default ``seed``) at ``old_cursor``: (start offset in ``new``'s
+    stream, its head or None, the index the plan reads), or None when no exact
+    continuation exists (see the module doc)."""
+    old_seed = seed if old_seed is None else old_seed
     seq0, grouped0, offset, n0 = old_cursor
     epoch, position = divmod(offset, n0)
     n1 = len(new)
     if position == 0:
         return epoch * n1, None, new
-    if grouped0 != grouped or packed:
+    if grouped0 != grouped or packed or grouped and old_seed != seed:
         return None
     if grouped:
         at = grouped_offset(old, new, position, epoch, seed, name)
         return None if at is None else (epoch * n1 + at, None, new)
+    if seq0 == new.seq_length and old_seed != seed:  # the same cut in a new order
+        return offset, StreamHead(epoch, n0 - position, from_seed=old_seed), new
     total = int(old.starts[-1]) + int(old.lengths[-1])
-    begins, ends = unread_runs(old, position, epoch, seed, name)
+    begins, ends = unread_runs(old, position, epoch, old_seed, name)
     index, count = continued_index(new, begins, ends, total)
     if count == 0:   # nothing left unread in this epoch
         return (epoch + 1) * n1, None, new
     return epoch * n1 + n1 - count, StreamHead(epoch, count), index
 
 
-def head_sample_ids(n: int, head: StreamHead, start: int, count: int, seed: int, name: str
-                    ) -> np.ndarray:
+def head_sample_ids(n: int, head: Optional[StreamHead], start: int, count: int, seed: int,
+                    name: str) -> np.ndarray:
     """Sample ids of stream positions ``start..start+count-1`` of a stream of ``n`` samples
-    per epoch whose epoch ``head.epoch`` is the remainder: its positions map to ids
-    ``n + (seeded order of the remainder)``, the others to the epoch's permutation."""
+    per epoch permuted with ``seed``, whose epoch ``head.epoch`` (if any) ends with a
+    remainder: a re-cut's positions map to ids ``n + (seeded order of the remainder)``, a
+    reseed's to the unread samples of ``head.from_seed``'s permutation in ``seed``'s order;
+    the other epochs' to their permutation."""
     p = start + np.arange(count, dtype=np.int64)
     ids = np.empty(count, dtype=np.int64)
     key = dataset_key(name)
@@ -185,21 +206,26 @@ def head_sample_ids(n: int, head: StreamHead, start: int, count: int, seed: int,
     for e in np.unique(epochs).tolist():
         sel = epochs == e
         pos = p[sel] - e * n
-        if e == head.epoch:
+        if head is not None and e == head.epoch:
             r = pos - (n - head.count)
             if r.min() < 0:
                 raise ValueError(f"dataset '{name}': stream position {int(p[sel][0])} lies before "
                                  f"its remainder (bug)")
-            ids[sel] = n + _permuted(head.count, seed, key ^ HEAD_SALT, e, r)
+            if head.from_seed is None:
+                ids[sel] = n + _permuted(head.count, seed, key ^ HEAD_SALT, e, r)
+            else:  # the unread samples in file order, then in the new seed's order
+                unread = np.sort(_permuted(n, head.from_seed, key, e,
+                                           np.arange(n - head.count, n, dtype=np.int64)))
+                ids[sel] = unread[_permuted(head.count, seed, key ^ RESEED_SALT, e, r)]
         else:
             ids[sel] = _permuted(n, seed, key, e, pos)
     return ids
 
 
 def apply_head(dataset_ids: np.ndarray, sample_ids: np.ndarray, d: int, n: int,
-               head: StreamHead, start: int, seed: int, name: str) -> None:
-    """Give dataset ``d``'s samples of a built plan (in place) the ids of its stream with
-    ``head``. The plan's ``k``-th sample of ``d`` (flat order) is stream position
+               head: Optional[StreamHead], start: int, seed: int, name: str) -> None:
+    """Give dataset ``d``'s samples of a built plan (in place) the ids of its stream
+    permuted with ``seed``, with ``head`` (or none). The plan's ``k``-th sample of ``d`` (flat order) is stream position
     ``start + k``: a batch holds a run of consecutive positions."""
     where = np.flatnonzero(dataset_ids == d)
     if len(where):

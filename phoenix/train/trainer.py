@@ -35,6 +35,7 @@ from phoenix.runtime.device_tracking import mark_host
 from phoenix.runtime.preemption import StopRequest
 from phoenix.train.callbacks import run_callbacks
 from phoenix.train.inputs import RunInputs, check_inputs
+from phoenix.train.skip_batches import BatchSkipper
 from phoenix.train.step import batch_report, forward_step, reduce_loss
 
 log = logging.getLogger("phoenix.train")
@@ -149,10 +150,14 @@ class Trainer:
 
         # The data position is a pure function of the step: the checkpoint holds the
         # trainer's step, not a second copy of it in the loader.
+        self.skipper = BatchSkipper(cfg.train.skip_batches, self.out_dir,
+                                    [e.display_name for e in cfg.data.datasets],
+                                    layout.is_logging_rank)
         self.loader = GlobalBatchLoader(source, self.stages, cfg.train.micro_batch_size,
                                  layout.dp_rank, layout.dp_size, cfg.train.steps,
                                  prefetch=cfg.data.prefetch_batches,
-                                 transform=DocumentInputs.from_config(cfg.data, self.inputs.eod_id))
+                                 transform=DocumentInputs.from_config(cfg.data, self.inputs.eod_id),
+                                 skip_steps=self.skipper.loader_steps())
         self.cp_group = layout.cp_group if cfg.parallel.context > 1 else None
         self.forward_step = partial(forward_step, packed=uses_te_spec(layout),
                                     cp_group=self.cp_group)
@@ -247,6 +252,7 @@ class Trainer:
         self.callbacks = sort_callbacks(self.callbacks)
         for cb in self.callbacks:
             cb.on_train_start(self)
+        self.skipper.start()
         if cfg.checkpoint.save_initial and state.step == 0:
             self._after_save(self.checkpointer.save_now(0))
         last_step = self.inputs.last_step
@@ -254,14 +260,17 @@ class Trainer:
         stop = StopRequest(cfg.train.time_limit_minutes).install()
         try:
             while state.step < last_step:
-                metrics = self._train_step(*self._enter_stage(state.step))
-                metrics.callbacks_time_prev_step = t_callbacks
-                t2 = self._clock()
-                for cb in self.callbacks:
-                    cb.on_step_end(self, metrics)
-                for cb in self.callbacks:  # the sinks write what was recorded this step
-                    cb.log_metrics(self, self.metrics)
-                t_callbacks = self._clock() - t2
+                if self.skipper.skips(state.step + 1):  # train.skip_batches: no callbacks
+                    self._skip_step(self._enter_stage(state.step)[0])
+                else:
+                    metrics = self._train_step(*self._enter_stage(state.step))
+                    metrics.callbacks_time_prev_step = t_callbacks
+                    t2 = self._clock()
+                    for cb in self.callbacks:
+                        cb.on_step_end(self, metrics)
+                    for cb in self.callbacks:  # the sinks write what was recorded this step
+                        cb.log_metrics(self, self.metrics)
+                    t_callbacks = self._clock() - t2
                 self.checkpointer.poll()  # publishes a background save its writers finished
                 self._after_save(self.checkpointer.save(state.step, last=state.step == last_step))
                 self._after_background_saves()
@@ -360,6 +369,18 @@ class Trainer:
             data_time=t_data, forward_backward_time=t_fwd_bwd, optimizer_time=t_optimizer,
             skipped=self.skip_reason is not None, skip_reason=self.skip_reason,
             loss_scale=self._loss_scale(), stage=stage, stage_began=stage_began)
+
+    def _skip_step(self, stage) -> None:
+        """A step of ``train.skip_batches`` (phoenix.train.skip_batches): its global batch's
+        place in the plan is consumed (its tokens unread), the step and the LR schedule
+        advance, nothing else runs; the logging rank records the batch's provenance."""
+        if self.loader.next_batch() is not None:  # the loader skips the same steps
+            raise RuntimeError(f"step {self.state.step + 1}: the loader read a skipped batch (bug)")
+        self.skipper.skip(self.state.step + 1, stage, self.loader.source,
+                          self.loader.batches.batch_start(self.state.step))
+        self.scheduler.step(increment=1)
+        self.state.step += 1
+        self.state.consumed_samples += stage.global_batch_size
 
     def request_skip(self, reason: str) -> None:
         """Called by a callback in ``on_before_optimizer_step``: do not apply this step's
