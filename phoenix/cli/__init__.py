@@ -32,6 +32,7 @@ COMMANDS = {
     "compare-checkpoints": "phoenix.cli.compare_checkpoints",
     "score-data": "phoenix.cli.score_data",
     "reshard": "phoenix.cli.reshard",
+    "report": "phoenix.cli.report",
 }
 """Command name -> the module whose ``main(argv)`` runs it."""
 
@@ -54,6 +55,7 @@ SUMMARIES = {
     "compare-checkpoints": "per layer/part weight and Adam-state change between checkpoints (CSV, heatmap)",
     "score-data": "per-document loss, perplexity and Min-K% of a dataset under a checkpoint; --keep filters",
     "reshard": "rewrite a dp_reshardable checkpoint so that it resumes at any TP/PP/EP",
+    "report": "one HTML page (PNGs, report.json) of runs' curves, per-layer heatmaps, spikes",
 }
 
 

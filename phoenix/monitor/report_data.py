@@ -1,0 +1,225 @@
+"""What a run report reads: a run's TensorBoard scalars, its spike records and its stages.
+
+A run folder (a recipe's ``output_dir``) holds ``tensorboard/<name>/`` (the event files
+of every job of the run, :mod:`phoenix.monitor.tensorboard`), ``spikes.jsonl``
+(:mod:`phoenix.monitor.spikes`) and ``config.yaml`` (the resolved recipe the trainer
+wrote). :func:`load_run` reads the three into a :class:`RunData`; nothing here draws.
+
+The scalars are read with TensorBoard's own ``EventAccumulator``, keeping every event
+(no reservoir sampling), so a resumed run's re-run steps appear once, as TensorBoard
+shows them. Steps are the 1-based optimizer steps of ``1_train/loss``.
+
+Stage boundaries come from the run's ``config.yaml`` through the config's stage table
+(:meth:`phoenix.config.stage_table.StageTable.boundaries`, the table the trainer ran);
+when that file is missing or no longer loads, from where ``1_train/stage`` changes. A
+stage that starts at 0-based optimizer step ``s`` begins with logged step ``s + 1``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from phoenix.monitor.spikes import read_spikes
+from phoenix.monitor.tags import DATASETS, TRAIN
+
+EVENT_GLOB = "events.out.tfevents.*"
+TOKENS_TAG = f"{TRAIN}/consumed_tokens"
+STAGE_TAG = f"{TRAIN}/stage"
+
+LAYER_TAG = re.compile(r"^(?P<family>[A-Za-z0-9_]+)/layer_(?P<layer>\d+)$")
+"""A whole layer's value of a per-layer family: ``grad_norm/layer_07``, ``param_norm/...``,
+``update_norm``, ``update_ratio``, and any family recorded the same way (optimizer-state
+norms such as ``adam_exp_avg_norm/layer_07``)."""
+MOE_LAYER_TAG = re.compile(r"^moe/layer_(?P<layer>\d+)/(?P<metric>[A-Za-z0-9_]+)$")
+"""A MoE layer's routing metric (:mod:`phoenix.monitor.moe`): family ``moe/<metric>``."""
+
+
+@dataclass
+class Series:
+    """One scalar tag: logged steps (ascending) and their values (NaN kept)."""
+
+    steps: list[int]
+    values: list[float]
+
+
+@dataclass
+class RunData:
+    label: str
+    """The run's name on the page (unique among the report's runs)."""
+    path: Path
+    name: str
+    """The recipe's ``name`` (the TensorBoard subfolder)."""
+    scalars: dict[str, Series]
+    stages: list[dict] = field(default_factory=list)
+    """``{"name", "start_step" (0-based optimizer step), "first_step" (its first logged
+    step)}`` of every stage when the run has explicit stages, else empty."""
+    stage_source: str = ""
+    spikes: list[dict] = field(default_factory=list)
+    """The records of ``spikes.jsonl`` (last record of a step wins, steps ascending)."""
+
+    def tokens_at(self, steps) -> list[float] | None:
+        """Consumed tokens after each of ``steps`` (linear between the logged steps of
+        ``1_train/consumed_tokens``); None when the run did not log it."""
+        tokens = self.scalars.get(TOKENS_TAG)
+        if tokens is None or not tokens.steps:
+            return None
+        return np.interp(np.asarray(steps, dtype=np.float64), tokens.steps,
+                         tokens.values).tolist()
+
+    def dataset_loss_tags(self) -> list[str]:
+        prefix = f"{DATASETS}/loss/"
+        return sorted(t for t in self.scalars if t.startswith(prefix))
+
+    def layer_families(self) -> dict[str, dict[int, Series]]:
+        """Per-layer families by name (``grad_norm``, ..., ``moe/imbalance``): layer -> series."""
+        out: dict[str, dict[int, Series]] = {}
+        for tag, series in self.scalars.items():
+            m = LAYER_TAG.match(tag)
+            if m:
+                out.setdefault(m["family"], {})[int(m["layer"])] = series
+                continue
+            m = MOE_LAYER_TAG.match(tag)
+            if m:
+                out.setdefault(f"moe/{m['metric']}", {})[int(m["layer"])] = series
+        return {k: out[k] for k in sorted(out)}
+
+
+# -- locating a run's files -----------------------------------------------------------
+def event_dir(run: Path) -> Path:
+    """The run's TensorBoard folder, ``RUN/tensorboard/<name>/``. ``ValueError`` (one
+    line) when ``run`` is not a folder or holds no event file."""
+    run = Path(run)
+    if not run.is_dir():
+        raise ValueError(f"{run}: no such run folder")
+    root = run / "tensorboard"
+    candidates = sorted(p.parent for p in root.glob(f"*/{EVENT_GLOB}")) if root.is_dir() else []
+    candidates = sorted(set(candidates))
+    if not candidates:
+        raise ValueError(f"{run}: no TensorBoard event files under {root}/<name>/ "
+                         "(was logging.tensorboard on?)")
+    if len(candidates) == 1:
+        return candidates[0]
+    name = _recipe_name(run)
+    if name is not None and root / name in candidates:
+        return root / name
+    raise ValueError(f"{run}: several TensorBoard runs ({', '.join(p.name for p in candidates)}) "
+                     "and no config.yaml naming one")
+
+
+def _recipe_name(run: Path) -> str | None:
+    from phoenix.config.loader import read_yaml
+
+    try:
+        name = read_yaml(run / "config.yaml").get("name")
+    except Exception:  # a missing or unreadable config: the folder decides alone
+        return None
+    return name if isinstance(name, str) else None
+
+
+# -- reading --------------------------------------------------------------------------
+def read_scalars(folder: Path) -> dict[str, Series]:
+    """Every scalar tag of an event folder, every event kept, read by TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    out = {}
+    for tag in sorted(acc.Tags()["scalars"]):
+        events = acc.Scalars(tag)
+        out[tag] = Series([int(e.step) for e in events], [float(e.value) for e in events])
+    return out
+
+
+def read_stages(run: Path, scalars: dict[str, Series]) -> tuple[list[dict], str]:
+    """(stages, where they came from): the run's config.yaml, else ``1_train/stage``."""
+    from phoenix.config.loader import load_saved_config
+
+    config = run / "config.yaml"
+    if config.is_file():
+        try:
+            table = load_saved_config(config).resolved.stages
+        except Exception:  # moved datasets, a newer schema: fall back to the event files
+            table = None
+        if table is not None:
+            if not table.explicit:
+                return [], "config.yaml"
+            return [{"name": name, "start_step": start, "first_step": start + 1}
+                    for name, start in table.boundaries()], "config.yaml"
+    series = scalars.get(STAGE_TAG)
+    if series is None:
+        return [], ""
+    stages, previous = [], None
+    for step, value in zip(series.steps, series.values):
+        if value != previous:
+            # The first logged step of a stage; the stage's name is not in the scalars.
+            stages.append({"name": f"stage {int(value)}", "start_step": step - 1,
+                           "first_step": step})
+            previous = value
+    return stages, STAGE_TAG
+
+
+def read_spike_records(run: Path) -> list[dict]:
+    """``spikes.jsonl``'s records, one per step (a re-run step's last record), ascending."""
+    by_step = {}
+    for record in read_spikes(run / "spikes.jsonl"):
+        if isinstance(record.get("step"), int):
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def load_run(run: str | Path, label: str | None = None) -> RunData:
+    run = Path(run)
+    folder = event_dir(run)
+    scalars = read_scalars(folder)
+    stages, source = read_stages(run, scalars)
+    return RunData(label or folder.name, run, folder.name, scalars, stages, source,
+                   read_spike_records(run))
+
+
+def load_runs(runs: list[str | Path]) -> list[RunData]:
+    """Every run, labelled by its recipe name; runs of the same name by their folder too."""
+    loaded = [load_run(r) for r in runs]
+    names = [r.name for r in loaded]
+    for i, r in enumerate(loaded):
+        if names.count(r.name) > 1:
+            r.label = f"{r.name} ({r.path.name or r.path})"
+    labels = [r.label for r in loaded]
+    for i, r in enumerate(loaded):
+        if labels.count(r.label) > 1:
+            r.label = f"{r.label} #{i + 1}"
+    return loaded
+
+
+def finite(x: float) -> float | None:
+    """JSON's view of a float (NaN and infinities are ``null``)."""
+    return x if x is None or math.isfinite(x) else None
+
+
+def layer_matrix(layers: dict[int, Series], max_columns: int = 1024
+                 ) -> tuple[list[int], list[int], np.ndarray]:
+    """(layer ids, column steps, ``float64 [layers, columns]``) of a per-layer family, NaN
+    where a layer has no value at a step. Past ``max_columns`` logged steps, consecutive
+    steps are averaged in equal bins (a column is named by its bin's last step), so a long
+    run stays one readable image."""
+    ids = sorted(layers)
+    steps = sorted(set().union(*(s.steps for s in layers.values()))) if ids else []
+    column = {s: j for j, s in enumerate(steps)}
+    values = np.full((len(ids), len(steps)), np.nan)
+    for i, layer in enumerate(ids):
+        for s, v in zip(layers[layer].steps, layers[layer].values):
+            values[i, column[s]] = v
+    if len(steps) <= max_columns:
+        return ids, steps, values
+    edges = np.linspace(0, len(steps), max_columns + 1).astype(int)
+    binned = np.full((len(ids), max_columns), np.nan)
+    for j in range(max_columns):
+        block = values[:, edges[j]:edges[j + 1]]
+        counts = np.isfinite(block).sum(axis=1)
+        sums = np.where(np.isfinite(block), block, 0.0).sum(axis=1)
+        binned[:, j] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return ids, [steps[e - 1] for e in edges[1:]], binned
