@@ -167,6 +167,12 @@ def train_with_spike(config: dict, spikes: dict, overrides: list[str] = (),
             "is_logging_rank": layout.is_logging_rank, "layout": layout.describe()}
 
 
+def train_runs_with_spikes(jobs: list[tuple]) -> list[dict]:
+    """:func:`train_with_spike` for each item of ``jobs`` (its arguments, a tuple), one
+    run after the other in this process: several runs without a process start-up each."""
+    return [train_with_spike(*job) for job in jobs]
+
+
 # -- held-out evaluation (tests/eval/test_eval.py) ------------------------------------------
 def train_with_eval(config: dict, overrides: list[str] = (), eval_section: dict | None = None,
                     direct_reference: bool = False, cli_argv: list[str] | None = None) -> dict:
