@@ -15,7 +15,9 @@
     axes; ``run<i>_<family>.png``: a layer x step heatmap of every per-layer family of run
     ``i`` (``grad_norm``, ``param_norm``, ``update_norm``, ``update_ratio``, any other
     ``<family>/layer_XX`` such as optimizer-state norms; ``moe/<metric>`` of
-    ``moe/layer_XX/<metric>``).
+    ``moe/layer_XX/<metric>``); ``run<i>_moe_expert_load.png``: MoE layer x expert, each
+    expert's share of its layer's tokens x the number of experts at the last step that
+    logged ``moe/layer_XX/expert_YY/tokens``.
 ``report.json``
     what every figure shows: ``{"runs": [...], "plots": [...]}``. A line plot lists its
     curves (``run``, ``tag``, ``steps``, ``tokens``, ``values``), stage lines and spike
@@ -144,11 +146,23 @@ def heatmaps(runs: list[RunData], out: Path) -> list[dict]:
             log = family.endswith(LOG_FAMILIES)
             png = f"run{i}_{family.replace('/', '_')}.png"
             title = f"{run.label}: {family} per layer"
-            lo, hi = plots.layer_heatmap(out / png, title, ids, steps, values, log, spike_steps)
+            lo, hi = plots.layer_heatmap(out / png, title, ids, steps, values, log, spike_steps,
+                                         unit=family.rsplit("/", 1)[-1])
             found.append({"png": png, "kind": "heatmap", "title": title, "run": run.label,
                           "family": family,
                           "scale": "log10" if log else "linear", "range": [lo, hi],
                           "layers": ids, "steps": steps,
+                          "values": [_clean(row) for row in values]})
+        load = run.expert_load()
+        if load is not None:
+            step, ids, experts, values = load
+            png = f"run{i}_moe_expert_load.png"
+            title = f"{run.label}: expert load at step {step} (share x experts; 1 = balanced)"
+            lo, hi = plots.layer_heatmap(out / png, title, ids, experts, values, False,
+                                         xlabel="expert", unit="share x experts")
+            found.append({"png": png, "kind": "heatmap", "title": title, "run": run.label,
+                          "family": "moe/expert_load", "scale": "linear", "range": [lo, hi],
+                          "step": step, "layers": ids, "experts": experts,
                           "values": [_clean(row) for row in values]})
     return found
 

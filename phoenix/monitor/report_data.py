@@ -37,6 +37,8 @@ LAYER_TAG = re.compile(r"^(?P<family>[A-Za-z0-9_]+)/layer_(?P<layer>\d+)$")
 norms such as ``adam_exp_avg_norm/layer_07``)."""
 MOE_LAYER_TAG = re.compile(r"^moe/layer_(?P<layer>\d+)/(?P<metric>[A-Za-z0-9_]+)$")
 """A MoE layer's routing metric (:mod:`phoenix.monitor.moe`): family ``moe/<metric>``."""
+MOE_EXPERT_TAG = re.compile(r"^moe/layer_(?P<layer>\d+)/expert_(?P<expert>\d+)/tokens$")
+"""An expert's share of its layer's routed tokens."""
 
 
 @dataclass
@@ -89,6 +91,28 @@ class RunData:
         return {k: out[k] for k in sorted(out)}
 
 
+    def expert_load(self) -> tuple[int, list[int], list[int], np.ndarray] | None:
+        """(step, MoE layer ids, expert ids, ``[layers, experts]`` share x E) at the last
+        step that logged ``moe/layer_XX/expert_YY/tokens`` (1.0: a balanced expert; NaN
+        where a layer has fewer experts); None without those tags."""
+        shares: dict[tuple[int, int], Series] = {}
+        for tag, series in self.scalars.items():
+            m = MOE_EXPERT_TAG.match(tag)
+            if m and series.steps:
+                shares[int(m["layer"]), int(m["expert"])] = series
+        if not shares:
+            return None
+        step = max(s.steps[-1] for s in shares.values())
+        layers = sorted({layer for layer, _ in shares})
+        experts = sorted({expert for _, expert in shares})
+        values = np.full((len(layers), len(experts)), np.nan)
+        for (layer, expert), series in shares.items():
+            if series.steps[-1] == step:
+                values[layers.index(layer), experts.index(expert)] = series.values[-1]
+        width = np.isfinite(values).sum(axis=1, keepdims=True)  # experts of each layer
+        return step, layers, experts, values * width
+
+
 # -- locating a run's files -----------------------------------------------------------
 def event_dir(run: Path) -> Path:
     """The run's TensorBoard folder, ``RUN/tensorboard/<name>/``. ``ValueError`` (one
@@ -97,8 +121,7 @@ def event_dir(run: Path) -> Path:
     if not run.is_dir():
         raise ValueError(f"{run}: no such run folder")
     root = run / "tensorboard"
-    candidates = sorted(p.parent for p in root.glob(f"*/{EVENT_GLOB}")) if root.is_dir() else []
-    candidates = sorted(set(candidates))
+    candidates = sorted({p.parent for p in root.glob(f"*/{EVENT_GLOB}")}) if root.is_dir() else []
     if not candidates:
         raise ValueError(f"{run}: no TensorBoard event files under {root}/<name>/ "
                          "(was logging.tensorboard on?)")
@@ -185,7 +208,7 @@ def load_runs(runs: list[str | Path]) -> list[RunData]:
     """Every run, labelled by its recipe name; runs of the same name by their folder too."""
     loaded = [load_run(r) for r in runs]
     names = [r.name for r in loaded]
-    for i, r in enumerate(loaded):
+    for r in loaded:
         if names.count(r.name) > 1:
             r.label = f"{r.name} ({r.path.name or r.path})"
     labels = [r.label for r in loaded]

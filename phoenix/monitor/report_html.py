@@ -17,6 +17,7 @@ th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; vertic
 th { background: #f3f3f3; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.4em 0; }
 .note { color: #666; font-size: 0.9em; } code { font-size: 0.95em; }
+code.cmd { color: #555; font-size: 0.85em; }
 """
 
 SECTIONS = [
@@ -54,7 +55,7 @@ def _spike_table(report: dict) -> str:
             "<th>skipped</th><th>top samples (dataset / sample / document / group: loss, "
             "tokens)</th><th>top layers (grad norm)</th></tr>")
     rows = []
-    for run in report["runs"]:
+    for i, run in enumerate(report["runs"]):
         for r in run["spikes"]:
             flagged = "<br>".join(
                 f"{escape(k)} {_num(v.get('value'))} &gt; {_num(v.get('threshold'))}"
@@ -66,11 +67,14 @@ def _spike_table(report: dict) -> str:
             layers = ("<br>".join(f"{escape(l['name'])} {_num(l.get('grad_norm'))}"
                                   for l in r["top_layers"]) if r.get("top_layers")
                       else escape(r.get("top_layers_note") or ""))
-            rows.append(f"<tr id=\"spike-{escape(run['label'])}-{r['step']}\">"
+            # The batch's documents: phoenix inspect-batch RUN STEP prints their text.
+            inspect = f"phoenix inspect-batch {run['path']} {r['step']}"
+            rows.append(f"<tr id=\"spike-{i}-{r['step']}\">"
                         f"<td>{escape(run['label'])}</td><td class=num>{r['step']}</td>"
                         f"<td class=num>{_num(r.get('loss'))}</td>"
                         f"<td class=num>{_num(r.get('grad_norm'))}</td><td>{flagged}</td>"
-                        f"<td>{'yes' if r.get('skipped') else 'no'}</td><td>{samples}</td>"
+                        f"<td>{'yes' if r.get('skipped') else 'no'}</td><td>{samples}"
+                        f"<br><code class=cmd>{escape(inspect)}</code></td>"
                         f"<td>{layers}</td></tr>")
     if not rows:
         return '<p class="note">No spike was recorded (no spikes.jsonl, or no step spiked).</p>'

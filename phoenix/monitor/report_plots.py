@@ -88,6 +88,10 @@ def lines(path: Path, title: str, ylabel: str, curves: list[dict], stages: list[
         elif top is not None:
             ax.set_ylim(*top)
         ax.set_xlabel(xlabel)
+        if key == "steps":
+            from matplotlib.ticker import MaxNLocator
+
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(ylabel)
     if marks:  # one legend entry for the spike marks
@@ -110,10 +114,12 @@ def _y_top(curves: list[dict], outliers: set) -> tuple[float, float] | None:
 
 
 def layer_heatmap(path: Path, title: str, layers: list[int], steps: list[int],
-                  values: np.ndarray, log: bool, spike_steps: list[int] = ()) -> tuple[float, float]:
+                  values: np.ndarray, log: bool, spike_steps: list[int] = (),
+                  xlabel: str = "optimizer step", unit: str = "value") -> tuple[float, float]:
     """Layer x step image of ``values [layers, steps]`` (layer 0 the top row); colours from
-    log10 of the values when ``log``; spike steps marked above the image. Returns the
-    colour range (lo, hi) in the plotted unit."""
+    log10 of the values when ``log``; spike steps marked above the image. ``steps`` may be
+    other columns (experts), named by ``xlabel``. Returns the colour range (lo, hi) in the
+    plotted unit."""
     plt = pyplot()
     from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.cm import ScalarMappable
@@ -131,7 +137,7 @@ def layer_heatmap(path: Path, title: str, layers: list[int], steps: list[int],
     xt = _ticks(len(steps), 10)
     ax.set_xticks(xt, [str(steps[j]) for j in xt])
     ax.set_ylabel("layer")
-    ax.set_xlabel("optimizer step")
+    ax.set_xlabel(xlabel)
     column = {s: j for j, s in enumerate(steps)}
     marked = [column[s] for s in spike_steps if s in column]
     if marked:
@@ -139,7 +145,7 @@ def layer_heatmap(path: Path, title: str, layers: list[int], steps: list[int],
                 clip_on=False, label="spike")
     ramp = colorize(np.linspace(0.0, 1.0, 256)[None, :], 0.0, 1.0)[0] / 255.0
     bar = fig.colorbar(ScalarMappable(Normalize(lo, hi), ListedColormap(ramp)), ax=ax, pad=0.01)
-    bar.set_label("log10" if log else "value")
+    bar.set_label("log10" if log else unit)  # the family is in the title
     if np.isnan(values).any():
         ax.set_title(f"{title}  (grey: no value)", fontsize=10)
     else:

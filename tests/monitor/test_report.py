@@ -128,7 +128,8 @@ def test_stages_and_spike_are_marked(report):
     assert loss[SPIKE_AT] > 10 * loss[SPIKE_AT - 1]
     # the spike table lists the spiking batch's top samples with their provenance
     page = (report["out"] / "index.html").read_text()
-    row = page.split(f'id="spike-tiny (a)-{SPIKE_AT}"')[1].split("</tr>")[0]
+    row = page.split(f'id="spike-0-{SPIKE_AT}"')[1].split("</tr>")[0]
+    assert f"phoenix inspect-batch {report['a']} {SPIKE_AT}" in row
     for s in records[0]["top_samples"]:
         assert f"<code>{s['dataset']}</code> / {s['sample_id']} / {s['document_id']}" in row
 
@@ -150,6 +151,9 @@ def test_pngs_are_drawn_and_on_the_page(report):
     assert [c["run"] for c in _plot(data, "loss.png")["curves"]] == ["tiny (a)", "tiny (b)"]
 
 
+SHARES = ([0.1, 0.2, 0.3, 0.4], [0.25, 0.25, 0.5, 0.0])
+
+
 def test_other_layer_families_and_stages_from_the_events(tmp_path):
     """A family the report does not know by name (optimizer-state norms), MoE tags, and a
     run whose config.yaml is gone: stages where ``1_train/stage`` changes."""
@@ -164,6 +168,8 @@ def test_other_layer_families_and_stages_from_the_events(tmp_path):
         for layer in range(3):
             writer.add_scalar(f"adam_exp_avg_sq_norm/layer_{layer:02d}", 10.0 ** (layer - step), step)
             writer.add_scalar(f"moe/layer_{layer:02d}/imbalance", 1.0 + layer + step, step)
+            for expert, share in enumerate(SHARES[(layer + step) % 2]):
+                writer.add_scalar(f"moe/layer_{layer:02d}/expert_{expert:02d}/tokens", share, step)
     writer.close()
     data = build_report([run], tmp_path / "out")
     heat = _plot(data, "run0_adam_exp_avg_sq_norm.png")
@@ -173,6 +179,10 @@ def test_other_layer_families_and_stages_from_the_events(tmp_path):
     moe = _plot(data, "run0_moe_imbalance.png")
     assert moe["scale"] == "linear" and moe["values"][2] == [4.0, 5.0, 6.0, 7.0]
     assert _plot(data, "moe_aux_loss.png")["curves"][0]["tag"] == "moe/aux_loss"
+    load = _plot(data, "run0_moe_expert_load.png")  # the last step's shares x E
+    assert load["step"] == 4 and load["experts"] == [0, 1, 2, 3]
+    assert load["values"] == [[pytest.approx(4 * x) for x in SHARES[(layer + 4) % 2]]
+                              for layer in range(3)]
     assert data["runs"][0]["stage_source"] == "1_train/stage"
     assert [s["first_step"] for s in data["runs"][0]["stages"]] == [1, 3]
     page = (tmp_path / "out" / "index.html").read_text()
