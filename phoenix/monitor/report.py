@@ -84,7 +84,9 @@ def _spike_marks(runs: list[RunData], metric: str) -> list[dict]:
                 continue
             tokens = run.tokens_at([r["step"]])
             out.append({"run": run.label, "step": r["step"], "value": r[metric],
-                        "tokens": tokens[0] if tokens else None, "text": f"step {r['step']}"})
+                        "tokens": tokens[0] if tokens else None,
+                        "text": f"step {r['step']}" if len(runs) == 1
+                        else f"{run.label}: step {r['step']}"})
     return out
 
 

@@ -93,8 +93,9 @@ def page(report: dict) -> str:
                 body.append(f'<p class="note">{escape(note)}</p>')
             body += [_figure(p) for p in found]
     body += ["<h2>Spikes</h2>", _spike_table(report)]
-    heatmaps = [p for p in report["plots"] if p["kind"] == "heatmap"
-                and not p["family"].startswith("moe/")]
+    # By family, runs side by side within one: the runs' grad norms follow each other.
+    heatmaps = sorted((p for p in report["plots"] if p["kind"] == "heatmap"
+                       and not p["family"].startswith("moe/")), key=lambda p: p["family"])
     if heatmaps:
         body.append("<h2>Per-layer norms</h2>")
         body.append('<p class="note">Layer x step, layer 0 (next to the embedding) on top; '
