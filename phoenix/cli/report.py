@@ -25,7 +25,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         formatter_class=HelpFormatter, prog="phoenix report",
         description="Write a run report (index.html, PNG figures, report.json) from run "
-                    "folders' TensorBoard event files, spikes.jsonl and config.yaml.")
+                    "folders' TensorBoard event files, spikes.jsonl and config.yaml.",
+        epilog="example:\n  phoenix report runs/quickstart --out runs/quickstart/report\n"
+               "  phoenix report runs/quickstart_moe runs/quickstart --out runs/moe-vs-dense")
     p.add_argument("runs", nargs="+", metavar="RUN",
                    help="run folder(s) (a recipe's output_dir); several share the axes")
     p.add_argument("--out", required=True, metavar="DIR", help="the report's folder")

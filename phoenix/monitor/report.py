@@ -32,6 +32,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from phoenix.io import atomic_write_text
 from phoenix.monitor import report_plots as plots
 from phoenix.monitor.report_html import page
@@ -41,9 +43,6 @@ from phoenix.monitor.tags import DATASETS, TRAIN
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
           "tab:olive", "tab:cyan", "tab:gray", "tab:red"]
 STYLES = ["-", "--", ":", "-."]
-LOG_FAMILIES = ("norm", "ratio")
-"""A per-layer family whose name ends so is drawn on a log10 colour scale (norms differ by
-orders of magnitude across layers); others (MoE load, entropy) linearly."""
 
 
 def _clean(values) -> list:
@@ -62,7 +61,7 @@ def _curve(run: RunData, tag: str, label: str, color: str, linestyle: str = "-")
 
 def _stage_lines(runs: list[RunData]) -> list[dict]:
     out = []
-    for i, run in enumerate(runs):
+    for run in runs:
         for s in run.stages:
             if s["start_step"] == 0:
                 continue  # the first stage begins where the axis does
@@ -139,13 +138,23 @@ def _dataset_plot(runs: list[RunData], out: Path, stages: list[dict], outliers: 
                       outliers=outliers)
 
 
+def _log_scale(family: str, values) -> bool:
+    """Per-layer norms and ratios (any family but MoE's) are drawn on a log10 colour scale:
+    layers differ by orders of magnitude. MoE metrics (loads, losses, entropy), and a
+    family with a value <= 0, linearly."""
+    if family.startswith("moe/"):
+        return False
+    present = values[np.isfinite(values)]
+    return bool(present.size) and bool((present > 0).all())
+
+
 def heatmaps(runs: list[RunData], out: Path) -> list[dict]:
     found = []
     for i, run in enumerate(runs):
         spike_steps = [r["step"] for r in run.spikes]
         for family, layers in run.layer_families().items():
             ids, steps, values = layer_matrix(layers)
-            log = family.endswith(LOG_FAMILIES)
+            log = _log_scale(family, values)
             png = f"run{i}_{family.replace('/', '_')}.png"
             title = f"{run.label}: {family} per layer"
             lo, hi = plots.layer_heatmap(out / png, title, ids, steps, values, log, spike_steps,
