@@ -140,12 +140,13 @@ def _dataset_plot(runs: list[RunData], out: Path, stages: list[dict], outliers: 
 
 def _log_scale(family: str, values) -> bool:
     """Per-layer norms and ratios (any family but MoE's) are drawn on a log10 colour scale:
-    layers differ by orders of magnitude. MoE metrics (loads, losses, entropy), and a
-    family with a value <= 0, linearly."""
+    layers differ by orders of magnitude (a zero, e.g. the update of a frozen layer, is
+    the darkest colour). MoE metrics (loads, losses, entropy), and a family with a
+    negative value, linearly."""
     if family.startswith("moe/"):
         return False
     present = values[np.isfinite(values)]
-    return bool(present.size) and bool((present > 0).all())
+    return bool((present > 0).any()) and bool((present >= 0).all())
 
 
 def heatmaps(runs: list[RunData], out: Path) -> list[dict]:

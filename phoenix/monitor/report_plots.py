@@ -125,9 +125,9 @@ def layer_heatmap(path: Path, title: str, layers: list[int], steps: list[int],
     from matplotlib.cm import ScalarMappable
 
     values = np.asarray(values, dtype=np.float64)
-    if log:
+    if log:  # zero -> -inf, drawn as the darkest colour (colorize clips), not as missing
         with np.errstate(divide="ignore", invalid="ignore"):
-            values = np.where(values > 0, np.log10(values), np.nan)
+            values = np.where(values >= 0, np.log10(values), np.nan)
     ok = values[np.isfinite(values)]
     lo, hi = (float(ok.min()), float(ok.max())) if ok.size else (0.0, 1.0)
     rgb = colorize(values, lo, hi)
@@ -146,7 +146,7 @@ def layer_heatmap(path: Path, title: str, layers: list[int], steps: list[int],
     ramp = colorize(np.linspace(0.0, 1.0, 256)[None, :], 0.0, 1.0)[0] / 255.0
     bar = fig.colorbar(ScalarMappable(Normalize(lo, hi), ListedColormap(ramp)), ax=ax, pad=0.01)
     bar.set_label("log10" if log else unit)  # the family is in the title
-    if np.isnan(values).any():
+    if np.isnan(values).any():  # -inf (a zero on the log scale) is not NaN
         ax.set_title(f"{title}  (grey: no value)", fontsize=10)
     else:
         ax.set_title(title, fontsize=10)

@@ -167,6 +167,8 @@ def test_other_layer_families_and_stages_from_the_events(tmp_path):
         writer.add_scalar("moe/aux_loss", 1.0 + step / 100, step)
         for layer in range(3):
             writer.add_scalar(f"adam_exp_avg_sq_norm/layer_{layer:02d}", 10.0 ** (layer - step), step)
+            # layer 0 frozen: its update is 0, which a log scale must still draw
+            writer.add_scalar(f"update_norm/layer_{layer:02d}", layer * 1e-3 * step, step)
             writer.add_scalar(f"moe/layer_{layer:02d}/imbalance", 1.0 + layer + step, step)
             for expert, share in enumerate(SHARES[(layer + step) % 2]):
                 writer.add_scalar(f"moe/layer_{layer:02d}/expert_{expert:02d}/tokens", share, step)
@@ -176,6 +178,8 @@ def test_other_layer_families_and_stages_from_the_events(tmp_path):
     assert heat["scale"] == "log10" and heat["steps"] == [1, 2, 3, 4]
     assert heat["values"] == [[pytest.approx(10.0 ** (layer - s)) for s in range(1, 5)]
                               for layer in range(3)]
+    frozen = _plot(data, "run0_update_norm.png")
+    assert frozen["scale"] == "log10" and frozen["values"][0] == [0.0] * 4
     moe = _plot(data, "run0_moe_imbalance.png")
     assert moe["scale"] == "linear" and moe["values"][2] == [4.0, 5.0, 6.0, 7.0]
     assert _plot(data, "moe_aux_loss.png")["curves"][0]["tag"] == "moe/aux_loss"
