@@ -31,10 +31,12 @@ EVENT_GLOB = "events.out.tfevents.*"
 TOKENS_TAG = f"{TRAIN}/consumed_tokens"
 STAGE_TAG = f"{TRAIN}/stage"
 
-LAYER_TAG = re.compile(r"^(?P<family>[A-Za-z0-9_]+)/layer_(?P<layer>\d+)$")
+LAYER_TAG = re.compile(r"^(?P<family>(?!moe/)[A-Za-z0-9_]+(?:/[A-Za-z0-9_]+)*?)"
+                       r"/layer_(?P<layer>\d+)$")
 """A whole layer's value of a per-layer family: ``grad_norm/layer_07``, ``param_norm/...``,
 ``update_norm``, ``update_ratio``, and any family recorded the same way (optimizer-state
-norms such as ``adam_exp_avg_norm/layer_07``)."""
+norms such as ``adam_exp_avg_norm/layer_07`` or ``adam/exp_avg/layer_07``). Parts of a
+layer (``grad_norm/layer_07/mlp/fc1``) are not whole layers."""
 MOE_LAYER_TAG = re.compile(r"^moe/layer_(?P<layer>\d+)/(?P<metric>[A-Za-z0-9_]+)$")
 """A MoE layer's routing metric (:mod:`phoenix.monitor.moe`): family ``moe/<metric>``."""
 MOE_EXPERT_TAG = re.compile(r"^moe/layer_(?P<layer>\d+)/expert_(?P<expert>\d+)/tokens$")

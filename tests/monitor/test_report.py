@@ -167,6 +167,8 @@ def test_other_layer_families_and_stages_from_the_events(tmp_path):
         writer.add_scalar("moe/aux_loss", 1.0 + step / 100, step)
         for layer in range(3):
             writer.add_scalar(f"adam_exp_avg_sq_norm/layer_{layer:02d}", 10.0 ** (layer - step), step)
+            writer.add_scalar(f"adam/exp_avg/layer_{layer:02d}", 1.0 + layer, step)
+            writer.add_scalar(f"adam/exp_avg/layer_{layer:02d}/mlp/fc1", 1.0, step)  # a part
             # layer 0 frozen: its update is 0, which a log scale must still draw
             writer.add_scalar(f"update_norm/layer_{layer:02d}", layer * 1e-3 * step, step)
             writer.add_scalar(f"moe/layer_{layer:02d}/imbalance", 1.0 + layer + step, step)
@@ -178,6 +180,8 @@ def test_other_layer_families_and_stages_from_the_events(tmp_path):
     assert heat["scale"] == "log10" and heat["steps"] == [1, 2, 3, 4]
     assert heat["values"] == [[pytest.approx(10.0 ** (layer - s)) for s in range(1, 5)]
                               for layer in range(3)]
+    nested = _plot(data, "run0_adam_exp_avg.png")
+    assert nested["family"] == "adam/exp_avg" and nested["layers"] == [0, 1, 2]
     frozen = _plot(data, "run0_update_norm.png")
     assert frozen["scale"] == "log10" and frozen["values"][0] == [0.0] * 4
     moe = _plot(data, "run0_moe_imbalance.png")
