@@ -36,7 +36,8 @@ zero-padded to at least two digits, whatever the pipeline stage that holds them)
 The step index is the one ``1_train/loss`` uses (steps completed after the step).
 
 How the values are reduced (as megatron's own ``get_grad_norm_fp32`` does for the
-global norm): each rank adds the squares of the elements it *owns* into a fixed-order
+global norm; the rules live in :mod:`phoenix.monitor.ownership`, shared with the
+optimizer-state norms of :mod:`phoenix.monitor.optimizer_state`): each rank adds the squares of the elements it *owns* into a fixed-order
 vector of per-key sums, and one ``all_reduce(SUM)`` over the world gathers them.
 
 * Tensor parallel: a parameter with ``tensor_model_parallel=True`` is a shard, every
@@ -73,6 +74,7 @@ import torch
 import torch.distributed as dist
 
 from phoenix.monitor.base import Callback
+from phoenix.monitor.ownership import agree_keys, key_indices, key_sums, owned_slices, with_totals
 
 log = logging.getLogger(__name__)
 
@@ -165,12 +167,10 @@ def named_parameter_keys(module, num_layers: int) -> list[tuple[str, str, torch.
             for name, p in module.named_parameters() if p.requires_grad]
 
 
-def _group(layout, name: str) -> tuple[int, int]:
-    """(rank, size) in megatron's group ``name`` of the layout (``(0, 1)`` if absent)."""
-    group = getattr(layout.pg_collection, name, None)
-    if group is None:
-        return 0, 1
-    return dist.get_rank(group), dist.get_world_size(group)
+def model_entries(trainer) -> list[tuple[str, str, torch.nn.Parameter]]:
+    """:func:`named_parameter_keys` of every model chunk of this rank."""
+    num_layers = trainer.model[0].config.num_layers
+    return [e for gpt in trainer.gpt_models for e in named_parameter_keys(gpt, num_layers)]
 
 
 class NormMonitor(Callback):
@@ -202,14 +202,8 @@ class NormMonitor(Callback):
     def on_train_start(self, trainer) -> None:
         if not self.interval:
             return
-        num_layers = trainer.model[0].config.num_layers
-        self._entries = [e for gpt in trainer.gpt_models
-                         for e in named_parameter_keys(gpt, num_layers)]
-        # Every rank must reduce the same fixed-order vector: agree on the union of keys.
-        local = sorted({key for key, _, _ in self._entries})
-        gathered = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, local)
-        self.keys = sorted(set().union(*map(set, gathered)))
+        self._entries = model_entries(trainer)
+        self.keys = agree_keys(self._entries)
         self._index = {key: i for i, key in enumerate(self.keys)}
 
     def on_before_optimizer_step(self, trainer) -> None:
@@ -218,12 +212,11 @@ class NormMonitor(Callback):
             return
         self._active_step = trainer.metrics.step
         with torch.no_grad():
-            owned = self._owned(trainer)
-            self._idx = torch.tensor([self._index[k] for k, _, _ in owned], dtype=torch.long,
-                                     device=trainer.layout.device)
-            self._weights = [w for _, _, w in owned]
+            owned = owned_slices(trainer, self._entries)
+            self._idx = key_indices(owned, self._index, trainer.layout.device)
+            self._weights = [o.weight for o in owned]
             self._snapshot = [w.detach().clone() for w in self._weights]
-            grad_sq = self._sums([g for _, g, _ in owned], trainer.layout.device)
+            grad_sq = self._sums([o.grad for o in owned], trainer.layout.device)
             scale = self._loss_scale(trainer)
             if scale != 1.0:  # fp16: the grads still carry the loss scale
                 grad_sq = grad_sq / (scale * scale)
@@ -244,59 +237,9 @@ class NormMonitor(Callback):
             self.last = self._tags(vector.cpu().tolist())
             trainer.metrics.record_many(self.last)
 
-    # -- what this rank owns ----------------------------------------------------------
-    def _owned(self, trainer) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
-        """``(key, grad, weight)`` for the elements this rank adds, as 1-D views/tensors.
-
-        ``weight`` is the tensor the optimizer updates in place (fp32 main weights when
-        it keeps them, else the model parameter); ``grad`` the reduced gradient of the
-        same elements.
-        """
-        layout = trainer.layout
-        optimizers = getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])
-        sharded = [o for o in optimizers if hasattr(o, "model_param_gbuf_map")]
-        # Data x context parallel: the ranks megatron's grad buffers are sharded over.
-        dense_dp = (layout.dp_cp_rank, layout.dp_cp_size)
-        # Routed experts (``allreduce=False``) are replicated over the expert-data-parallel
-        # group instead and split over the expert-tensor group (EP ranks hold different ones).
-        expt_dp, expt_tp = (_group(layout, "expt_dp"), _group(layout, "expt_tp"))
-        owned = []
-        for i, (key, _, p) in enumerate(self._entries):
-            expert = not getattr(p, "allreduce", True)
-            if getattr(p, "shared", False):
-                continue  # the last stage's copy of a tied embedding: counted at the first
-            tp_rank = expt_tp[0] if expert else layout.tp_rank
-            if not getattr(p, "tensor_model_parallel", False) and tp_rank != 0:
-                continue  # duplicated on every (expert) TP rank: count once
-            dp_rank, dp_size = expt_dp if expert else dense_dp
-            grad = getattr(p, "main_grad", None)
-            if grad is None:
-                grad = p.grad
-            if grad is None:
-                continue
-            if sharded:  # distributed optimizer: only the slice this DP rank owns
-                opt = next((o for o in sharded if p in o.model_param_gbuf_map), None)
-                if opt is None:
-                    continue  # no element of p falls in this rank's shard
-                r = opt._get_model_param_range_map(p)["param"]
-                main = getattr(p, "main_param", None)
-                weight = main if main is not None else p.detach().view(-1)[r.start:r.end]
-                owned.append((key, grad.view(-1)[r.start:r.end], weight.view(-1)))
-            elif i % dp_size == dp_rank:  # full and all-reduced on every DP rank: each
-                # parameter is added by one DP rank (round robin, to share the work)
-                main = getattr(p, "main_param", None)
-                weight = main if main is not None else p.detach()
-                owned.append((key, grad.view(-1), weight.view(-1)))
-        return owned
-
     def _sums(self, tensors, device) -> torch.Tensor:
-        """Per-key sums of squares (float64) of ``tensors`` (one per owned entry)."""
-        out = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
-        if tensors:
-            norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32)
-                                 for t in tensors]).double()
-            out.index_add_(0, self._idx, norms * norms)
-        return out
+        """Per-key sums of squares (float64) of ``tensors`` (one per owned slice)."""
+        return key_sums(tensors, self._idx, len(self.keys), device)
 
     @staticmethod
     def _loss_scale(trainer) -> float:
@@ -311,14 +254,7 @@ class NormMonitor(Callback):
         sq = {fam: dict(zip(self.keys, vector[i * k:(i + 1) * k]))
               for i, fam in enumerate(("grad_norm", "param_norm", "update_norm"))}
         # Whole layers and the global value are sums of their parts' squares.
-        for fam, values in sq.items():
-            groups: dict[str, float] = {}
-            for key, v in values.items():
-                if key.startswith("layer_"):
-                    layer = key.split("/", 1)[0]
-                    groups[layer] = groups.get(layer, 0.0) + v
-                groups["global"] = groups.get("global", 0.0) + v
-            values.update(groups)
+        sq = {fam: with_totals(values) for fam, values in sq.items()}
         tags = {}
         for key in sq["grad_norm"]:
             grad, param, update = (math.sqrt(max(sq[f][key], 0.0))
