@@ -1,5 +1,5 @@
 """Training observability: the callback base and metrics path, console progress, the
-TensorBoard sink, training scalars, per-layer norms and their heatmaps, per-dataset loss,
+TensorBoard sink, training scalars, per-layer norms (gradients, weights, updates, Adam state) and their heatmaps, per-dataset loss,
 throughput, spikes, MoE routing."""
 
 from phoenix.monitor.base import Callback, MetricsCollector, StepMetrics, is_logging_step
@@ -8,12 +8,13 @@ from phoenix.monitor.dataset_loss import DatasetLossMonitor
 from phoenix.monitor.heatmap import HeatmapMonitor
 from phoenix.monitor.moe import MoEMonitor
 from phoenix.monitor.norms import NormMonitor
+from phoenix.monitor.optimizer_state import OptimizerStateNormMonitor
 from phoenix.monitor.spikes import SpikeMonitor
 from phoenix.monitor.tensorboard import TensorBoardLogger
 from phoenix.monitor.throughput import ThroughputMonitor
 from phoenix.monitor.train_scalars import TrainScalars
 
 __all__ = ["Callback", "ConsoleLogger", "DatasetLossMonitor", "HeatmapMonitor",
-           "MetricsCollector", "MoEMonitor", "NormMonitor",
+           "MetricsCollector", "MoEMonitor", "NormMonitor", "OptimizerStateNormMonitor",
            "SpikeMonitor", "StepMetrics", "TensorBoardLogger", "ThroughputMonitor",
            "TrainScalars", "is_logging_step"]
