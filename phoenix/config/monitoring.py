@@ -119,9 +119,9 @@ class HistogramConfig:
             raise ConfigError(f"logging.histograms.bins: must be in [1, 512], got {self.bins}")
 
 
-BUILTIN_CALLBACKS = ("console", "train_scalars", "tensorboard", "wandb", "norms", "dataset_loss",
-                     "moe", "heatmaps", "throughput", "spikes", "eval", "manual_gc",
-                     "histograms")
+BUILTIN_CALLBACKS = ("console", "train_scalars", "tensorboard", "wandb", "norms",
+                     "optimizer_state_norms", "histograms", "dataset_loss", "moe", "heatmaps",
+                     "throughput", "spikes", "eval", "manual_gc")
 """The names of the trainer's own callbacks (phoenix.train.callbacks), for
 ``logging.callbacks``."""
 
@@ -141,6 +141,17 @@ class LoggingConfig:
     """Per-layer grad/param/update norms in TensorBoard every N steps (default: every
     log_interval steps; 0: off). Costs one fp32 copy of this rank's owned weights and one
     all-reduce on those steps only."""
+    optimizer_state_norms: int = 0
+    """Per-layer norms of Adam's state in TensorBoard every N steps (and the run's last
+    step; 0, the default: off): ``adam_m_norm/<key>`` (first moment, ``exp_avg``),
+    ``adam_v_norm/<key>`` (second moment, ``exp_avg_sq``) and ``adam_direction_norm/<key>``
+    (the bias-corrected ``m̂ / (√v̂ + ε)`` the step applied, before the LR), with the keys
+    of the grad norms (phoenix.monitor.optimizer_state). An interval of its own, off by
+    default, rather than following norm_interval: it is a diagnosis tool that reads the
+    whole optimizer state (twice the fp32 weights) on the steps it logs, and a run turns
+    it on when it needs it (e.g. ``logging.optimizer_state_norms=10``). Costs about 40
+    bytes of memory traffic per owned parameter and one all-reduce on those steps only."""
+
     histograms: HistogramConfig = field(default_factory=HistogramConfig)
     """Weight and gradient histograms of chosen parts (``{interval, patterns, bins}``;
     off by default; see phoenix.monitor.histograms)."""
@@ -198,6 +209,9 @@ class LoggingConfig:
                 setattr(self, key, self.log_interval)
             if getattr(self, key) < 0:
                 raise ConfigError(f"logging.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.optimizer_state_norms < 0:
+            raise ConfigError(f"logging.optimizer_state_norms: must be >= 0 (an interval in "
+                              f"steps; 0: off), got {self.optimizer_state_norms}")
         if self.heatmap_every < 0:
             raise ConfigError(f"logging.heatmap_every: must be >= 0, got {self.heatmap_every}")
         positive("logging", peak_tflops=self.peak_tflops)

@@ -3,7 +3,8 @@
 Twenty-eight ``grad_norm/layer_XX`` curves are hard to read side by side; one image with a
 row per layer and a column per logged step shows at a glance which layer grows and when.
 :class:`HeatmapMonitor` reads what the producers recorded into the step's metrics
-collector (the :class:`~phoenix.monitor.norms.NormMonitor`'s whole-layer norms, the
+collector (the whole-layer norms of the :class:`~phoenix.monitor.norms.NormMonitor` and
+the :class:`~phoenix.monitor.optimizer_state.OptimizerStateNormMonitor`, the
 :class:`~phoenix.monitor.moe.MoEMonitor`'s ``tokens_per_expert`` histograms), keeps their
 history on the logging rank, and every ``every``-th step that brought new values (and at
 the run's last step) records these images (RGB, written by the TensorBoard sink with
@@ -16,6 +17,9 @@ tag (``heatmaps/`` file)               rows x columns              colour (dark 
 ``4_heatmaps/param_norm``              layer x logged step         log10 of the param norm
 ``4_heatmaps/update_norm``             layer x logged step         log10 of the update norm
 ``4_heatmaps/update_ratio``            layer x logged step         log10 of update / param
+``4_heatmaps/adam_m_norm``             layer x logged step         log10 of Adam's ‖m‖
+``4_heatmaps/adam_v_norm``             layer x logged step         log10 of Adam's ‖v‖
+``4_heatmaps/adam_direction_norm``     layer x logged step         log10 of ‖m̂ / (√v̂ + ε)‖
 ``4_heatmaps/moe_load/layer_07``       expert x logged step        expert's load, share x E
 ``4_heatmaps/moe_load``                MoE layer x expert          the same, latest logged step
 =====================================  ==========================  ================================
@@ -48,10 +52,12 @@ from pathlib import Path
 import numpy as np
 
 from phoenix.monitor.base import Callback, StepMetrics
+from phoenix.monitor.optimizer_state import FAMILIES as OPTIMIZER_STATE_FAMILIES
 from phoenix.monitor.tags import HEATMAPS as TAG
 
-NORM_FAMILIES = ("grad_norm", "param_norm", "update_norm", "update_ratio")
-_LAYER_TAG = re.compile(r"^(grad_norm|param_norm|update_norm|update_ratio)/layer_(\d+)$")
+NORM_FAMILIES = ("grad_norm", "param_norm", "update_norm", "update_ratio",
+                 *OPTIMIZER_STATE_FAMILIES)
+_LAYER_TAG = re.compile(rf"^({'|'.join(NORM_FAMILIES)})/layer_(\d+)$")
 _MOE_TAG = re.compile(r"^moe/layer_(\d+)/tokens_per_expert$")
 
 # Ramp anchors (RGB), darkest first; their luminance 0.299 R + 0.587 G + 0.114 B rises

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from phoenix.config.typed import ConfigError
 from phoenix.monitor.base import Callback, Histogram
 from phoenix.monitor.norms import named_parameter_keys
-from phoenix.monitor.ownership import agreed_keys, loss_scale, owned_slices
+from phoenix.monitor.ownership import agree_keys, loss_scale, owned_slices
 
 FAMILIES = ("param_hist", "grad_hist")
 
@@ -127,7 +127,7 @@ class HistogramMonitor(Callback):
         entries = [e for gpt in trainer.gpt_models for e in named_parameter_keys(gpt, num_layers)]
         # Every rank knows every key (a pipeline stage holds only some): a pattern is
         # refused on every rank alike, and all reduce the same fixed-order vectors.
-        self.keys = select_keys(self.patterns, agreed_keys(entries))
+        self.keys = select_keys(self.patterns, agree_keys(entries))
         chosen = set(self.keys)
         self._entries = [e for e in entries if e[0] in chosen]
         self._index = {key: i for i, key in enumerate(self.keys)}
@@ -150,8 +150,8 @@ class HistogramMonitor(Callback):
         device, k, bins = trainer.layout.device, len(self.keys), self.bins
         owned = owned_slices(trainer, self._entries)
         # (histogram index, 1-D tensor): weights are histograms 0..k-1, gradients k..2k-1.
-        parts = [(self._index[key], w) for key, _, w in owned] + \
-                [(k + self._index[key], g) for key, g, _ in owned]
+        parts = [(self._index[o.key], o.weight) for o in owned] + \
+                [(k + self._index[o.key], o.grad) for o in owned]
         parts = [(h, t) for h, t in parts if t.numel()]
         extremes = torch.full((2, 2 * k), float("-inf"), dtype=torch.float64, device=device)
         if parts:

@@ -36,12 +36,29 @@ zero-padded to at least two digits, whatever the pipeline stage that holds them)
 The step index is the one ``1_train/loss`` uses (steps completed after the step).
 
 How the values are reduced (as megatron's own ``get_grad_norm_fp32`` does for the
-global norm): each rank adds the squares of the elements it *owns* into a fixed-order
-vector of per-key sums, and one ``all_reduce(SUM)`` over the world gathers them. Which
-elements a rank owns under TP, PP, the distributed optimizer's DP shards and EP, with
-TP-duplicated weights counted once and a tied embedding's second copy skipped:
-:mod:`phoenix.monitor.ownership` (shared with the histograms). Layer keys are agreed on
-by all ranks once at start.
+global norm; the rules live in :mod:`phoenix.monitor.ownership`, shared with the
+optimizer-state norms of :mod:`phoenix.monitor.optimizer_state`): each rank adds the squares of the elements it *owns* into a fixed-order
+vector of per-key sums, and one ``all_reduce(SUM)`` over the world gathers them.
+
+* Tensor parallel: a parameter with ``tensor_model_parallel=True`` is a shard, every
+  TP rank adds its own; a duplicated one (norm weights) is added by TP rank 0 only.
+* Pipeline parallel: each stage owns different layers; keys come from the module
+  structure (``layer_number`` is global) and are agreed on by all ranks once at start.
+* Data parallel with the distributed optimizer: after ``finalize_model_grads`` only this
+  rank's shard of each grad-buffer bucket holds reduced gradients (the rest holds local,
+  unreduced partial sums; the buffers are sharded over the layout's ``dp_cp_group``,
+  data x context parallel), so each DP rank adds the slice of every parameter it owns
+  (``param_range_map["param"]`` of the optimizer's ``gbuf_ranges``); the slices are
+  disjoint and cover every parameter once. Parameter and update norms use the same
+  slices (of the fp32 main shards). Without it, every DP rank holds full reduced
+  gradients and weights, and each parameter is added by one DP rank (round robin).
+* Expert parallel: routed experts (``allreduce=False``) live on one EP rank each and are
+  replicated over the *expert* data-parallel group (megatron's ``expt_dp``, whose grad
+  buffers and distributed-optimizer shards are separate from the dense ones) and split
+  over the expert-tensor group: the same rules with those groups in place of DP and TP.
+  The sum over the world then counts every expert once, as megatron's global norm does.
+* Weights marked ``shared`` (the last stage's copy of a tied embedding) are skipped,
+  as megatron does, so they are counted once (under ``embedding``).
 
 Nothing is done outside logging steps. On logging steps the monitor only reads
 gradients and weights (one snapshot of this rank's owned main-weight slices is kept
@@ -57,7 +74,8 @@ import torch
 import torch.distributed as dist
 
 from phoenix.monitor.base import Callback
-from phoenix.monitor.ownership import agreed_keys, loss_scale, owned_slices
+from phoenix.monitor.ownership import (agree_keys, key_indices, key_sums, loss_scale, owned_slices,
+                                       with_totals)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +168,12 @@ def named_parameter_keys(module, num_layers: int) -> list[tuple[str, str, torch.
             for name, p in module.named_parameters() if p.requires_grad]
 
 
+def model_entries(trainer) -> list[tuple[str, str, torch.nn.Parameter]]:
+    """:func:`named_parameter_keys` of every model chunk of this rank."""
+    num_layers = trainer.model[0].config.num_layers
+    return [e for gpt in trainer.gpt_models for e in named_parameter_keys(gpt, num_layers)]
+
+
 class NormMonitor(Callback):
     """Logs ``grad_norm/``, ``param_norm/``, ``update_norm/``, ``update_ratio/`` scalars.
 
@@ -179,11 +203,8 @@ class NormMonitor(Callback):
     def on_train_start(self, trainer) -> None:
         if not self.interval:
             return
-        num_layers = trainer.model[0].config.num_layers
-        self._entries = [e for gpt in trainer.gpt_models
-                         for e in named_parameter_keys(gpt, num_layers)]
-        # Every rank must reduce the same fixed-order vector: agree on the union of keys.
-        self.keys = agreed_keys(self._entries)
+        self._entries = model_entries(trainer)
+        self.keys = agree_keys(self._entries)
         self._index = {key: i for i, key in enumerate(self.keys)}
 
     def on_before_optimizer_step(self, trainer) -> None:
@@ -193,11 +214,10 @@ class NormMonitor(Callback):
         self._active_step = trainer.metrics.step
         with torch.no_grad():
             owned = owned_slices(trainer, self._entries)
-            self._idx = torch.tensor([self._index[k] for k, _, _ in owned], dtype=torch.long,
-                                     device=trainer.layout.device)
-            self._weights = [w for _, _, w in owned]
+            self._idx = key_indices(owned, self._index, trainer.layout.device)
+            self._weights = [o.weight for o in owned]
             self._snapshot = [w.detach().clone() for w in self._weights]
-            grad_sq = self._sums([g for _, g, _ in owned], trainer.layout.device)
+            grad_sq = self._sums([o.grad for o in owned], trainer.layout.device)
             scale = loss_scale(trainer)
             if scale != 1.0:  # fp16: the grads still carry the loss scale
                 grad_sq = grad_sq / (scale * scale)
@@ -219,13 +239,8 @@ class NormMonitor(Callback):
             trainer.metrics.record_many(self.last)
 
     def _sums(self, tensors, device) -> torch.Tensor:
-        """Per-key sums of squares (float64) of ``tensors`` (one per owned entry)."""
-        out = torch.zeros(len(self.keys), dtype=torch.float64, device=device)
-        if tensors:
-            norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float32)
-                                 for t in tensors]).double()
-            out.index_add_(0, self._idx, norms * norms)
-        return out
+        """Per-key sums of squares (float64) of ``tensors`` (one per owned slice)."""
+        return key_sums(tensors, self._idx, len(self.keys), device)
 
     # -- output -----------------------------------------------------------------------
     def _tags(self, vector: list[float]) -> dict[str, float]:
@@ -233,14 +248,7 @@ class NormMonitor(Callback):
         sq = {fam: dict(zip(self.keys, vector[i * k:(i + 1) * k]))
               for i, fam in enumerate(("grad_norm", "param_norm", "update_norm"))}
         # Whole layers and the global value are sums of their parts' squares.
-        for fam, values in sq.items():
-            groups: dict[str, float] = {}
-            for key, v in values.items():
-                if key.startswith("layer_"):
-                    layer = key.split("/", 1)[0]
-                    groups[layer] = groups.get(layer, 0.0) + v
-                groups["global"] = groups.get("global", 0.0) + v
-            values.update(groups)
+        sq = {fam: with_totals(values) for fam, values in sq.items()}
         tags = {}
         for key in sq["grad_norm"]:
             grad, param, update = (math.sqrt(max(sq[f][key], 0.0))

@@ -16,11 +16,13 @@ before every named group whatever the locale:
     ``tflops_per_gpu``, ``mfu``, ``forward_backward_time``, ``optimizer_time``,
     ``logging_time``
 ``4_heatmaps/``  (phoenix.monitor.heatmap)
-    images ``grad_norm``, ``param_norm``, ``update_norm``, ``update_ratio`` (layer x
-    step), ``moe_load/layer_XX`` (expert x step), ``moe_load`` (layer x expert); text
-    ``scale``
+    images ``grad_norm``, ``param_norm``, ``update_norm``, ``update_ratio``,
+    ``adam_m_norm``, ``adam_v_norm``, ``adam_direction_norm`` (layer x step),
+    ``moe_load/layer_XX`` (expert x step), ``moe_load`` (layer x expert); text ``scale``
 
-Then, alphabetically, the named groups: ``eval/<set>/*`` and ``time/eval``
+Then, alphabetically, the named groups: ``adam_direction_norm/<key>``, ``adam_m_norm/<key>``,
+``adam_v_norm/<key>`` (phoenix.monitor.optimizer_state: Adam's state, with the keys of the
+grad norms), ``eval/<set>/*`` and ``time/eval``
 (phoenix.eval.callback), ``grad_norm/<key>``, ``param_norm/<key>``, ``update_norm/<key>``,
 ``update_ratio/<key>`` (phoenix.monitor.norms: per layer and per part of a layer),
 histograms ``param_hist/<key>`` and ``grad_hist/<key>`` (phoenix.monitor.histograms),

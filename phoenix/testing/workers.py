@@ -88,25 +88,28 @@ def train_jobs(config: dict, jobs: list[list[str]]) -> list[dict]:
     return [train_and_record(config, overrides) for overrides in jobs]
 
 
-def train_with_norms(config: dict, overrides: list[str] = (), norm_interval: int = 1) -> dict:
-    """Like :func:`train_and_record`, with exactly one ``NormMonitor(norm_interval)`` in the
-    callbacks (none when ``norm_interval`` is 0), whatever the trainer's defaults are."""
-    from phoenix.monitor.norms import NormMonitor
+def train_with_norms(config: dict, overrides: list[str] = (), norm_interval: int = 1,
+                     optimizer_state_norms: int = 0) -> dict:
+    """Like :func:`train_and_record`, with exactly one ``NormMonitor(norm_interval)`` and
+    one ``OptimizerStateNormMonitor(optimizer_state_norms)`` in the callbacks (none for an
+    interval of 0), whatever the trainer's defaults are. In a single process with the
+    latter, ``state_norms`` holds the values of
+    :class:`~phoenix.testing.optimizer_state.StateNormReference`."""
     from phoenix.runtime import init_runtime
+    from phoenix.testing.optimizer_state import install_norm_monitors
     from phoenix.train.trainer import Trainer
 
     cfg = build_config(config, overrides)
     layout = init_runtime(cfg)
     recorder = Recorder()
     trainer = Trainer(cfg, layout)
-    trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, NormMonitor)]
-    if norm_interval:
-        trainer.callbacks.append(NormMonitor(norm_interval))
+    reference = install_norm_monitors(trainer, norm_interval, optimizer_state_norms)
     trainer.callbacks.append(recorder)
     trainer.setup()
     state = trainer.train()
     return {"steps": recorder.steps, "step": state.step, "rank": layout.rank,
-            "layout": layout.describe(), "is_logging_rank": layout.is_logging_rank}
+            "layout": layout.describe(), "is_logging_rank": layout.is_logging_rank,
+            "state_norms": reference.values if reference is not None else None}
 
 
 class _SpikeRecorder(Recorder):
@@ -403,30 +406,32 @@ def optimizer_state_after_setup(config: dict, overrides: list[str] = ()) -> dict
 
 # -- MoE routing monitor (tests/monitor/test_moe_monitor.py) --------------------------------
 def train_with_moe_monitor(config: dict, overrides: list[str] = (), moe_interval: int = 1,
-                           norm_interval: int = 1) -> dict:
-    """Train with exactly one ``MoEMonitor(moe_interval)`` and one
-    ``NormMonitor(norm_interval)`` (none for an interval of 0), whatever the trainer's
-    defaults are. Returns the recorded steps, the monitor's last tags and the layout."""
+                           norm_interval: int = 1, optimizer_state_norms: int = 0) -> dict:
+    """Train with exactly one ``MoEMonitor(moe_interval)`` and the norm monitors of
+    :func:`~phoenix.testing.optimizer_state.install_norm_monitors` (none for an interval
+    of 0), whatever the trainer's defaults are. Returns the recorded steps, the monitor's
+    last tags and the layout."""
     from phoenix.monitor.moe import MoEMonitor
-    from phoenix.monitor.norms import NormMonitor
     from phoenix.runtime import init_runtime
+    from phoenix.testing.optimizer_state import install_norm_monitors
     from phoenix.train.trainer import Trainer
 
     cfg = build_config(config, overrides)
     layout = init_runtime(cfg)
     recorder = Recorder()
     trainer = Trainer(cfg, layout)
-    trainer.callbacks = [cb for cb in trainer.callbacks
-                         if not isinstance(cb, (MoEMonitor, NormMonitor))]
+    trainer.callbacks = [cb for cb in trainer.callbacks if not isinstance(cb, MoEMonitor)]
     monitor = MoEMonitor(moe_interval) if moe_interval else None
-    trainer.callbacks += [cb for cb in (monitor, NormMonitor(norm_interval) if norm_interval
-                                        else None) if cb is not None]
+    if monitor is not None:
+        trainer.callbacks.append(monitor)
+    reference = install_norm_monitors(trainer, norm_interval, optimizer_state_norms)
     trainer.callbacks.append(recorder)
     trainer.setup()
     state = trainer.train()
     return {"steps": recorder.steps, "step": state.step, "rank": layout.rank,
             "layout": layout.describe(), "is_logging_rank": layout.is_logging_rank,
-            "moe_last": monitor.last if monitor is not None else None}
+            "moe_last": monitor.last if monitor is not None else None,
+            "state_norms": reference.values if reference is not None else None}
 
 
 def train_jobs_with_moe_losses(config: dict, jobs: list[list[str]]) -> list[dict]:

@@ -22,6 +22,7 @@ from phoenix.monitor import (
     HeatmapMonitor,
     MoEMonitor,
     NormMonitor,
+    OptimizerStateNormMonitor,
     SpikeMonitor,
     TensorBoardLogger,
     ThroughputMonitor,
@@ -58,6 +59,8 @@ def builtin_callbacks(cfg: RunConfig, out_dir: Path, config_yaml: str) -> dict[s
         "wandb": (WandbLogger(log.wandb, out_dir, cfg.name, yaml.safe_load(config_yaml))
                   if log.wandb is not None else None),
         "norms": NormMonitor(log.norm_interval) if tb and log.norm_interval else None,
+        "optimizer_state_norms": (OptimizerStateNormMonitor(log.optimizer_state_norms)
+                                  if tb and log.optimizer_state_norms else None),
         "histograms": (HistogramMonitor(hist.interval, hist.patterns, hist.bins)
                        if tb and hist.interval else None),
         "dataset_loss": (DatasetLossMonitor(log.dataset_loss_interval, names=names)
@@ -65,7 +68,8 @@ def builtin_callbacks(cfg: RunConfig, out_dir: Path, config_yaml: str) -> dict[s
         "moe": (MoEMonitor(log.moe_interval, moe=cfg.model.moe, num_layers=cfg.model.num_layers)
                 if moe_on else None),
         "heatmaps": (HeatmapMonitor(log.heatmap_every, out_dir / "heatmaps")
-                     if tb and log.heatmap_every and (log.norm_interval or moe_on) else None),
+                     if tb and log.heatmap_every
+                     and (log.norm_interval or log.optimizer_state_norms or moe_on) else None),
         "throughput": (ThroughputMonitor(log.throughput_interval, log.peak_tflops,
                                          model=cfg.model, precision=cfg.train.precision)
                        if tb and log.throughput_interval else None),
@@ -104,7 +108,7 @@ def run_callbacks(cfg: RunConfig, out_dir: Path, config_yaml: str) -> dict[str, 
             callbacks.pop(name, None)
         else:
             callbacks[name] = user_callback(name, spec)
-    if "heatmaps" in callbacks and not callbacks.keys() & {"norms", "moe"}:
+    if "heatmaps" in callbacks and not callbacks.keys() & {"norms", "optimizer_state_norms", "moe"}:
         del callbacks["heatmaps"]  # it draws what those record: nothing without them
     for name, cb in callbacks.items():
         cb.name = name

@@ -9,18 +9,14 @@ monitors must be bit-identical to training without them.
 """
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from phoenix.monitor.moe import router_entropy_sum, routing_tags
 from phoenix.monitor.norms import expert_key, layer_part
-from phoenix.monitor.tensorboard import tensorboard_dir
+from phoenix.testing.norm_runs import STEPS, train_moe
 
-ROOT = Path(__file__).resolve().parents[2]
-STEPS = 3
 LAYERS, EXPERTS = ("layer_00", "layer_01", "layer_02", "layer_03"), 4
 
 
@@ -78,72 +74,14 @@ def test_moe_interval_defaults_to_log_interval():
     assert LoggingConfig(log_interval=5, moe_interval=0).moe_interval == 0
 
 
-# -- slow: the MoE quickstart at EP=2 against one process ---------------------------------
-def _recipe(tiny_data, out: Path) -> dict:
-    """configs/quickstart_moe.yaml on the tiny test data, shortened."""
-    recipe = yaml.safe_load((ROOT / "configs/quickstart_moe.yaml").read_text())
-    recipe["output_dir"] = str(out)
-    recipe["tokenizer"]["model"] = tiny_data.tokenizer_model
-    for entry in recipe["data"]["datasets"]:
-        entry["prefix"] = tiny_data.prefixes[entry["name"]]
-        entry.pop("group_mode", None)  # whole repositories do not fit 3 tiny batches
-    recipe["data"].update(seq_length=64, prefetch_batches=0)
-    recipe["train"].update(steps=STEPS, global_batch_size=8)
-    recipe["optim"].update(warmup_steps=1)
-    recipe["logging"].update(log_interval=1)
-    recipe["eval"] = None
-    return recipe
-
-
-def _events(run_dir: Path) -> tuple[dict, list[str]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tensorboard_dir(run_dir, "quickstart_moe")),
-                           size_guidance={"scalars": 0, "histograms": 0})
-    acc.Reload()
-    scalars = {tag: dict((e.step, e.value) for e in acc.Scalars(tag)) for tag in acc.Tags()["scalars"]}
-    return scalars, acc.Tags()["histograms"]
-
-
-def _run(recipe, world, overrides=(), moe_interval=1, norm_interval=1):
-    from phoenix.testing.distributed import run_distributed
-    from phoenix.testing.workers import train_with_moe_monitor
-
-    return run_distributed(train_with_moe_monitor, world, recipe, list(overrides),
-                           moe_interval, norm_interval)
-
-
-@pytest.fixture(scope="module")
-def runs(tiny_data, tmp_path_factory):
-    """The single-process reference (EP=1, saves its initial weights), then the quickstart
-    at EP=2 from those weights with the monitors, without them, and with norms only and
-    no distributed optimizer."""
-    ref_dir = tmp_path_factory.mktemp("moe_ref")
-    ref = _recipe(tiny_data, ref_dir)
-    ref["checkpoint"] = {"save_initial": True, "save_at_end": False}
-    _run(ref, 1, ["parallel.expert=1"])
-    init = str(ref_dir / "checkpoints" / "step_000000")
-    out = {"ref": (_events(ref_dir), None)}
-    for name, intervals, overrides in (
-            ("ep2", (1, 1), []), ("ep2_off", (0, 0), []),
-            # expert weights replicated in full on their expert-DP ranks (no optimizer shards)
-            ("ep2_no_distopt", (0, 1), ["parallel.use_distributed_optimizer=false"])):
-        run_dir = tmp_path_factory.mktemp(name)
-        recipe = _recipe(tiny_data, run_dir)
-        recipe["checkpoint"] = {"init_from": init, "save_at_end": False}
-        results = _run(recipe, 2, overrides, *intervals)
-        assert "ep=2" in results[0]["layout"], results[0]["layout"]
-        out[name] = (_events(run_dir), results)
-    return out
-
-
+# -- slow: the MoE quickstart at EP=2 against one process (tests/monitor/conftest.py) -----
 def _close(a, b, rel):
     return math.isclose(a, b, rel_tol=rel, abs_tol=1e-12)
 
 
 @pytest.mark.slow
-def test_quickstart_moe_writes_the_moe_tags(runs):
-    (scalars, histograms), results = runs["ep2"]
+def test_quickstart_moe_writes_the_moe_tags(moe_runs):
+    (scalars, histograms), results = moe_runs["ep2"]
     for layer in LAYERS:
         p = f"moe/{layer}"
         for tag in ("aux_loss", "z_loss", "imbalance", "min_load", "router_entropy"):
@@ -163,9 +101,9 @@ def test_quickstart_moe_writes_the_moe_tags(runs):
 
 
 @pytest.mark.slow
-def test_moe_tags_match_single_process(runs):
-    (ref, _), _ = runs["ref"]
-    (got, _), _ = runs["ep2"]
+def test_moe_tags_match_single_process(moe_runs):
+    (ref, _), _ = moe_runs["ref"]
+    (got, _), _ = moe_runs["ep2"]
     moe_tags = sorted(t for t in ref if t.startswith("moe/"))
     assert moe_tags == sorted(t for t in got if t.startswith("moe/"))
     bad = [f"{t} step {s}: {got[t][s]} != {v}" for t in moe_tags for s, v in ref[t].items()
@@ -181,9 +119,9 @@ def _parts(scalars):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ep2", "ep2_no_distopt"])
-def test_per_expert_norms_match_single_process_and_sum_to_the_global_norm(runs, name):
-    (ref, _), _ = runs["ref"]
-    (got, _), _ = runs[name]
+def test_per_expert_norms_match_single_process_and_sum_to_the_global_norm(moe_runs, name):
+    (ref, _), _ = moe_runs["ref"]
+    (got, _), _ = moe_runs[name]
     expert_tags = [f"{fam}/{layer}/mlp/expert_{e:02d}/{fc}" for fam in ("grad_norm", "param_norm")
                    for layer in LAYERS for e in range(EXPERTS) for fc in ("fc1", "fc2")]
     assert set(expert_tags) <= set(ref) and set(expert_tags) <= set(got)
@@ -203,12 +141,14 @@ def test_per_expert_norms_match_single_process_and_sum_to_the_global_norm(runs, 
 
 
 @pytest.mark.slow
-def test_moe_monitoring_does_not_change_training(runs):
-    """MoE + norm monitors every step vs none: bit-identical losses and grad norms."""
-    (with_scalars, _), with_monitors = runs["ep2"]
-    (without_scalars, _), without = runs["ep2_off"]
+def test_moe_monitoring_does_not_change_training(moe_runs):
+    """MoE, norm and optimizer-state norm monitors every step vs none: bit-identical
+    losses and grad norms."""
+    (with_scalars, _), with_monitors = moe_runs["ep2"]
+    (without_scalars, _), without = moe_runs["ep2_off"]
     assert any(t.startswith("moe/") for t in with_scalars)
-    assert not any(t.startswith(("moe/", "grad_norm/")) for t in without_scalars)
+    assert any(t.startswith("adam_m_norm/") for t in with_scalars)
+    assert not any(t.startswith(("moe/", "grad_norm/", "adam_")) for t in without_scalars)
     for a, b in zip(with_monitors, without):
         assert [(s["loss"], s["grad_norm"]) for s in a["steps"]] == \
                [(s["loss"], s["grad_norm"]) for s in b["steps"]]
@@ -222,7 +162,7 @@ def test_dropped_tokens_with_capacity(tiny_data, tmp_path):
                            model={"preset": "tiny_moe", "num_layers": 1,
                                   "moe": {"capacity_factor": 1.0}},
                            logging={"tensorboard": True, "log_interval": 1})
-    (result,) = _run(cfg, 1, norm_interval=0)
+    (result,) = train_moe(cfg, 1, norm_interval=0)
     tags = result["moe_last"]
     dropped = tags["moe/layer_00/dropped_tokens"]
     assert 0 < dropped < 0.5, tags

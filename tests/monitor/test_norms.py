@@ -6,23 +6,14 @@ value; the values are read from the event files with TensorBoard's own reader.
 """
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from phoenix.monitor.norms import layer_key, layer_part, named_parameter_keys
-from phoenix.monitor.tensorboard import tensorboard_dir
+from phoenix.testing.norm_runs import LAYOUTS, STEPS
 
-STEPS = 3
 NORM_FAMILIES = ("grad_norm/", "param_norm/", "update_norm/", "update_ratio/")
-LAYOUTS = {
-    "tp2": (2, ["parallel.tensor=2"]),
-    "pp2": (2, ["parallel.pipeline=2"]),
-    "dp2": (2, []),  # distributed optimizer (the default): grads from owned shards
-    "dp2_no_distopt": (2, ["parallel.use_distributed_optimizer=false"]),
-    "tp2_pp2": (4, ["parallel.tensor=2", "parallel.pipeline=2"]),
-}
 
 
 # -- fast: naming ---------------------------------------------------------------------
@@ -81,57 +72,9 @@ def test_layer_keys_come_from_layer_number_not_the_name():
     }
 
 
-# -- slow: real multi-process runs ----------------------------------------------------
-def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    tb = tensorboard_dir(run_dir, "tiny")
-    assert len(list(tb.glob("events.out.tfevents.*"))) == 1, "exactly one writer"
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 0})  # 0: keep every event
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
+# -- slow: real multi-process runs (tests/monitor/conftest.py) ---------------------------
 def _norm_tags(scalars: dict) -> dict:
     return {t: v for t, v in scalars.items() if t.startswith(NORM_FAMILIES)}
-
-
-def _train(tiny_data, out: Path, world: int, overrides=(), norm_interval=1, **sections):
-    from phoenix.testing.distributed import run_distributed
-    from phoenix.testing.tiny import tiny_config_dict
-    from phoenix.testing.workers import train_with_norms
-
-    cfg = tiny_config_dict(tiny_data, out, train={"steps": STEPS},
-                           logging={"tensorboard": True, "log_interval": 1}, **sections)
-    return run_distributed(train_with_norms, world, cfg, list(overrides), norm_interval)
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_data, tmp_path_factory):
-    """Single process, norms every step; also saves its initial weights (step_000000)."""
-    out = tmp_path_factory.mktemp("norms_ref")
-    (result,) = _train(tiny_data, out, 1,
-                       checkpoint={"save_initial": True, "save_at_end": False})
-    return out / "checkpoints" / "step_000000", _scalars(out), result
-
-
-@pytest.fixture(scope="module")
-def layout_runs(reference, tiny_data, tmp_path_factory):
-    """Each layout trained once from the reference's initial weights (lazily, cached)."""
-    init = reference[0]
-    cache = {}
-
-    def run(name, norm_interval=1):
-        if (name, norm_interval) not in cache:
-            world, overrides = LAYOUTS[name]
-            out = tmp_path_factory.mktemp(f"norms_{name}_{norm_interval}")
-            results = _train(tiny_data, out, world, overrides, norm_interval,
-                             checkpoint={"init_from": str(init), "save_at_end": False})
-            assert results[0]["layout"].startswith(f"world={world}")
-            cache[name, norm_interval] = (_scalars(out), results)
-        return cache[name, norm_interval]
-
-    return run
 
 
 def _close(a, b, rel):
@@ -157,8 +100,8 @@ def _check_parts_sum_to_global(scalars):
 
 
 @pytest.mark.slow
-def test_reference_norms(reference):
-    _, scalars, _ = reference
+def test_reference_norms(norms_reference):
+    _, scalars, _, _ = norms_reference
     norms = _norm_tags(scalars)
     for family in NORM_FAMILIES:  # the issue's tag names
         for key in ("layer_00", "layer_03/mlp/fc1", "layer_03/attention/qkv",
@@ -176,9 +119,9 @@ def test_reference_norms(reference):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_norms_match_single_process(name, reference, layout_runs):
-    _, ref_scalars, _ = reference
-    scalars, _ = layout_runs(name)
+def test_layout_norms_match_single_process(name, norms_reference, norms_layout_runs):
+    _, ref_scalars, _, _ = norms_reference
+    scalars, _ = norms_layout_runs(name)
     ref, got = _norm_tags(ref_scalars), _norm_tags(scalars)
     assert sorted(got) == sorted(ref)
     bad = []
@@ -192,8 +135,8 @@ def test_layout_norms_match_single_process(name, reference, layout_runs):
 
 
 @pytest.mark.slow
-def test_layer_names_are_global_under_pipeline_parallel(layout_runs):
-    scalars, results = layout_runs("pp2")
+def test_layer_names_are_global_under_pipeline_parallel(norms_layout_runs):
+    scalars, results = norms_layout_runs("pp2")
     assert [r["is_logging_rank"] for r in results] == [False, True]
     layers = sorted(t.split("/")[1] for t in scalars
                     if t.startswith("grad_norm/layer_") and t.count("/") == 1)
@@ -203,13 +146,15 @@ def test_layer_names_are_global_under_pipeline_parallel(layout_runs):
 
 
 @pytest.mark.slow
-def test_logging_norms_does_not_change_training(layout_runs):
-    """Norms at every step vs none at all: bit-identical losses and grad norms on every
-    rank, with the distributed optimizer (whose grad-buffer shards the monitor reads)."""
+def test_logging_norms_does_not_change_training(norms_layout_runs):
+    """Norms and optimizer-state norms at every step vs none at all: bit-identical losses
+    and grad norms on every rank, with the distributed optimizer (whose grad-buffer and
+    state shards the monitors read)."""
     for name in ("dp2",):
-        _, with_norms = layout_runs(name, norm_interval=1)
-        without_scalars, without = layout_runs(name, norm_interval=0)
+        _, with_norms = norms_layout_runs(name, norm_interval=1)
+        without_scalars, without = norms_layout_runs(name, norm_interval=0)
         assert not _norm_tags(without_scalars)
+        assert not [t for t in without_scalars if t.startswith("adam_")]
         for a, b in zip(with_norms, without):
             assert [(s["loss"], s["grad_norm"]) for s in a["steps"]] == \
                    [(s["loss"], s["grad_norm"]) for s in b["steps"]], name
