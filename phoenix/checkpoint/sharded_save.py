@@ -14,11 +14,12 @@ the next collective: a hang until the distributed timeout, and no way to keep tr
 point, so the caller can remove the temporary directory and stop, or keep training.
 
 The asynchronous save (``write(..., background=queue)``) is megatron's ``async_save`` of
-the same strategy: the planning collectives and the staging of the tensors in host memory
-happen in the call, the shard writes in a process forked from the trainer (megatron's
-``TemporalAsyncCaller``; the fork also freezes the CPU tensors it writes), and
-:meth:`ShardedSave.finish` runs megatron's finalisation under the same agreements once the
-``AsyncCallsQueue`` reports every rank's writer done.
+the same strategy: the planning (collectives on the first two saves of a structure only:
+:class:`SavePlans`) and the staging of GPU tensors in host memory happen in the call, the
+shard writes in a process forked from the trainer (megatron's ``TemporalAsyncCaller``; the
+fork freezes the CPU tensors it writes: training's later writes to them copy the pages
+first), and :meth:`ShardedSave.finish` runs megatron's finalisation under the same
+agreements once the ``AsyncCallsQueue`` reports every rank's writer done.
 
 Helper processes: the shard writers' results travel through a multiprocessing Manager
 queue that megatron starts with the ``spawn`` method (a server process, plus the
