@@ -28,6 +28,7 @@ Printed metrics (one ``name=value`` per line, each the maximum over the ranks;
                                             (the largest over the saves)
   dp<N>_<format>_peak_extra_rss_over_own_optimizer_shard   (sync; target <= 1.2 for periodic saves)
   dp<N>_<format>[_first]_async_blocked_over_sync_save      (target <= 0.10, steady state)
+  dp<N>_<format>[_first]_async_blocked_and_cow_over_sync_save   the same with cow_s added
 
     PYTHONPATH=. python benchmarks/bench_checkpoint.py --dp 2 4
     PYTHONPATH=. python benchmarks/bench_checkpoint.py --dp 2 --formats dp_reshardable  # quicker
@@ -167,6 +168,7 @@ def rank_bench(config: dict, formats: list[str], saves: int, step_s: float) -> d
                     while background:  # what the training loop does: poll once per "step"
                         time.sleep(step_s)  # a training step...
                         cow += _write_state(tensors) - base  # ...writes the whole state
+                        dist.barrier()  # the step's collectives: the ranks wait for each other
                         t1 = time.perf_counter()
                         done = store.finish_pending(block=False)
                         blocked += time.perf_counter() - t1
@@ -219,8 +221,11 @@ def main() -> None:
             extra = r[f"{fmt}_sync_peak_extra_rss_mb"]
             print(f"dp{dp}_{fmt}_peak_extra_rss_over_own_optimizer_shard={extra / shard:.3f}")
             for prefix in ("first_", ""):
-                ratio = r[f"{fmt}_async_{prefix}blocked_s"] / r[f"{fmt}_sync_{prefix}save_s"]
-                print(f"dp{dp}_{fmt}_{prefix}async_blocked_over_sync_save={ratio:.3f}")
+                blocked, sync = r[f"{fmt}_async_{prefix}blocked_s"], r[f"{fmt}_sync_{prefix}save_s"]
+                print(f"dp{dp}_{fmt}_{prefix}async_blocked_over_sync_save={blocked / sync:.3f}")
+                cow = r[f"{fmt}_async_{prefix}cow_s"]
+                print(f"dp{dp}_{fmt}_{prefix}async_blocked_and_cow_over_sync_save="
+                      f"{(blocked + cow) / sync:.3f}")
 
 
 if __name__ == "__main__":
