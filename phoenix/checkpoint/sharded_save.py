@@ -154,7 +154,7 @@ class SavePlans:
     distribution wrapper (``do_cache_distribution``) and one strategy
     (``cached_metadata``: megatron's ``use_cached_ckpt_structure``) kept here, the first save
     plans, the second plans again and megatron checks that the plans are equal, and every
-    later save reuses them without a collective (as Megatron-LM's ``--ckpt-assume-constant-
+    later save reuses them without a planning collective (as Megatron-LM's ``--ckpt-assume-constant-
     structure`` does).
 
     Reuse is agreed: :meth:`prepare` compares this rank's structure with the previous save's
