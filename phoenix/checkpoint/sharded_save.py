@@ -14,11 +14,12 @@ the next collective: a hang until the distributed timeout, and no way to keep tr
 point, so the caller can remove the temporary directory and stop, or keep training.
 
 The asynchronous save (``write(..., background=queue)``) is megatron's ``async_save`` of
-the same strategy: the planning collectives and the staging of the tensors in host memory
-happen in the call, the shard writes in a process forked from the trainer (megatron's
-``TemporalAsyncCaller``; the fork also freezes the CPU tensors it writes), and
-:meth:`ShardedSave.finish` runs megatron's finalisation under the same agreements once the
-``AsyncCallsQueue`` reports every rank's writer done.
+the same strategy: the planning (collectives on the first two saves of a structure only:
+:class:`SavePlans`) and the staging of GPU tensors in host memory happen in the call, the
+shard writes in a process forked from the trainer (megatron's ``TemporalAsyncCaller``; the
+fork freezes the CPU tensors it writes: training's later writes to them copy the pages
+first), and :meth:`ShardedSave.finish` runs megatron's finalisation under the same
+agreements once the ``AsyncCallsQueue`` reports every rank's writer done.
 
 Helper processes: the shard writers' results travel through a multiprocessing Manager
 queue that megatron starts with the ``spawn`` method (a server process, plus the
@@ -36,6 +37,9 @@ import logging
 import os
 from pathlib import Path
 from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
 
 from phoenix.runtime.distributed import max_over_ranks, sum_over_ranks
 
@@ -139,6 +143,111 @@ def _results_queue() -> None:
     filesystem_async._results_queue = _manager.Queue()
 
 
+class SavePlans:
+    """megatron's save planning, kept across the saves of one state-dict structure.
+
+    Each save of the same structure (the same keys, shapes, shards and dtypes on every rank:
+    every periodic save of a run) would otherwise plan again what the previous one planned:
+    the fully parallel distribution of the replicated shards and the check that every shard
+    is written once (two gathers of every rank's shard metadata), and the torch_dist save
+    plan with its global metadata (a gather of every rank's local plan). With one
+    distribution wrapper (``do_cache_distribution``) and one strategy
+    (``cached_metadata``: megatron's ``use_cached_ckpt_structure``) kept here, the first save
+    plans, the second plans again and megatron checks that the plans are equal, and every
+    later save reuses them without a planning collective (as Megatron-LM's ``--ckpt-assume-constant-
+    structure`` does).
+
+    Reuse is agreed: :meth:`prepare` compares this rank's structure with the previous save's
+    and one all-reduce decides for every rank; a structure changed on any rank (the step-0
+    save has no optimizer state) starts over on every rank, so no rank waits in a gather
+    the others skip. A failed save starts over too (:meth:`forget`)."""
+
+    def __init__(self):
+        self.structure: Optional[list] = None
+        self.wrapper = self.strategy = None
+        self.bytes: Optional[int] = None
+        self.reused = False
+        """Whether the last :meth:`prepare` reuses megatron's plans (no planning collective)."""
+
+    def prepare(self, sharded: dict) -> int:
+        """Spread the writes of ``sharded`` over the ranks (reusing the previous
+        distribution when the structure is the same everywhere); returns the tensor bytes
+        the save writes over all ranks. Collective."""
+        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+            FullyParallelSaveStrategyWrapper,
+        )
+
+        structure = _structure(sharded)
+        same = self.strategy is not None and structure == self.structure
+        validated = same and bool(self.strategy.validated_cache_reuse)
+        # one all-reduce: ranks whose structure changed, times (world + 1), plus ranks where
+        # megatron validated its cached plan (which must be all or none)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        verdict = int(sum_over_ranks((not same) * (world + 1) + validated))
+        self.reused = verdict == world
+        if verdict not in (0, world):
+            # Spread the writes of replicated tensors (the model shard every data-parallel
+            # rank holds) evenly over the ranks holding them (megatron's
+            # FullyParallelSaveStrategyWrapper, over the world group as megatron defaults
+            # to): otherwise DP rank 0 stages and writes the whole model shard besides its
+            # own optimizer shard, and bounds the save's time and host memory.
+            self.strategy = _agreeing_strategy()("torch_dist", 1, cached_metadata=True)
+            self.wrapper = FullyParallelSaveStrategyWrapper(self.strategy,
+                                                            do_cache_distribution=True)
+            self.bytes = None
+        self.structure = structure
+        self.wrapper.apply_saving_parallelization(sharded)
+        if self.bytes is None:
+            self.bytes = int(sum_over_ranks(_main_replica_bytes(sharded)))
+        return self.bytes
+
+    def forget(self) -> None:
+        """Plan the next save from scratch (after a failed one). Every rank calls it."""
+        self.__init__()
+
+
+def _structure(sharded: dict) -> list:
+    """What megatron's save plan depends on: every shard's key, placement, shape and dtype
+    (not the values)."""
+    from megatron.core.dist_checkpointing import ShardedObject, ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    out = []
+    for sh in nested_values(sharded):
+        if isinstance(sh, ShardedTensor):
+            out.append((sh.key, str(sh.dtype), tuple(sh.local_shape), tuple(sh.global_shape),
+                        tuple(sh.global_offset), tuple(sh.axis_fragmentations or ()),
+                        sh.replica_id, sh.flattened_range, sh.prepend_axis_num))
+        elif isinstance(sh, ShardedObject):
+            out.append((sh.key, tuple(sh.global_shape), tuple(sh.global_offset), sh.replica_id))
+        else:
+            out.append(type(sh).__name__)
+    return out
+
+
+def _alias_cpu_views(sharded: dict) -> None:
+    """Give every contiguous CPU shard that is a view into a larger tensor (the model's
+    parameters in their contiguous buffer, the optimizer's bucket slices) a storage of
+    exactly its own bytes over the same memory, in place of megatron's copy.
+
+    megatron's writer copies such views (``torch.save`` of a view would write its whole
+    storage): on the saving step, a copy of most of the state. Over the same memory, nothing
+    is copied and the values written are the same; the forked writer of an asynchronous save
+    still writes the values of the saving step (the fork freezes the memory it sees, as it
+    already did for the shards that are not views). GPU tensors are staged by megatron's
+    copy to the host, as before."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    for sh in nested_values(sharded):
+        t = getattr(sh, "data", None) if isinstance(sh, ShardedTensor) else None
+        if (t is None or t.device.type != "cpu" or not t.is_contiguous() or t.numel() == 0
+                or t.untyped_storage().nbytes() == t.numel() * t.element_size()):
+            continue
+        raw = t.detach().reshape(-1).view(torch.uint8).numpy()  # the same memory
+        sh.data = torch.from_numpy(raw).view(t.dtype).view(t.shape)
+
+
 class ShardedSave:
     """One save of a sharded state dict (megatron ``ShardedTensor``/``ShardedObject``
     leaves; model and optimizer) in megatron's ``torch_dist`` format.
@@ -147,25 +256,17 @@ class ShardedSave:
     :attr:`bytes`, the tensor data it writes over all ranks: what it needs on disk, less a
     few KB of metadata. :meth:`write` writes it. Both are collective."""
 
-    def __init__(self, sharded_state_dict: dict, rank: int):
+    def __init__(self, sharded_state_dict: dict, rank: int, plans: Optional["SavePlans"] = None):
         from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
-        from megatron.core.dist_checkpointing.strategies.fully_parallel import (
-            FullyParallelSaveStrategyWrapper,
-        )
 
         self.rank = rank
         # the access integrity (every shard written once) is validated by the distribution
-        # below, after it has chosen the writers: one gather of the shards' metadata, not two
+        # (SavePlans.prepare), after it has chosen the writers: one gather of the shards'
+        # metadata, not two (and none on a save that reuses the distribution)
         self.sharded, self.common = save_preprocess(sharded_state_dict,
                                                     validate_access_integrity=False)
-        # Spread the writes of replicated tensors (the model shard every data-parallel rank
-        # holds) evenly over the ranks holding them (megatron's
-        # FullyParallelSaveStrategyWrapper, over the world group as megatron defaults to):
-        # otherwise DP rank 0 stages and writes the whole model shard besides its own
-        # optimizer shard, and bounds the save's time and host memory.
-        FullyParallelSaveStrategyWrapper(_agreeing_strategy()("torch_dist", 1)) \
-            .apply_saving_parallelization(self.sharded)
-        self.bytes = int(sum_over_ranks(_main_replica_bytes(self.sharded)))
+        self._plans = plans if plans is not None else SavePlans()
+        self.bytes = self._plans.prepare(self.sharded)
 
     def write(self, checkpoint_dir: Path, background=None) -> None:
         """``dist_checkpointing.save`` into the existing, empty ``checkpoint_dir``, raising
@@ -183,8 +284,10 @@ class ShardedSave:
         rank0 = self.rank == 0
         agreed(lambda: get_default_save_common_strategy().save_common(self.common, checkpoint_dir),
                run_here=rank0)
-        strategy = _agreeing_strategy()("torch_dist", 1)
+        strategy = self._plans.strategy
+        strategy.metadata_error = None  # the strategy lives across saves (SavePlans)
         self._dir, self._strategy = checkpoint_dir, strategy
+        _alias_cpu_views(self.sharded)
         if background is None:
             agreed(lambda: strategy.save(self.sharded, checkpoint_dir))  # shards, then .metadata
             self._finalize_fns = []

@@ -52,7 +52,7 @@ from phoenix.checkpoint.save_failures import (
     nearly_full,
 )
 from phoenix.checkpoint.optimizer_format import FULLY_RESHARDABLE, saved_format, sharding_metadata
-from phoenix.checkpoint.sharded_save import SaveFailed, ShardedSave, agreed
+from phoenix.checkpoint.sharded_save import SaveFailed, SavePlans, ShardedSave, agreed
 from phoenix.io import atomic_write_text
 from phoenix.model import unwrap
 from phoenix.runtime.distributed import max_over_ranks
@@ -247,6 +247,7 @@ class CheckpointStore:
         self.pending: Optional[_SaveJob] = None
         """The background save whose writers may still run (see :meth:`finish_pending`)."""
         self._queue = None  # megatron's AsyncCallsQueue, made at the first background save
+        self._plans = SavePlans()  # megatron's save plans, reused across saves (see SavePlans)
 
     # -- save ----------------------------------------------------------------------
     def save(self, step: int, model_chunks, optimizer, state: dict, config_yaml: str, *,
@@ -288,7 +289,7 @@ class CheckpointStore:
                 model_sd, is_loading=False, metadata=sharding_metadata(optimizer_format))
             bundle.update(optimizer_format=optimizer_format, optimizer_layout=layout)
         rank0, previous = self.rank == 0, self.latest()
-        save = ShardedSave(sharded, self.rank)
+        save = ShardedSave(sharded, self.rank, self._plans)
         space = SaveSpace.measure(self.root, save.bytes, previous) if rank0 else None
         if space is not None and not space.fits:
             log.warning("checkpoint %s: %s; the save will likely fail (the previous checkpoint "
@@ -356,6 +357,7 @@ class CheckpointStore:
         try:
             yield
         except SaveFailed as e:
+            self._plans.forget()  # the plans may be half-updated; every rank is here
             rank0 = self.rank == 0
             # A full disk is said once, by rank 0; torch.save reports one without an errno
             # ("unexpected pos"), so rank 0 also looks at the free space (before the removal).

@@ -62,3 +62,24 @@ def train_with_failing_write(config: dict, step: int, rank: int) -> dict:
     result = train_and_record(config)
     return {**result, "errors": errors}
 
+
+
+def train_jobs_recording_plan_reuse(config: dict, jobs: list[list[str]]) -> list[dict]:
+    """:func:`phoenix.testing.workers.train_jobs`, each job's record with ``plan_reused``:
+    for each save of the job, whether it reused megatron's save plans
+    (phoenix.checkpoint.sharded_save.SavePlans)."""
+    from phoenix.checkpoint.sharded_save import SavePlans
+
+    original, reused = SavePlans.prepare, []
+
+    def prepare(self, sharded):
+        out = original(self, sharded)
+        reused.append(self.reused)
+        return out
+
+    SavePlans.prepare = prepare
+    results = []
+    for overrides in jobs:
+        reused.clear()
+        results.append({**train_and_record(config, overrides), "plan_reused": list(reused)})
+    return results

@@ -1,7 +1,8 @@
 """checkpoint.async_save: megatron's asynchronous sharded save, finished at a later step.
 
 Two gloo ranks (DP=2) in real processes: the background save writes the same checkpoint a
-synchronous one does and the run resumes from it exactly; ``latest`` moves only when the
+synchronous one does, also the third save of a job, which reuses megatron's save plans, and
+the run resumes from it exactly; ``latest`` moves only when the
 save is published (a job killed after the write, before the publication, leaves the
 previous checkpoint as latest and its temporary directory is swept by the next job); a
 write that fails in the background writer follows ``checkpoint.on_save_error``."""
@@ -12,11 +13,15 @@ import pytest
 import torch
 
 from phoenix.checkpoint import find_latest
-from phoenix.testing.checkpoint_workers import train_killed_before_publishing, train_with_failing_write
+from phoenix.testing.checkpoint_workers import (
+    train_jobs_recording_plan_reuse,
+    train_killed_before_publishing,
+    train_with_failing_write,
+)
 from phoenix.testing.checkpoints import read_checkpoint_tensors
 from phoenix.testing.distributed import run_distributed
 from phoenix.testing.tiny import tiny_config_dict
-from phoenix.testing.workers import train_and_record, train_jobs
+from phoenix.testing.workers import train_and_record
 
 pytestmark = pytest.mark.slow
 
@@ -28,24 +33,29 @@ def _config(tiny_data, run, **checkpoint):
 
 def test_async_save_writes_what_a_sync_save_writes_and_resumes_exactly(tiny_data, tmp_path):
     sync = _config(tiny_data, tmp_path / "sync")
+    sync["train"]["steps"] = 8
     reference = run_distributed(train_and_record, 2, sync)[0]  # uninterrupted, sync saves
 
     cfg = _config(tiny_data, tmp_path / "async", async_save=True)
-    # stop after step 5: the save of step 4 runs in the background and is published at the
-    # next steps or, at the latest, when the job ends; the second job resumes from it
-    first, second = run_distributed(train_jobs, 2, cfg, [["train.stop_at_step=5"], []])[0]
-    assert first["step"] == 5 and [s["step"] for s in second["steps"]] == [5, 6]
+    cfg["train"]["steps"] = 8
+    # stop after step 7: the save of step 6 runs in the background and is published at the
+    # next step or, at the latest, when the job ends; the second job resumes from it
+    first, second = run_distributed(train_jobs_recording_plan_reuse, 2, cfg,
+                                    [["train.stop_at_step=7"], []])[0]
+    assert first["step"] == 7 and [s["step"] for s in second["steps"]] == [7, 8]
+    # saves 1 and 2 of a job plan (megatron compares the two plans), save 3 reuses them
+    assert first["plan_reused"] == [False, False, True]
     root = tmp_path / "async" / "checkpoints"
-    assert find_latest(root).name == "step_000006"
+    assert find_latest(root).name == "step_000008"
     assert not list(root.glob(".tmp-*"))
-    for name in ("step_000002", "step_000004", "step_000006"):
+    for name in ("step_000002", "step_000004", "step_000006", "step_000008"):
         a = read_checkpoint_tensors(root / name)
         b = read_checkpoint_tensors(tmp_path / "sync" / "checkpoints" / name)
         assert a.keys() == b.keys()
         for key in a:  # the optimizer's bucket padding is never read: not compared
             if "padding" not in key:
                 assert torch.equal(a[key], b[key]), (name, key)
-    for a, b in zip(reference["steps"][4:], second["steps"]):
+    for a, b in zip(reference["steps"][6:], second["steps"]):
         assert a["step"] == b["step"] and a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"]
 
 
