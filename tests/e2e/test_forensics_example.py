@@ -76,14 +76,14 @@ def test_forensics_example_finds_explains_and_skips_a_spike(tmp_path):
         assert skip_loss[step] == loss[step]
     assert max(skip_loss.values()) < 8
 
-    # Optimizer-state norms every step, histograms every 6 steps.
+    # Optimizer-state norms every step, histograms every 6 steps and at the end.
     for family in ("adam_m_norm", "adam_v_norm", "adam_direction_norm"):
         assert sorted(events[f"{family}/global"]) == list(range(1, 21)), family
         assert events[f"{family}/layer_00/mlp/fc1"][SPIKE_STEP] > 0
     hists = events["__histograms__"]
     assert {"param_hist/embedding", "grad_hist/output_layer", "param_hist/layer_03/mlp/fc1"} \
         <= set(hists)
-    assert hists["param_hist/embedding"] == [6, 12, 18]
+    assert hists["param_hist/embedding"] == [6, 12, 18, 20]  # and the last step
 
     # The report: both runs, the spike marked where the event files have it.
     report = json.loads((run / "report" / "report.json").read_text())
