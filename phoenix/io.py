@@ -166,3 +166,21 @@ def atomic_output_dir(out: str | os.PathLike,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of an append-only ``.jsonl`` file a run writes (``spikes.jsonl``,
+    ``skipped_batches.jsonl``): a missing file is no records, and a line that is not JSON
+    (the unfinished last line of a killed writer) is left out."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records

@@ -61,6 +61,7 @@ from collections import deque
 from pathlib import Path
 
 from phoenix.config.monitoring import SpikeConfig
+from phoenix.io import read_jsonl
 from phoenix.monitor.base import Callback, StepMetrics
 
 log = logging.getLogger(__name__)
@@ -195,16 +196,7 @@ def _clean(obj):
 
 def read_spikes(path: str | Path) -> list[dict]:
     """The records of a ``spikes.jsonl`` (an unfinished last line is ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return read_jsonl(path)
 
 
 # -- the callback ----------------------------------------------------------------------

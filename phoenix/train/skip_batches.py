@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from phoenix.config.skip import merged_ranges, skipped_steps
+from phoenix.io import read_jsonl
 
 log = logging.getLogger("phoenix.train")
 
@@ -47,16 +48,7 @@ FILENAME = "skipped_batches.jsonl"
 
 def read_skipped(path: str | Path) -> list[dict]:
     """The records of a ``skipped_batches.jsonl`` (an unfinished last line is ignored)."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
+    return read_jsonl(path)
 
 
 class BatchSkipper:
