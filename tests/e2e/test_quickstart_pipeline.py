@@ -71,9 +71,11 @@ def test_quickstart_pipeline(tmp_path):
     first = _run(*torchrun, "train.stop_at_step=5", cwd=tmp_path)
     assert "data plan: loaded" in first  # built upstream, not again by the trainer
     assert "step      5/8" in first and "step      6/8" not in first
-    second = _run(*torchrun, cwd=tmp_path)
+    # The resume skips step 7's batch (train.skip_batches, on both pipeline stages).
+    second = _run(*torchrun, "train.skip_batches=[[7,7]]", cwd=tmp_path)
     assert "resumed from" in second and "step_000005" in second
     assert "step      8/8" in second and "step      5/8" not in second
+    assert "skipping steps 7..7" in second and "step      7/8" not in second
 
     run = tmp_path / "run"
     assert (run / "checkpoints" / "latest").read_text().strip() == "step_000008"
@@ -89,7 +91,7 @@ def test_quickstart_pipeline(tmp_path):
                 "3_throughput/tokens_per_sec", "3_throughput/step_time"):
         assert tag in tags, (tag, tags)
     steps = sorted({e.step for e in acc.Scalars("1_train/loss")})
-    assert steps == list(range(1, 9))  # both jobs wrote to the same log, no gaps
+    assert steps == [1, 2, 3, 4, 5, 6, 8]  # both jobs wrote to the same log; 7 was skipped
     losses = {e.step: e.value for e in acc.Scalars("1_train/loss")}
     assert losses[8] < losses[1]
     consumed = {e.step: e.value for e in acc.Scalars("1_train/consumed_tokens")}
@@ -104,8 +106,15 @@ def test_quickstart_pipeline(tmp_path):
     sample_ids = np.load(plan_dir / "sample_ids.npy")[: 8 * 8]
     lengths = [build_sample_index(str(data / n), 64, use_groups=n == "code").lengths
                for n in ("web", "code", "math")]
-    expected = sum(int(lengths[d][s]) - 1 for d, s in zip(ds_ids, sample_ids))
-    assert consumed[8] == expected and expected <= 8 * 8 * 64
+    trained = [i for i in range(8 * 8) if i // 8 != 6]  # step 7's batch was skipped
+    expected = sum(int(lengths[ds_ids[i]][sample_ids[i]]) - 1 for i in trained)
+    assert consumed[8] == expected and expected <= 7 * 8 * 64
+    from phoenix.io import read_jsonl
+
+    (skipped,) = read_jsonl(run / "skipped_batches.jsonl")  # written once, by one rank
+    assert skipped["step"] == 7
+    assert sorted((r["dataset_id"], r["sample_id"]) for r in skipped["samples"]) == \
+        sorted(zip(ds_ids[48:56].tolist(), sample_ids[48:56].tolist()))
     assert "config" in " ".join(acc.Tags().get("tensors", []))
     for layer in range(4):  # per-layer norms, layers numbered globally across the 2 stages
         assert f"grad_norm/layer_{layer:02d}" in tags
