@@ -102,6 +102,7 @@ def test_forensics_example_finds_explains_and_skips_a_spike(tmp_path):
     rows = list(csv.DictReader((run / "compare" / "compare.csv").open()))
     glob = [r for r in rows if r["state"] == "weight" and r["key"] == "global"]
     assert len(glob) == 1 and 0 < float(glob[0]["rel_delta"]) < 1
+    assert {r["state"] for r in rows} == {"weight", "exp_avg", "exp_avg_sq"}
     assert (run / "compare" / "heatmap.png").is_file() and (run / "compare" / "hist.png").is_file()
     scores = np.load(run / "scores" / "math.npz")
     documents = len(IndexedDataset(str(ROOT / "runs/quickstart/data/math")).document_indices) - 1
