@@ -216,6 +216,16 @@ def _rename_into_place(tmp: Path, final: Path, config_yaml: str, bundle: dict) -
     os.replace(tmp, final)
 
 
+def _on_cpu(model_chunks, optimizer) -> bool:
+    """Whether the weights and the optimizer's main parameters live in host memory (a
+    forked writer can read them; GPU memory it cannot)."""
+    tensors = [p for chunk in model_chunks for p in chunk.parameters()]
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer] if optimizer else []):
+        inner = getattr(opt, "optimizer", None)
+        tensors += [p for g in getattr(inner, "param_groups", []) for p in g["params"]]
+    return all(t.device.type == "cpu" for t in tensors)
+
+
 @dataclass
 class _SaveJob:
     """One save between its start and its publication (a background one lives across steps)."""
@@ -266,20 +276,28 @@ class CheckpointStore:
         Raises CheckpointSaveError on every rank when a write fails on any (a full disk,
         a quota, an I/O error): the temporary directory is removed and the previous
         checkpoint is left as it was."""
-        from phoenix.optim.nonfinite import state_is_finite
+        from phoenix.optim.nonfinite import nonfinite_reason, nonfinite_state, state_is_finite
 
         if self.pending is not None:
             raise RuntimeError(f"checkpoint {self.pending.name} is still being written; "
                                f"finish_pending(block=True) first")
-        # Never publish NaN/Inf weights or optimizer state: each rank checks its shards,
-        # one all-reduce combines the verdicts, and nothing is written on failure.
-        finite, bad = state_is_finite(model_chunks, optimizer)
-        if not finite:
-            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-            raise CheckpointError(
-                f"refusing to save checkpoint step {step}: the weights or optimizer state hold "
-                f"non-finite values ({'on this rank: ' + shown if bad else 'on another rank'}); "
-                f"the last good checkpoint stays {self.latest()}")
+        # Never publish NaN/Inf weights or optimizer state: each rank checks its shards and
+        # one all-reduce combines the verdicts. A synchronous save (or a GPU state) checks
+        # here and writes nothing on failure; an asynchronous save of CPU state checks in
+        # its forked writer, which sees this step's memory (off the training process's
+        # critical path), and a refusal fails the save like a failed write (CheckpointSaveError,
+        # checkpoint.on_save_error): nothing published, the temporary directory removed.
+        check = None
+        if background and _on_cpu(model_chunks, optimizer):
+            def check():
+                bad = nonfinite_state(model_chunks, optimizer)
+                return nonfinite_reason(bad) if bad else None
+        else:
+            finite, bad = state_is_finite(model_chunks, optimizer)
+            if not finite:
+                raise CheckpointError(f"refusing to save checkpoint step {step}: "
+                                      f"{nonfinite_reason(bad)}; the last good checkpoint "
+                                      f"stays {self.latest()}")
         name = f"step_{step:06d}"
         model_sd = _model_sharded_state_dict(model_chunks)
         sharded = {"model": model_sd}
@@ -303,7 +321,7 @@ class CheckpointStore:
         with self._failing(job):
             agreed(lambda: _fresh_dir(job.tmp), run_here=rank0)
             if background:
-                save.write(job.tmp, background=self._queue)
+                save.write(job.tmp, background=self._queue, check=check)
             else:
                 save.write(job.tmp)
         if background:
@@ -364,8 +382,9 @@ class CheckpointStore:
             full = bool(max_over_ranks(e.no_space or (rank0 and nearly_full(self.root))))
             if rank0:
                 shutil.rmtree(job.tmp, ignore_errors=True)
-            if not full and e.error is not None:
-                log.warning("checkpoint %s: this rank's write failed: %s", job.name, e)
+            if not full and e.error is not None:  # rank 0's line says "on another rank"
+                log.warning("checkpoint %s: %s: %s", job.name, "refused on this rank" if
+                            e.nonfinite else "this rank's write failed", e)
             raise CheckpointSaveError(job.step, self.root, str(e), full, job.space,
                                       job.previous) from None
 
