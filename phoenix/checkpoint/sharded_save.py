@@ -292,7 +292,8 @@ class ShardedSave:
         self.bytes = self._plans.prepare(self.sharded)
 
     def write(self, checkpoint_dir: Path, background=None,
-              check: Optional[Callable[[], Optional[str]]] = None) -> None:
+              check: Optional[Callable[[], Optional[str]]] = None,
+              prepare_dir: Optional[Callable[[], object]] = None) -> None:
         """``dist_checkpointing.save`` into the existing, empty ``checkpoint_dir``, raising
         :class:`SaveFailed` on every rank when any write fails (module docstring).
 
@@ -306,30 +307,49 @@ class ShardedSave:
         the one-line reason. It runs in the forked writer, before it writes anything: the
         fork sees the memory of the saving step, so the check is off the training
         process's critical path. A refusal writes nothing and fails the save in
-        :meth:`finish` on every rank, as a failed write does."""
+        :meth:`finish` on every rank, as a failed write does.
+
+        ``prepare_dir``: run by rank 0 before it writes ``common.pt`` (making the directory),
+        under the same agreement. :meth:`finish` completes every write."""
         from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
         _results_queue()
         rank0 = self.rank == 0
-        agreed(lambda: get_default_save_common_strategy().save_common(self.common, checkpoint_dir),
-               run_here=rank0)
+
+        def common():
+            if prepare_dir is not None:
+                prepare_dir()
+            get_default_save_common_strategy().save_common(self.common, checkpoint_dir)
+
+        agreed(common, run_here=rank0)
         strategy = self._plans.strategy
         strategy.metadata_error = None  # the strategy lives across saves (SavePlans)
         self._dir, self._strategy = checkpoint_dir, strategy
+        self._refused, self._verdict = None, None
         _alias_cpu_views(self.sharded)
         if background is None:
-            agreed(lambda: strategy.save(self.sharded, checkpoint_dir))  # shards, then .metadata
+            # shards, then .metadata (its failure is kept on rank 0: finish() raises it)
+            agreed(lambda: strategy.save(self.sharded, checkpoint_dir))
             self._finalize_fns = []
-            self._finish_metadata()
             return
-        planned = []
-        agreed(lambda: planned.append(strategy.async_save(self.sharded, checkpoint_dir)))
-        request = planned[0]
+        try:
+            # one agreement for the plan and the start of the writer (a collective less on
+            # the saving step); a failure on any rank stops the writers the others started
+            agreed(lambda: self._schedule(strategy, checkpoint_dir, background, check))
+        except SaveFailed:
+            for call in background.async_calls:
+                call.async_caller.close(abort=True)
+            background.async_calls.clear()
+            raise
+
+    def _schedule(self, strategy, checkpoint_dir: Path, background, check) -> None:
+        """megatron's ``async_save`` plan of the shards, and its writer started on the queue."""
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+
+        request = strategy.async_save(self.sharded, checkpoint_dir)
         # megatron's finalisation (gather the write results, rank 0 writes .metadata) runs in
         # finish(), under agreement; the queue only runs and watches the writer process.
         self._finalize_fns = list(request.finalize_fns)
-        self._refused, self._verdict = None, None
         if check is not None and request.async_fn is None:  # no writer here: check here
             reason = check()
             self._refused = NonFiniteState(reason) if reason else None
@@ -339,31 +359,35 @@ class ShardedSave:
         writer = (None if request.async_fn is None
                   else functools.partial(_writer_dying_with, os.getpid(), request.async_fn,
                                          check, self._verdict))
-        agreed(lambda: background.schedule_async_request(
+        background.schedule_async_request(
             AsyncRequest(writer, request.async_fn_args, [], request.async_fn_kwargs,
-                         preload_fn=request.preload_fn)))
+                         preload_fn=request.preload_fn))
 
-    def finish(self) -> None:
-        """Complete a background write (see :meth:`write`) whose writers are done on every
-        rank: ``.metadata`` and ``metadata.json``. Raises SaveFailed on every rank when a
-        shard or these files failed. Collective; a no-op after a foreground write."""
-        if not self._finalize_fns:
-            return
+    def finish(self, also: Optional[Callable[[], object]] = None) -> None:
+        """Complete the write (see :meth:`write`; a background one once its writers are
+        done on every rank): megatron's finalisation of a background write, then rank 0's
+        ``.metadata`` verdict and ``metadata.json``, then ``also()`` (the caller's files of
+        this rank), under one agreement: raises SaveFailed on every rank when a shard,
+        these files or ``also`` failed, or a writer refused the state. Collective."""
+        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+
         fns, self._finalize_fns = self._finalize_fns, []
         refused = self._refused
         if refused is None and self._verdict is not None and self._verdict.exists():
             refused = NonFiniteState(self._verdict.read_text().strip())
-        # raises the writers' errors (a refusal among them) on every rank
-        agreed(lambda: [fn() for fn in fns], refused=refused)
-        self._finish_metadata()
+        strategy = self._strategy
 
-    def _finish_metadata(self) -> None:
-        from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+        def complete():
+            for fn in fns:  # collective; raises the writers' errors on every rank
+                fn()
+            if self.rank == 0:
+                strategy.raise_metadata_error()
+                save_config(CheckpointingConfig(strategy.backend, strategy.version),
+                            str(self._dir))
+            if also is not None:
+                also()
 
-        strategy, rank0 = self._strategy, self.rank == 0
-        agreed(strategy.raise_metadata_error, run_here=rank0)
-        agreed(lambda: save_config(CheckpointingConfig(strategy.backend, strategy.version),
-                                   str(self._dir)), run_here=rank0)
+        agreed(complete, refused=refused)
 
 
 def _writer_dying_with(parent: int, write: Callable, check: Optional[Callable[[], Optional[str]]],

@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from phoenix.checkpoint.save_failures import (
     TMP_PREFIX,
@@ -287,12 +286,12 @@ class CheckpointStore:
         # its forked writer, which sees this step's memory (off the training process's
         # critical path), and a refusal fails the save like a failed write (CheckpointSaveError,
         # checkpoint.on_save_error): nothing published, the temporary directory removed.
-        check = None
-        if background and _on_cpu(model_chunks, optimizer):
-            def check():
-                bad = nonfinite_state(model_chunks, optimizer)
-                return nonfinite_reason(bad) if bad else None
-        else:
+        def writer_check() -> Optional[str]:
+            bad = nonfinite_state(model_chunks, optimizer)
+            return nonfinite_reason(bad) if bad else None
+
+        check = writer_check if background and _on_cpu(model_chunks, optimizer) else None
+        if check is None:
             finite, bad = state_is_finite(model_chunks, optimizer)
             if not finite:
                 raise CheckpointError(f"refusing to save checkpoint step {step}: "
@@ -319,11 +318,8 @@ class CheckpointStore:
 
             self._queue = AsyncCallsQueue()
         with self._failing(job):
-            agreed(lambda: _fresh_dir(job.tmp), run_here=rank0)
-            if background:
-                save.write(job.tmp, background=self._queue, check=check)
-            else:
-                save.write(job.tmp)
+            save.write(job.tmp, background=self._queue if background else None, check=check,
+                       prepare_dir=lambda: _fresh_dir(job.tmp))
         if background:
             self.pending = job
             return None
@@ -353,19 +349,22 @@ class CheckpointStore:
         """The end of a save: megatron's metadata, RNG states, config, bundle, the rename
         into place, ``latest`` and keep_last. Collective."""
         rank0 = self.rank == 0
-        with self._failing(job):
-            job.save.finish()
-            agreed(lambda: _save_rng(job.tmp, self.rank, job.rng))
-            agreed(lambda: _rename_into_place(job.tmp, job.final, job.config_yaml, job.bundle),
-                   run_here=rank0)
-        if rank0:
+
+        def publish():  # rank 0, once every rank's files are written
+            _rename_into_place(job.tmp, job.final, job.config_yaml, job.bundle)
             try:
                 atomic_write_text(self.root / "latest", job.name + "\n")
             except OSError as e:  # the checkpoint is complete: resume finds it without `latest`
                 log.warning("checkpoint %s is saved, but %s was not updated: %s", job.name,
                             self.root / "latest", e)
             self._prune()
-        dist.barrier()
+
+        # two collectives: every rank's part (megatron's metadata, the RNG states), then
+        # rank 0's rename, `latest` and keep_last (the agreement returns on every rank after
+        # them: no barrier needed)
+        with self._failing(job):
+            job.save.finish(also=lambda: _save_rng(job.tmp, self.rank, job.rng))
+            agreed(publish, run_here=rank0)
         return job.final
 
     @contextlib.contextmanager

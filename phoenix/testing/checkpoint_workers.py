@@ -61,7 +61,6 @@ def train_with_nonfinite_save(config: dict, step: int, rank: int) -> dict:
     forked writer sees it; returns the run's record and the error lines logged."""
     import math
 
-    import torch
     import torch.distributed as dist
 
     from phoenix.checkpoint.store import CheckpointStore
