@@ -257,6 +257,10 @@ class CheckpointStore:
         """The background save whose writers may still run (see :meth:`finish_pending`)."""
         self._queue = None  # megatron's AsyncCallsQueue, made at the first background save
         self._plans = SavePlans()  # megatron's save plans, reused across saves (see SavePlans)
+        self._polls = 0  # non-blocking polls of the pending save so far
+        self._polls_skipped = 0
+        """Polls of a pending save that skip the collective check: one less than the previous
+        save's writers took (the same on every rank: that count was agreed)."""
 
     # -- save ----------------------------------------------------------------------
     def save(self, step: int, model_chunks, optimizer, state: dict, config_yaml: str, *,
@@ -321,17 +325,29 @@ class CheckpointStore:
             save.write(job.tmp, background=self._queue if background else None, check=check,
                        prepare_dir=lambda: _fresh_dir(job.tmp))
         if background:
-            self.pending = job
+            self.pending, self._polls = job, 0
             return None
         return self._publish(job)
 
     def finish_pending(self, block: bool) -> Optional[Path]:
         """Publish the background save once its writers are done on every rank (waiting
         for them with ``block``); returns its path, or None when there is none or it is
-        still being written. Collective (one all-reduce when not blocking). Raises
-        CheckpointSaveError like :meth:`save` when a write failed."""
-        if self.pending is None or not self._queue.maybe_finalize_async_calls(blocking=block):
+        still being written. Collective (one all-reduce when not blocking, except in the
+        first polls of a save, while the previous save's writers were still running).
+        Raises CheckpointSaveError like :meth:`save` when a write failed."""
+        if self.pending is None:
             return None
+        if not block:
+            # Each check is an all-reduce on the training path; the writers of the last save
+            # took a known number of polls, so the first ones of this save are skipped
+            # (every rank counts the same polls: no collective is left unmatched)
+            self._polls += 1
+            if self._polls <= self._polls_skipped:
+                return None
+        if not self._queue.maybe_finalize_async_calls(blocking=block):
+            return None
+        if not block:
+            self._polls_skipped = self._polls - 2
         job, self.pending = self.pending, None
         return self._publish(job)
 
