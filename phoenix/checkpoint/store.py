@@ -259,8 +259,9 @@ class CheckpointStore:
         self._plans = SavePlans()  # megatron's save plans, reused across saves (see SavePlans)
         self._polls = 0  # non-blocking polls of the pending save so far
         self._polls_skipped = 0
-        """Polls of a pending save that skip the collective check: one less than the previous
-        save's writers took (the same on every rank: that count was agreed)."""
+        """Polls of a pending save that skip the collective check: the checks resume one
+        poll before the one at which the previous save's writers were found done (the same
+        count on every rank: that verdict was agreed)."""
 
     # -- save ----------------------------------------------------------------------
     def save(self, step: int, model_chunks, optimizer, state: dict, config_yaml: str, *,
@@ -373,7 +374,11 @@ class CheckpointStore:
             except OSError as e:  # the checkpoint is complete: resume finds it without `latest`
                 log.warning("checkpoint %s is saved, but %s was not updated: %s", job.name,
                             self.root / "latest", e)
-            self._prune()
+            try:
+                self._prune()
+            except OSError as e:  # the checkpoint is published; an old one stays
+                log.warning("checkpoint %s is saved, but older ones were not pruned: %s",
+                            job.name, e)
 
         # two collectives: every rank's part (megatron's metadata, the RNG states), then
         # rank 0's rename, `latest` and keep_last (the agreement returns on every rank after
