@@ -363,7 +363,8 @@ class Checkpointer:
 
     def poll(self) -> None:
         """Publish a background save whose writers are done on every rank (one all-reduce
-        while one is in progress; never waits). Collective: every step."""
+        while one is in progress, but in the steps its writers are not expected to be done:
+        CheckpointStore.finish_pending; never waits). Collective: every step."""
         self._finish_pending(block=False)
 
     def wait(self) -> None:

@@ -44,19 +44,35 @@ import torch.distributed as dist
 from phoenix.runtime.distributed import max_over_ranks, sum_over_ranks
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-_OK, _FAILED, _NO_SPACE = 0, 1, 2
+_OK, _FAILED, _NO_SPACE, _NONFINITE = 0, 1, 2, 3  # agreed over the ranks by their maximum
+VERDICT_PREFIX = ".nonfinite-rank_"
+"""A forked writer's refusal of a non-finite state, in the temporary directory."""
 _manager = None  # the Manager behind megatron's write-results queue (see _results_queue)
+
+
+class NonFiniteState(Exception):
+    """The state an asynchronous save's writer was handed holds NaN/Inf values; the
+    message (one line) names the tensors."""
 
 
 class SaveFailed(Exception):
     """A write of the save failed on some rank; raised on every rank at the same point.
 
     ``error``: this rank's own exception (None when another rank failed), ``no_space``:
-    whether any rank's failure was a full file system or quota."""
+    whether any rank's failure was a full file system or quota, ``nonfinite``: whether a
+    rank's writer refused a non-finite state (:class:`NonFiniteState`)."""
 
-    def __init__(self, error: Optional[BaseException], no_space: bool):
-        super().__init__(first_line(error) if error is not None else "a write failed on another rank")
-        self.error, self.no_space = error, no_space
+    def __init__(self, error: Optional[BaseException], no_space: bool, nonfinite: bool = False):
+        if isinstance(error, NonFiniteState):
+            text = str(error)
+        elif error is not None:
+            text = first_line(error)
+        elif nonfinite:
+            text = "the weights or optimizer state hold non-finite values (on another rank)"
+        else:
+            text = "a write failed on another rank"
+        super().__init__(text)
+        self.error, self.no_space, self.nonfinite = error, no_space, nonfinite
 
 
 def first_line(error: BaseException) -> str:
@@ -90,9 +106,12 @@ def is_no_space(error: Optional[BaseException]) -> bool:
     return False
 
 
-def agreed(write: Callable[[], object], run_here: bool = True) -> None:
+def agreed(write: Callable[[], object], run_here: bool = True,
+           refused: Optional[NonFiniteState] = None) -> None:
     """Run ``write()`` (where ``run_here``), then agree over every rank: raises SaveFailed
-    on every rank when it failed on any. Collective."""
+    on every rank when it failed on any. ``refused``: this rank's writer refused the state
+    (it wrote nothing); that verdict wins over the write's own error (the same
+    all-reduce). Collective."""
     error, failed = None, False
     if run_here:
         try:
@@ -106,9 +125,13 @@ def agreed(write: Callable[[], object], run_here: bool = True) -> None:
             # megatron raises it on every rank; only rank 0's lists the failures
             error = e if getattr(e, "failures", None) else None
     verdict = _OK if not failed else _NO_SPACE if is_no_space(error) else _FAILED
+    if refused is not None:
+        error, verdict = refused, _NONFINITE
     verdict = max_over_ranks(verdict)
     if verdict != _OK:
-        raise SaveFailed(error, no_space=verdict == _NO_SPACE)
+        if verdict == _NONFINITE and not isinstance(error, NonFiniteState):
+            error = None  # another rank's refusal is the reason, not this rank's echo of it
+        raise SaveFailed(error, no_space=verdict == _NO_SPACE, nonfinite=verdict == _NONFINITE)
 
 
 def _main_replica_bytes(sharded: dict) -> int:
@@ -268,7 +291,9 @@ class ShardedSave:
         self._plans = plans if plans is not None else SavePlans()
         self.bytes = self._plans.prepare(self.sharded)
 
-    def write(self, checkpoint_dir: Path, background=None) -> None:
+    def write(self, checkpoint_dir: Path, background=None,
+              check: Optional[Callable[[], Optional[str]]] = None,
+              prepare_dir: Optional[Callable[[], object]] = None) -> None:
         """``dist_checkpointing.save`` into the existing, empty ``checkpoint_dir``, raising
         :class:`SaveFailed` on every rank when any write fails (module docstring).
 
@@ -276,60 +301,114 @@ class ShardedSave:
         shards handed to a forked writer process scheduled on the queue (megatron's
         ``async_save``: the tensors are staged in host memory first, so training may change
         them afterwards); :meth:`finish` completes it once the queue reports the writers
-        done on every rank."""
+        done on every rank.
+
+        ``check`` (background only; CPU state): returns None when the state is finite, else
+        the one-line reason. It runs in the forked writer, before it writes anything: the
+        fork sees the memory of the saving step, so the check is off the training
+        process's critical path. A refusal writes nothing and fails the save in
+        :meth:`finish` on every rank, as a failed write does.
+
+        ``prepare_dir``: run by rank 0 before it writes ``common.pt`` (making the directory),
+        under the same agreement. :meth:`finish` completes every write."""
         from megatron.core.dist_checkpointing.serialization import get_default_save_common_strategy
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
         _results_queue()
         rank0 = self.rank == 0
-        agreed(lambda: get_default_save_common_strategy().save_common(self.common, checkpoint_dir),
-               run_here=rank0)
+
+        def common():
+            if prepare_dir is not None:
+                prepare_dir()
+            get_default_save_common_strategy().save_common(self.common, checkpoint_dir)
+
+        agreed(common, run_here=rank0)
         strategy = self._plans.strategy
         strategy.metadata_error = None  # the strategy lives across saves (SavePlans)
         self._dir, self._strategy = checkpoint_dir, strategy
+        self._refused, self._verdict = None, None
         _alias_cpu_views(self.sharded)
         if background is None:
-            agreed(lambda: strategy.save(self.sharded, checkpoint_dir))  # shards, then .metadata
+            # shards, then .metadata (its failure is kept on rank 0: finish() raises it)
+            agreed(lambda: strategy.save(self.sharded, checkpoint_dir))
             self._finalize_fns = []
-            self._finish_metadata()
             return
-        planned = []
-        agreed(lambda: planned.append(strategy.async_save(self.sharded, checkpoint_dir)))
-        request = planned[0]
+        try:
+            # one agreement for the plan and the start of the writer (a collective less on
+            # the saving step); a failure on any rank stops the writers the others started
+            agreed(lambda: self._schedule(strategy, checkpoint_dir, background, check))
+        except SaveFailed:
+            for call in background.async_calls:
+                call.async_caller.close(abort=True)
+            background.async_calls.clear()
+            raise
+
+    def _schedule(self, strategy, checkpoint_dir: Path, background, check) -> None:
+        """megatron's ``async_save`` plan of the shards, and its writer started on the queue."""
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
+
+        request = strategy.async_save(self.sharded, checkpoint_dir)
         # megatron's finalisation (gather the write results, rank 0 writes .metadata) runs in
         # finish(), under agreement; the queue only runs and watches the writer process.
         self._finalize_fns = list(request.finalize_fns)
+        if check is not None and request.async_fn is None:  # no writer here: check here
+            reason = check()
+            self._refused = NonFiniteState(reason) if reason else None
+            check = None
+        if check is not None:
+            self._verdict = checkpoint_dir / f"{VERDICT_PREFIX}{self.rank:05d}"
         writer = (None if request.async_fn is None
-                  else functools.partial(_writer_dying_with, os.getpid(), request.async_fn))
-        agreed(lambda: background.schedule_async_request(
+                  else functools.partial(_writer_dying_with, os.getpid(), request.async_fn,
+                                         check, self._verdict))
+        background.schedule_async_request(
             AsyncRequest(writer, request.async_fn_args, [], request.async_fn_kwargs,
-                         preload_fn=request.preload_fn)))
+                         preload_fn=request.preload_fn))
 
-    def finish(self) -> None:
-        """Complete a background write (see :meth:`write`) whose writers are done on every
-        rank: ``.metadata`` and ``metadata.json``. Raises SaveFailed on every rank when a
-        shard or these files failed. Collective; a no-op after a foreground write."""
-        if not self._finalize_fns:
-            return
-        fns, self._finalize_fns = self._finalize_fns, []
-        agreed(lambda: [fn() for fn in fns])  # raises the writers' errors on every rank
-        self._finish_metadata()
-
-    def _finish_metadata(self) -> None:
+    def finish(self, also: Optional[Callable[[], object]] = None) -> None:
+        """Complete the write (see :meth:`write`; a background one once its writers are
+        done on every rank): megatron's finalisation of a background write, then rank 0's
+        ``.metadata`` verdict and ``metadata.json``, then ``also()`` (the caller's files of
+        this rank), under one agreement: raises SaveFailed on every rank when a shard,
+        these files or ``also`` failed, or a writer refused the state. Collective."""
         from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
 
-        strategy, rank0 = self._strategy, self.rank == 0
-        agreed(strategy.raise_metadata_error, run_here=rank0)
-        agreed(lambda: save_config(CheckpointingConfig(strategy.backend, strategy.version),
-                                   str(self._dir)), run_here=rank0)
+        fns, self._finalize_fns = self._finalize_fns, []
+        refused = self._refused
+        if refused is None and self._verdict is not None and self._verdict.exists():
+            refused = NonFiniteState(self._verdict.read_text().strip())
+        strategy = self._strategy
+
+        def complete():
+            for fn in fns:  # collective; raises the writers' errors on every rank
+                fn()
+            if self.rank == 0:
+                strategy.raise_metadata_error()
+                save_config(CheckpointingConfig(strategy.backend, strategy.version),
+                            str(self._dir))
+            if also is not None:
+                also()
+
+        agreed(complete, refused=refused)
 
 
-def _writer_dying_with(parent: int, write: Callable, *args, **kwargs):
+def _writer_dying_with(parent: int, write: Callable, check: Optional[Callable[[], Optional[str]]],
+                       verdict: Optional[Path], *args, **kwargs):
     """The forked shard writer: killed with the training process (a writer that outlived a
-    killed job could write into a temporary directory the next job sweeps)."""
+    killed job could write into a temporary directory the next job sweeps). With ``check``
+    it first checks the state it writes (the saving step's memory: a fork); on a refusal it
+    writes no shard, hands megatron's results queue (``args``: rank, write buckets, queue)
+    an error in place of its results, so that megatron's finalisation fails on every rank,
+    and leaves the reason in ``verdict`` for :meth:`ShardedSave.finish`."""
     from phoenix.runtime.watchdog import die_with_parent
 
     die_with_parent(parent)
+    if check is not None:
+        torch.set_num_threads(1)  # OpenMP's thread pool does not survive a fork
+        reason = check()
+        if reason:
+            if args and args[-1] is not None:
+                args[-1].put(RuntimeError(reason))
+            verdict.write_text(reason + "\n")
+            return None
     return write(*args, **kwargs)
 
 

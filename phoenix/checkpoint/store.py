@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from phoenix.checkpoint.save_failures import (
     TMP_PREFIX,
@@ -216,6 +215,16 @@ def _rename_into_place(tmp: Path, final: Path, config_yaml: str, bundle: dict) -
     os.replace(tmp, final)
 
 
+def _on_cpu(model_chunks, optimizer) -> bool:
+    """Whether the weights and the optimizer's main parameters live in host memory (a
+    forked writer can read them; GPU memory it cannot)."""
+    tensors = [p for chunk in model_chunks for p in chunk.parameters()]
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer] if optimizer else []):
+        inner = getattr(opt, "optimizer", None)
+        tensors += [p for g in getattr(inner, "param_groups", []) for p in g["params"]]
+    return all(t.device.type == "cpu" for t in tensors)
+
+
 @dataclass
 class _SaveJob:
     """One save between its start and its publication (a background one lives across steps)."""
@@ -248,6 +257,11 @@ class CheckpointStore:
         """The background save whose writers may still run (see :meth:`finish_pending`)."""
         self._queue = None  # megatron's AsyncCallsQueue, made at the first background save
         self._plans = SavePlans()  # megatron's save plans, reused across saves (see SavePlans)
+        self._polls = 0  # non-blocking polls of the pending save so far
+        self._polls_skipped = 0
+        """Polls of a pending save that skip the collective check: the checks resume one
+        poll before the one at which the previous save's writers were found done (the same
+        count on every rank: that verdict was agreed)."""
 
     # -- save ----------------------------------------------------------------------
     def save(self, step: int, model_chunks, optimizer, state: dict, config_yaml: str, *,
@@ -266,20 +280,28 @@ class CheckpointStore:
         Raises CheckpointSaveError on every rank when a write fails on any (a full disk,
         a quota, an I/O error): the temporary directory is removed and the previous
         checkpoint is left as it was."""
-        from phoenix.optim.nonfinite import state_is_finite
+        from phoenix.optim.nonfinite import nonfinite_reason, nonfinite_state, state_is_finite
 
         if self.pending is not None:
             raise RuntimeError(f"checkpoint {self.pending.name} is still being written; "
                                f"finish_pending(block=True) first")
-        # Never publish NaN/Inf weights or optimizer state: each rank checks its shards,
-        # one all-reduce combines the verdicts, and nothing is written on failure.
-        finite, bad = state_is_finite(model_chunks, optimizer)
-        if not finite:
-            shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
-            raise CheckpointError(
-                f"refusing to save checkpoint step {step}: the weights or optimizer state hold "
-                f"non-finite values ({'on this rank: ' + shown if bad else 'on another rank'}); "
-                f"the last good checkpoint stays {self.latest()}")
+        # Never publish NaN/Inf weights or optimizer state: each rank checks its shards and
+        # one all-reduce combines the verdicts. A synchronous save (or a GPU state) checks
+        # here and writes nothing on failure; an asynchronous save of CPU state checks in
+        # its forked writer, which sees this step's memory (off the training process's
+        # critical path), and a refusal fails the save like a failed write (CheckpointSaveError,
+        # checkpoint.on_save_error): nothing published, the temporary directory removed.
+        def writer_check() -> Optional[str]:
+            bad = nonfinite_state(model_chunks, optimizer)
+            return nonfinite_reason(bad) if bad else None
+
+        check = writer_check if background and _on_cpu(model_chunks, optimizer) else None
+        if check is None:
+            finite, bad = state_is_finite(model_chunks, optimizer)
+            if not finite:
+                raise CheckpointError(f"refusing to save checkpoint step {step}: "
+                                      f"{nonfinite_reason(bad)}; the last good checkpoint "
+                                      f"stays {self.latest()}")
         name = f"step_{step:06d}"
         model_sd = _model_sharded_state_dict(model_chunks)
         sharded = {"model": model_sd}
@@ -301,23 +323,32 @@ class CheckpointStore:
 
             self._queue = AsyncCallsQueue()
         with self._failing(job):
-            agreed(lambda: _fresh_dir(job.tmp), run_here=rank0)
-            if background:
-                save.write(job.tmp, background=self._queue)
-            else:
-                save.write(job.tmp)
+            save.write(job.tmp, background=self._queue if background else None, check=check,
+                       prepare_dir=lambda: _fresh_dir(job.tmp))
         if background:
-            self.pending = job
+            self.pending, self._polls = job, 0
             return None
         return self._publish(job)
 
     def finish_pending(self, block: bool) -> Optional[Path]:
         """Publish the background save once its writers are done on every rank (waiting
         for them with ``block``); returns its path, or None when there is none or it is
-        still being written. Collective (one all-reduce when not blocking). Raises
-        CheckpointSaveError like :meth:`save` when a write failed."""
-        if self.pending is None or not self._queue.maybe_finalize_async_calls(blocking=block):
+        still being written. Collective (one all-reduce when not blocking, except in the
+        first polls of a save, while the previous save's writers were still running).
+        Raises CheckpointSaveError like :meth:`save` when a write failed."""
+        if self.pending is None:
             return None
+        if not block:
+            # Each check is an all-reduce on the training path; the writers of the last save
+            # took a known number of polls, so the first ones of this save are skipped
+            # (every rank counts the same polls: no collective is left unmatched)
+            self._polls += 1
+            if self._polls <= self._polls_skipped:
+                return None
+        if not self._queue.maybe_finalize_async_calls(blocking=block):
+            return None
+        if not block:
+            self._polls_skipped = self._polls - 2
         job, self.pending = self.pending, None
         return self._publish(job)
 
@@ -335,19 +366,26 @@ class CheckpointStore:
         """The end of a save: megatron's metadata, RNG states, config, bundle, the rename
         into place, ``latest`` and keep_last. Collective."""
         rank0 = self.rank == 0
-        with self._failing(job):
-            job.save.finish()
-            agreed(lambda: _save_rng(job.tmp, self.rank, job.rng))
-            agreed(lambda: _rename_into_place(job.tmp, job.final, job.config_yaml, job.bundle),
-                   run_here=rank0)
-        if rank0:
+
+        def publish():  # rank 0, once every rank's files are written
+            _rename_into_place(job.tmp, job.final, job.config_yaml, job.bundle)
             try:
                 atomic_write_text(self.root / "latest", job.name + "\n")
             except OSError as e:  # the checkpoint is complete: resume finds it without `latest`
                 log.warning("checkpoint %s is saved, but %s was not updated: %s", job.name,
                             self.root / "latest", e)
-            self._prune()
-        dist.barrier()
+            try:
+                self._prune()
+            except OSError as e:  # the checkpoint is published; an old one stays
+                log.warning("checkpoint %s is saved, but older ones were not pruned: %s",
+                            job.name, e)
+
+        # two collectives: every rank's part (megatron's metadata, the RNG states), then
+        # rank 0's rename, `latest` and keep_last (the agreement returns on every rank after
+        # them: no barrier needed)
+        with self._failing(job):
+            job.save.finish(also=lambda: _save_rng(job.tmp, self.rank, job.rng))
+            agreed(publish, run_here=rank0)
         return job.final
 
     @contextlib.contextmanager
@@ -364,8 +402,9 @@ class CheckpointStore:
             full = bool(max_over_ranks(e.no_space or (rank0 and nearly_full(self.root))))
             if rank0:
                 shutil.rmtree(job.tmp, ignore_errors=True)
-            if not full and e.error is not None:
-                log.warning("checkpoint %s: this rank's write failed: %s", job.name, e)
+            if not full and e.error is not None:  # rank 0's line says "on another rank"
+                log.warning("checkpoint %s: %s: %s", job.name, "refused on this rank" if
+                            e.nonfinite else "this rank's write failed", e)
             raise CheckpointSaveError(job.step, self.root, str(e), full, job.space,
                                       job.previous) from None
 

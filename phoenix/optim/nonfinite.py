@@ -76,9 +76,10 @@ def nonfinite_state(model_chunks, optimizer) -> list[str]:
     """Names of this rank's non-finite weights and optimizer-state tensors (empty: all
     finite). Not collective; see :func:`state_is_finite`.
 
-    A save checks the whole state every time (on the critical path of an asynchronous save
-    too): one reduction per tensor, combined on the device, and one host synchronisation;
-    the names are only looked up when something is not finite."""
+    A save checks the whole state every time (a synchronous save before it writes, an
+    asynchronous one of CPU state in its forked writer): one reduction per tensor, combined
+    on the device, and one host synchronisation; the names are only looked up when
+    something is not finite."""
     tensors = [(name, t) for name, t in _state_tensors(model_chunks, optimizer)
                if t.is_floating_point() and t.numel() > 0]
     if not tensors:
@@ -93,3 +94,11 @@ def state_is_finite(model_chunks, optimizer) -> tuple[bool, list[str]]:
     """(every rank's weights and optimizer state are finite, this rank's bad names)."""
     bad = nonfinite_state(model_chunks, optimizer)
     return _all_finite(not bad), bad
+
+
+def nonfinite_reason(bad: list[str]) -> str:
+    """The one-line reason a save of a state whose tensors ``bad`` (this rank's; empty:
+    another rank's) are non-finite is refused."""
+    shown = ", ".join(bad[:4]) + (f" and {len(bad) - 4} more" if len(bad) > 4 else "")
+    where = "on this rank: " + shown if bad else "on another rank"
+    return f"the weights or optimizer state hold non-finite values ({where})"

@@ -1,6 +1,6 @@
 """Rank functions of the checkpoint-saving tests (asynchronous save, optimizer formats):
 jobs killed between the write and the publication of a save, writes that fail in the
-background writer."""
+background writer, a non-finite state its writer refuses."""
 
 from __future__ import annotations
 
@@ -51,6 +51,39 @@ def train_with_failing_write(config: dict, step: int, rank: int) -> dict:
         return original(transform_list, use_msc, rank_, write_buckets, results_queue)
 
     writer.write_preloaded_data_multiproc = staticmethod(failing)
+    return _recording_errors(config)
+
+
+def train_with_nonfinite_save(config: dict, step: int, rank: int) -> dict:
+    """Train with ``config`` (asynchronous saves) with a NaN in the first Adam moment of
+    ``rank``'s optimizer while checkpoint ``step`` is handed to its writer: set just before
+    the save call and restored right after it, so training itself stays finite and only the
+    forked writer sees it; returns the run's record and the error lines logged."""
+    import math
+
+    import torch.distributed as dist
+
+    from phoenix.checkpoint.store import CheckpointStore
+
+    original = CheckpointStore.save
+
+    def save(self, step_, model_chunks, optimizer, *args, **kwargs):
+        if step_ != step or dist.get_rank() != rank:
+            return original(self, step_, model_chunks, optimizer, *args, **kwargs)
+        inner = getattr(optimizer, "chained_optimizers", [optimizer])[0].optimizer
+        moment = inner.state[inner.param_groups[0]["params"][0]]["exp_avg"].view(-1)
+        kept = moment[0].item()
+        moment[0] = math.nan
+        try:
+            return original(self, step_, model_chunks, optimizer, *args, **kwargs)
+        finally:
+            moment[0] = kept
+
+    CheckpointStore.save = save
+    return _recording_errors(config)
+
+
+def _recording_errors(config: dict) -> dict:
     errors = []
 
     class Keep(logging.Handler):
@@ -61,7 +94,6 @@ def train_with_failing_write(config: dict, step: int, rank: int) -> dict:
     logging.getLogger("phoenix").addHandler(Keep())
     result = train_and_record(config)
     return {**result, "errors": errors}
-
 
 
 def train_jobs_recording_plan_reuse(config: dict, jobs: list[list[str]]) -> list[dict]:

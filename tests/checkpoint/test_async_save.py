@@ -5,8 +5,10 @@ synchronous one does, also the third save of a job, which reuses megatron's save
 the run resumes from it exactly; ``latest`` moves only when the
 save is published (a job killed after the write, before the publication, leaves the
 previous checkpoint as latest and its temporary directory is swept by the next job); a
-write that fails in the background writer follows ``checkpoint.on_save_error``."""
+write that fails in the background writer follows ``checkpoint.on_save_error``, and so does a
+non-finite state, which the forked writer refuses before it writes anything."""
 
+import re
 import shutil
 
 import pytest
@@ -17,6 +19,7 @@ from phoenix.testing.checkpoint_workers import (
     train_jobs_recording_plan_reuse,
     train_killed_before_publishing,
     train_with_failing_write,
+    train_with_nonfinite_save,
 )
 from phoenix.testing.checkpoints import read_checkpoint_tensors
 from phoenix.testing.distributed import run_distributed
@@ -91,3 +94,23 @@ def test_a_failed_background_write_follows_on_save_error(tiny_data, tmp_path):
     with pytest.raises(RuntimeError, match=r"checkpoint step_000002 was not saved: .*Errno 5"):
         run_distributed(train_with_failing_write, 2, stop, 2, 0)
     assert find_latest(tmp_path / "stop" / "checkpoints") is None
+
+
+def test_the_writer_refuses_a_nonfinite_state(tiny_data, tmp_path):
+    """A NaN in rank 0's first Adam moment during the save call of step 4 only (restored
+    right after it): the training process does not check it, the forked writer sees it."""
+    cfg = _config(tiny_data, tmp_path / "run", async_save=True, on_save_error="continue")
+    cfg["train"]["steps"] = 5  # no save after step 4's: latest must stay step 2
+    rank0, _ = run_distributed(train_with_nonfinite_save, 2, cfg, 4, 0)
+    assert rank0["step"] == 5
+    root = tmp_path / "run" / "checkpoints"
+    (line,) = [e for e in rank0["errors"] if "step_000004" in e]
+    assert re.fullmatch(
+        re.escape("checkpoint step_000004 was not saved: the weights or optimizer state hold "
+                  "non-finite values (on this rank: optimizer[0].group[0].param[0].exp_avg) in "
+                  f"{root} (") + r"[^)]* needed\); " +
+        re.escape("its temporary directory was removed and the previous checkpoint step_000002 "
+                  "is intact; training continues (checkpoint.on_save_error: continue) and saves "
+                  "again at the end of the job"), line), line
+    assert (root / "latest").read_text().strip() == "step_000002"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002"]

@@ -23,8 +23,8 @@ KILLER = textwrap.dedent("""
     from phoenix.checkpoint.sharded_save import ShardedSave
     real_write = ShardedSave.write
 
-    def write_then_die(self, ckpt_dir):
-        result = real_write(self, ckpt_dir)
+    def write_then_die(self, ckpt_dir, **kwargs):
+        result = real_write(self, ckpt_dir, **kwargs)
         if "step_000004" in str(ckpt_dir):
             assert os.listdir(ckpt_dir), "expected shards on disk before the kill"
             os.kill(os.getpid(), signal.SIGKILL)
