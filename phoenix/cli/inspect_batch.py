@@ -11,7 +11,8 @@ sample id, its group (-1 when the dataset is not grouped), the document ids the 
 covers, and its decoded text (documents separated by ``<|eod|>``), cut to ``--chars``
 characters (0: whole text); a token id outside the tokenizer's vocabulary shows as
 ``<|bad id N|>``. ``--json`` prints one JSON object per sample instead, with its token
-ids (``token_ids``: what the training read, before the input/label shift).
+ids (``token_ids``: what the training read, before the input/label shift) and whether
+the step was skipped (``skipped``: ``train.skip_batches``).
 
 Needs no GPU and no torch.distributed: the run's resolved ``RUN_DIR/config.yaml`` gives
 the datasets, tokenizer, seq_length, global batch size, steps and seed, and where the run
@@ -208,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.json:
         for s in info["samples"]:
-            print(json.dumps({**s, "step": info["step"], "text": cut(s["text"])}, ensure_ascii=False))
+            print(json.dumps({**s, "step": info["step"], "skipped": info["skipped"],
+                              "text": cut(s["text"])}, ensure_ascii=False))
         return 0
     counts = ", ".join(f"{name} {n}" for name, n in info["counts"].items())
     resumed = info["data_resumed_at"]

@@ -122,10 +122,12 @@ def score(args) -> dict | None:
     if reader.max_token() >= vocab_size:
         raise DataError(f"data prefix '{args.prefix}': token id {reader.max_token()} is outside the "
                         f"model's vocabulary ({vocab_size})")
-    seq = args.seq_length or trained_stage(cfg, step_of(path)).seq_length
+    seq = (args.seq_length if args.seq_length is not None  # 0 is refused below, not a default
+           else trained_stage(cfg, step_of(path)).seq_length)
     if seq > cfg.model.max_seq_length:
         raise ConfigError(f"--seq-length {seq}: exceeds model.max_seq_length {cfg.model.max_seq_length}")
-    settings = ScoreSettings(seq_length=seq, stride=args.stride or max(seq // 2, 1),
+    settings = ScoreSettings(seq_length=seq, stride=(args.stride if args.stride is not None
+                                                               else max(seq // 2, 1)),
                              micro_batch_size=args.micro_batch_size, min_k=args.min_k)
     if settings.problems():
         raise ConfigError(settings.problems()[0])

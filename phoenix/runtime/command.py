@@ -172,6 +172,11 @@ def run_command(body, input_errors: tuple[type[BaseException], ...] = (),
                   file=sys.stderr, flush=True)
         together = False
         return 130
+    except BrokenPipeError:  # stdout's reader is gone (`phoenix inspect-batch ... | head`):
+        # nothing left to say to anyone; stdout points at /dev/null so that the
+        # interpreter's last flush does not fail again on the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise

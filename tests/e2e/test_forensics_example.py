@@ -75,6 +75,13 @@ def test_forensics_example_finds_explains_and_skips_a_spike(tmp_path):
     for step in range(1, SPIKE_STEP):  # identical up to the skip
         assert skip_loss[step] == loss[step]
     assert max(skip_loss.values()) < 8
+    for folder, was_skipped in ((skip, True), (run, False)):  # inspect-batch says which
+        shown = subprocess.run([sys.executable, "-m", "phoenix.cli", "inspect-batch", str(folder),
+                                str(SPIKE_STEP), "--json", "--chars", "0"], cwd=ROOT, env=env,
+                               capture_output=True, text=True, timeout=300)
+        rows = [json.loads(line) for line in shown.stdout.splitlines()]
+        assert {(r["dataset_id"], r["sample_id"]) for r in rows} == skipped_ids, shown.stderr
+        assert all(r["skipped"] is was_skipped for r in rows)
 
     # Optimizer-state norms every step, histograms every 6 steps and at the end.
     for family in ("adam_m_norm", "adam_v_norm", "adam_direction_norm"):

@@ -165,6 +165,8 @@ def test_score_data_refuses_bad_input(setup, tmp_path, capsys):
         "checkpoint not found": [tmp_path / "nockpt", prefix, "--out", tmp_path / "s"],
         "--stride 40": _args(root, prefix, tmp_path / "s", "--stride", 40),
         "--seq-length 999": _args(root, prefix, tmp_path / "s", "--seq-length", 999),
+        "--stride 0": _args(root, prefix, tmp_path / "s", "--stride", 0),  # not "the default"
+        "--seq-length 0": _args(root, prefix, tmp_path / "s", "--seq-length", 0),
     }
     for message, argv in cases.items():
         assert _cli(argv) == 2, message
