@@ -76,7 +76,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     report = build_report(args.runs, out)
     pngs = sum(1 for p in report["plots"])
     spikes = sum(len(r["spikes"]) for r in report["runs"])
-    print(f"wrote {out / 'index.html'} ({pngs} figures, {spikes} spikes) and "
+    print(f"wrote {out / 'index.html'} ({pngs} figures, {spikes} spike{'' if spikes == 1 else 's'}) and "
           f"{out / 'report.json'}")
     return 0
 

@@ -149,17 +149,41 @@ def _log_scale(family: str, values) -> bool:
     return bool((present > 0).any()) and bool((present >= 0).all())
 
 
+def _shared_scales(runs: list[RunData]) -> dict[str, tuple[bool, tuple[float, float] | None]]:
+    """Per family: whether it is drawn on a log10 scale, and one colour range (in the
+    plotted unit) over every run that has it, so that runs side by side compare by colour
+    (a spike in one run is not the same colour as an ordinary step of another)."""
+    by_family: dict[str, list[np.ndarray]] = {}
+    for run in runs:
+        for family, layers in run.layer_families().items():
+            by_family.setdefault(family, []).append(layer_matrix(layers)[2])
+    scales = {}
+    for family, matrices in by_family.items():
+        log = all(_log_scale(family, m) for m in matrices)
+        plotted = []
+        for m in matrices:
+            m = np.asarray(m, dtype=np.float64)
+            if log:
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    m = np.where(m > 0, np.log10(m), np.nan)  # zeros: darkest, not the range
+            plotted.append(m[np.isfinite(m)])
+        both = np.concatenate(plotted) if plotted else np.empty(0)
+        scales[family] = (log, (float(both.min()), float(both.max())) if both.size else None)
+    return scales
+
+
 def heatmaps(runs: list[RunData], out: Path) -> list[dict]:
     found = []
+    scales = _shared_scales(runs)
     for i, run in enumerate(runs):
         spike_steps = [r["step"] for r in run.spikes]
         for family, layers in run.layer_families().items():
             ids, steps, values = layer_matrix(layers)
-            log = _log_scale(family, values)
+            log, vrange = scales[family]
             png = f"run{i}_{family.replace('/', '_')}.png"
             title = f"{run.label}: {family} per layer"
             lo, hi = plots.layer_heatmap(out / png, title, ids, steps, values, log, spike_steps,
-                                         unit=family.rsplit("/", 1)[-1])
+                                         unit=family.rsplit("/", 1)[-1], vrange=vrange)
             found.append({"png": png, "kind": "heatmap", "title": title, "run": run.label,
                           "family": family,
                           "scale": "log10" if log else "linear", "range": [lo, hi],

@@ -115,11 +115,12 @@ def _y_top(curves: list[dict], outliers: set) -> tuple[float, float] | None:
 
 def layer_heatmap(path: Path, title: str, layers: list[int], steps: list[int],
                   values: np.ndarray, log: bool, spike_steps: list[int] = (),
-                  xlabel: str = "optimizer step", unit: str = "value") -> tuple[float, float]:
+                  xlabel: str = "optimizer step", unit: str = "value",
+                  vrange: tuple[float, float] | None = None) -> tuple[float, float]:
     """Layer x step image of ``values [layers, steps]`` (layer 0 the top row); colours from
     log10 of the values when ``log``; spike steps marked above the image. ``steps`` may be
-    other columns (experts), named by ``xlabel``. Returns the colour range (lo, hi) in the
-    plotted unit."""
+    other columns (experts), named by ``xlabel``. ``vrange``: the colour range in the
+    plotted unit (default: these values' own). Returns the colour range (lo, hi) used."""
     plt = pyplot()
     from matplotlib.colors import ListedColormap, Normalize
     from matplotlib.cm import ScalarMappable
@@ -130,6 +131,8 @@ def layer_heatmap(path: Path, title: str, layers: list[int], steps: list[int],
             values = np.where(values >= 0, np.log10(values), np.nan)
     ok = values[np.isfinite(values)]
     lo, hi = (float(ok.min()), float(ok.max())) if ok.size else (0.0, 1.0)
+    if vrange is not None:
+        lo, hi = vrange
     rgb = colorize(values, lo, hi)
     fig, ax = plt.subplots(figsize=(10, 1.6 + 0.22 * min(len(layers), 48)))
     ax.imshow(rgb, aspect="auto", interpolation="nearest")

@@ -101,6 +101,12 @@ def test_every_series_is_the_event_files(report):
                 events = acc.Scalars(f"{family}/layer_{layer:02d}")
                 assert heat["steps"] == [e.step for e in events]
                 _same(row, events)
+    # One colour range per family over both runs: the range of every run's log10 values.
+    for family in ("grad_norm", "param_norm", "update_norm", "update_ratio"):
+        heats = [_plot(data, f"run{i}_{family}.png") for i in range(len(data["runs"]))]
+        cells = [v for h in heats for row in h["values"] for v in row if v is not None and v > 0]
+        want = [math.log10(min(cells)), math.log10(max(cells))]
+        assert all(h["range"] == pytest.approx(want) for h in heats), family
     # b logged norms every 2nd step (and at its last): the heatmap's columns are those
     assert _plot(data, "run1_grad_norm.png")["steps"] == [2, 4, 5]
 
