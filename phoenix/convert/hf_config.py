@@ -147,6 +147,11 @@ def read_hf_config(path) -> dict:
         raise ConversionError(f"{path}: not a readable JSON file ({e})") from None
     if not isinstance(hf, dict):
         raise ConversionError(f"{path}: expected a JSON object, got {type(hf).__name__}")
+    if "architectures" in hf:  # an unsupported model (GPT-2's n_embd, ...) is named as
+        try:                     # such, not reported as a config.json with missing keys
+            architecture_of(hf)
+        except ConversionError as e:
+            raise ConversionError(f"{path}: {str(e).removeprefix('config.json ')}") from None
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise ConversionError(f"{path}: missing key(s) {missing}")

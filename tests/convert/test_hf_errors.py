@@ -69,6 +69,19 @@ def test_unsupported_config_is_refused_by_name(llama, tmp_path, changes, message
     assert not (tmp_path / "out").exists()
 
 
+def test_another_architecture_is_named_not_reported_as_missing_keys(tmp_path):
+    """A GPT-2 folder has none of the Llama-family keys: the refusal names the
+    architecture and those supported, not a broken config.json."""
+    from phoenix.convert.hf_config import read_hf_config
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 64, "n_layer": 2,
+        "n_head": 4, "vocab_size": 384}))
+    with pytest.raises(ConversionError, match=r"architectures \['GPT2LMHeadModel'\]: not "
+                                              r"supported \(supported: .*LlamaForCausalLM"):
+        read_hf_config(tmp_path / "config.json")
+
+
 def test_mistral_sliding_window_is_refused_unless_null(llama, tmp_path):
     edit_config(llama, architectures=["MistralForCausalLM"], model_type="mistral", sliding_window=16)
     config = json.loads((llama / "config.json").read_text())
