@@ -135,11 +135,17 @@ class StreamTracker:
                              f"epoch {offset // n} ({why}); keep its cut and seed until a stage "
                              f"that begins after the resume step, or resume at an epoch boundary")
         start = max(self.offsets.get((d, key), 0), math.ceil(Fraction(offset, n) * len(index)))
-        log.warning("stage '%s': dataset '%s' is read %s in mid-epoch, and %s: it is read "
-                    "from a new sample order that starts %.1f%% into its epoch, so until the "
-                    "epoch ends some of its tokens may be read twice and others not at all. To "
-                    "read on without repeats, keep its cut and seed until the epoch ends",
-                    stage, name, change, why, 100 * offset / n)
+        if (seq, grouped) != key:  # in words a user can act on (the error above is for logs)
+            said, keep = (f"cut into {_cut(key)}, the stage before it into "
+                          f"{_cut((seq, grouped))}"), "its cut"
+        else:
+            said, keep = (f"read in the order of data_seed {seed}, the stage before it in that "
+                          f"of {old_seed}"), "its data_seed"
+        log.warning("stage '%s': dataset '%s' is %s, in mid-epoch, and %s: it is read from a "
+                    "new sample order that starts %.1f%% into its epoch, so until the epoch "
+                    "ends some of its tokens may be read twice and others not at all. To read "
+                    "on without repeats, keep %s until the epoch ends",
+                    stage, name, said, why, 100 * offset / n, keep)
         return start, None, index, None
 
     def finish(self, d: int, key: StreamKey, num_samples: int, end_offset: int,
