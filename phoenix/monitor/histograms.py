@@ -43,9 +43,9 @@ import torch
 import torch.distributed as dist
 
 from phoenix.config.typed import ConfigError
-from phoenix.monitor.base import Callback, Histogram
-from phoenix.monitor.norms import named_parameter_keys
-from phoenix.monitor.ownership import agree_keys, loss_scale, owned_slices
+from phoenix.monitor.base import Histogram
+from phoenix.monitor.norms import PartMonitor
+from phoenix.monitor.ownership import loss_scale, owned_slices
 
 FAMILIES = ("param_hist", "grad_hist")
 
@@ -99,7 +99,7 @@ def histogram_from_stats(lo: float, hi: float, num: float, total: float, squares
                      bucket_limits=tuple(limits), bucket_counts=tuple(counts))
 
 
-class HistogramMonitor(Callback):
+class HistogramMonitor(PartMonitor):
     """Records ``param_hist/<key>`` and ``grad_hist/<key>`` for the keys ``patterns``
     select, every ``interval`` steps (the last step of the run included), into
     ``trainer.metrics`` on the logging rank before the optimizer step. All ranks must
@@ -113,27 +113,15 @@ class HistogramMonitor(Callback):
         if interval < 0 or bins < 1:
             raise ValueError(f"HistogramMonitor: interval >= 0 and bins >= 1, got "
                              f"{interval}, {bins}")
-        self.interval, self.patterns, self.bins = interval, list(patterns), bins
-        self.log_last_step = log_last_step
-        self.keys: list[str] = []
-        """The selected keys, the same on every rank."""
-        self.last: dict[str, Histogram] = {}
-        self._entries = None  # [(key, name, param)] of this rank's selected parameters
+        super().__init__(interval, log_last_step)
+        self.patterns, self.bins = list(patterns), bins
 
-    def on_train_start(self, trainer) -> None:
-        if not self.interval:
-            return
-        num_layers = trainer.model[0].config.num_layers
-        entries = [e for gpt in trainer.gpt_models for e in named_parameter_keys(gpt, num_layers)]
-        # Every rank knows every key (a pipeline stage holds only some): a pattern is
-        # refused on every rank alike, and all reduce the same fixed-order vectors.
-        self.keys = select_keys(self.patterns, agree_keys(entries))
-        chosen = set(self.keys)
-        self._entries = [e for e in entries if e[0] in chosen]
-        self._index = {key: i for i, key in enumerate(self.keys)}
+    def select(self, keys: list[str]) -> list[str]:
+        # Every rank sees all keys, so a pattern matching none is refused on every rank.
+        return select_keys(self.patterns, keys)
 
     def on_before_optimizer_step(self, trainer) -> None:
-        if self._entries is None or not trainer.metrics.due(self.interval, self.log_last_step):
+        if not self.due(trainer):
             return
         with torch.no_grad():
             lo, hi, stats = self._reduce(trainer)

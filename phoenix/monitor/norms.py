@@ -174,7 +174,44 @@ def model_entries(trainer) -> list[tuple[str, str, torch.nn.Parameter]]:
     return [e for gpt in trainer.gpt_models for e in named_parameter_keys(gpt, num_layers)]
 
 
-class NormMonitor(Callback):
+class PartMonitor(Callback):
+    """Base of the monitors that reduce per-part values of the whole model over the world
+    (norms, optimizer-state norms, histograms): the interval, the keys every rank agreed
+    on (in one fixed order: the reduced vectors' layout) and this rank's
+    ``(key, name, param)`` entries of those keys. A subclass narrows the keys with
+    :meth:`select`."""
+
+    def __init__(self, interval: int, log_last_step: bool = True):
+        if interval < 0:
+            raise ValueError(f"{type(self).__name__}: interval must be >= 0, got {interval}")
+        self.interval, self.log_last_step = interval, log_last_step
+        self.keys: list[str] = []
+        """The monitored keys, the same on every rank."""
+        self.last: dict = {}
+        self._entries = None  # [(key, name, param)] of this rank, from the model
+
+    def select(self, keys: list[str]) -> list[str]:
+        """The keys to monitor, of all the model's (agreed) keys; default: all."""
+        return keys
+
+    def on_train_start(self, trainer) -> None:
+        if not self.interval:
+            return
+        entries = model_entries(trainer)
+        # Every rank knows every key (a pipeline stage holds only some), so every rank
+        # selects alike and reduces the same fixed-order vectors. Collective.
+        self.keys = self.select(agree_keys(entries))
+        chosen = set(self.keys)
+        self._entries = [e for e in entries if e[0] in chosen]
+        self._index = {key: i for i, key in enumerate(self.keys)}
+
+    def due(self, trainer) -> bool:
+        """Whether this step is one the monitor logs (and it is on)."""
+        return self._entries is not None and trainer.metrics.due(self.interval,
+                                                                 self.log_last_step)
+
+
+class NormMonitor(PartMonitor):
     """Logs ``grad_norm/``, ``param_norm/``, ``update_norm/``, ``update_ratio/`` scalars.
 
     ``interval``: every N optimizer steps (0 disables); the last step of the run is
@@ -191,25 +228,13 @@ class NormMonitor(Callback):
     state_key = "norms"
 
     def __init__(self, interval: int, log_last_step: bool = True):
-        if interval < 0:
-            raise ValueError(f"NormMonitor: interval must be >= 0, got {interval}")
-        self.interval, self.log_last_step = interval, log_last_step
-        self.keys: list[str] = []
-        self.last: dict[str, float] = {}
-        self._entries = None  # [(key, name, param)] of this rank, from the model
+        super().__init__(interval, log_last_step)
         self._active_step = None
 
     # -- hooks ------------------------------------------------------------------------
-    def on_train_start(self, trainer) -> None:
-        if not self.interval:
-            return
-        self._entries = model_entries(trainer)
-        self.keys = agree_keys(self._entries)
-        self._index = {key: i for i, key in enumerate(self.keys)}
-
     def on_before_optimizer_step(self, trainer) -> None:
         self._active_step = None
-        if self._entries is None or not trainer.metrics.due(self.interval, self.log_last_step):
+        if not self.due(trainer):
             return
         self._active_step = trainer.metrics.step
         with torch.no_grad():

@@ -45,10 +45,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from phoenix.monitor.base import Callback
-from phoenix.monitor.norms import model_entries
+from phoenix.monitor.norms import PartMonitor
 from phoenix.monitor.ownership import (
-    agree_keys,
     key_indices,
     key_sums,
     megatron_optimizers,
@@ -84,7 +82,7 @@ def _unscaled_direction(state: dict, group: dict) -> tuple[torch.Tensor, float] 
     return torch.div(state["exp_avg"].float(), denom, out=denom), root_bc2 / (1 - beta1 ** t)
 
 
-class OptimizerStateNormMonitor(Callback):
+class OptimizerStateNormMonitor(PartMonitor):
     """Logs ``adam_m_norm/``, ``adam_v_norm/``, ``adam_direction_norm/`` scalars.
 
     ``interval``: every N optimizer steps (0 disables), and the run's last step when
@@ -96,23 +94,8 @@ class OptimizerStateNormMonitor(Callback):
     # Next to the NormMonitor (600): a producer, before the heatmaps (200) and the sinks.
     priority = 590
 
-    def __init__(self, interval: int, log_last_step: bool = True):
-        if interval < 0:
-            raise ValueError(f"OptimizerStateNormMonitor: interval must be >= 0, got {interval}")
-        self.interval, self.log_last_step = interval, log_last_step
-        self.keys: list[str] = []
-        self.last: dict[str, float] = {}
-        self._entries = None
-
-    def on_train_start(self, trainer) -> None:
-        if not self.interval:
-            return
-        self._entries = model_entries(trainer)
-        self.keys = agree_keys(self._entries)
-        self._index = {key: i for i, key in enumerate(self.keys)}
-
     def on_after_optimizer_step(self, trainer, grad_norm) -> None:
-        if self._entries is None or not trainer.metrics.due(self.interval, self.log_last_step):
+        if not self.due(trainer):
             return
         device = trainer.layout.device
         with torch.no_grad():
