@@ -22,8 +22,9 @@ Printed metrics (one ``name=value`` per line, each the maximum over the ranks;
   <case>[_first]_save_call_s                (async) the call that plans and stages the save
   <case>[_first]_cow_s                      (async) the extra time of the "training steps"
                                             while the writer runs, each of which writes the
-                                            whole state in place: the fork's copy-on-write
-                                            of the pages written (not in blocked_s)
+                                            whole state in place (weights, gradients, Adam's
+                                            moments): the fork's copy-on-write of the pages
+                                            written (not in blocked_s)
   <case>_peak_extra_rss_mb                  peak RSS during a save less the RSS before it
                                             (the largest over the saves)
   dp<N>_<format>_peak_extra_rss_over_own_optimizer_shard   (sync; target <= 1.2 for periodic saves)
@@ -104,19 +105,12 @@ def _own_shard_bytes(optimizer) -> int:
     return total
 
 
-def _state_tensors(model, optimizer) -> list:
-    """What a training step writes in place: the parameters and Adam's state."""
-    out = [p for chunk in model for p in chunk.parameters()]
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        out += [v for state in opt.optimizer.state.values() for v in state.values()
-                if hasattr(v, "dim") and v.dim() > 0]
-    return out
-
-
 def _write_state(tensors: list) -> float:
-    """Seconds to write every tensor in place (values unchanged), as an optimizer step does:
-    while the forked writer of an asynchronous save lives, each page written is first
-    copied (copy-on-write), a cost the training steps pay and the save call does not."""
+    """Seconds to write every tensor in place (values unchanged), as a training step does
+    (the backward pass the gradients, the optimizer step the weights and Adam's state):
+    while the forked writer of an asynchronous save lives, each page written that the
+    writer maps is first copied (copy-on-write), a cost the training steps pay and the save
+    call does not."""
     import torch
 
     t0 = time.perf_counter()
@@ -130,6 +124,7 @@ def rank_bench(config: dict, formats: list[str], saves: int, step_s: float) -> d
     import torch.distributed as dist
 
     from phoenix.checkpoint.store import CheckpointStore
+    from phoenix.checkpoint.writer_memory import training_tensors
     from phoenix.config import build_config
     from phoenix.model import build_model
     from phoenix.optim.builder import build_optimizer, ensure_optimizer_state
@@ -148,7 +143,7 @@ def rank_bench(config: dict, formats: list[str], saves: int, step_s: float) -> d
     # one untimed save first: megatron's writer queue (a spawned Manager) starts once per job
     CheckpointStore(root, layout.rank, layout.world_size).save(
         0, model, None, {"format": 3, "step": 0, "states": {}}, "bench: true\n")
-    tensors = _state_tensors(model, optimizer)
+    tensors = training_tensors(model, optimizer)
     base = min(_write_state(tensors) for _ in range(3))  # an in-place write of the state
     step = 0
     for fmt in formats:

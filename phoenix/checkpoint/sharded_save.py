@@ -36,11 +36,12 @@ import functools
 import logging
 import os
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from phoenix.checkpoint.writer_memory import fork_leaving_out
 from phoenix.runtime.distributed import max_over_ranks, sum_over_ranks
 
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -134,15 +135,15 @@ def agreed(write: Callable[[], object], run_here: bool = True,
         raise SaveFailed(error, no_space=verdict == _NO_SPACE, nonfinite=verdict == _NONFINITE)
 
 
-def _main_replica_bytes(sharded: dict) -> int:
-    """Bytes of the tensor shards this rank writes (the main replica of each)."""
+def _main_replicas(sharded: dict) -> list:
+    """The tensor shards (megatron ``ShardedTensor``) this rank writes: the main replica of
+    each, once the writes are distributed (:meth:`SavePlans.prepare`)."""
     from megatron.core.dist_checkpointing import ShardedTensor
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import is_main_replica
 
-    return sum(sh.data.numel() * sh.data.element_size() for sh in nested_values(sharded)
-               if isinstance(sh, ShardedTensor) and sh.data is not None
-               and is_main_replica(sh.replica_id))
+    return [sh for sh in nested_values(sharded) if isinstance(sh, ShardedTensor)
+            and sh.data is not None and is_main_replica(sh.replica_id)]
 
 
 def _results_queue() -> None:
@@ -221,7 +222,8 @@ class SavePlans:
         self.structure = structure
         self.wrapper.apply_saving_parallelization(sharded)
         if self.bytes is None:
-            self.bytes = int(sum_over_ranks(_main_replica_bytes(sharded)))
+            self.bytes = int(sum_over_ranks(sum(sh.data.numel() * sh.data.element_size()
+                                                for sh in _main_replicas(sharded))))
         return self.bytes
 
     def forget(self) -> None:
@@ -291,8 +293,16 @@ class ShardedSave:
         self._plans = plans if plans is not None else SavePlans()
         self.bytes = self._plans.prepare(self.sharded)
 
+    def nonfinite(self) -> list[str]:
+        """Checkpoint keys of the tensors this rank writes (the main replicas, after the
+        distribution of the writes) that hold a NaN or Inf; empty when all are finite.
+        Not collective."""
+        from phoenix.optim.nonfinite import nonfinite_names
+
+        return nonfinite_names((sh.key, sh.data) for sh in _main_replicas(self.sharded))
+
     def write(self, checkpoint_dir: Path, background=None,
-              check: Optional[Callable[[], Optional[str]]] = None,
+              check_finite: bool = False, unneeded: Sequence[torch.Tensor] = (),
               prepare_dir: Optional[Callable[[], object]] = None) -> None:
         """``dist_checkpointing.save`` into the existing, empty ``checkpoint_dir``, raising
         :class:`SaveFailed` on every rank when any write fails (module docstring).
@@ -303,11 +313,18 @@ class ShardedSave:
         them afterwards); :meth:`finish` completes it once the queue reports the writers
         done on every rank.
 
-        ``check`` (background only; CPU state): returns None when the state is finite, else
-        the one-line reason. It runs in the forked writer, before it writes anything: the
-        fork sees the memory of the saving step, so the check is off the training
-        process's critical path. A refusal writes nothing and fails the save in
-        :meth:`finish` on every rank, as a failed write does.
+        ``check_finite`` (background only; CPU state): the forked writer checks that every
+        tensor this rank writes is finite before it writes anything (every shard is written
+        by one rank: over the ranks, the whole checkpoint is checked). The fork sees the
+        memory of the saving step, so the check is off the training process's critical
+        path. A refusal writes nothing and fails the save in :meth:`finish` on every rank,
+        as a failed write does.
+
+        ``unneeded`` (background only): the training state's CPU tensors (their whole
+        storages: the weights' and gradients' contiguous buffers, the optimizer's state).
+        The fork that starts the writer maps only the pages of them this rank writes
+        (phoenix.checkpoint.writer_memory): a faster fork, and no copy-on-write of the rest
+        while the writer lives.
 
         ``prepare_dir``: run by rank 0 before it writes ``common.pt`` (making the directory),
         under the same agreement. :meth:`finish` completes every write."""
@@ -335,14 +352,16 @@ class ShardedSave:
         try:
             # one agreement for the plan and the start of the writer (a collective less on
             # the saving step); a failure on any rank stops the writers the others started
-            agreed(lambda: self._schedule(strategy, checkpoint_dir, background, check))
+            agreed(lambda: self._schedule(strategy, checkpoint_dir, background, check_finite,
+                                          unneeded))
         except SaveFailed:
             for call in background.async_calls:
                 call.async_caller.close(abort=True)
             background.async_calls.clear()
             raise
 
-    def _schedule(self, strategy, checkpoint_dir: Path, background, check) -> None:
+    def _schedule(self, strategy, checkpoint_dir: Path, background, check: bool,
+                  unneeded: Sequence[torch.Tensor]) -> None:
         """megatron's ``async_save`` plan of the shards, and its writer started on the queue."""
         from megatron.core.dist_checkpointing.strategies.async_utils import AsyncRequest
 
@@ -350,18 +369,17 @@ class ShardedSave:
         # megatron's finalisation (gather the write results, rank 0 writes .metadata) runs in
         # finish(), under agreement; the queue only runs and watches the writer process.
         self._finalize_fns = list(request.finalize_fns)
-        if check is not None and request.async_fn is None:  # no writer here: check here
-            reason = check()
-            self._refused = NonFiniteState(reason) if reason else None
-            check = None
-        if check is not None:
-            self._verdict = checkpoint_dir / f"{VERDICT_PREFIX}{self.rank:05d}"
-        writer = (None if request.async_fn is None
-                  else functools.partial(_writer_dying_with, os.getpid(), request.async_fn,
-                                         check, self._verdict))
-        background.schedule_async_request(
-            AsyncRequest(writer, request.async_fn_args, [], request.async_fn_kwargs,
-                         preload_fn=request.preload_fn))
+        writer = None
+        if request.async_fn is not None:  # this rank writes something
+            if check:
+                self._verdict = checkpoint_dir / f"{VERDICT_PREFIX}{self.rank:05d}"
+            writer = functools.partial(_writer_dying_with, os.getpid(), request.async_fn,
+                                       check, self._verdict)
+        written = [t for _, t in _written_tensors(request.async_fn_args[1])] if writer else []
+        with fork_leaving_out(unneeded, written):
+            background.schedule_async_request(
+                AsyncRequest(writer, request.async_fn_args, [], request.async_fn_kwargs,
+                             preload_fn=request.preload_fn))
 
     def finish(self, also: Optional[Callable[[], object]] = None) -> None:
         """Complete the write (see :meth:`write`; a background one once its writers are
@@ -390,20 +408,30 @@ class ShardedSave:
         agreed(complete, refused=refused)
 
 
-def _writer_dying_with(parent: int, write: Callable, check: Optional[Callable[[], Optional[str]]],
-                       verdict: Optional[Path], *args, **kwargs):
+def _written_tensors(write_buckets) -> list:
+    """``(checkpoint key, tensor)`` of every tensor in megatron's write buckets (``(file,
+    storage key, (bytes items, [(WriteItem, tensor), ...]))``)."""
+    return [(item.index.fqn, t) for _, _, (_, tensors) in write_buckets or ()
+            for item, t in tensors]
+
+
+def _writer_dying_with(parent: int, write: Callable, check: bool, verdict: Optional[Path],
+                       *args, **kwargs):
     """The forked shard writer: killed with the training process (a writer that outlived a
     killed job could write into a temporary directory the next job sweeps). With ``check``
-    it first checks the state it writes (the saving step's memory: a fork); on a refusal it
-    writes no shard, hands megatron's results queue (``args``: rank, write buckets, queue)
-    an error in place of its results, so that megatron's finalisation fails on every rank,
-    and leaves the reason in ``verdict`` for :meth:`ShardedSave.finish`."""
+    it first checks that the tensors it writes (``args``: rank, write buckets, queue; the
+    saving step's memory: a fork) are finite; on a refusal it writes no shard, hands
+    megatron's results queue an error in place of its results, so that megatron's
+    finalisation fails on every rank, and leaves the reason in ``verdict`` for
+    :meth:`ShardedSave.finish`."""
+    from phoenix.optim.nonfinite import nonfinite_names, nonfinite_reason
     from phoenix.runtime.watchdog import die_with_parent
 
     die_with_parent(parent)
-    if check is not None:
+    if check:
         torch.set_num_threads(1)  # OpenMP's thread pool does not survive a fork
-        reason = check()
+        bad = nonfinite_names(_written_tensors(args[1]))
+        reason = nonfinite_reason(bad) if bad else None
         if reason:
             if args and args[-1] is not None:
                 args[-1].put(RuntimeError(reason))

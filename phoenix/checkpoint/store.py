@@ -52,9 +52,10 @@ from phoenix.checkpoint.save_failures import (
 )
 from phoenix.checkpoint.optimizer_format import FULLY_RESHARDABLE, saved_format, sharding_metadata
 from phoenix.checkpoint.sharded_save import SaveFailed, SavePlans, ShardedSave, agreed
+from phoenix.checkpoint.writer_memory import training_tensors
 from phoenix.io import atomic_write_text
 from phoenix.model import unwrap
-from phoenix.runtime.distributed import max_over_ranks
+from phoenix.runtime.distributed import any_rank, max_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +217,9 @@ def _rename_into_place(tmp: Path, final: Path, config_yaml: str, bundle: dict) -
 
 
 def _on_cpu(model_chunks, optimizer) -> bool:
-    """Whether the weights and the optimizer's main parameters live in host memory (a
-    forked writer can read them; GPU memory it cannot)."""
-    tensors = [p for chunk in model_chunks for p in chunk.parameters()]
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer] if optimizer else []):
-        inner = getattr(opt, "optimizer", None)
-        tensors += [p for g in getattr(inner, "param_groups", []) for p in g["params"]]
-    return all(t.device.type == "cpu" for t in tensors)
+    """Whether the weights and the optimizer's state live in host memory (a forked writer
+    can read them; GPU memory it cannot)."""
+    return all(t.device.type == "cpu" for t in training_tensors(model_chunks, optimizer))
 
 
 @dataclass
@@ -280,28 +277,11 @@ class CheckpointStore:
         Raises CheckpointSaveError on every rank when a write fails on any (a full disk,
         a quota, an I/O error): the temporary directory is removed and the previous
         checkpoint is left as it was."""
-        from phoenix.optim.nonfinite import nonfinite_reason, nonfinite_state, state_is_finite
+        from phoenix.optim.nonfinite import nonfinite_reason
 
         if self.pending is not None:
             raise RuntimeError(f"checkpoint {self.pending.name} is still being written; "
                                f"finish_pending(block=True) first")
-        # Never publish NaN/Inf weights or optimizer state: each rank checks its shards and
-        # one all-reduce combines the verdicts. A synchronous save (or a GPU state) checks
-        # here and writes nothing on failure; an asynchronous save of CPU state checks in
-        # its forked writer, which sees this step's memory (off the training process's
-        # critical path), and a refusal fails the save like a failed write (CheckpointSaveError,
-        # checkpoint.on_save_error): nothing published, the temporary directory removed.
-        def writer_check() -> Optional[str]:
-            bad = nonfinite_state(model_chunks, optimizer)
-            return nonfinite_reason(bad) if bad else None
-
-        check = writer_check if background and _on_cpu(model_chunks, optimizer) else None
-        if check is None:
-            finite, bad = state_is_finite(model_chunks, optimizer)
-            if not finite:
-                raise CheckpointError(f"refusing to save checkpoint step {step}: "
-                                      f"{nonfinite_reason(bad)}; the last good checkpoint "
-                                      f"stays {self.latest()}")
         name = f"step_{step:06d}"
         model_sd = _model_sharded_state_dict(model_chunks)
         sharded = {"model": model_sd}
@@ -312,6 +292,20 @@ class CheckpointStore:
             bundle.update(optimizer_format=optimizer_format, optimizer_layout=layout)
         rank0, previous = self.rank == 0, self.latest()
         save = ShardedSave(sharded, self.rank, self._plans)
+        # Never publish NaN/Inf weights or optimizer state: each rank checks the tensors it
+        # writes and one all-reduce combines the verdicts. A synchronous save (or a GPU
+        # state) checks here and writes nothing on failure; an asynchronous save of CPU
+        # state checks in its forked writer, which sees this step's memory (off the training
+        # process's critical path), and a refusal fails the save like a failed write
+        # (CheckpointSaveError, checkpoint.on_save_error): nothing published, the temporary
+        # directory removed.
+        in_writer = background and _on_cpu(model_chunks, optimizer)
+        if not in_writer:
+            bad = save.nonfinite()
+            if any_rank(bool(bad)):
+                raise CheckpointError(f"refusing to save checkpoint step {step}: "
+                                      f"{nonfinite_reason(bad)}; the last good checkpoint "
+                                      f"stays {self.latest()}")
         space = SaveSpace.measure(self.root, save.bytes, previous) if rank0 else None
         if space is not None and not space.fits:
             log.warning("checkpoint %s: %s; the save will likely fail (the previous checkpoint "
@@ -323,7 +317,9 @@ class CheckpointStore:
 
             self._queue = AsyncCallsQueue()
         with self._failing(job):
-            save.write(job.tmp, background=self._queue if background else None, check=check,
+            save.write(job.tmp, background=self._queue if background else None,
+                       check_finite=in_writer,
+                       unneeded=training_tensors(model_chunks, optimizer) if in_writer else (),
                        prepare_dir=lambda: _fresh_dir(job.tmp))
         if background:
             self.pending, self._polls = job, 0

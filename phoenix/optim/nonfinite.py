@@ -1,21 +1,15 @@
-"""Finiteness checks of gradients, weights and optimizer state (collective).
+"""Finiteness checks of gradients, weights and optimizer state.
 
 A NaN/Inf must never reach the weights or a checkpoint. Each rank checks the tensors it
-holds (its TP/PP shard of the model, its distributed-optimizer shard of Adam's state)
-and one all-reduce over the whole world combines the verdicts, so every rank takes the
-same decision.
+holds (its TP/PP shard of the gradients; the tensors it writes into a checkpoint) and one
+all-reduce over the whole world (the caller's) combines the verdicts, so every rank takes
+the same decision.
 """
 
 from __future__ import annotations
 
 import torch
 
-from phoenix.model import unwrap
-from phoenix.runtime import any_rank
-
-
-def _all_finite(local_ok: bool) -> bool:
-    return not any_rank(not local_ok)
 
 
 def local_grads_finite(model_chunks) -> torch.Tensor:
@@ -45,24 +39,6 @@ def local_grads_finite(model_chunks) -> torch.Tensor:
     return torch.stack(flags).all()
 
 
-def _state_tensors(model_chunks, optimizer):
-    """(name, tensor) of this rank's floating-point weights and optimizer-state tensors."""
-    for chunk in model_chunks:
-        for name, p in unwrap(chunk).named_parameters():
-            yield name, p.detach()
-    if optimizer is None:
-        return
-    inner = [getattr(o, "optimizer", None)
-             for o in getattr(optimizer, "chained_optimizers", [optimizer])]
-    for i, opt in enumerate(o for o in inner if o is not None):
-        for g, group in enumerate(opt.param_groups):
-            for j, p in enumerate(group["params"]):
-                yield f"optimizer[{i}].group[{g}].param[{j}].param", p.detach()
-                for key, v in opt.state.get(p, {}).items():
-                    if torch.is_tensor(v):
-                        yield f"optimizer[{i}].group[{g}].param[{j}].{key}", v
-
-
 def _finite_flag(t: torch.Tensor) -> torch.Tensor:
     """0-dim bool: every element of ``t`` is finite. From its minimum and maximum (a NaN
     makes both NaN, an Inf shows in one of them): one read of ``t`` with no temporary as
@@ -72,15 +48,15 @@ def _finite_flag(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(lo) & torch.isfinite(hi)
 
 
-def nonfinite_state(model_chunks, optimizer) -> list[str]:
-    """Names of this rank's non-finite weights and optimizer-state tensors (empty: all
-    finite). Not collective; see :func:`state_is_finite`.
+def nonfinite_names(named_tensors) -> list[str]:
+    """Names of the floating-point tensors of ``named_tensors`` (``(name, tensor)`` pairs)
+    that hold a NaN or Inf (empty: all finite): one reduction per tensor, combined on the
+    device, and one host synchronisation. Not collective.
 
-    A save checks the whole state every time (a synchronous save before it writes, an
-    asynchronous one of CPU state in its forked writer): one reduction per tensor, combined
-    on the device, and one host synchronisation; the names are only looked up when
-    something is not finite."""
-    tensors = [(name, t) for name, t in _state_tensors(model_chunks, optimizer)
+    A save checks what this rank writes, every time (a synchronous save, or a GPU state,
+    before it writes; an asynchronous save of CPU state in its forked writer): over the
+    ranks, every tensor of the checkpoint once."""
+    tensors = [(name, t) for name, t in named_tensors
                if t.is_floating_point() and t.numel() > 0]
     if not tensors:
         return []
@@ -88,12 +64,6 @@ def nonfinite_state(model_chunks, optimizer) -> list[str]:
     if bool(flags.all()):
         return []
     return [name for (name, _), ok in zip(tensors, flags.tolist()) if not ok]
-
-
-def state_is_finite(model_chunks, optimizer) -> tuple[bool, list[str]]:
-    """(every rank's weights and optimizer state are finite, this rank's bad names)."""
-    bad = nonfinite_state(model_chunks, optimizer)
-    return _all_finite(not bad), bad
 
 
 def nonfinite_reason(bad: list[str]) -> str:

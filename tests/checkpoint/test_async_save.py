@@ -96,6 +96,12 @@ def test_a_failed_background_write_follows_on_save_error(tiny_data, tmp_path):
     assert find_latest(tmp_path / "stop" / "checkpoints") is None
 
 
+_FIRST_MOMENT = ("optimizer.distributed.dp_group_idx_0.gbuf_idx_0.dtype_(torch.float32, "
+                 "torch.float32).bucket_idx_0.exp_avg")
+"""The checkpoint key of the first Adam moments of the tiny model's first bucket (every
+rank writes its own shard of it)."""
+
+
 def test_the_writer_refuses_a_nonfinite_state(tiny_data, tmp_path):
     """A NaN in rank 0's first Adam moment during the save call of step 4 only (restored
     right after it): the training process does not check it, the forked writer sees it."""
@@ -107,10 +113,25 @@ def test_the_writer_refuses_a_nonfinite_state(tiny_data, tmp_path):
     (line,) = [e for e in rank0["errors"] if "step_000004" in e]
     assert re.fullmatch(
         re.escape("checkpoint step_000004 was not saved: the weights or optimizer state hold "
-                  "non-finite values (on this rank: optimizer[0].group[0].param[0].exp_avg) in "
+                  "non-finite values (on this rank: " + _FIRST_MOMENT + ") in "
                   f"{root} (") + r"[^)]* needed\); " +
         re.escape("its temporary directory was removed and the previous checkpoint step_000002 "
                   "is intact; training continues (checkpoint.on_save_error: continue) and saves "
                   "again at the end of the job"), line), line
     assert (root / "latest").read_text().strip() == "step_000002"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002"]
+
+
+def test_a_sync_save_refuses_a_nonfinite_state_on_every_rank(tiny_data, tmp_path):
+    """The same NaN in rank 1's moment, saved synchronously: every rank refuses before it
+    writes anything, rank 1 naming the tensor it would have written."""
+    cfg = _config(tiny_data, tmp_path / "run")
+    with pytest.raises(RuntimeError, match="distributed run failed") as failed:
+        run_distributed(train_with_nonfinite_save, 2, cfg, 4, 1)
+    text = str(failed.value)
+    assert ("refusing to save checkpoint step 4: the weights or optimizer state hold non-finite "
+            f"values (on this rank: {_FIRST_MOMENT}); the last good checkpoint stays ") in text
+    assert "refusing to save checkpoint step 4: the weights or optimizer state hold non-finite " \
+           "values (on another rank); the last good checkpoint stays " in text
+    root = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_000002"]
