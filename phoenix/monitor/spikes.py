@@ -227,12 +227,28 @@ class SpikeMonitor(Callback):
         self._loss_spike: tuple[int, dict | None] | None = None
         self._names: list[str] = []
         self._file = None
+        self._loaded_windows: dict[str, list[float]] = {}
+
+    # -- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """``{"windows": {metric: [values]}}``: the detector's trailing windows, oldest
+        first (the same on every rank: the loss and grad norm it observes are global)."""
+        return {"windows": {m: list(v) for m, v in self.detector.values.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the windows of :meth:`state_dict` (before ``on_train_start``): a resumed
+        run flags the steps the uninterrupted run flags, from its first step on."""
+        self._loaded_windows = {str(m): [float(x) for x in v]
+                                for m, v in dict(state.get("windows", {})).items()}
 
     # -- hooks --------------------------------------------------------------------------
     def on_train_start(self, trainer) -> None:
         self._names = (self.names if self.names is not None
                        else [e.display_name for e in trainer.cfg.data.datasets])
-        self.detector = SpikeDetector.from_config(self.cfg)  # a resume restarts the windows
+        self.detector = SpikeDetector.from_config(self.cfg)
+        for metric, values in self._loaded_windows.items():  # a resume continues the windows
+            if metric in self.detector.values:
+                self.detector.values[metric].extend(values)
         if trainer.layout.is_logging_rank:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.count = sum(1 for r in read_spikes(self.path)

@@ -1,8 +1,10 @@
 """Running totals of monitors survive a resume: tokens per dataset after stop + resume
-equal those of an uninterrupted run (read back from the event files)."""
+equal those of an uninterrupted run (read back from the event files), and the spike
+detector flags the same steps with the same statistics (its windows are checkpointed)."""
 
 import pytest
 
+from phoenix.monitor.spikes import read_spikes
 from phoenix.monitor.tensorboard import tensorboard_dir
 from phoenix.testing.distributed import run_distributed
 from phoenix.testing.tiny import tiny_config_dict
@@ -20,8 +22,19 @@ def _tokens(run_dir, step):
             for tag in acc.Tags()["scalars"] if tag.startswith("2_datasets/tokens/")}
 
 
-def test_dataset_tokens_resume(tiny_data, tmp_path):
-    logging = {"tensorboard": True, "log_interval": 1}
+def _spikes(run_dir) -> list:
+    return [(r["step"], r["spikes"]) for r in read_spikes(run_dir / "spikes.jsonl")]
+
+
+def test_dataset_tokens_and_spike_windows_resume(tiny_data, tmp_path):
+    """Also the spike detector's windows: a loss spike (x30, injected) at step 3, the first
+    step after the resume, is flagged with the statistics of the uninterrupted run (an
+    empty window after the resume would flag nothing before ``min_steps`` values)."""
+    logging = {"tensorboard": True, "log_interval": 1,
+               "spikes": {"enabled": True, "window": 10, "min_steps": 2, "loss_sigma": 5.0,
+                          "grad_norm_sigma": None},
+               "callbacks": {"inject": {"class": "phoenix.testing.faults:ScaleLossAt",
+                                        "step": 3, "factor": 30}}}
     full = tiny_config_dict(tiny_data, tmp_path / "full", train={"steps": 4}, logging=logging)
     run_distributed(train_and_record, 1, full)
     split = tiny_config_dict(tiny_data, tmp_path / "split", train={"steps": 4}, logging=logging,
@@ -32,6 +45,9 @@ def test_dataset_tokens_resume(tiny_data, tmp_path):
     assert set(expected) == {"2_datasets/tokens/web", "2_datasets/tokens/code"}
     assert sum(expected.values()) == 4 * 8 * 64  # every token of the 4 batches, all datasets
     assert _tokens(tmp_path / "split", 4) == expected
+    flagged = _spikes(tmp_path / "full")
+    assert [step for step, _ in flagged][:1] == [3] and flagged[0][1]["loss"]["window"] == 2
+    assert _spikes(tmp_path / "split") == flagged
 
 
 def test_steps_rerun_after_any_restart_appear_once(tiny_data, tmp_path):
