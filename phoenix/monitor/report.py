@@ -8,7 +8,8 @@
     their dataset / sample / document provenance, and its top layers by grad norm), no
     script, no server; the figures are the PNG files next to it.
 ``*.png``
-    ``loss.png`` (``1_train/loss``, spikes marked), ``dataset_loss.png``
+    ``loss.png`` (``1_train/loss``, spikes marked, steps ``train.skip_batches`` skipped
+    shaded grey), ``dataset_loss.png``
     (``2_datasets/loss/*``), ``lr.png`` (``1_train/lr`` with stage boundaries),
     ``grad_norm.png`` (``1_train/grad_norm``), ``moe_<metric>.png`` (``moe/<metric>``),
     each against the step and against ``1_train/consumed_tokens``, every run on the same
@@ -20,8 +21,8 @@
     logged ``moe/layer_XX/expert_YY/tokens``.
 ``report.json``
     what every figure shows: ``{"runs": [...], "plots": [...]}``. A line plot lists its
-    curves (``run``, ``tag``, ``steps``, ``tokens``, ``values``), stage lines and spike
-    marks; a heatmap its ``layers``, ``steps`` and ``values`` (as logged, before the
+    curves (``run``, ``tag``, ``steps``, ``tokens``, ``values``), stage lines, spike
+    marks and skipped steps; a heatmap its ``layers``, ``steps`` and ``values`` (as logged, before the
     log10 of the colour scale). NaN is ``null``.
 
 A figure whose tags no run logged is left out (a dense run has no MoE figure).
@@ -89,16 +90,31 @@ def _spike_marks(runs: list[RunData], metric: str) -> list[dict]:
     return out
 
 
+def _skipped(runs: list[RunData]) -> list[dict]:
+    """A band per step ``train.skip_batches`` skipped, at its tokens too: those of the last
+    logged step before it (it consumed none)."""
+    out = []
+    for run in runs:
+        tokens = run.scalars.get(f"{TRAIN}/consumed_tokens")
+        for step in run.skipped:
+            i = int(np.searchsorted(tokens.steps, step)) - 1 if tokens else -1
+            out.append({"run": run.label, "step": step,
+                        "tokens": tokens.values[i] if i >= 0 else None})
+    return out
+
+
 def _line_plot(out: Path, png: str, title: str, ylabel: str, curves: list, stages=(),
-               marks=(), log_y: bool = False, outliers: set = frozenset()) -> dict | None:
+               marks=(), log_y: bool = False, outliers: set = frozenset(),
+               skipped=()) -> dict | None:
     curves = [c for c in curves if c is not None]
     if not curves:
         return None
-    plots.lines(out / png, title, ylabel, curves, stages, marks, log_y, outliers)
+    plots.lines(out / png, title, ylabel, curves, stages, marks, log_y, outliers, skipped)
     return {"png": png, "kind": "lines", "title": title, "ylabel": ylabel,
             "curves": [{k: c[k] for k in ("run", "tag", "label", "steps", "tokens", "values")}
                        for c in curves],
-            "stages": [dict(s) for s in stages], "marks": [dict(m) for m in marks]}
+            "stages": [dict(s) for s in stages], "marks": [dict(m) for m in marks],
+            "skipped": [dict(k) for k in skipped]}
 
 
 def line_plots(runs: list[RunData], out: Path) -> list[dict]:
@@ -109,7 +125,7 @@ def line_plots(runs: list[RunData], out: Path) -> list[dict]:
     found = [
         _line_plot(out, "loss.png", "Training loss", "loss",
                    [_curve(r, f"{TRAIN}/loss", r.label, color[r.label]) for r in runs],
-                   stages, loss_spikes, outliers=outliers),
+                   stages, loss_spikes, outliers=outliers, skipped=_skipped(runs)),
         _dataset_plot(runs, out, stages, outliers),
         _line_plot(out, "lr.png", "Learning rate (solid lines: stage boundaries)", "LR",
                    [_curve(r, f"{TRAIN}/lr", r.label, color[r.label]) for r in runs], stages),
@@ -211,7 +227,7 @@ def build_report(runs: list[str | Path], out: str | Path) -> dict:
     loaded = load_runs(runs)
     report = {"runs": [{"label": r.label, "path": str(r.path), "name": r.name,
                         "stages": r.stages, "stage_source": r.stage_source,
-                        "spikes": r.spikes} for r in loaded],
+                        "spikes": r.spikes, "skipped": r.skipped} for r in loaded],
               "plots": line_plots(loaded, out) + heatmaps(loaded, out)}
     atomic_write_text(out / "report.json", json.dumps(report, indent=1, allow_nan=False) + "\n")
     atomic_write_text(out / "index.html", page(report))

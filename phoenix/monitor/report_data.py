@@ -3,7 +3,8 @@
 A run folder (a recipe's ``output_dir``) holds ``tensorboard/<name>/`` (the event files
 of every job of the run, :mod:`phoenix.monitor.tensorboard`), ``spikes.jsonl``
 (:mod:`phoenix.monitor.spikes`) and ``config.yaml`` (the resolved recipe the trainer
-wrote). :func:`load_run` reads the three into a :class:`RunData`; nothing here draws.
+wrote: its stages and ``train.skip_batches``). :func:`load_run` reads the three into a
+:class:`RunData`; nothing here draws.
 
 The scalars are read with TensorBoard's own ``EventAccumulator``, keeping every event
 (no reservoir sampling), so a resumed run's re-run steps appear once, as TensorBoard
@@ -65,6 +66,9 @@ class RunData:
     stage_source: str = ""
     spikes: list[dict] = field(default_factory=list)
     """The records of ``spikes.jsonl`` (last record of a step wins, steps ascending)."""
+    skipped: list[int] = field(default_factory=list)
+    """Steps ``train.skip_batches`` skipped (1-based, ascending; up to the last logged step
+    of ``1_train/loss``): they trained nothing and logged nothing, a gap in every curve."""
 
     def tokens_at(self, steps) -> list[float] | None:
         """Consumed tokens after each of ``steps`` (linear between the logged steps of
@@ -160,21 +164,32 @@ def read_scalars(folder: Path) -> dict[str, Series]:
     return out
 
 
-def read_stages(run: Path, scalars: dict[str, Series]) -> tuple[list[dict], str]:
-    """(stages, where they came from): the run's config.yaml, else ``1_train/stage``."""
+def _saved_config(run: Path):
+    """The run's ``config.yaml`` (phoenix.config.loader.load_saved_config), or None when
+    it is missing or no longer loads (a newer schema)."""
     from phoenix.config.loader import load_saved_config
 
     config = run / "config.yaml"
-    if config.is_file():
-        try:
-            table = load_saved_config(config).resolved.stages
-        except Exception:  # moved datasets, a newer schema: fall back to the event files
-            table = None
-        if table is not None:
-            if not table.explicit:
-                return [], "config.yaml"
-            return [{"name": name, "start_step": start, "first_step": start + 1}
-                    for name, start in table.boundaries()], "config.yaml"
+    if not config.is_file():
+        return None
+    try:
+        return load_saved_config(config)
+    except Exception:  # the report falls back to the event files
+        return None
+
+
+def read_stages(config, scalars: dict[str, Series]) -> tuple[list[dict], str]:
+    """(stages, where they came from): the run's config (:func:`_saved_config`), else
+    ``1_train/stage``."""
+    try:
+        table = config.resolved.stages if config is not None else None
+    except Exception:  # moved datasets: the stage table needs them; the event files decide
+        table = None
+    if table is not None:
+        if not table.explicit:
+            return [], "config.yaml"
+        return [{"name": name, "start_step": start, "first_step": start + 1}
+                for name, start in table.boundaries()], "config.yaml"
     series = scalars.get(STAGE_TAG)
     if series is None:
         return [], ""
@@ -197,13 +212,25 @@ def read_spike_records(run: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def read_skipped(config, scalars: dict[str, Series]) -> list[int]:
+    """The steps the run skipped by ``train.skip_batches`` (the config's ranges: a resume
+    refuses to change past ones), up to its last logged step."""
+    from phoenix.config.skip import skipped_steps
+
+    loss = scalars.get(f"{TRAIN}/loss")
+    if config is None or loss is None or not loss.steps:
+        return []
+    return sorted(skipped_steps(config.train.skip_batches, upto=max(loss.steps)))
+
+
 def load_run(run: str | Path, label: str | None = None) -> RunData:
     run = Path(run)
     folder = event_dir(run)
     scalars = read_scalars(folder)
-    stages, source = read_stages(run, scalars)
+    config = _saved_config(run)
+    stages, source = read_stages(config, scalars)
     return RunData(label or folder.name, run, folder.name, scalars, stages, source,
-                   read_spike_records(run))
+                   read_spike_records(run), read_skipped(config, scalars))
 
 
 def load_runs(runs: list[str | Path]) -> list[RunData]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from html import escape
 
+from phoenix.config.skip import merged_ranges
+
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1400px; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ccc; }
@@ -22,7 +24,8 @@ code.cmd { color: #555; font-size: 0.85em; }
 
 SECTIONS = [
     ("Loss", ("loss.png", "dataset_loss.png"),
-     "Left: by optimizer step; right: by consumed tokens. Triangles: spikes (spikes.jsonl)."),
+     "Left: by optimizer step; right: by consumed tokens. Triangles: spikes (spikes.jsonl); "
+     "grey: batches train.skip_batches skipped (no loss logged there)."),
     ("Learning rate", ("lr.png",), "Solid vertical lines: stage boundaries (the run's config.yaml)."),
     ("Gradient norm", ("grad_norm.png",), ""),
 ]
@@ -42,11 +45,15 @@ def _figure(plot: dict) -> str:
 
 
 def _runs_table(report: dict) -> str:
-    rows = ["<tr><th>run</th><th>folder</th><th>stages</th><th>spikes</th></tr>"]
+    rows = ["<tr><th>run</th><th>folder</th><th>stages</th><th>spikes</th>"
+            "<th>skipped batches</th></tr>"]
     for r in report["runs"]:
         stages = ", ".join(f"{escape(s['name'])} from step {s['first_step']}" for s in r["stages"])
+        skipped = ", ".join(f"{a}" if a == b else f"{a}&ndash;{b}"
+                            for a, b in merged_ranges(r["skipped"]))
         rows.append(f"<tr><td>{escape(r['label'])}</td><td><code>{escape(r['path'])}</code></td>"
-                    f"<td>{stages or '&ndash;'}</td><td class=num>{len(r['spikes'])}</td></tr>")
+                    f"<td>{stages or '&ndash;'}</td><td class=num>{len(r['spikes'])}</td>"
+                    f"<td>{skipped or '&ndash;'}</td></tr>")
     return "<table>" + "".join(rows) + "</table>"
 
 

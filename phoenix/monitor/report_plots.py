@@ -21,6 +21,7 @@ from phoenix.monitor.heatmap import colorize
 
 STAGE_COLOR = "tab:red"
 SPIKE_COLOR = "crimson"
+SKIP_COLOR = "0.6"
 
 
 def pyplot():
@@ -42,10 +43,13 @@ def _save(fig, path: Path) -> None:
 
 
 def lines(path: Path, title: str, ylabel: str, curves: list[dict], stages: list[dict] = (),
-          marks: list[dict] = (), log_y: bool = False, outliers: set = frozenset()) -> None:
+          marks: list[dict] = (), log_y: bool = False, outliers: set = frozenset(),
+          skipped: list[dict] = ()) -> None:
     """Curves ``{"run", "label", "steps", "tokens" (or None), "values", "color",
     "linestyle"}``; ``stages`` ``{"name", "step", "tokens", "color"}`` (x of the boundary
-    on each axis); ``marks`` ``{"step", "tokens", "value", "text"}`` (spikes).
+    on each axis); ``marks`` ``{"step", "tokens", "value", "text"}`` (spikes); ``skipped``
+    ``{"step", "tokens"}``: steps ``train.skip_batches`` skipped, a grey band over the step
+    (a line at its tokens: it consumed none).
     Non-finite values are gaps. ``outliers``: ``(run, step)`` points left out of the y
     range (a x20 loss spike would flatten the rest of the curve): they run off the top,
     and a mark there gives the value."""
@@ -72,6 +76,14 @@ def lines(path: Path, title: str, ylabel: str, curves: list[dict], stages: list[
             ax.annotate(f" {s['name']}", (x, 1.0), xycoords=("data", "axes fraction"),
                         ha="left", va="top", fontsize=8, color=s.get("color", STAGE_COLOR),
                         rotation=90)
+        for k in skipped:
+            x = k.get("step" if key == "steps" else "tokens")
+            if x is None:
+                continue
+            if key == "steps":
+                ax.axvspan(x - 0.5, x + 0.5, color=SKIP_COLOR, alpha=0.35, lw=0, zorder=0)
+            else:
+                ax.axvline(x, color=SKIP_COLOR, lw=2.5, alpha=0.6, zorder=0)
         for m in marks:
             x = m.get("step" if key == "steps" else "tokens")
             if x is None or m.get("value") is None or not math.isfinite(m["value"]):
@@ -96,6 +108,8 @@ def lines(path: Path, title: str, ylabel: str, curves: list[dict], stages: list[
     axes[0][0].set_ylabel(ylabel)
     if marks:  # one legend entry for the spike marks
         axes[0][0].plot([], [], marker="v", ls="none", color=SPIKE_COLOR, label="spike")
+    if skipped:
+        axes[0][0].fill_between([], [], color=SKIP_COLOR, alpha=0.35, label="skipped batch")
     axes[0][0].legend(fontsize=8, loc="best")
     fig.suptitle(title)
     fig.tight_layout()

@@ -100,8 +100,17 @@ def test_forensics_example_finds_explains_and_skips_a_spike(tmp_path):
                                                                     SPIKE_STEP)]
     curve = next(c for c in loss_plot["curves"] if c["run"] == report["runs"][0]["label"])
     assert dict(zip(curve["steps"], curve["values"])) == pytest.approx(loss, rel=1e-6)
+    # the skipped batch: a grey band at step 16 of the copy, at the tokens of its step 15
+    skip_label = report["runs"][1]["label"]
+    assert [r["skipped"] for r in report["runs"]] == [[], [SPIKE_STEP]]
+    skip_tokens = _scalars(skip)["1_train/consumed_tokens"]
+    assert loss_plot["skipped"] == [{"run": skip_label, "step": SPIKE_STEP,
+                                     "tokens": skip_tokens[SPIKE_STEP - 1]}]
+    assert SPIKE_STEP not in next(c for c in loss_plot["curves"]
+                                  if c["run"] == skip_label)["steps"]
     html = (run / "report" / "index.html").read_text()
     assert f"inspect-batch {run} {SPIKE_STEP}" in html
+    assert f"<td>{SPIKE_STEP}</td></tr>" in html  # the copy's skipped batches
     for plot in report["plots"]:
         assert (run / "report" / plot["png"]).stat().st_size > 1000
 
