@@ -376,7 +376,7 @@ class ShardedSave:
             writer = functools.partial(_writer_dying_with, os.getpid(), request.async_fn,
                                        check, self._verdict)
         written = [t for _, t in _written_tensors(request.async_fn_args[1])] if writer else []
-        with fork_leaving_out(unneeded, written):
+        with fork_leaving_out(unneeded if writer else (), written):  # no writer: no fork
             background.schedule_async_request(
                 AsyncRequest(writer, request.async_fn_args, [], request.async_fn_kwargs,
                              preload_fn=request.preload_fn))

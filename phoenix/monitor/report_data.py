@@ -234,12 +234,14 @@ def load_run(run: str | Path, label: str | None = None) -> RunData:
 
 
 def load_runs(runs: list[str | Path]) -> list[RunData]:
-    """Every run, labelled by its recipe name; runs of the same name by their folder too."""
+    """Every run, labelled by its recipe name; runs of the same name by their folder too
+    (its path when the folder has the recipe's name)."""
     loaded = [load_run(r) for r in runs]
     names = [r.name for r in loaded]
     for r in loaded:
-        if names.count(r.name) > 1:
-            r.label = f"{r.name} ({r.path.name or r.path})"
+        if names.count(r.name) > 1:  # the folder tells them apart (its path, if named alike)
+            where = r.path.name if r.path.name not in ("", r.name) else str(r.path)
+            r.label = f"{r.name} ({where})"
     labels = [r.label for r in loaded]
     for i, r in enumerate(loaded):
         if labels.count(r.label) > 1:

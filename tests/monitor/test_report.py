@@ -231,3 +231,18 @@ def test_bad_input_is_one_line_before_any_work(tmp_path, capsys):
                           timeout=120)
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("phoenix report: error:") and not (tmp_path / "o3").exists()
+
+
+def test_runs_of_one_name_are_told_apart_by_their_folders(tmp_path):
+    """Runs of the same recipe name get their folder in the label; a folder named as the
+    recipe gets its whole path (``tiny (tiny)`` would tell nothing)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from phoenix.monitor.report_data import load_runs
+
+    runs = [tmp_path / "x" / "tiny", tmp_path / "y" / "tiny", tmp_path / "other", tmp_path / "solo"]
+    for run, name in zip(runs, ["tiny", "tiny", "tiny", "solo"]):
+        with SummaryWriter(str(run / "tensorboard" / name)) as writer:
+            writer.add_scalar("1_train/loss", 1.0, 1)
+    assert [r.label for r in load_runs(runs)] == [f"tiny ({runs[0]})", f"tiny ({runs[1]})",
+                                                  "tiny (other)", "solo"]
