@@ -1,7 +1,7 @@
 """Run a function on N real processes (gloo on CPU) and collect what each returns.
 
 Used by the multi-process tests: ``run_distributed(fn, world_size, *args, backend="gloo")``
-spawns ``world_size`` fresh processes with the torchrun environment set (free port, RANK,
+starts ``world_size`` fresh processes with the torchrun environment set (free port, RANK,
 WORLD_SIZE, LOCAL_RANK), initialises the default process group with ``backend`` in each
 (``nccl``: rank r on GPU r), calls ``fn(*args)`` and returns the per-rank results.
 :func:`phoenix.runtime.init_runtime` inside ``fn`` keeps that world group and builds
@@ -31,7 +31,9 @@ BACKENDS = ("gloo", "nccl")
 
 
 def _entry(rank: int, fn, args, world_size: int, port: int, out_dir: str, backend: str,
-           timeout: float) -> None:
+           timeout: float, environ: dict) -> None:
+    os.environ.clear()  # the caller's environment now, not the fork server's at its start
+    os.environ.update(environ)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
     result_file = Path(out_dir) / f"rank_{rank}.pkl"
@@ -91,11 +93,34 @@ class _PortTaken(Exception):
     pass
 
 
+PRELOAD = ("torch", "torch.distributed", "megatron.core", "megatron.core.models.gpt",
+           "megatron.core.optimizer", "megatron.core.distributed",
+           "megatron.core.pipeline_parallel", "megatron.core.dist_checkpointing")
+"""What the fork server imports once, before it forks the ranks (about 4 s of imports a
+process would otherwise repeat). Nothing of phoenix: its CPU emulation patches torch and
+megatron in each rank, as in a process of its own (megatron reads the patched attributes
+through their modules)."""
+
+
+def _start_method(backend: str) -> str:
+    """``forkserver`` on CPU: every rank is a fork of one server process that imported
+    :data:`PRELOAD` (a fresh interpreter that ran no torch op, so no thread pool or process
+    group is inherited; megatron's module globals are still unset), with the caller's
+    current environment (:func:`_entry`). ``spawn`` for NCCL: CUDA is initialised only in
+    fresh processes."""
+    if backend == "nccl":
+        return "spawn"
+    import multiprocessing
+
+    multiprocessing.set_forkserver_preload(list(PRELOAD))  # read when the server starts
+    return "forkserver"
+
+
 def _spawn(fn, world_size: int, args, backend: str, timeout: float) -> list:
     with tempfile.TemporaryDirectory(prefix="phoenix-dist-") as out_dir:
         ctx = mp.start_processes(_entry, args=(fn, args, world_size, free_port(), out_dir,
-                                               backend, timeout),
-                                 nprocs=world_size, join=False, start_method="spawn")
+                                               backend, timeout, dict(os.environ)),
+                                 nprocs=world_size, join=False, start_method=_start_method(backend))
         errors, failed = [], None
         try:
             while not ctx.join(timeout=timeout):

@@ -2,6 +2,7 @@
 pointed at the parent of several output dirs names each run by its name, and a second
 job of the same run appends to the same folder, hiding the steps it re-runs."""
 
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -28,7 +29,11 @@ def test_runs_are_named_by_the_recipe_name(tmp_path):
 
     _job(tensorboard_dir(tmp_path / "a", "alpha"), 0, range(1, 4), 1.0)
     _job(tensorboard_dir(tmp_path / "b", "beta"), 0, range(1, 3), 2.0)
-    # A second job of alpha resumed from step 2: it re-runs step 3 and goes on.
+    # A second job of alpha resumed from step 2: it re-runs step 3 and goes on. TensorBoard
+    # reads a folder's event files in name order, ``events.out.tfevents.<seconds>.<host>.
+    # <pid>.<writer count>``: jobs are processes started seconds apart, but here they share
+    # a process, and within one second the writer count decides (".10" before ".9").
+    time.sleep(1.0 - time.time() % 1.0 + 0.01)
     _job(tensorboard_dir(tmp_path / "a", "alpha"), 2, range(3, 6), 3.0)
 
     mux = EventMultiplexer().AddRunsFromDirectory(str(tmp_path))
