@@ -194,7 +194,7 @@ def heatmaps(runs: list[RunData], out: Path) -> list[dict]:
     for i, run in enumerate(runs):
         spike_steps = [r["step"] for r in run.spikes]
         for family, layers in run.layer_families().items():
-            ids, steps, values = layer_matrix(layers)
+            ids, steps, values = layer_matrix(layers, skipped=run.skipped)
             log, vrange = scales[family]
             png = f"run{i}_{family.replace('/', '_')}.png"
             title = f"{run.label}: {family} per layer"

@@ -254,14 +254,20 @@ def finite(x: float) -> float | None:
     return x if x is None or math.isfinite(x) else None
 
 
-def layer_matrix(layers: dict[int, Series], max_columns: int = 1024
+def layer_matrix(layers: dict[int, Series], max_columns: int = 1024, skipped=()
                  ) -> tuple[list[int], list[int], np.ndarray]:
     """(layer ids, column steps, ``float64 [layers, columns]``) of a per-layer family, NaN
-    where a layer has no value at a step. Past ``max_columns`` logged steps, consecutive
-    steps are averaged in equal bins (a column is named by its bin's last step), so a long
-    run stays one readable image."""
+    where a layer has no value at a step. ``skipped``: steps the run skipped
+    (``train.skip_batches``), which log nothing: each one the family's logging interval
+    would have logged gets an empty column, so the step before and after it do not look
+    adjacent. Past ``max_columns`` columns, consecutive steps are averaged in equal bins (a
+    column is named by its bin's last step), so a long run stays one readable image."""
     ids = sorted(layers)
     steps = sorted(set().union(*(s.steps for s in layers.values()))) if ids else []
+    if len(steps) > 1 and skipped:
+        every = min(b - a for a, b in zip(steps, steps[1:]))
+        steps = sorted(set(steps) | {s for s in skipped if steps[0] < s < steps[-1]
+                                     and (s - steps[0]) % every == 0})
     column = {s: j for j, s in enumerate(steps)}
     values = np.full((len(ids), len(steps)), np.nan)
     for i, layer in enumerate(ids):

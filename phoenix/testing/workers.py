@@ -11,7 +11,12 @@ class Recorder(Callback):
 
     def __init__(self):
         self.steps = []
+        self.saved: list[str] = []
+        """The checkpoints the trainer announced saved (``on_checkpoint_saved``), in order."""
         self._groups = None
+
+    def on_checkpoint_saved(self, trainer, path) -> None:
+        self.saved.append(path.name)
 
     def on_before_optimizer_step(self, trainer) -> None:
         # The settings the optimizer step is about to use (resume-contract tests).
@@ -75,7 +80,7 @@ def train_and_record(config: dict, overrides: list[str] = (), inject_nan_at: int
     if inject_nan_at is not None:
         scale_loss_at_step(trainer, inject_nan_at, float("nan"))
     state = trainer.train()
-    return {"steps": recorder.steps, "step": state.step,
+    return {"steps": recorder.steps, "saved": recorder.saved, "step": state.step,
             "consumed_samples": state.consumed_samples, "skipped": state.skipped_steps,
             "stage_starts": dict(state.stage_starts),
             "rank": layout.rank, "layout": layout.describe()}
@@ -107,7 +112,7 @@ def train_with_norms(config: dict, overrides: list[str] = (), norm_interval: int
     trainer.callbacks.append(recorder)
     trainer.setup()
     state = trainer.train()
-    return {"steps": recorder.steps, "step": state.step, "rank": layout.rank,
+    return {"steps": recorder.steps, "saved": recorder.saved, "step": state.step, "rank": layout.rank,
             "layout": layout.describe(), "is_logging_rank": layout.is_logging_rank,
             "state_norms": reference.values if reference is not None else None}
 
@@ -428,7 +433,7 @@ def train_with_moe_monitor(config: dict, overrides: list[str] = (), moe_interval
     trainer.callbacks.append(recorder)
     trainer.setup()
     state = trainer.train()
-    return {"steps": recorder.steps, "step": state.step, "rank": layout.rank,
+    return {"steps": recorder.steps, "saved": recorder.saved, "step": state.step, "rank": layout.rank,
             "layout": layout.describe(), "is_logging_rank": layout.is_logging_rank,
             "moe_last": monitor.last if monitor is not None else None,
             "state_norms": reference.values if reference is not None else None}

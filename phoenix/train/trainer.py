@@ -272,8 +272,10 @@ class Trainer:
                         cb.log_metrics(self, self.metrics)
                     t_callbacks = self._clock() - t2
                 self.checkpointer.poll()  # publishes a background save its writers finished
-                self._after_save(self.checkpointer.save(state.step, last=state.step == last_step))
+                saved = self.checkpointer.save(state.step, last=state.step == last_step)
+                # a background save this one waited for was published first: announced first
                 self._after_background_saves()
+                self._after_save(saved)
                 reason = stop.agreed() if state.step < last_step else None
                 if reason is not None:  # preemption or time limit: save and end the job cleanly
                     self.checkpointer.wait()  # a background save of this step counts

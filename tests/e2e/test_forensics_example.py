@@ -108,6 +108,10 @@ def test_forensics_example_finds_explains_and_skips_a_spike(tmp_path):
                                      "tokens": skip_tokens[SPIKE_STEP - 1]}]
     assert SPIKE_STEP not in next(c for c in loss_plot["curves"]
                                   if c["run"] == skip_label)["steps"]
+    grad_map = next(p for p in report["plots"] if p["png"] == "run1_grad_norm.png")
+    column = grad_map["steps"].index(SPIKE_STEP)  # an empty column, between steps 15 and 17
+    assert grad_map["steps"][column - 1: column + 2] == [SPIKE_STEP - 1, SPIKE_STEP, SPIKE_STEP + 1]
+    assert all(row[column] is None for row in grad_map["values"])
     html = (run / "report" / "index.html").read_text()
     assert f"inspect-batch {run} {SPIKE_STEP}" in html
     assert f"<td>{SPIKE_STEP}</td></tr>" in html  # the copy's skipped batches
