@@ -216,12 +216,6 @@ def _rename_into_place(tmp: Path, final: Path, config_yaml: str, bundle: dict) -
     os.replace(tmp, final)
 
 
-def _on_cpu(model_chunks, optimizer) -> bool:
-    """Whether the weights and the optimizer's state live in host memory (a forked writer
-    can read them; GPU memory it cannot)."""
-    return all(t.device.type == "cpu" for t in training_tensors(model_chunks, optimizer))
-
-
 @dataclass
 class _SaveJob:
     """One save between its start and its publication (a background one lives across steps)."""
@@ -298,8 +292,9 @@ class CheckpointStore:
         # state checks in its forked writer, which sees this step's memory (off the training
         # process's critical path), and a refusal fails the save like a failed write
         # (CheckpointSaveError, checkpoint.on_save_error): nothing published, the temporary
-        # directory removed.
-        in_writer = background and _on_cpu(model_chunks, optimizer)
+        # directory removed. (A forked writer reads host memory; GPU memory it cannot.)
+        held = training_tensors(model_chunks, optimizer)
+        in_writer = background and all(t.device.type == "cpu" for t in held)
         if not in_writer:
             bad = save.nonfinite()
             if any_rank(bool(bad)):
@@ -319,7 +314,7 @@ class CheckpointStore:
         with self._failing(job):
             save.write(job.tmp, background=self._queue if background else None,
                        check_finite=in_writer,
-                       unneeded=training_tensors(model_chunks, optimizer) if in_writer else (),
+                       unneeded=held if in_writer else (),
                        prepare_dir=lambda: _fresh_dir(job.tmp))
         if background:
             self.pending, self._polls = job, 0

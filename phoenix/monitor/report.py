@@ -38,7 +38,7 @@ import numpy as np
 from phoenix.io import atomic_write_text
 from phoenix.monitor import report_plots as plots
 from phoenix.monitor.report_html import page
-from phoenix.monitor.report_data import RunData, finite, layer_matrix, load_runs
+from phoenix.monitor.report_data import TOKENS_TAG, RunData, finite, layer_matrix, load_runs
 from phoenix.monitor.tags import DATASETS, TRAIN
 
 COLORS = ["tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown", "tab:pink",
@@ -95,7 +95,7 @@ def _skipped(runs: list[RunData]) -> list[dict]:
     logged step before it (it consumed none)."""
     out = []
     for run in runs:
-        tokens = run.scalars.get(f"{TRAIN}/consumed_tokens")
+        tokens = run.scalars.get(TOKENS_TAG)
         for step in run.skipped:
             i = int(np.searchsorted(tokens.steps, step)) - 1 if tokens else -1
             out.append({"run": run.label, "step": step,
@@ -165,14 +165,16 @@ def _log_scale(family: str, values) -> bool:
     return bool((present > 0).any()) and bool((present >= 0).all())
 
 
-def _shared_scales(runs: list[RunData]) -> dict[str, tuple[bool, tuple[float, float] | None]]:
+def _shared_scales(matrices_by_run: list[dict]
+                   ) -> dict[str, tuple[bool, tuple[float, float] | None]]:
     """Per family: whether it is drawn on a log10 scale, and one colour range (in the
     plotted unit) over every run that has it, so that runs side by side compare by colour
-    (a spike in one run is not the same colour as an ordinary step of another)."""
+    (a spike in one run is not the same colour as an ordinary step of another).
+    ``matrices_by_run``: per run, family -> its :func:`layer_matrix`."""
     by_family: dict[str, list[np.ndarray]] = {}
-    for run in runs:
-        for family, layers in run.layer_families().items():
-            by_family.setdefault(family, []).append(layer_matrix(layers)[2])
+    for matrices in matrices_by_run:
+        for family, (_, _, values) in matrices.items():
+            by_family.setdefault(family, []).append(values)
     scales = {}
     for family, matrices in by_family.items():
         log = all(_log_scale(family, m) for m in matrices)
@@ -190,11 +192,12 @@ def _shared_scales(runs: list[RunData]) -> dict[str, tuple[bool, tuple[float, fl
 
 def heatmaps(runs: list[RunData], out: Path) -> list[dict]:
     found = []
-    scales = _shared_scales(runs)
-    for i, run in enumerate(runs):
+    matrices_by_run = [{family: layer_matrix(layers, skipped=run.skipped)
+                        for family, layers in run.layer_families().items()} for run in runs]
+    scales = _shared_scales(matrices_by_run)
+    for i, (run, matrices) in enumerate(zip(runs, matrices_by_run)):
         spike_steps = [r["step"] for r in run.spikes]
-        for family, layers in run.layer_families().items():
-            ids, steps, values = layer_matrix(layers, skipped=run.skipped)
+        for family, (ids, steps, values) in matrices.items():
             log, vrange = scales[family]
             png = f"run{i}_{family.replace('/', '_')}.png"
             title = f"{run.label}: {family} per layer"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 
 
-
 def local_grads_finite(model_chunks) -> torch.Tensor:
     """Whether this rank's gradients are all finite, as a 0-dim bool tensor on the model's
     device (no host synchronisation; combine across ranks with one collective, as the

@@ -112,7 +112,7 @@ def train_with_norms(config: dict, overrides: list[str] = (), norm_interval: int
     trainer.callbacks.append(recorder)
     trainer.setup()
     state = trainer.train()
-    return {"steps": recorder.steps, "saved": recorder.saved, "step": state.step, "rank": layout.rank,
+    return {"steps": recorder.steps, "step": state.step, "rank": layout.rank,
             "layout": layout.describe(), "is_logging_rank": layout.is_logging_rank,
             "state_norms": reference.values if reference is not None else None}
 
@@ -433,7 +433,7 @@ def train_with_moe_monitor(config: dict, overrides: list[str] = (), moe_interval
     trainer.callbacks.append(recorder)
     trainer.setup()
     state = trainer.train()
-    return {"steps": recorder.steps, "saved": recorder.saved, "step": state.step, "rank": layout.rank,
+    return {"steps": recorder.steps, "step": state.step, "rank": layout.rank,
             "layout": layout.describe(), "is_logging_rank": layout.is_logging_rank,
             "moe_last": monitor.last if monitor is not None else None,
             "state_norms": reference.values if reference is not None else None}
